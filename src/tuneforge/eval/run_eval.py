@@ -1,0 +1,46 @@
+"""`tuneforge eval`: the base model and, when the run has finished, the tuned model, on held-out data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneforge.config import load_config
+from tuneforge.data.dataset import prepare_data
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval.evaluate import evaluate
+from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
+from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.run import Run, base_folder, open_run
+
+
+def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> tuple[dict | None, dict | None]:
+    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet."""
+    target = Path(target)
+    run: Run | None = None
+    if target.is_dir():
+        run = open_run(target)
+        cfg = run.config
+    else:
+        cfg = load_config(target, overrides)
+        if (Path(cfg.output_dir) / "run.json").is_file():
+            run = open_run(cfg.output_dir)
+    if cfg.validation is None:
+        raise TuneforgeError("validation: the config has no held-out data; add `validation: {split: 0.1}` or `{path: FILE}`")
+    folder = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]
+    # The tuned run's tokenizer carries the template it was trained with.
+    tokenizer = load_tokenizer(run.final if run else folder, "auto" if run else cfg.chat_template, cfg.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    model = load_model(folder, device, cfg.trust_remote_code)
+    before = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+    if run is None:
+        return before, None
+    if run.is_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run.final))
+    else:
+        model = load_model(run.final, device, cfg.trust_remote_code)
+    after = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+    return before, after

@@ -1,0 +1,30 @@
+"""Supervised fine-tuning objective: token cross-entropy on the trained positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.template import IGNORE_INDEX
+
+
+def count_trained(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that carry a loss once labels are shifted by one."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy in fp32.
+
+    The caller divides by the trained-token count of the whole accumulated batch, so a step's
+    loss and gradients do not depend on how the batch was split into micro-batches.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )

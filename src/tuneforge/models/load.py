@@ -1,0 +1,129 @@
+"""Load a tokenizer and model from a resolved folder, and attach the adapter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import Config
+from tuneforge.data.template import resolve_chat_template
+from tuneforge.errors import ConfigError, ModelError
+
+
+def load_tokenizer(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"base_model: could not load the tokenizer from {folder}: {err}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"base_model: {folder} has no fast (tokenizer.json) tokenizer, which tuneforge needs")
+    if chat_template != "auto" or tokenizer.chat_template:
+        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    if tokenizer.pad_token is None:
+        # Padding is masked by position in the collator, so reusing EOS here never hides a trained EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Parameters' dtype for autocast: weights stay fp32 and matmuls run in the low precision."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision: bf16 is not supported by this GPU; use fp16 or fp32")
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision: fp16 is not supported on CPU; use fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as err:
+        raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None
+    return model.to(device)
+
+
+def template_special_ids(tokenizer) -> dict[str, int]:
+    """Special tokens the chat template writes into a conversation."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+        tokenize=False,
+    )
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    found = {}
+    for tok in sorted(specials, key=len, reverse=True):
+        if tok and re.search(re.escape(tok), text):
+            found[tok] = tokenizer.convert_tokens_to_ids(tok)
+    return found
+
+
+def untrained_token_rows(model, token_ids: dict[str, int], rel_tol: float = 1e-3) -> list[str]:
+    """Tokens whose input or output embedding row looks never trained: near zero, or equal to the mean row."""
+    bad = []
+    for weight in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+        w = weight.detach().float()
+        norms = w.norm(dim=1)
+        scale = norms.median().item()
+        mean = w.mean(dim=0)
+        for tok, idx in token_ids.items():
+            if idx is None or idx >= w.shape[0]:
+                continue
+            if norms[idx] <= rel_tol * scale or (w[idx] - mean).norm() <= rel_tol * scale:
+                if tok not in bad:
+                    bad.append(tok)
+    return bad
+
+
+def check_template_tokens(model, tokenizer, cfg: Config) -> None:
+    """Refuse to train a chat template whose special tokens the base model never learned (unless embeddings train)."""
+    if not tokenizer.chat_template:
+        return
+    bad = untrained_token_rows(model, template_special_ids(tokenizer))
+    if bad and cfg.adapter != "full":
+        raise ModelError(
+            f"chat_template: the template uses {', '.join(bad)}, whose embeddings are untrained in this base model; "
+            "a LoRA adapter cannot learn them and the model would never emit them. Use `adapter: full`, "
+            "or a chat_template whose tokens the model knows (an instruct model's own template)."
+        )
+
+
+def attach_adapter(model, cfg: Config):
+    """LoRA through PEFT (its format is what other tools load), or all weights trainable."""
+    if cfg.adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules: {err}") from None

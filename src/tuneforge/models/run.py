@@ -1,0 +1,64 @@
+"""Open a finished run: its config, its tokenizer (with the training template) and the tuned model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import Config, config_from_dict
+from tuneforge.errors import TuneforgeError
+from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.resolve import resolve_base_model
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: Config
+    manifest: dict
+
+    @property
+    def final(self) -> Path:
+        return self.dir / "final"
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.final / "adapter_config.json").is_file()
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.manifest.get("stop_token_ids") or []
+
+
+def open_run(path: str | Path) -> Run:
+    run_dir = Path(path)
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.is_file():
+        raise TuneforgeError(f"{run_dir}: not a finished run (no run.json); train it first with `tuneforge train CONFIG`")
+    manifest = json.loads(manifest_path.read_text())
+    if not (run_dir / "final").is_dir():
+        raise TuneforgeError(f"{run_dir}: the run has no final/ folder; resume it with `tuneforge train CONFIG --resume`")
+    cfg = config_from_dict(manifest["config"], str(manifest_path), run_dir)
+    return Run(run_dir, cfg, manifest)
+
+
+def base_folder(run: Run) -> Path:
+    folder = Path(run.manifest.get("base_model", {}).get("folder", ""))
+    return folder if (folder / "config.json").is_file() else resolve_base_model(run.config.base_model)[0]
+
+
+def load_tuned(run: Run, device: torch.device):
+    """(model, tokenizer): the base with the adapter on top, or the fully tuned weights."""
+    tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
+    if run.is_adapter:
+        from peft import PeftModel
+
+        base = load_model(base_folder(run), device, run.config.trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(run.final))
+    else:
+        model = load_model(run.final, device, run.config.trust_remote_code)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,112 @@
+"""What a run shows in the terminal: data counts, a live progress bar, the before/after table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=False)
+        self.quiet = quiet
+        self._progress: Progress | None = None
+        self._task = None
+        self._last_printed = 0
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+    def data_summary(self, data, cfg, run_dir: Path) -> None:
+        if self.quiet:
+            return
+        table = Table(title="Data", title_justify="left")
+        for col in ("file", "records", "bad", "too long", "truncated", "dropped", "no trained tokens"):
+            table.add_column(col, justify="right" if col != "file" else "left")
+        for src, c in data.summary.per_file.items():
+            table.add_row(
+                Path(src).name, str(c["records"]), str(c["bad_record"]), str(c["over_max_seq_len"]),
+                str(c["truncated"]), str(c["dropped_too_long"]), str(c["no_trained_tokens"]),
+            )
+        self.console.print(table)
+        n_train, n_val = len(data.train), len(data.validation)
+        trained = sum(e.n_trained for e in data.train)
+        total = sum(len(e.input_ids) for e in data.train)
+        self.console.print(
+            f"{n_train} training and {n_val} validation examples; {total} tokens, {trained} of them trained "
+            f"({100 * trained / max(total, 1):.0f}%)."
+        )
+        hist = data.summary.histogram(cfg.max_seq_len)
+        peak = max((n for *_, n in hist), default=0) or 1
+        lines = [f"  {lo:>6}-{hi:<6} {'#' * round(30 * n / peak):<30} {n}" for lo, hi, n in hist if n]
+        self.console.print("Token lengths:\n" + "\n".join(lines))
+        if data.rejected:
+            self.console.print(f"[yellow]{len(data.rejected)} records left out; each is listed with its reason in "
+                               f"{run_dir / 'rejected.jsonl'}[/yellow]")
+
+    def start(self, total_steps: int, done: int) -> None:
+        if self.quiet:
+            return
+        self._total = total_steps
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, completed=done, info="")
+
+    def step(self, m: dict) -> None:
+        if self.quiet:
+            return
+        info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s"
+        if "val_loss" in m:
+            info += f" val {m['val_loss']:.4f}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=m["step"], info=info)
+        elif m["step"] - self._last_printed >= max(1, self._total // 10) or m["step"] == self._total:
+            self._last_printed = m["step"]
+            self.console.print(f"step {m['step']}/{self._total} {info}")
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def before_after(self, before: dict | None, after: dict | None, examples: int = 3) -> None:
+        if self.quiet or after is None:
+            return
+        self.console.print(before_after_table(before, after))
+        for i, tuned in enumerate(after.get("samples", [])[:examples]):
+            base = before["samples"][i]["answer"] if before and "samples" in before else "-"
+            self.console.print(f"\n[bold]Example {i + 1}[/bold] reference: {tuned['reference']!r}")
+            self.console.print(f"  before: {base!r}")
+            end = "(ended with end-of-turn)" if tuned["stopped"] else "(did NOT stop)"
+            self.console.print(f"  after:  {tuned['answer']!r} {end}")
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+
+
+def before_after_table(before: dict | None, after: dict) -> Table:
+    table = Table(title="Held-out evaluation", title_justify="left")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    b = before or {}
+    rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
+            ("exact match", "exact_match", True), ("answers that stop", "stopped", True)]
+    for label, key, pct in rows:
+        if key in after:
+            table.add_row(label, _fmt(b.get(key), pct), _fmt(after.get(key), pct))
+    if "n" in after:
+        table.add_row("examples generated", str(b.get("n", "-")), str(after["n"]))
+    return table

@@ -1,0 +1,124 @@
+"""Checkpoints: trainable weights, optimizer, RNG and data position; safetensors and JSON only.
+
+A checkpoint is written into a temporary folder, fsynced, marked complete, then renamed into
+place, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, state, gauss = random.getstate()
+    return tensors, {"python": [version, list(state), gauss]}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically and prune to keep_last complete checkpoints."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
+    save_file(weights, tmp / "trainable.safetensors")
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(
+        json.dumps({**state, "step": step, "param_groups": groups, "rng": rng_json}, indent=1) + "\n"
+    )
+    (tmp / COMPLETE).write_text("ok\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; temporary or unmarked folders are never returned."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / COMPLETE).is_file() and (d / "state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    """Restore weights, optimizer and RNG in place; returns the saved loop state."""
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(ckpt / "trainable.safetensors")
+    params = dict(trainable_parameters(model))
+    if set(weights) != set(params):
+        missing = sorted(set(params) - set(weights))[:5]
+        extra = sorted(set(weights) - set(params))[:5]
+        raise ValueError(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {extra}); "
+                         "was the config changed since the run started?")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    opt_tensors = load_file(ckpt / "optimizer.safetensors")
+    opt_state: dict[int, dict] = {}
+    for key, value in opt_tensors.items():
+        idx, _, name = key.partition(".")
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    rng = load_file(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, pystate, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(pystate), gauss))
+    return state

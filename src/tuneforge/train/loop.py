@@ -1,0 +1,255 @@
+"""The training run, top to bottom: data, model, before-eval, loop, checkpoints, after-eval, outputs.
+
+The loop asks the objective for a summed loss and divides by the trained-token count of the
+whole accumulated batch: micro-batch 2 x accumulation 4 equals micro-batch 8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import Config, config_to_dict
+from tuneforge.data.batching import collate, epoch_order, micro_batches_per_epoch
+from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval.evaluate import autocast_for, evaluate, stop_token_ids, validation_loss
+from tuneforge.methods.sft import count_trained, sft_loss_sum
+from tuneforge.models.load import (
+    attach_adapter,
+    check_template_tokens,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
+from tuneforge.models.resolve import resolve_base_model
+from tuneforge.track.metrics import MetricsLog
+from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.outputs import now, run_manifest, save_final, write_json
+from tuneforge.track.console import Reporter
+from tuneforge.train.schedule import lr_at, warmup_steps
+
+
+class TrainingError(TuneforgeError):
+    pass
+
+
+@dataclass
+class Plan:
+    examples_per_epoch: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(cfg: Config, data: PreparedData) -> Plan:
+    n = len(epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, 0))
+    micro = micro_batches_per_epoch(n, cfg.micro_batch_size)
+    steps = math.ceil(micro / cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps))
+    return Plan(n, micro, steps, total)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D) are not decayed."""
+    params = [p for _, p in trainable_parameters(model)]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, foreach=False)
+
+
+def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict, orders: dict) -> list[list[int]]:
+    """Example indices of the micro-batches of the next optimizer step; advances the cursor.
+
+    A step never spans two epochs: the last step of an epoch may have fewer micro-batches.
+    """
+    if cursor["micro"] >= plan.micro_per_epoch:
+        cursor["epoch"] += 1
+        cursor["micro"] = 0
+    epoch = cursor["epoch"]
+    if epoch not in orders:
+        orders.clear()
+        orders[epoch] = epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, epoch)
+    order = orders[epoch]
+    batches = []
+    while len(batches) < cfg.grad_accum and cursor["micro"] < plan.micro_per_epoch:
+        start = cursor["micro"] * cfg.micro_batch_size
+        batches.append(order[start : start + cfg.micro_batch_size])
+        cursor["micro"] += 1
+    return batches
+
+
+def train_step(model, optimizer, batches: list[dict], step: int, cfg: Config, total_steps: int,
+               warmup: int, device, dtype) -> dict:
+    """One optimizer step over the micro-batches of an accumulated batch."""
+    n_trained = sum(count_trained(b) for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_for(device, dtype):
+            loss = sft_loss_sum(model, batch) / n_trained
+        loss.backward()
+        loss_sum += loss.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=total_steps, warmup=warmup, kind=cfg.scheduler)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "trained_tokens": n_trained}
+
+
+def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    if resume:
+        if not ckpts:
+            raise TrainingError(f"--resume: {run_dir} has no complete checkpoint to resume from; start without --resume")
+        return ckpts[-1]
+    if ckpts or (run_dir / "final").exists():
+        raise TrainingError(
+            f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
+            "or set another output_dir (e.g. --set output_dir=runs/new)."
+        )
+    return None
+
+
+def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
+    """Run a whole fine-tune; returns the run.json contents. `stop_after` ends early (for tests of resume)."""
+    rep = reporter or Reporter()
+    started = now()
+    run_dir = Path(cfg.output_dir)
+    ckpt = _check_output_dir(run_dir, resume)
+
+    # Data first: every check runs before a model is loaded.
+    folder, source = resolve_base_model(cfg.base_model)
+    tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_rejected(run_dir / "rejected.jsonl", data.rejected)
+    rep.data_summary(data, cfg, run_dir)
+    plan = make_plan(cfg, data)
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    seed_everything(cfg.seed)
+    model = load_model(folder, device, cfg.trust_remote_code)
+    check_template_tokens(model, tokenizer, cfg)
+    stops = stop_token_ids(tokenizer, data.end_of_turn)
+
+    before_path = run_dir / "eval_before.json"
+    before = None
+    if data.validation and cfg.evaluation.before_after:
+        if ckpt is not None and before_path.exists():
+            before = json.loads(before_path.read_text())
+        else:
+            rep.note("Evaluating the base model on the validation set...")
+            before = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+            write_json(before_path, before)
+
+    seed_everything(cfg.seed)
+    model = attach_adapter(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+
+    step, cursor = 0, {"epoch": 0, "micro": 0}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        step, cursor = state["step"], state["cursor"]
+        rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_from_step=step if ckpt is not None else None)
+    orders: dict = {}
+    last_val, last_loss = None, None
+    pad = tokenizer.pad_token_id
+    rep.start(plan.total_steps, step)
+    try:
+        while step < plan.total_steps and (stop_after is None or step < stop_after):
+            t0 = time.perf_counter()
+            epoch_at_start = cursor["epoch"]
+            index_batches = next_step_batches(cfg, data, plan, cursor, orders)
+            batches = [collate([data.train[i] for i in idx], pad) for idx in index_batches]
+            out = train_step(model, optimizer, batches, step, cfg, plan.total_steps, warmup, device, dtype)
+            if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+                where = ", ".join(data.train[i].record.where for idx in index_batches for i in idx)
+                raise TrainingError(f"step {step + 1}: loss {out['loss']} / grad norm {out['grad_norm']} is not finite "
+                                    f"(examples {where}); the run stops here, lower learning_rate or use precision: fp32")
+            step += 1
+            last_loss = out["loss"]
+            elapsed = time.perf_counter() - t0
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            record = {
+                "step": step, "epoch": round(epoch_at_start + cursor["micro"] / plan.micro_per_epoch, 4),
+                "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens": tokens,
+                "trained_tokens": out["trained_tokens"], "tokens_per_s": tokens / elapsed,
+                "examples": [i for idx in index_batches for i in idx],
+            }
+            if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
+                last_val = validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size)
+                record["val_loss"] = last_val["val_loss"]
+            metrics.write(record)
+            rep.step(record)
+            if cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps:
+                save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
+        save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
+    finally:
+        rep.stop()
+        metrics.close()
+    if step < plan.total_steps:
+        return {"stopped_at": step}
+
+    final = save_final(model, tokenizer, run_dir / "final", stops)
+    after = None
+    if data.validation and cfg.evaluation.before_after:
+        rep.note("Evaluating the tuned model on the validation set...")
+        after = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+        write_json(run_dir / "eval_after.json", after)
+    manifest = run_manifest(
+        config_to_dict(cfg),
+        base_model={"name": cfg.base_model, "source": source, "folder": str(folder)},
+        chat_template=tokenizer.chat_template,
+        end_of_turn=data.end_of_turn,
+        stop_token_ids=stops,
+        data_sha256=data.file_hashes,
+        data_summary=data.summary.as_json(),
+        rejected=len(data.rejected),
+        seed=cfg.seed,
+        device=str(device),
+        precision=str(dtype).removeprefix("torch."),
+        started=started,
+        finished=now(),
+        steps=step,
+        plan=plan.__dict__,
+        final=str(final),
+        eval_before=_headline(before),
+        eval_after=_headline(after),
+        final_metrics={"train_loss": last_loss, **({"val_loss": last_val["val_loss"]} if last_val else {})},
+    )
+    write_json(run_dir / "run.json", manifest)
+    rep.before_after(before, after)
+    return manifest
+
+
+def _headline(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k != "samples"}

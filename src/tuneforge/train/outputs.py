@@ -1,0 +1,78 @@
+"""What a run leaves behind: final/ (adapter or weights + tokenizer + template) and run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    import tuneforge
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "tuneforge": tuneforge.__version__,
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_final(model, tokenizer, out: Path, stop_ids: list[int]) -> Path:
+    """An adapter (PEFT format) or full weights, beside the tokenizer, chat template and stop tokens."""
+    from transformers import GenerationConfig
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    gen = GenerationConfig(
+        eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    gen.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_manifest(cfg_dict: dict, **facts) -> dict:
+    """The facts needed to rerun and trust a run."""
+    return {
+        "config": cfg_dict,
+        "versions": versions(),
+        "git_sha": git_sha(),
+        "command": " ".join(sys.argv),
+        "host": platform.node(),
+        **facts,
+    }
