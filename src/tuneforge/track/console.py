@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tuneforge.data.preview import preview_plain, preview_rich
+
 
 class Reporter:
     def __init__(self, console: Console | None = None, quiet: bool = False):
@@ -21,7 +23,7 @@ class Reporter:
         if not self.quiet:
             self.console.print(text)
 
-    def data_summary(self, data, cfg, run_dir: Path) -> None:
+    def data_summary(self, data, cfg, run_dir: Path, tokenizer) -> None:
         if self.quiet:
             return
         table = Table(title="Data", title_justify="left")
@@ -44,6 +46,13 @@ class Reporter:
         peak = max((n for *_, n in hist), default=0) or 1
         lines = [f"  {lo:>6}-{hi:<6} {'#' * round(30 * n / peak):<30} {n}" for lo, hi, n in hist if n]
         self.console.print("Token lengths:\n" + "\n".join(lines))
+        first = data.train[0]
+        self.console.print(f"First training example ({first.record.where}, {len(first.input_ids)} tokens, "
+                           f"{first.n_trained} trained; trained text {'in green' if self.console.is_terminal else 'inside [[ ]]'}):")
+        if self.console.is_terminal:
+            self.console.print(preview_rich(tokenizer, first.input_ids, first.labels))
+        else:
+            self.console.print(preview_plain(tokenizer, first.input_ids, first.labels), markup=False, highlight=False)
         if data.rejected:
             self.console.print(f"[yellow]{len(data.rejected)} records left out; each is listed with its reason in "
                                f"{run_dir / 'rejected.jsonl'}[/yellow]")

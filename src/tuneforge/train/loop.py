@@ -144,7 +144,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     data = prepare_data(cfg, tokenizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_rejected(run_dir / "rejected.jsonl", data.rejected)
-    rep.data_summary(data, cfg, run_dir)
+    rep.data_summary(data, cfg, run_dir, tokenizer)
     plan = make_plan(cfg, data)
 
     device = pick_device(cfg.device)

@@ -1,0 +1,139 @@
+"""Shared fixtures: the built-in tokenizer, tokenizers with real-world templates, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A Qwen2.5-style template: default system prompt, tool results as a user turn with tags.
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# A Llama-3-style template: BOS from the template, header tokens, <|eot_id|> ends each turn.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'ipython' if message.role == 'tool' else message.role %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message.content | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="session")
+def builtin_folder() -> Path:
+    from tuneforge.models.resolve import resolve_base_model
+
+    folder, _ = resolve_base_model("smollm2-135m-instruct")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(builtin_folder):
+    from tuneforge.models.load import load_tokenizer
+
+    return load_tokenizer(builtin_folder)
+
+
+def make_tokenizer(builtin_folder: Path, style: str):
+    """The built-in tokenizer dressed as another family: 'smol' (as shipped), 'qwen' or 'llama3'."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(builtin_folder))
+    if style == "qwen":
+        tok.chat_template = QWEN_TEMPLATE
+        tok.bos_token = None
+    elif style == "llama3":
+        tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIALS})
+        tok.bos_token = "<|begin_of_text|>"
+        tok.eos_token = "<|end_of_text|>"
+        tok.pad_token = "<|end_of_text|>"
+        tok.chat_template = LLAMA3_TEMPLATE
+    elif style != "smol":
+        raise ValueError(style)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizers(builtin_folder):
+    return {style: make_tokenizer(builtin_folder, style) for style in ("smol", "qwen", "llama3")}
+
+
+def tiny_config(arch: str, vocab_size: int, tie: bool = False):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
+    )
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}[arch]
+    extra = {"head_dim": 16} if arch == "gemma" else {}
+    return cls(**common, **extra)
+
+
+def make_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
+    """A random-initialised model of a real architecture, saved as a Hugging Face folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, len(tokenizer))
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizers):
+    """Tiny Llama (built-in tokenizer) and Qwen2 (Qwen-style template) folders."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": make_tiny_model(root / "llama", "llama", tokenizers["smol"]),
+        "qwen2": make_tiny_model(root / "qwen2", "qwen2", tokenizers["qwen"]),
+    }
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def chat(user: str, answer: str, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer},
+    ]
+    return {"messages": msgs}
+
+
+def memorise_records(n: int = 24) -> list[dict]:
+    """Variable-length chats with a learnable pattern."""
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    return [
+        chat(f"Repeat {' '.join(words[: 1 + i % 8])} please", " ".join(words[: 1 + i % 8]).upper())
+        for i in range(n)
+    ]
