@@ -86,6 +86,8 @@ def tiny_config(arch: str, vocab_size: int, tie: bool = False):
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie,
+        # Wide enough output rows that a frozen lm_head still lets a LoRA-only model reach confident logits.
+        initializer_range=0.2,
     )
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}[arch]
     extra = {"head_dim": 16} if arch == "gemma" else {}
@@ -98,7 +100,8 @@ def make_tiny_model(folder: Path, arch: str, tokenizer, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, len(tokenizer))
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    # No pad_token_id: transformers would zero that embedding row, and here pad is the end-of-turn token.
+    cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

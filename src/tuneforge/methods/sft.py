@@ -14,10 +14,11 @@ def count_trained(batch: dict[str, torch.Tensor]) -> int:
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed (not averaged) cross-entropy in fp32.
+    """Summed (not averaged) cross-entropy: fp32 per token, summed in fp64.
 
     The caller divides by the trained-token count of the whole accumulated batch, so a step's
-    loss and gradients do not depend on how the batch was split into micro-batches.
+    loss and gradients do not depend on how the batch was split into micro-batches; the fp64
+    sum keeps the logged loss independent of that split too.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1].float()
@@ -26,5 +27,5 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+        reduction="none",
+    ).double().sum()

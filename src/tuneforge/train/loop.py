@@ -94,9 +94,8 @@ def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict,
     return batches
 
 
-def train_step(model, optimizer, batches: list[dict], step: int, cfg: Config, total_steps: int,
-               warmup: int, device, dtype) -> dict:
-    """One optimizer step over the micro-batches of an accumulated batch."""
+def accumulate_gradients(model, batches: list[dict], device, dtype) -> tuple[float, int]:
+    """Backward over every micro-batch; the loss is normalised by the trained tokens of all of them."""
     n_trained = sum(count_trained(b) for b in batches)
     loss_sum = 0.0
     for batch in batches:
@@ -105,16 +104,19 @@ def train_step(model, optimizer, batches: list[dict], step: int, cfg: Config, to
             loss = sft_loss_sum(model, batch) / n_trained
         loss.backward()
         loss_sum += loss.item()
+    return loss_sum, n_trained
+
+
+def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
+    """Clip, set the learning rate, step; returns the gradient norm before clipping."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=total_steps, warmup=warmup, kind=cfg.scheduler)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+    if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "trained_tokens": n_trained}
+    return grad_norm
 
 
 def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -132,7 +134,10 @@ def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
 
 
 def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
-    """Run a whole fine-tune; returns the run.json contents. `stop_after` ends early (for tests of resume)."""
+    """Run a whole fine-tune; returns the run.json contents.
+
+    `stop_after` ends the loop after that step without a final save, as a crash would (tests of resume).
+    """
     rep = reporter or Reporter()
     started = now()
     run_dir = Path(cfg.output_dir)
@@ -188,19 +193,21 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             epoch_at_start = cursor["epoch"]
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             batches = [collate([data.train[i] for i in idx], pad) for idx in index_batches]
-            out = train_step(model, optimizer, batches, step, cfg, plan.total_steps, warmup, device, dtype)
-            if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+            loss, n_trained = accumulate_gradients(model, batches, device, dtype)
+            lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup, kind=cfg.scheduler)
+            grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 where = ", ".join(data.train[i].record.where for idx in index_batches for i in idx)
-                raise TrainingError(f"step {step + 1}: loss {out['loss']} / grad norm {out['grad_norm']} is not finite "
-                                    f"(examples {where}); the run stops here, lower learning_rate or use precision: fp32")
+                raise TrainingError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                                    f"(examples {where}); the run stops here: lower learning_rate or use precision: fp32")
             step += 1
-            last_loss = out["loss"]
+            last_loss = loss
             elapsed = time.perf_counter() - t0
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             record = {
                 "step": step, "epoch": round(epoch_at_start + cursor["micro"] / plan.micro_per_epoch, 4),
-                "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens": tokens,
-                "trained_tokens": out["trained_tokens"], "tokens_per_s": tokens / elapsed,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "trained_tokens": n_trained, "tokens_per_s": tokens / elapsed,
                 "examples": [i for idx in index_batches for i in idx],
             }
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
@@ -210,7 +217,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             rep.step(record)
             if cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps:
                 save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
-        save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
+        if step == plan.total_steps:
+            save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
     finally:
         rep.stop()
         metrics.close()
