@@ -108,22 +108,27 @@ def check_template_tokens(model, tokenizer, cfg: Config) -> None:
         )
 
 
-def attach_adapter(model, cfg: Config):
-    """LoRA through PEFT (its format is what other tools load), or all weights trainable."""
-    if cfg.adapter == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
+def build_lora_config(cfg: Config):
+    from peft import LoraConfig
 
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def attach_adapter(model, cfg: Config):
+    """LoRA through PEFT (its format is what other tools load), or all weights trainable."""
+    if cfg.adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, build_lora_config(cfg))
     except ValueError as err:
         raise ConfigError(f"lora.target_modules: {err}") from None
