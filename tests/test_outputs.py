@@ -153,3 +153,11 @@ def test_lora_config_matches_the_yaml(tmp_path, tiny_models):
     cfg = make_cfg(tmp_path, tiny_models["llama"], **{"lora.r": 4, "lora.alpha": 8, "lora.target_modules": ["q_proj", "v_proj"]})
     lora = build_lora_config(cfg)
     assert lora.r == 4 and lora.lora_alpha == 8 and set(lora.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_chat_answers_until_an_empty_line(lora_run, monkeypatch, capsys):
+    _, run_dir = lora_run
+    lines = iter(["Repeat alpha please", "/reset", "Repeat bravo please", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(run_dir), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2

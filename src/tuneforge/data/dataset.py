@@ -160,6 +160,7 @@ def _encode_all(tokenizer, records: list[Record], cfg: Config, eot: str | None, 
             summary.count(rec.source, "no_trained_tokens")
             continue
         summary.lengths.append(len(enc.input_ids))
+        summary.count(rec.source, "kept")
         out.append(Example(enc.input_ids, enc.labels, rec.source, rec.line, rec))
     return out
 

@@ -71,6 +71,7 @@ def _special_strings(tokenizer) -> list[str]:
 
 def find_end_of_turn(tokenizer) -> str:
     """The special token the template writes right after an assistant reply (e.g. <|im_end|>, <|eot_id|>)."""
+    resolve_chat_template(tokenizer, "auto")  # a model without a template gets the error that names the choices
     try:
         text = _render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
     except Exception as err:  # a template that raises on the simplest conversation is unusable

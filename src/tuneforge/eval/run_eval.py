@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from tuneforge.config import load_config
@@ -24,6 +25,12 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
         cfg = load_config(target, overrides)
         if (Path(cfg.output_dir) / "run.json").is_file():
             run = open_run(cfg.output_dir)
+            if run.config.chat_template != cfg.chat_template:
+                warnings.warn(
+                    f"chat_template: {target} says {cfg.chat_template!r} but the run was trained with "
+                    f"{run.config.chat_template!r}; evaluating with the template the run was trained with",
+                    stacklevel=2,
+                )
     if cfg.validation is None:
         raise TuneforgeError("validation: the config has no held-out data; add `validation: {split: 0.1}` or `{path: FILE}`")
     folder = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]

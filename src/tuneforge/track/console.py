@@ -27,11 +27,11 @@ class Reporter:
         if self.quiet:
             return
         table = Table(title="Data", title_justify="left")
-        for col in ("file", "records", "bad", "too long", "truncated", "dropped", "no trained tokens"):
+        for col in ("file", "records", "kept", "bad", "too long", "truncated", "dropped", "no trained tokens"):
             table.add_column(col, justify="right" if col != "file" else "left")
         for src, c in data.summary.per_file.items():
             table.add_row(
-                Path(src).name, str(c["records"]), str(c["bad_record"]), str(c["over_max_seq_len"]),
+                Path(src).name, str(c["records"]), str(c["kept"]), str(c["bad_record"]), str(c["over_max_seq_len"]),
                 str(c["truncated"]), str(c["dropped_too_long"]), str(c["no_trained_tokens"]),
             )
         self.console.print(table)
