@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from tuneforge.config import Config
 from tuneforge.data.formats import Record, read_records
 from tuneforge.data.template import (
@@ -128,6 +130,18 @@ def _read_file(path: str, fmt: str, rejected: list[Rejected], summary: DataSumma
     return records
 
 
+def _check_bad(bad: list[Rejected], total: int, cfg: Config, first: list[Rejected] | None = None) -> None:
+    """Bad records stop the run, unless on_bad_record: skip and they are few enough."""
+    if not bad:
+        return
+    if cfg.on_bad_record == "error":
+        _raise_bad(first or bad, total, "Fix these records, or set `on_bad_record: skip` to leave them out "
+                   "(each is then written to <output_dir>/rejected.jsonl).")
+    if len(bad) > cfg.max_bad_fraction * total:
+        _raise_bad(bad, total, f"That is more than max_bad_fraction={cfg.max_bad_fraction} of the data: "
+                   "the file is probably in another format or broken.")
+
+
 def _raise_bad(rejected: list[Rejected], total: int, hint: str) -> None:
     shown = "\n".join(f"  {r.source}:{r.line}: {r.reason}" for r in rejected[:MAX_LISTED])
     more = f"\n  ... and {len(rejected) - MAX_LISTED} more" if len(rejected) > MAX_LISTED else ""
@@ -135,10 +149,16 @@ def _raise_bad(rejected: list[Rejected], total: int, hint: str) -> None:
 
 
 def _encode_all(tokenizer, records: list[Record], cfg: Config, eot: str | None, summary: DataSummary,
-                rejected: list[Rejected], too_long: list[Rejected]) -> list[Example]:
+                rejected: list[Rejected], too_long: list[Rejected], unrenderable: list[Rejected]) -> list[Example]:
     out = []
     for rec in records:
-        enc = encode_record(tokenizer, rec, eot, cfg.train_on_inputs)
+        try:
+            enc = encode_record(tokenizer, rec, eot, cfg.train_on_inputs)
+        except (TemplateError, DataError) as err:
+            # e.g. a template that refuses system turns: a bad record, not a crash mid-way.
+            unrenderable.append(Rejected(rec.source, rec.line, f"the chat template cannot render this record: {err}", rec.raw))
+            summary.count(rec.source, "bad_record")
+            continue
         n = len(enc.input_ids)
         if n > cfg.max_seq_len:
             summary.count(rec.source, "over_max_seq_len")
@@ -175,13 +195,8 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
         val_records = _read_file(cfg.validation.path, cfg.validation.format, rejected, summary)
 
     total = sum(summary.per_file[p]["records"] for p in summary.per_file)
-    if rejected:
-        if cfg.on_bad_record == "error":
-            _raise_bad(rejected, total, "Fix these records, or set `on_bad_record: skip` to leave them out "
-                       "(each is then written to <output_dir>/rejected.jsonl).")
-        if len(rejected) > cfg.max_bad_fraction * total:
-            _raise_bad(rejected, total, f"That is more than max_bad_fraction={cfg.max_bad_fraction} of the data: "
-                       "the file is probably in another format or broken.")
+    _check_bad(rejected, total, cfg)
+    read_bad = list(rejected)
 
     if cfg.validation and cfg.validation.split:
         # Hold out the same share of every dataset, chosen by the seed.
@@ -190,7 +205,8 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
         for recs in per_dataset:
             order = list(range(len(recs)))
             rng.shuffle(order)
-            n_val = max(1, round(len(recs) * cfg.validation.split)) if len(recs) > 1 else 0
+            # At least one held out, at least one left to train on.
+            n_val = min(max(1, round(len(recs) * cfg.validation.split)), len(recs) - 1) if len(recs) > 1 else 0
             held = set(order[:n_val])
             val_records += [r for i, r in enumerate(recs) if i in held]
             kept.append([r for i, r in enumerate(recs) if i not in held])
@@ -200,12 +216,16 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     eot = find_end_of_turn(tokenizer) if "chat" in kinds else None
 
     too_long: list[Rejected] = []
+    unrenderable: list[Rejected] = []
     train, sizes = [], []
     for recs in per_dataset:
-        encoded = _encode_all(tokenizer, recs, cfg, eot, summary, rejected, too_long)
+        encoded = _encode_all(tokenizer, recs, cfg, eot, summary, rejected, too_long, unrenderable)
         sizes.append(len(encoded))
         train += encoded
-    validation = _encode_all(tokenizer, val_records, cfg, eot, summary, rejected, too_long)
+    validation = _encode_all(tokenizer, val_records, cfg, eot, summary, rejected, too_long, unrenderable)
+    if unrenderable:
+        _check_bad(read_bad + unrenderable, total, cfg, first=unrenderable)
+        rejected += unrenderable
     if too_long:
         _raise_bad(too_long, total, f"`truncation: error` is set; raise max_seq_len or choose "
                    "truncation: drop | truncate_right | truncate_left.")

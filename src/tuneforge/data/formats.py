@@ -61,7 +61,10 @@ def iter_raw(path: str | Path) -> Iterator[tuple[int, object | BadRecord]]:
         for i, obj in enumerate(data, 1):
             yield i, obj
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and others, which JSON
+    # writers leave raw inside strings, and would turn one record into several broken ones.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -95,6 +98,17 @@ def _string(obj: dict, key: str, *, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise BadRecord(f"field {key!r} is empty")
     return value
+
+
+def _prepend_system(rec: Record, obj: dict) -> None:
+    """sharegpt and alpaca may carry the system prompt as a top-level field."""
+    system = obj.get("system")
+    if system is None or system == "":
+        return
+    if not isinstance(system, str):
+        raise BadRecord(f"field 'system' must be a string, got {type(system).__name__}")
+    if system.strip():
+        rec.messages.insert(0, {"role": "system", "content": system})
 
 
 def check_turns(messages: list[dict]) -> None:
@@ -153,8 +167,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
             if role is None:
                 raise BadRecord(f"turn {i}: unknown speaker {turn['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
             rec.messages.append({"role": role, "content": turn["value"]})
-        if isinstance(obj.get("system"), str) and obj["system"].strip():
-            rec.messages.insert(0, {"role": "system", "content": obj["system"]})
+        _prepend_system(rec, obj)
     elif fmt == "alpaca":
         instruction = _string(obj, "instruction")
         extra = obj.get("input") or ""
@@ -162,8 +175,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
             raise BadRecord(f"field 'input' must be a string, got {type(extra).__name__}")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         rec.messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(obj, "output")}]
-        if isinstance(obj.get("system"), str) and obj["system"].strip():
-            rec.messages.insert(0, {"role": "system", "content": obj["system"]})
+        _prepend_system(rec, obj)
     elif fmt == "completion":
         rec.kind = "completion"
         rec.prompt = _string(obj, "prompt", allow_empty=True)

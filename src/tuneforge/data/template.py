@@ -133,6 +133,10 @@ def conversation_segments(
     token; anything the template adds after that token (often a newline) is not.
     """
     full = _render(tokenizer, messages)
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    if system and system.strip() not in full:
+        raise DataError("the chat template silently drops the system prompt; choose a template that renders it "
+                        "or move the instruction into the first user turn")
     spans: list[tuple[int, int]] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":

@@ -28,7 +28,7 @@ class Reporter:
             return
         table = Table(title="Data", title_justify="left")
         for col in ("file", "records", "kept", "bad", "too long", "truncated", "dropped", "no trained tokens"):
-            table.add_column(col, justify="right" if col != "file" else "left")
+            table.add_column(col, justify="left" if col == "file" else "right", overflow="fold")
         for src, c in data.summary.per_file.items():
             table.add_row(
                 Path(src).name, str(c["records"]), str(c["kept"]), str(c["bad_record"]), str(c["over_max_seq_len"]),
