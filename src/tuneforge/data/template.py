@@ -2,8 +2,11 @@
 
 Masks come from the template render itself, never from marker strings: the text is rendered
 prefix by prefix, so the character span of every assistant turn (its content and the
-end-of-turn token) is known exactly. Each span is tokenized on its own, which gives exact
-token boundaries and the same prompt tokens the model sees when it is asked to generate.
+end-of-turn token) is known exactly. The text is tokenized span by span, so a token never
+straddles a prompt/reply boundary, and the tokens before a reply are those of the generation
+prompt, as when the model is asked to answer. (A tokenizer may merge characters across such a
+boundary when it reads the whole text at once, e.g. "\n\n" + "4"; training, evaluation and chat
+here all use the span-by-span tokens, so they agree with each other.)
 """
 
 from __future__ import annotations
@@ -125,14 +128,15 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Encoded:
 
 
 def conversation_segments(
-    tokenizer, messages: list[dict], end_of_turn: str, train_on_inputs: bool = False
+    tokenizer, messages: list[dict], end_of_turn: str, train_on_inputs: bool = False,
+    add_generation_prompt: bool = False,
 ) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) pieces.
 
     An assistant turn is trained from the end of the generation prompt through its end-of-turn
     token; anything the template adds after that token (often a newline) is not.
     """
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, add_generation_prompt)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     if system and system.strip() not in full:
         raise DataError("the chat template silently drops the system prompt; choose a template that renders it "
@@ -152,13 +156,11 @@ def conversation_segments(
         if end < 0:
             raise DataError(f"chat template wrote no {end_of_turn} after assistant turn {i + 1}")
         spans.append((len(prompt), end + len(end_of_turn)))
-    if train_on_inputs:
-        return [(full, True)]
     segments, pos = [], 0
     for start, stop in spans:
-        segments += [(full[pos:start], False), (full[start:stop], True)]
+        segments += [(full[pos:start], train_on_inputs), (full[start:stop], True)]
         pos = stop
-    segments.append((full[pos:], False))
+    segments.append((full[pos:], train_on_inputs))
     return segments
 
 
@@ -177,7 +179,7 @@ def encode_text(tokenizer, text: str) -> Encoded:
     return _encode_segments(tokenizer, [(text + (tokenizer.eos_token or ""), True)])
 
 
-def generation_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids that ask the model for the next assistant turn, exactly as in training."""
-    text = _render(tokenizer, messages, add_generation_prompt=True)
-    return _bos_prefix(tokenizer, text) + tokenizer(text, add_special_tokens=False).input_ids
+def generation_prompt(tokenizer, messages: list[dict], end_of_turn: str | None = None) -> list[int]:
+    """Token ids that ask the model for the next assistant turn, tokenized exactly as in training."""
+    eot = end_of_turn or find_end_of_turn(tokenizer)
+    return _encode_segments(tokenizer, conversation_segments(tokenizer, messages, eot, add_generation_prompt=True)).input_ids

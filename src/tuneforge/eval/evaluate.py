@@ -46,13 +46,13 @@ def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
     return ids
 
 
-def reference_pair(tokenizer, ex: Example) -> tuple[list[int], str] | None:
+def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tuple[list[int], str] | None:
     """(prompt ids, reference answer) for an example whose last turn is the answer, else None."""
     rec = ex.record
     if rec.kind == "chat" and rec.messages and rec.messages[-1]["role"] == "assistant":
         content = rec.messages[-1].get("content")
         if isinstance(content, str):
-            return generation_prompt(tokenizer, rec.messages[:-1]), content
+            return generation_prompt(tokenizer, rec.messages[:-1], end_of_turn), content
     if rec.kind == "completion":
         return tokenizer(rec.prompt, add_special_tokens=False).input_ids, rec.completion
     return None
@@ -87,7 +87,7 @@ def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id
 def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | None, device,
                 max_examples: int = 200, max_new_tokens: int | None = None, batch_size: int = 16) -> dict | None:
     """Share of held-out prompts whose greedy answer equals the reference, and share that stopped by itself."""
-    pairs = [p for p in (reference_pair(tokenizer, ex) for ex in examples[:max_examples]) if p is not None]
+    pairs = [p for p in (reference_pair(tokenizer, ex, end_of_turn) for ex in examples[:max_examples]) if p is not None]
     if not pairs:
         return None
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
