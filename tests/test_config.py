@@ -242,9 +242,18 @@ def test_bad_override_form_errors(tmp_path, bad, match):
 
 def test_cli_validate_accepts_good_config(tmp_path, capsys):
     path = write_config(tmp_path / "run.yaml", {"datasets": [{"path": "t.jsonl"}]})
+    (tmp_path / "t.jsonl").write_text("")
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out
+
+
+def test_cli_validate_names_missing_data_files(tmp_path, capsys):
+    path = write_config(tmp_path / "run.yaml", {"datasets": [{"path": "t.jsonl"}], "validation": {"path": "v.jsonl"}})
+    (tmp_path / "t.jsonl").write_text("")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "validation.path" in err and "v.jsonl not found" in err and "datasets[0]" not in err
 
 
 def test_cli_validate_rejects_bad_config(tmp_path, capsys):
@@ -257,6 +266,7 @@ def test_cli_validate_rejects_bad_config(tmp_path, capsys):
 
 def test_cli_validate_applies_set(tmp_path, capsys):
     path = write_config(tmp_path / "run.yaml", {"datasets": [{"path": "t.jsonl"}]})
+    (tmp_path / "t.jsonl").write_text("")
     assert main(["validate", str(path), "--set", "micro_batch_size=0"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
     assert main(["validate", str(path), "--set", "micro_batch_size=8"]) == 0

@@ -208,3 +208,29 @@ def test_existing_output_dir_is_not_overwritten(tmp_path, tiny_models):
     train(cfg, reporter=QUIET)
     with pytest.raises(TuneforgeError, match="already holds a run"):
         train(cfg, reporter=QUIET)
+
+
+def test_bf16_lora_keeps_a_bf16_base_and_fp32_adapter(tmp_path, tiny_models):
+    cfg = make_cfg(tmp_path, tiny_models["llama"], precision="bf16", epochs=4, learning_rate=2e-2,
+                   **{"lora.dropout": 0.0})
+    manifest = train(cfg, reporter=QUIET)
+    assert manifest["precision"] == "bfloat16"
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    adapter = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    model = attach_adapter(load_model(tiny_models["llama"], CPU, dtype=torch.bfloat16), cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+
+
+def test_resume_refuses_changed_data(tmp_path, tiny_models):
+    from tuneforge.errors import TuneforgeError
+
+    cfg = make_cfg(tmp_path, tiny_models["llama"], save_every=2, **{"evaluation.before_after": False})
+    train(cfg, reporter=QUIET, stop_after=3)
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps(memorise_records(1)[0]) + "\n")
+    with pytest.raises(TuneforgeError, match="data files changed"):
+        train(cfg, resume=True, reporter=QUIET)

@@ -52,12 +52,18 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False):
+def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
+    """Frozen base weights under LoRA are stored in the compute dtype (half the memory of fp32);
+    trained weights stay fp32 and autocast runs the matmuls in the compute dtype."""
+    return compute if adapter == "lora" and compute != torch.float16 else torch.float32
+
+
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+            str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as err:
         raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None

@@ -28,6 +28,7 @@ from tuneforge.models.load import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    weights_dtype,
 )
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.track.metrics import MetricsLog
@@ -155,7 +156,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
-    model = load_model(folder, device, cfg.trust_remote_code)
+    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype))
     check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
 
@@ -180,6 +181,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     step, cursor = 0, {"epoch": 0, "micro": 0}
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
+        if state.get("data_sha256") != data.file_hashes:
+            raise TrainingError(f"--resume: the data files changed since {ckpt} was written, so the saved data "
+                                "position means nothing; restore the files or start a new run")
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_from_step=step if ckpt is not None else None)
@@ -215,10 +219,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 record["val_loss"] = last_val["val_loss"]
             metrics.write(record)
             rep.step(record)
-            if cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
-        if step == plan.total_steps:
-            save_checkpoint(run_dir, step, model, optimizer, {"cursor": cursor}, cfg.keep_last)
+            if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0):
+                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes}
+                save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last)
     finally:
         rep.stop()
         metrics.close()
@@ -253,6 +256,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         final_metrics={"train_loss": last_loss, **({"val_loss": last_val["val_loss"]} if last_val else {})},
     )
     write_json(run_dir / "run.json", manifest)
+    write_json(final / "run.json", manifest)  # the artefact carries its own provenance
     rep.before_after(before, after)
     return manifest
 
