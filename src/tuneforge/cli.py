@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tuneforge import __version__
 from tuneforge.errors import TuneforgeError
 
 console = Console()
@@ -114,6 +115,7 @@ def cmd_merge(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune open language models from one YAML file.")
+    parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune as the config says, evaluating before and after")
