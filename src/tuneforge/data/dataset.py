@@ -34,9 +34,15 @@ MAX_LISTED = 20
 class Example:
     input_ids: list[int]
     labels: list[int]
-    source: str
-    line: int
     record: Record
+
+    @property
+    def source(self) -> str:
+        return self.record.source
+
+    @property
+    def line(self) -> int:
+        return self.record.line
 
     @property
     def n_trained(self) -> int:
@@ -176,12 +182,12 @@ def _encode_all(tokenizer, records: list[Record], cfg: Config, eot: str | None, 
             enc = kept
         # Checked after the final truncation: an example with nothing to learn is never a step.
         if not any(x != IGNORE_INDEX for x in enc.labels[1:]):
-            rejected.append(Rejected(rec.source, rec.line, "no trained tokens left after truncation", rec.raw))
+            rejected.append(Rejected(rec.source, rec.line, "no trained tokens left after the length policy", rec.raw))
             summary.count(rec.source, "no_trained_tokens")
             continue
         summary.lengths.append(len(enc.input_ids))
         summary.count(rec.source, "kept")
-        out.append(Example(enc.input_ids, enc.labels, rec.source, rec.line, rec))
+        out.append(Example(enc.input_ids, enc.labels, rec))
     return out
 
 
