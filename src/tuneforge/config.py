@@ -36,6 +36,10 @@ class DatasetSpec(_Strict):
     path: str = Field(description="A .jsonl or .json file; relative to the config file.")
     format: DataFormat = Field("auto", description="Record format; auto detects it from the first record.")
     weight: float = Field(1.0, gt=0, description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
+    ratio: float | None = Field(
+        None, gt=0, lt=1,
+        description="Or a fixed share of every epoch, e.g. 0.1 of general data against forgetting; overrides weight.",
+    )
 
 
 class ValidationSpec(_Strict):
@@ -57,6 +61,15 @@ class EvaluationSpec(_Strict):
         None, ge=1, description="Generation budget; default twice the longest reference answer in tokens."
     )
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
+class PrepareSpec(_Strict):
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "none", description="Leave out repeated examples: exact (same normalised text) or near (MinHash similarity)."
+    )
+    near_threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard similarity that counts as near-duplicate.")
+    min_tokens: int | None = Field(None, ge=1, description="Leave out examples shorter than this many tokens.")
+    cache: bool = Field(True, description="Keep the tokenized data on disk, keyed by data, tokenizer, template and settings.")
 
 
 class Config(_Strict):
@@ -106,11 +119,21 @@ class Config(_Strict):
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    prepare: PrepareSpec = Field(default_factory=PrepareSpec)
 
     @model_validator(mode="after")
     def _length(self) -> "Config":
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
+        return self
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "Config":
+        ratios = [d.ratio for d in self.datasets if d.ratio is not None]
+        if sum(ratios) >= 1:
+            raise ValueError(f"datasets: the ratios add up to {sum(ratios):g}; they must leave room for the other data (< 1)")
+        if ratios and len(ratios) == len(self.datasets):
+            raise ValueError("datasets: give at least one dataset without `ratio`; ratios are shares next to it")
         return self
 
 

@@ -1,16 +1,23 @@
-"""From config to tokenized examples: read, check, split, encode, apply the length policy.
+"""From config to tokenized examples: read, check, split, filter, encode, apply the length policy.
 
 Everything here runs before a model is loaded, so bad data costs seconds, not GPU time.
-No record is dropped without being counted and, when it is dropped, written to rejected.jsonl.
+Files are streamed in chunks and encoded examples go into flat arrays, so memory stays bounded
+by the tokens kept, not by the records read. No record is dropped without being counted and
+written to rejected.jsonl with its file, line and reason. The result is cached on disk, keyed by
+everything that could change it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -20,35 +27,18 @@ from tuneforge.data.formats import Record, read_records
 from tuneforge.data.template import (
     IGNORE_INDEX,
     Encoded,
-    encode_completion,
-    encode_conversation,
-    encode_text,
+    completion_segments,
+    conversation_segments,
+    encode_segment_lists,
     find_end_of_turn,
+    text_segments,
 )
+from tuneforge.data.tokenized import Example, TokenizedBuilder, TokenizedSet
 from tuneforge.errors import DataError
 
 MAX_LISTED = 20
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    record: Record
-
-    @property
-    def source(self) -> str:
-        return self.record.source
-
-    @property
-    def line(self) -> int:
-        return self.record.line
-
-    @property
-    def n_trained(self) -> int:
-        """Trained positions after the one-token shift (a label on the first token teaches nothing)."""
-        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
-
+CHUNK = 2048  # records read, split and encoded together
+CACHE_VERSION = 1
 
 @dataclass
 class Rejected:
@@ -82,14 +72,15 @@ class DataSummary:
 
 @dataclass
 class PreparedData:
-    train: list[Example]
-    validation: list[Example]
+    train: TokenizedSet
+    validation: TokenizedSet
     dataset_sizes: list[int]  # training examples per dataset, in config order (train is concatenated)
-    dataset_weights: list[float]
+    dataset_weights: list[float]  # examples drawn per epoch / size, ratios already turned into weights
     rejected: list[Rejected]
     summary: DataSummary
     end_of_turn: str | None
     file_hashes: dict[str, str]
+    from_cache: bool = False
 
 
 def sha256_file(path: str | Path) -> str:
@@ -98,16 +89,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def encode_record(tokenizer, rec: Record, end_of_turn: str | None, train_on_inputs: bool) -> Encoded:
-    if rec.kind == "chat":
-        if end_of_turn is None:
-            raise DataError(f"{rec.where}: chat data needs a chat template")
-        return encode_conversation(tokenizer, rec.messages, end_of_turn, train_on_inputs)
-    if rec.kind == "completion":
-        return encode_completion(tokenizer, rec.prompt, rec.completion, train_on_inputs)
-    return encode_text(tokenizer, rec.text)
 
 
 def apply_length_policy(enc: Encoded, max_len: int, policy: str) -> Encoded | None:
@@ -123,25 +104,154 @@ def apply_length_policy(enc: Encoded, max_len: int, policy: str) -> Encoded | No
     raise AssertionError(policy)  # "error" is handled by the caller, which knows the file and line
 
 
-def _read_file(path: str, fmt: str, rejected: list[Rejected], summary: DataSummary) -> list[Record]:
-    records = []
-    for item in read_records(path, fmt):
-        if isinstance(item, Record):
-            records.append(item)
-        else:
-            source, line, raw, bad = item
-            rejected.append(Rejected(source, line, str(bad), raw))
-            summary.count(source, "bad_record")
-    summary.count(path, "records", len(records) + summary.per_file.get(path, Counter())["bad_record"])
-    return records
+def effective_weights(sizes: list[int], weights: list[float], ratios: list[float | None]) -> list[float]:
+    """Turn `ratio` (a share of each epoch) into the weight that draws that many examples."""
+    free = sum(w * n for n, w, r in zip(sizes, weights, ratios) if r is None)
+    total = free / (1 - sum(r for r in ratios if r is not None))
+    return [w if r is None else (r * total / n if n else 0.0) for n, w, r in zip(sizes, weights, ratios)]
 
 
-def _check_bad(bad: list[Rejected], total: int, cfg: Config, first: list[Rejected] | None = None) -> None:
+class _Encoder:
+    """Encodes records in chunks and files each result: kept, rejected, too long or unrenderable."""
+
+    def __init__(self, tokenizer, cfg: Config, summary: DataSummary):
+        self.tokenizer, self.cfg, self.summary = tokenizer, cfg, summary
+        self.left_out: list[Rejected] = []  # by policy: duplicates, too long, too short, nothing to train
+        self.too_long: list[Rejected] = []
+        self.unrenderable: list[Rejected] = []
+        self.end_of_turn: str | None = None
+        self.seen: set[bytes] = set()
+        self.lsh = None
+
+    def _segments(self, rec: Record) -> list[tuple[str, bool]]:
+        if rec.kind == "chat":
+            if self.end_of_turn is None:
+                self.end_of_turn = find_end_of_turn(self.tokenizer)
+            return conversation_segments(self.tokenizer, rec.messages, self.end_of_turn, self.cfg.train_on_inputs)
+        if rec.kind == "completion":
+            return completion_segments(self.tokenizer, rec.prompt, rec.completion, self.cfg.train_on_inputs)
+        if rec.kind == "text":
+            return text_segments(self.tokenizer, rec.text)
+        raise DataError(f"{rec.where}: {rec.kind} records are not supervised fine-tuning data; "
+                        "convert them (`tuneforge data convert`) or train them with their own method")
+
+    def _duplicate(self, rec: Record, text: str) -> str | None:
+        """Reason to leave a record out as a repeat, under `prepare.dedupe`."""
+        mode = self.cfg.prepare.dedupe
+        if mode == "none":
+            return None
+        from tuneforge.data.dedupe import exact_key
+
+        key = exact_key(text)
+        if key in self.seen:
+            return "exact duplicate of an earlier record"
+        self.seen.add(key)
+        if mode == "near":
+            from tuneforge.data.dedupe import LSHIndex, MinHasher
+
+            if self.lsh is None:
+                self.hasher, self.lsh = MinHasher(), LSHIndex(self.cfg.prepare.near_threshold)
+            sig = self.hasher.signature(text)
+            match = self.lsh.query(sig)
+            self.lsh.add(rec.where, sig)
+            if match:
+                return f"near duplicate of {match[0]}"
+        return None
+
+    def encode(self, records: list[Record], out: TokenizedBuilder) -> None:
+        cfg, summary = self.cfg, self.summary
+        kept, segment_lists = [], []
+        for rec in records:
+            reason = self._duplicate(rec, record_text(rec))
+            if reason:
+                self.left_out.append(Rejected(rec.source, rec.line, reason, rec.raw))
+                summary.count(rec.source, "duplicate")
+                continue
+            try:
+                segment_lists.append(self._segments(rec))
+            except (TemplateError, DataError) as err:
+                # e.g. a template that refuses system turns: a bad record, not a crash mid-way.
+                self.unrenderable.append(
+                    Rejected(rec.source, rec.line, f"the chat template cannot render this record: {err}", rec.raw))
+                summary.count(rec.source, "bad_record")
+                continue
+            kept.append(rec)
+        for rec, (ids, labels) in zip(kept, encode_segment_lists(self.tokenizer, segment_lists)):
+            n = len(ids)
+            if n > cfg.max_seq_len:
+                summary.count(rec.source, "over_max_seq_len")
+                if cfg.truncation == "error":
+                    self.too_long.append(Rejected(rec.source, rec.line, f"{n} tokens > max_seq_len {cfg.max_seq_len}"))
+                    continue
+                cut = apply_length_policy(Encoded(ids, labels), cfg.max_seq_len, cfg.truncation)
+                if cut is None:
+                    self.left_out.append(
+                        Rejected(rec.source, rec.line, f"dropped: {n} tokens > max_seq_len {cfg.max_seq_len}", rec.raw))
+                    summary.count(rec.source, "dropped_too_long")
+                    continue
+                summary.count(rec.source, "truncated")
+                summary.count(rec.source, "tokens_cut", n - cfg.max_seq_len)
+                ids, labels = cut.input_ids, cut.labels
+            if cfg.prepare.min_tokens and len(ids) < cfg.prepare.min_tokens:
+                self.left_out.append(Rejected(rec.source, rec.line,
+                                              f"shorter than prepare.min_tokens ({len(ids)} tokens)", rec.raw))
+                summary.count(rec.source, "too_short")
+                continue
+            # Checked after the final truncation: an example with nothing to learn is never a step.
+            if not (labels[1:] != IGNORE_INDEX).any():
+                self.left_out.append(Rejected(rec.source, rec.line, "no trained tokens left after the length policy", rec.raw))
+                summary.count(rec.source, "no_trained_tokens")
+                continue
+            summary.lengths.append(len(ids))
+            summary.count(rec.source, "kept")
+            out.add(ids, labels, rec)
+
+
+def record_text(rec: Record) -> str:
+    """The text that makes two records the same, for duplicate detection."""
+    if rec.kind == "chat":
+        return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in rec.messages)
+    if rec.kind == "completion":
+        return f"{rec.prompt}\n{rec.completion}"
+    return rec.text
+
+
+def _chunks(items, size: int):
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _split_chunk(records: list[Record], share: float, seed: int, dataset: int, chunk: int) -> tuple[list, list]:
+    """Hold out round(share x n) records of each chunk of each file: seeded, stratified by file, streaming."""
+    if len(records) < 2:
+        return records, []
+    rng = random.Random(f"{seed}:{dataset}:{chunk}")
+    n_val = min(max(1, round(len(records) * share)), len(records) - 1)
+    held = set(rng.sample(range(len(records)), n_val))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def _read_chunks(path: str, fmt: str, bad: list[Rejected], summary: DataSummary):
+    """Good records of a file in chunks; bad ones are filed as they are met."""
+    def good():
+        for item in read_records(path, fmt):
+            summary.count(path, "records")
+            if isinstance(item, Record):
+                yield item
+            else:
+                source, line, raw, reason = item
+                bad.append(Rejected(source, line, str(reason), raw))
+                summary.count(source, "bad_record")
+    return _chunks(good(), CHUNK)
+
+
+def _check_bad(bad: list[Rejected], total: int, cfg: Config) -> None:
     """Bad records stop the run, unless on_bad_record: skip and they are few enough."""
     if not bad:
         return
     if cfg.on_bad_record == "error":
-        _raise_bad(first or bad, total, "Fix these records, or set `on_bad_record: skip` to leave them out "
+        _raise_bad(bad, total, "Fix these records, or set `on_bad_record: skip` to leave them out "
                    "(each is then written to <output_dir>/rejected.jsonl).")
     if len(bad) > cfg.max_bad_fraction * total:
         _raise_bad(bad, total, f"That is more than max_bad_fraction={cfg.max_bad_fraction} of the data: "
@@ -149,104 +259,111 @@ def _check_bad(bad: list[Rejected], total: int, cfg: Config, first: list[Rejecte
 
 
 def _raise_bad(rejected: list[Rejected], total: int, hint: str) -> None:
+    rejected = sorted(rejected, key=lambda r: (r.source, r.line))
     shown = "\n".join(f"  {r.source}:{r.line}: {r.reason}" for r in rejected[:MAX_LISTED])
     more = f"\n  ... and {len(rejected) - MAX_LISTED} more" if len(rejected) > MAX_LISTED else ""
     raise DataError(f"{len(rejected)} of {total} records cannot be used:\n{shown}{more}\n{hint}")
 
 
-def _encode_all(tokenizer, records: list[Record], cfg: Config, eot: str | None, summary: DataSummary,
-                rejected: list[Rejected], too_long: list[Rejected], unrenderable: list[Rejected]) -> list[Example]:
-    out = []
-    for rec in records:
-        try:
-            enc = encode_record(tokenizer, rec, eot, cfg.train_on_inputs)
-        except (TemplateError, DataError) as err:
-            # e.g. a template that refuses system turns: a bad record, not a crash mid-way.
-            unrenderable.append(Rejected(rec.source, rec.line, f"the chat template cannot render this record: {err}", rec.raw))
-            summary.count(rec.source, "bad_record")
-            continue
-        n = len(enc.input_ids)
-        if n > cfg.max_seq_len:
-            summary.count(rec.source, "over_max_seq_len")
-            lost = n - cfg.max_seq_len
-            if cfg.truncation == "error":
-                too_long.append(Rejected(rec.source, rec.line, f"{n} tokens > max_seq_len {cfg.max_seq_len}"))
-                continue
-            kept = apply_length_policy(enc, cfg.max_seq_len, cfg.truncation)
-            if kept is None:
-                rejected.append(Rejected(rec.source, rec.line, f"dropped: {n} tokens > max_seq_len {cfg.max_seq_len}", rec.raw))
-                summary.count(rec.source, "dropped_too_long")
-                continue
-            summary.count(rec.source, "truncated")
-            summary.count(rec.source, "tokens_cut", lost)
-            enc = kept
-        # Checked after the final truncation: an example with nothing to learn is never a step.
-        if not any(x != IGNORE_INDEX for x in enc.labels[1:]):
-            rejected.append(Rejected(rec.source, rec.line, "no trained tokens left after the length policy", rec.raw))
-            summary.count(rec.source, "no_trained_tokens")
-            continue
-        summary.lengths.append(len(enc.input_ids))
-        summary.count(rec.source, "kept")
-        out.append(Example(enc.input_ids, enc.labels, rec))
-    return out
+def _tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.chat_template]).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: Config, tokenizer, file_hashes: dict[str, str]) -> str:
+    """Everything that changes the prepared data, and nothing else."""
+    settings = cfg.model_dump(mode="json", include={
+        "datasets", "validation", "max_seq_len", "truncation", "train_on_inputs", "on_bad_record",
+        "max_bad_fraction", "seed", "prepare",
+    })
+    settings["prepare"].pop("cache")
+    payload = {"v": CACHE_VERSION, "files": file_hashes, "tokenizer": _tokenizer_fingerprint(tokenizer),
+               "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_dir(key: str) -> Path:
+    from tuneforge.models.resolve import cache_root
+
+    return cache_root() / "data" / key
+
+
+def _save_cache(folder: Path, data: PreparedData) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    data.train.save(tmp, "train")
+    data.validation.save(tmp, "validation")
+    write_rejected(tmp / "rejected.jsonl", data.rejected)
+    meta = {"dataset_sizes": data.dataset_sizes, "dataset_weights": data.dataset_weights,
+            "summary": data.summary.as_json(), "end_of_turn": data.end_of_turn, "file_hashes": data.file_hashes}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached the same data first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cache(folder: Path) -> PreparedData:
+    meta = json.loads((folder / "meta.json").read_text())
+    rejected = []
+    for line in (folder / "rejected.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rejected.append(Rejected(r["file"], r["line"], r["reason"], r["record"]))
+    summary = DataSummary({k: Counter(v) for k, v in meta["summary"].items()})
+    train, validation = TokenizedSet.load(folder, "train"), TokenizedSet.load(folder, "validation")
+    summary.lengths = train.lengths.tolist() + validation.lengths.tolist()
+    return PreparedData(train, validation, meta["dataset_sizes"], meta["dataset_weights"], rejected, summary,
+                        meta["end_of_turn"], meta["file_hashes"], from_cache=True)
 
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    """Read, check and encode the training and validation data of a config."""
-    rejected: list[Rejected] = []
+    """Read, check and encode the training and validation data of a config (or load it from the cache)."""
+    hashes = {ds.path: sha256_file(ds.path) for ds in cfg.datasets if Path(ds.path).is_file()}
+    if cfg.validation and cfg.validation.path and Path(cfg.validation.path).is_file():
+        hashes[cfg.validation.path] = sha256_file(cfg.validation.path)
+    folder = _cache_dir(cache_key(cfg, tokenizer, hashes)) if cfg.prepare.cache else None
+    if folder is not None and (folder / "meta.json").is_file():
+        return _load_cache(folder)
+
+    bad: list[Rejected] = []
     summary = DataSummary()
-    per_dataset = [_read_file(ds.path, ds.format, rejected, summary) for ds in cfg.datasets]
-    val_records: list[Record] = []
+    encoder = _Encoder(tokenizer, cfg, summary)
+    split = cfg.validation.split if cfg.validation else None
+    train, validation = TokenizedBuilder(), TokenizedBuilder(keep_records=True)
+    sizes = []
+    for k, ds in enumerate(cfg.datasets):
+        before = len(train)
+        for c, chunk in enumerate(_read_chunks(ds.path, ds.format, bad, summary)):
+            if split:
+                chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
+                encoder.encode(held, validation)
+            encoder.encode(chunk, train)
+        sizes.append(len(train) - before)
     if cfg.validation and cfg.validation.path:
-        val_records = _read_file(cfg.validation.path, cfg.validation.format, rejected, summary)
+        for chunk in _read_chunks(cfg.validation.path, cfg.validation.format, bad, summary):
+            encoder.encode(chunk, validation)
 
-    total = sum(summary.per_file[p]["records"] for p in summary.per_file)
-    _check_bad(rejected, total, cfg)
-    read_bad = list(rejected)
-
-    if cfg.validation and cfg.validation.split:
-        # Hold out the same share of every dataset, chosen by the seed.
-        rng = random.Random(cfg.seed)
-        kept = []
-        for recs in per_dataset:
-            order = list(range(len(recs)))
-            rng.shuffle(order)
-            # At least one held out, at least one left to train on.
-            n_val = min(max(1, round(len(recs) * cfg.validation.split)), len(recs) - 1) if len(recs) > 1 else 0
-            held = set(order[:n_val])
-            val_records += [r for i, r in enumerate(recs) if i in held]
-            kept.append([r for i, r in enumerate(recs) if i not in held])
-        per_dataset = kept
-
-    kinds = {r.kind for recs in per_dataset for r in recs} | {r.kind for r in val_records}
-    eot = find_end_of_turn(tokenizer) if "chat" in kinds else None
-
-    too_long: list[Rejected] = []
-    unrenderable: list[Rejected] = []
-    train, sizes = [], []
-    for recs in per_dataset:
-        encoded = _encode_all(tokenizer, recs, cfg, eot, summary, rejected, too_long, unrenderable)
-        sizes.append(len(encoded))
-        train += encoded
-    validation = _encode_all(tokenizer, val_records, cfg, eot, summary, rejected, too_long, unrenderable)
-    if unrenderable:
-        _check_bad(read_bad + unrenderable, total, cfg, first=unrenderable)
-        rejected += unrenderable
-    if too_long:
-        _raise_bad(too_long, total, f"`truncation: error` is set; raise max_seq_len or choose "
+    total = sum(c["records"] for c in summary.per_file.values())
+    _check_bad(bad + encoder.unrenderable, total, cfg)
+    rejected = bad + encoder.unrenderable + encoder.left_out
+    if encoder.too_long:
+        _raise_bad(encoder.too_long, total, "`truncation: error` is set; raise max_seq_len or choose "
                    "truncation: drop | truncate_right | truncate_left.")
-    if not train:
+    if not len(train):
         raise DataError("no training example is left after checks and the length policy; see the counts above "
                         "and <output_dir>/rejected.jsonl")
-
-    hashes = {ds.path: sha256_file(ds.path) for ds in cfg.datasets}
-    if cfg.validation and cfg.validation.path:
-        hashes[cfg.validation.path] = sha256_file(cfg.validation.path)
-    return PreparedData(train, validation, sizes, [ds.weight for ds in cfg.datasets], rejected, summary, eot, hashes)
+    weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
+    data = PreparedData(train.build(), validation.build(), sizes, weights, rejected, summary,
+                        encoder.end_of_turn, hashes)
+    if folder is not None:
+        _save_cache(folder, data)
+    return data
 
 
 def write_rejected(path: Path, rejected: list[Rejected]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for r in rejected:
-            f.write(json.dumps(r.as_json(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(r.as_json(), ensure_ascii=False, default=str) + "\n")
+

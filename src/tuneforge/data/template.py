@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tuneforge.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -104,27 +106,52 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether this tokenizer puts a BOS in front of plain text (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_tuneforge_adds_bos", None)
+    if cached is None:
+        ids = tokenizer("a").input_ids
+        cached = bool(tokenizer.bos_token is not None and ids and ids[0] == tokenizer.bos_token_id)
+        tokenizer._tuneforge_adds_bos = cached
+    return cached
+
+
 def _bos_prefix(tokenizer, text: str) -> list[int]:
     """One BOS, only when the tokenizer would add one and the rendered text lacks it."""
-    bos = tokenizer.bos_token
-    if bos is None or text.startswith(bos):
+    if not _adds_bos(tokenizer) or text.startswith(tokenizer.bos_token):
         return []
-    ids = tokenizer("a").input_ids
-    return [tokenizer.bos_token_id] if ids and ids[0] == tokenizer.bos_token_id else []
+    return [tokenizer.bos_token_id]
+
+
+def encode_segment_lists(tokenizer, segment_lists: list[list[tuple[str, bool]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) arrays for many examples, with one call into the Rust tokenizer for all pieces."""
+    texts = [text for segments in segment_lists for text, _ in segments if text]
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    out, k = [], 0
+    for segments in segment_lists:
+        ids_parts, label_parts = [], []
+        first = next((t for t, _ in segments if t), "")
+        bos = _bos_prefix(tokenizer, first)
+        if bos:
+            ids_parts.append(np.asarray(bos, dtype=np.int32))
+            label_parts.append(np.asarray(bos if segments[0][1] else [IGNORE_INDEX], dtype=np.int32))
+        for text, trained in segments:
+            if not text:
+                continue
+            ids = np.asarray(encodings[k].ids, dtype=np.int32)
+            k += 1
+            ids_parts.append(ids)
+            label_parts.append(ids if trained else np.full(len(ids), IGNORE_INDEX, dtype=np.int32))
+        if ids_parts:
+            out.append((np.concatenate(ids_parts), np.concatenate(label_parts)))
+        else:
+            out.append((np.zeros(0, np.int32), np.zeros(0, np.int32)))
+    return out
 
 
 def _encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Encoded:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for i, (text, trained) in enumerate(segments):
-        if not text:
-            continue
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if i == 0:
-            ids = _bos_prefix(tokenizer, text) + ids
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    return Encoded(input_ids, labels)
+    [(ids, labels)] = encode_segment_lists(tokenizer, [segments])
+    return Encoded(ids.tolist(), labels.tolist())
 
 
 def conversation_segments(
@@ -168,15 +195,22 @@ def encode_conversation(tokenizer, messages: list[dict], end_of_turn: str, train
     return _encode_segments(tokenizer, conversation_segments(tokenizer, messages, end_of_turn, train_on_inputs))
 
 
-def encode_completion(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> Encoded:
+def completion_segments(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> list[tuple[str, bool]]:
     """Raw prompt + completion + EOS, no template; the loss covers the completion and EOS."""
-    eos = tokenizer.eos_token or ""
-    return _encode_segments(tokenizer, [(prompt, train_on_inputs), (completion + eos, True)])
+    return [(prompt, train_on_inputs), (completion + (tokenizer.eos_token or ""), True)]
+
+
+def text_segments(tokenizer, text: str) -> list[tuple[str, bool]]:
+    """Continued pretraining: every token is trained, EOS closes the document."""
+    return [(text + (tokenizer.eos_token or ""), True)]
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> Encoded:
+    return _encode_segments(tokenizer, completion_segments(tokenizer, prompt, completion, train_on_inputs))
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
-    """Continued pretraining: every token is trained, EOS closes the document."""
-    return _encode_segments(tokenizer, [(text + (tokenizer.eos_token or ""), True)])
+    return _encode_segments(tokenizer, text_segments(tokenizer, text))
 
 
 def generation_prompt(tokenizer, messages: list[dict], end_of_turn: str | None = None) -> list[int]:

@@ -36,8 +36,8 @@ class Reporter:
             )
         self.console.print(table)
         n_train, n_val = len(data.train), len(data.validation)
-        trained = sum(e.n_trained for e in data.train)
-        total = sum(len(e.input_ids) for e in data.train)
+        trained = data.train.trained_tokens()
+        total = len(data.train.ids)
         self.console.print(
             f"{n_train} training and {n_val} validation examples; {total} tokens, {trained} of them trained "
             f"({100 * trained / max(total, 1):.0f}%)."
