@@ -113,6 +113,118 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _data_config(target: str, overrides: list[str] | None):
+    from tuneforge.data.check import load_check_target
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.resolve import resolve_base_model
+
+    cfg = load_check_target(target, overrides)
+    folder, _ = resolve_base_model(cfg.base_model)
+    return cfg, folder, load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+
+
+def cmd_data_check(args) -> int:
+    import json
+
+    from tuneforge.data.check import check_data
+    from tuneforge.track.console import print_check_report
+
+    cfg, folder, tokenizer = _data_config(args.target, args.overrides)
+    report = check_data(cfg, tokenizer, args.near_threshold, folder)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
+    else:
+        print_check_report(report, console, args.show)
+    return 1 if report.errors else 0
+
+
+def cmd_data_preview(args) -> int:
+    from tuneforge.data.preview import first_examples, render_preview
+
+    cfg, _, tokenizer = _data_config(args.target, args.overrides)
+    color = console.is_terminal
+    legend = "trained tokens in green, masked ones dimmed" if color else "trained tokens inside [[ ]], the rest masked"
+    console.print(f"First {args.n} examples as the model receives them ({legend}):\n")
+    for ex in first_examples(cfg, tokenizer, args.n):
+        out = render_preview(tokenizer, ex, color, cfg.max_seq_len, cfg.truncation)
+        console.print(out, markup=False, highlight=False) if not color else console.print(out)
+        console.print()
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    import json
+
+    from tuneforge.data.describe import describe
+    from tuneforge.track.console import print_stats
+
+    cfg, _, tokenizer = _data_config(args.target, args.overrides)
+    stats = describe(cfg, tokenizer, png=Path(args.png) if args.png else None)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        print_stats(stats, console)
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from tuneforge.data.convert import convert_file
+
+    counts = convert_file(args.input, args.output, args.format)
+    console.print(f"{counts['written']} of {counts['read']} records written to {args.output} as messages; "
+                  f"{counts['rejected']} rejected" + (f" (see {Path(args.output).with_suffix('')}.rejected.jsonl)" if counts["rejected"] else ""))
+    return 0 if counts["written"] else 1
+
+
+def cmd_data_prepare(args) -> int:
+    from tuneforge.data.describe import prepare_to_folder
+
+    cfg, _, tokenizer = _data_config(args.config, args.overrides)
+    report = prepare_to_folder(cfg, tokenizer, Path(args.out) if args.out else Path(cfg.output_dir) / "data")
+    console.print(f"Prepared data written to {report['folder']}: {report['train_examples']} training and "
+                  f"{report['validation_examples']} validation examples, {report['rejected']} left out "
+                  f"(each with its reason in rejected.jsonl){' (from the cache)' if report['from_cache'] else ''}")
+    return 0
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="check, preview, describe, convert and prepare training data")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+
+    c = dsub.add_parser("check", help="lint a config's data (or a bare file) with file:line for every finding")
+    c.add_argument("target", help="a config file, or a data file (checked with the built-in model, max_seq_len 2048)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--near-threshold", type=float, default=0.85, help="MinHash similarity that counts as a near-duplicate")
+    c.add_argument("--show", type=int, default=5, help="locations listed per kind of finding in the terminal")
+    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_data_check)
+
+    c = dsub.add_parser("preview", help="the first examples exactly as the model receives them")
+    c.add_argument("target", help="a config file or a data file")
+    c.add_argument("-n", type=int, default=5, help="how many examples")
+    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_data_preview)
+
+    c = dsub.add_parser("stats", help="counts, token lengths, truncation, padding waste, tokens per epoch")
+    c.add_argument("target", help="a config file or a data file")
+    c.add_argument("--png", help="save the token-length histogram to this PNG file")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_data_stats)
+
+    c = dsub.add_parser("convert", help="write any supported format as messages (or preference-as-messages)")
+    c.add_argument("input")
+    c.add_argument("output", help="a .jsonl file")
+    c.add_argument("--format", default="auto", help="the input's format (default: detected)")
+    c.set_defaults(func=cmd_data_convert)
+
+    c = dsub.add_parser("prepare", help="filter, dedupe, split, tokenize and cache as the config says; write the result")
+    c.add_argument("config")
+    c.add_argument("--out", help="folder for the result (default <output_dir>/data)")
+    c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_data_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune open language models from one YAML file.")
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
@@ -140,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--system", help="a system prompt")
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.set_defaults(func=fn)
+
+    _data_parser(sub)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")

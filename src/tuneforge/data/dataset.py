@@ -124,16 +124,9 @@ class _Encoder:
         self.lsh = None
 
     def _segments(self, rec: Record) -> list[tuple[str, bool]]:
-        if rec.kind == "chat":
-            if self.end_of_turn is None:
-                self.end_of_turn = find_end_of_turn(self.tokenizer)
-            return conversation_segments(self.tokenizer, rec.messages, self.end_of_turn, self.cfg.train_on_inputs)
-        if rec.kind == "completion":
-            return completion_segments(self.tokenizer, rec.prompt, rec.completion, self.cfg.train_on_inputs)
-        if rec.kind == "text":
-            return text_segments(self.tokenizer, rec.text)
-        raise DataError(f"{rec.where}: {rec.kind} records are not supervised fine-tuning data; "
-                        "convert them (`tuneforge data convert`) or train them with their own method")
+        if rec.kind == "chat" and self.end_of_turn is None:
+            self.end_of_turn = find_end_of_turn(self.tokenizer)
+        return record_segments(self.tokenizer, rec, self.cfg.train_on_inputs, self.end_of_turn)
 
     def _duplicate(self, rec: Record, text: str) -> str | None:
         """Reason to leave a record out as a repeat, under `prepare.dedupe`."""
@@ -207,6 +200,20 @@ class _Encoder:
             out.add(ids, labels, rec)
 
 
+def record_segments(tokenizer, rec: Record, train_on_inputs: bool = False,
+                    end_of_turn: str | None = None) -> list[tuple[str, bool]]:
+    """The (text, trained) pieces of a supervised record, as the model will see them."""
+    if rec.kind == "chat":
+        eot = end_of_turn or find_end_of_turn(tokenizer)
+        return conversation_segments(tokenizer, rec.messages, eot, train_on_inputs)
+    if rec.kind == "completion":
+        return completion_segments(tokenizer, rec.prompt, rec.completion, train_on_inputs)
+    if rec.kind == "text":
+        return text_segments(tokenizer, rec.text)
+    raise DataError(f"{rec.where}: {rec.kind} records are not supervised fine-tuning data; "
+                    "convert them (`tuneforge data convert`) or train them with their own method")
+
+
 def record_text(rec: Record) -> str:
     """The text that makes two records the same, for duplicate detection."""
     if rec.kind == "chat":
@@ -216,7 +223,7 @@ def record_text(rec: Record) -> str:
     return rec.text
 
 
-def _chunks(items, size: int):
+def chunks(items, size: int):
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
@@ -243,7 +250,7 @@ def _read_chunks(path: str, fmt: str, bad: list[Rejected], summary: DataSummary)
                 source, line, raw, reason = item
                 bad.append(Rejected(source, line, str(reason), raw))
                 summary.count(source, "bad_record")
-    return _chunks(good(), CHUNK)
+    return chunks(good(), CHUNK)
 
 
 def _check_bad(bad: list[Rejected], total: int, cfg: Config) -> None:

@@ -32,3 +32,47 @@ def preview_rich(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
     for t, trained in _runs(tokenizer, input_ids, labels):
         out.append(t, style="bold green" if trained else "dim")
     return out
+
+
+def first_examples(cfg, tokenizer, n: int) -> list[dict]:
+    """The first n good records of the training files, encoded as training encodes them (before the length policy)."""
+    from tuneforge.data.dataset import record_segments
+    from tuneforge.data.formats import Record, read_records
+    from tuneforge.data.template import encode_segment_lists
+
+    records: list[Record] = []
+    for ds in cfg.datasets:
+        for item in read_records(ds.path, ds.format):
+            if len(records) >= n:
+                break
+            if isinstance(item, Record):
+                records.append(item)
+    segment_lists = [record_segments(tokenizer, r, cfg.train_on_inputs) for r in records]
+    return [{"record": r, "ids": ids.tolist(), "labels": labels.tolist()}
+            for r, (ids, labels) in zip(records, encode_segment_lists(tokenizer, segment_lists))]
+
+
+def render_preview(tokenizer, example: dict, color: bool, max_len: int, policy: str):
+    """One example for the terminal (rich Text) or as plain text, with its counts and truncation point."""
+    ids, labels = example["ids"], example["labels"]
+    n = len(ids)
+    n_trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+    head = f"{example['record'].where}: {n} tokens, {n_trained} trained"
+    pieces, marker = [(ids, labels)], None
+    if n > max_len:
+        if policy in ("drop", "error"):
+            head += f"; longer than max_seq_len {max_len}: the example is {'dropped' if policy == 'drop' else 'an error'}"
+        elif policy == "truncate_right":
+            pieces = [(ids[:max_len], labels[:max_len]), (ids[max_len:], labels[max_len:])]
+            marker = f"\n----- cut at max_seq_len {max_len}: the model never sees what follows -----\n"
+        else:
+            pieces = [(ids[: n - max_len], labels[: n - max_len]), (ids[n - max_len :], labels[n - max_len :])]
+            marker = f"\n----- cut at max_seq_len {max_len}: the model never sees what comes before -----\n"
+    if not color:
+        return f"{head}\n" + (marker or "").join(preview_plain(tokenizer, i, lab) for i, lab in pieces)
+    text = Text(head + "\n", style="bold")
+    for k, (i, lab) in enumerate(pieces):
+        if k:
+            text.append(marker, style="bold red")
+        text.append_text(preview_rich(tokenizer, i, lab))
+    return text

@@ -84,21 +84,40 @@ def template_special_ids(tokenizer) -> dict[str, int]:
     return found
 
 
-def untrained_token_rows(model, token_ids: dict[str, int], rel_tol: float = 1e-3) -> list[str]:
-    """Tokens whose input or output embedding row looks never trained: near zero, or equal to the mean row."""
+def untrained_rows(weights: list[torch.Tensor], token_ids: dict[str, int], rel_tol: float = 1e-3) -> list[str]:
+    """Tokens whose row in any of these embedding matrices looks never trained: near zero, or the mean row."""
     bad = []
-    for weight in {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+    for weight in weights:
         w = weight.detach().float()
         norms = w.norm(dim=1)
         scale = norms.median().item()
         mean = w.mean(dim=0)
         for tok, idx in token_ids.items():
-            if idx is None or idx >= w.shape[0]:
+            if idx is None or idx >= w.shape[0] or tok in bad:
                 continue
             if norms[idx] <= rel_tol * scale or (w[idx] - mean).norm() <= rel_tol * scale:
-                if tok not in bad:
-                    bad.append(tok)
+                bad.append(tok)
     return bad
+
+
+def untrained_token_rows(model, token_ids: dict[str, int], rel_tol: float = 1e-3) -> list[str]:
+    """untrained_rows on a loaded model's input and output embeddings (once each when tied)."""
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    weights = {id(m.weight): m.weight for m in layers if m is not None}
+    return untrained_rows(list(weights.values()), token_ids, rel_tol)
+
+
+def embedding_weights(folder: Path) -> list[torch.Tensor]:
+    """The input/output embedding matrices of a safetensors folder, read without loading the rest."""
+    from safetensors import safe_open
+
+    out = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
+                    out.append(f.get_tensor(name))
+    return out
 
 
 def check_template_tokens(model, tokenizer, cfg: Config) -> None:

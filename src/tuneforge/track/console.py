@@ -119,3 +119,57 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     if "n" in after:
         table.add_row("examples generated", str(b.get("n", "-")), str(after["n"]))
     return table
+
+
+def _short(path: str) -> str:
+    """A path relative to the working folder when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def print_check_report(report, console: Console, show: int = 5) -> None:
+    """Findings grouped by kind, errors first, with the first `show` locations of each."""
+    table = Table(title="Data check", title_justify="left")
+    table.add_column("severity")
+    table.add_column("finding")
+    table.add_column("count", justify="right")
+    table.add_column("where (first ones) and why", overflow="fold")
+    for code, items in report.by_code().items():
+        sev = items[0].severity
+        style = "red" if sev == "error" else "yellow"
+        lines = [f"{_short(f.source)}{f':{f.line}' if f.line else ''}: {f.message}" for f in items[:show]]
+        if len(items) > show:
+            lines.append(f"... and {len(items) - show} more (--json lists all)")
+        table.add_row(f"[{style}]{sev}[/{style}]", code, str(len(items)), "\n".join(lines))
+    for path, n in report.records.items():
+        console.print(f"{_short(path)}: {n} records")
+    if report.findings:
+        console.print(table)
+    errors, warnings = len(report.errors), len(report.findings) - len(report.errors)
+    verdict = "[red]errors found[/red]" if errors else "[green]no errors[/green]"
+    console.print(f"{verdict}: {errors} errors, {warnings} warnings")
+
+
+def print_stats(s: dict, console: Console) -> None:
+    L = s["lengths"]
+    console.print(f"{s['records']} records: {s['train_examples']} training and {s['validation_examples']} validation "
+                  f"examples, {s['left_out']} left out; {s['trained_tokens']} trained tokens")
+    table = Table(title="Token lengths (training examples)", title_justify="left")
+    for key in ("mean", "min", "p50", "p90", "p95", "p99", "max"):
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{L[k]:.0f}" for k in ("mean", "min", "p50", "p90", "p95", "p99", "max")))
+    console.print(table)
+    peak = max((c for *_, c in s["histogram"]), default=0) or 1
+    console.print("\n".join(f"  {lo:>6}-{hi:<6} {'#' * round(40 * c / peak):<40} {c}" for lo, hi, c in s["histogram"] if c))
+    o = s["over_max_seq_len"]
+    console.print(f"Over max_seq_len {s['max_seq_len']}: {o['count']} ({100 * o['share']:.1f}%), policy {o['policy']}, "
+                  f"{o['tokens_cut']} tokens cut")
+    if s["turns_per_conversation"]:
+        console.print("Assistant turns per conversation: " + ", ".join(f"{k}: {v}" for k, v in s["turns_per_conversation"].items()))
+    console.print(f"Padding waste at micro_batch_size {s['micro_batch_size']}: {100 * s['padding_waste']:.1f}%; "
+                  f"with packing into {s['max_seq_len']}-token rows: {100 * s['packing_waste']:.1f}%")
+    console.print(f"Estimated tokens per epoch: {s['tokens_per_epoch']}")
+    if "png" in s:
+        console.print(f"Histogram saved to {s['png']}")

@@ -1,0 +1,241 @@
+"""`tuneforge data check`: every problem in the data, with its file and line, before a GPU is paid for.
+
+Records are streamed; what is kept per record is a 16-byte key, a MinHash signature and a length,
+so a large file is checked in bounded memory. Template checks use the chosen base model's own
+tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from jinja2 import TemplateError
+
+from tuneforge.config import Config
+from tuneforge.data.dataset import chunks, record_segments, record_text
+from tuneforge.data.formats import Record, read_records
+from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
+from tuneforge.errors import ConfigError, DataError
+
+ERROR, WARNING = "error", "warning"
+ALLOWED_CONTROL = {"\n", "\t", "\r"}
+
+
+@dataclass
+class Finding:
+    severity: str
+    code: str
+    source: str
+    line: int
+    message: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else self.source
+
+
+@dataclass
+class CheckReport:
+    findings: list[Finding] = field(default_factory=list)
+    records: Counter = field(default_factory=Counter)  # per file
+    settings: dict = field(default_factory=dict)
+
+    def add(self, severity: str, code: str, source: str, line: int, message: str) -> None:
+        self.findings.append(Finding(severity, code, source, line, message))
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    def by_code(self) -> dict[str, list[Finding]]:
+        out: dict[str, list[Finding]] = {}
+        for f in sorted(self.findings, key=lambda f: (f.severity != ERROR, f.code, f.source, f.line)):
+            out.setdefault(f.code, []).append(f)
+        return out
+
+    def as_json(self) -> dict:
+        return {
+            "ok": not self.errors,
+            "errors": len(self.errors),
+            "warnings": len(self.findings) - len(self.errors),
+            "records": dict(self.records),
+            "settings": self.settings,
+            "findings": [asdict(f) | {"where": f.where} for f in self.findings],
+        }
+
+
+def control_characters(text: str) -> list[str]:
+    """Invisible control characters (not newline or tab) that usually mean broken extraction."""
+    return sorted({f"U+{ord(c):04X}" for c in text if c not in ALLOWED_CONTROL and unicodedata.category(c) == "Cc"})
+
+
+def record_strings(rec: Record) -> list[str]:
+    """Every piece of text a record carries."""
+    strings = [rec.text, rec.prompt if isinstance(rec.prompt, str) else "", rec.completion if isinstance(rec.completion, str) else ""]
+    for m in rec.messages:
+        if isinstance(m.get("content"), str):
+            strings.append(m["content"])
+    return [s for s in strings if s]
+
+
+class _TemplateCheck:
+    """Render and encode each record as training would, and check what the model will see."""
+
+    def __init__(self, tokenizer, cfg: Config, report: CheckReport):
+        self.tok, self.cfg, self.report = tokenizer, cfg, report
+        self.specials = sorted({t for t in tokenizer.all_special_tokens if t} | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+        self.end_of_turn: str | None = None
+        self.lengths: list[int] = []
+        self.where: list[tuple[str, int]] = []
+
+    def segments(self, rec: Record):
+        if rec.kind not in ("chat", "completion", "text"):
+            return None  # preference, kto, triplet: trained by their own methods, checked for their fields only
+        if rec.kind == "chat" and self.end_of_turn is None:
+            self.end_of_turn = find_end_of_turn(self.tok)
+        return record_segments(self.tok, rec, self.cfg.train_on_inputs, self.end_of_turn)
+
+    def check_chunk(self, records: list[Record]) -> None:
+        rep = self.report
+        kept, segment_lists = [], []
+        for rec in records:
+            for s in record_strings(rec):
+                found = [t for t in self.specials if t in s]
+                if found:
+                    rep.add(WARNING, "special-token-in-text", rec.source, rec.line,
+                            f"the text contains {', '.join(found[:3])}, which the tokenizer reads as a control token")
+                    break
+            for s in record_strings(rec):
+                bad = control_characters(s)
+                if bad:
+                    rep.add(WARNING, "control-characters", rec.source, rec.line, f"control characters {', '.join(bad[:5])}")
+                    break
+            try:
+                segs = self.segments(rec)
+            except (TemplateError, DataError) as err:
+                rep.add(ERROR, "template", rec.source, rec.line, f"the chat template cannot render this record: {err}")
+                continue
+            if segs is not None:
+                kept.append((rec, segs))
+                segment_lists.append(segs)
+        for (rec, segs), (ids, labels) in zip(kept, encode_segment_lists(self.tok, segment_lists)):
+            self._check_encoded(rec, segs, ids, labels)
+
+    def _check_encoded(self, rec: Record, segs, ids: np.ndarray, labels: np.ndarray) -> None:
+        rep, n = self.report, len(ids)
+        rendered = "".join(t for t, _ in segs)
+        decoded = self.tok.decode(ids.tolist(), skip_special_tokens=False)
+        if not decoded.endswith(rendered) or len(decoded) - len(rendered) > len(self.tok.bos_token or ""):
+            rep.add(ERROR, "round-trip", rec.source, rec.line,
+                    "the tokens do not decode back to the rendered text (the tokenizer changes this text)")
+        if rec.kind == "chat" and not self.cfg.train_on_inputs:
+            self._check_spans(rec, ids, labels)
+        if n > self.cfg.max_seq_len:
+            lost = n if self.cfg.truncation == "drop" else n - self.cfg.max_seq_len
+            rep.add(WARNING, "too-long", rec.source, rec.line,
+                    f"{n} tokens > max_seq_len {self.cfg.max_seq_len}: {lost} tokens lost ({self.cfg.truncation})")
+        self.lengths.append(n)
+        self.where.append((rec.source, rec.line))
+
+    def _check_spans(self, rec: Record, ids: np.ndarray, labels: np.ndarray) -> None:
+        trained = labels != IGNORE_INDEX
+        starts = np.flatnonzero(trained & ~np.concatenate([[False], trained[:-1]]))
+        ends = np.flatnonzero(trained & ~np.concatenate([trained[1:], [False]]))
+        n_assistant = sum(1 for m in rec.messages if m["role"] == "assistant")
+        if len(starts) != n_assistant:
+            self.report.add(ERROR, "assistant-span", rec.source, rec.line,
+                            f"{n_assistant} assistant turns but {len(starts)} trained spans")
+            return
+        eot_id = self.tok.convert_tokens_to_ids(self.end_of_turn)
+        if any(ids[e] != eot_id for e in ends):
+            self.report.add(ERROR, "end-of-turn", rec.source, rec.line,
+                            f"an assistant turn is not closed by {self.end_of_turn}, so the model would not learn to stop")
+
+
+def _near_duplicates(report: CheckReport, seen: dict, lsh, hasher, rec: Record, text: str, leak_index=None) -> None:
+    """Exact and near repeats within the data; with leak_index, also matches against training data."""
+    from tuneforge.data.dedupe import exact_key
+
+    key = exact_key(text)
+    sig = hasher.signature(text)
+    if leak_index is not None:
+        train_seen, train_lsh = leak_index
+        if key in train_seen:
+            report.add(ERROR, "leakage", rec.source, rec.line, f"also in the training data at {train_seen[key]}")
+        else:
+            match = train_lsh.query(sig)
+            if match:
+                report.add(ERROR, "leakage", rec.source, rec.line, f"near duplicate of training record {match[0]}")
+    if key in seen:
+        report.add(WARNING, "duplicate", rec.source, rec.line, f"exact duplicate of {seen[key]}")
+        return
+    match = lsh.query(sig)
+    if match:
+        report.add(WARNING, "near-duplicate", rec.source, rec.line, f"near duplicate of {match[0]}")
+    seen[key] = rec.where
+    lsh.add(rec.where, sig)
+
+
+def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folder: Path | None = None,
+               chunk: int = 1024) -> CheckReport:
+    """Lint the training and validation files of a config."""
+    from tuneforge.data.dedupe import LSHIndex, MinHasher
+    from tuneforge.data.stats import length_outliers
+
+    report = CheckReport(settings={"max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
+                                   "near_threshold": near_threshold, "base_model": cfg.base_model})
+    template = _TemplateCheck(tokenizer, cfg, report)
+    hasher = MinHasher()
+    train_seen: dict = {}
+    train_lsh = LSHIndex(near_threshold)
+    files = [(ds.path, ds.format, False) for ds in cfg.datasets]
+    if cfg.validation and cfg.validation.path:
+        files.append((cfg.validation.path, cfg.validation.format, True))
+    for path, fmt, held_out in files:
+        seen, lsh = (train_seen, train_lsh) if not held_out else ({}, LSHIndex(near_threshold))
+        def good(path=path, fmt=fmt):
+            for item in read_records(path, fmt):
+                report.records[path] += 1
+                if isinstance(item, Record):
+                    yield item
+                else:
+                    source, line, _raw, bad = item
+                    report.add(ERROR, "bad-record", source, line, str(bad))
+        for records in chunks(good(), chunk):
+            for rec in records:
+                leak = (train_seen, train_lsh) if held_out else None
+                _near_duplicates(report, seen, lsh, hasher, rec, record_text(rec), leak)
+            template.check_chunk(records)
+
+    median = float(np.median(template.lengths)) if template.lengths else 0.0
+    for i in length_outliers(template.lengths):
+        n = template.lengths[i]
+        if max(n / median, median / n) < 2:  # a tight distribution is not worth a warning
+            continue
+        source, line = template.where[i]
+        report.add(WARNING, "length-outlier", source, line, f"{n} tokens, far from the median of {median:.0f}")
+    if model_folder is not None and tokenizer.chat_template:
+        from tuneforge.models.load import embedding_weights, template_special_ids, untrained_rows
+
+        bad = untrained_rows(embedding_weights(model_folder), template_special_ids(tokenizer))
+        if bad:
+            report.add(ERROR, "untrained-template-token", str(model_folder), 0,
+                       f"the chat template uses {', '.join(bad)}, whose embeddings are untrained in this model; "
+                       "train with `adapter: full` or choose a template the model knows")
+    return report
+
+
+def load_check_target(target: str | Path, overrides: list[str] | None = None) -> Config:
+    """A config file as it is, or a bare data file with the built-in model and max_seq_len 2048."""
+    from tuneforge.config import config_from_dict, load_config
+
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml"):
+        return load_config(path, overrides)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config or data file")
+    return config_from_dict({"datasets": [{"path": str(path.resolve())}], "max_seq_len": 2048})
