@@ -374,3 +374,186 @@ def test_non_string_top_level_system_is_a_bad_record(tmp_path, fmt, obj):
     path.write_text(json.dumps(obj) + "\n")
     [item] = records(path)
     assert "field 'system' must be a string" in str(item[3])
+
+
+# --- preference, kto and triplet ------------------------------------------------------------
+
+USER_Q = [{"role": "user", "content": "q"}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def second_is_bad(tmp_path, first, record, fmt="auto"):
+    """Reason for `record` on line 2, after the good `first` on line 1 (so the format is detected from it)."""
+    items = records(write_jsonl(tmp_path / "data.jsonl", [first, record]), fmt)
+    assert [r.line for r in good(items)] == [1]
+    [(line, reason)] = bad(items)
+    assert line == 2
+    return reason
+
+
+PREFERENCE = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+KTO = {"prompt": "q", "completion": "a", "label": True}
+TRIPLET = {"query": "q", "positive": "p", "negative": "n"}
+
+
+def test_preference_as_text(tmp_path):
+    [rec] = records(write_jsonl(tmp_path / "p.jsonl", [PREFERENCE]))
+    assert (rec.kind, rec.prompt, rec.chosen, rec.rejected) == ("preference", "q", "good", "bad")
+
+
+def test_preference_as_messages_with_a_prompt(tmp_path):
+    record = {"prompt": [{"role": "system", "content": "s"}] + USER_Q, "chosen": assistant("good"),
+              "rejected": assistant("bad")}
+    [rec] = records(write_jsonl(tmp_path / "p.jsonl", [record]))
+    assert (rec.prompt, rec.chosen, rec.rejected) == (record["prompt"], assistant("good"), assistant("bad"))
+
+
+def test_preference_responses_that_repeat_the_prompt_keep_only_the_response(tmp_path):
+    record = {"prompt": USER_Q, "chosen": USER_Q + assistant("good"), "rejected": assistant("bad")}
+    [rec] = records(write_jsonl(tmp_path / "p.jsonl", [record]))
+    assert (rec.prompt, rec.chosen, rec.rejected) == (USER_Q, assistant("good"), assistant("bad"))
+
+
+def test_preference_without_prompt_takes_the_shared_leading_turns(tmp_path):
+    shared = USER_Q + assistant("a1") + [{"role": "user", "content": "q2"}]
+    record = {"chosen": shared + assistant("good"), "rejected": shared + assistant("bad")}
+    [rec] = records(write_jsonl(tmp_path / "p.jsonl", [record]))
+    assert (rec.prompt, rec.chosen, rec.rejected) == (shared, assistant("good"), assistant("bad"))
+
+
+def test_preference_response_with_tool_calls(tmp_path):
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chosen = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "42"},
+              {"role": "assistant", "content": "It is 42."}]
+    record = {"prompt": USER_Q, "chosen": chosen, "rejected": assistant("No idea.")}
+    [rec] = records(write_jsonl(tmp_path / "p.jsonl", [record]))
+    assert rec.chosen == chosen
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "q", "rejected": "bad"}, "missing field 'chosen'"),
+    ({"prompt": "q", "chosen": "good", "rejected": "  "}, "field 'rejected' is empty"),
+    ({"prompt": "", "chosen": "good", "rejected": "bad"}, "field 'prompt' is empty"),
+    ({"prompt": "q", "chosen": [], "rejected": "bad"}, "field 'chosen' is empty"),
+    ({"prompt": "q", "chosen": 3, "rejected": "bad"}, "field 'chosen' must be a string or a list of messages, got int"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+    ({"prompt": USER_Q, "chosen": USER_Q + assistant("a"), "rejected": assistant("a")}, "chosen and rejected are identical"),
+    ({"chosen": "good", "rejected": "bad"}, "missing field 'prompt' (it may be left out only when chosen and "
+                                            "rejected are both lists of messages that start with the prompt)"),
+    ({"chosen": assistant("good"), "rejected": assistant("bad")},
+     "chosen and rejected share no leading turns to use as the prompt; add a 'prompt' field"),
+    ({"chosen": USER_Q, "rejected": USER_Q + assistant("bad")}, "field 'chosen' has no turns after the prompt"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": " "}], "rejected": "bad"},
+     "prompt + chosen: message 2 (assistant): empty content"),
+    ({"prompt": USER_Q, "chosen": [{"role": "bot", "content": "x"}], "rejected": "bad"},
+     "prompt + chosen: message 2: unknown role 'bot' (expected one of system, user, assistant, tool)"),
+    ({"prompt": USER_Q + assistant("a"), "chosen": assistant("good"), "rejected": "bad"},
+     "prompt + chosen: two assistant turns in a row: turns must alternate user/assistant"),
+    ({"prompt": USER_Q + assistant("a"), "chosen": [{"role": "user", "content": "u"}] + assistant("g"), "rejected": "bad"},
+     "field 'chosen': the response after the prompt must start with an assistant turn, got user"),
+])
+def test_preference_bad_records(tmp_path, record, reason):
+    assert second_is_bad(tmp_path, PREFERENCE, record) == reason
+
+
+def test_kto(tmp_path):
+    path = write_jsonl(tmp_path / "k.jsonl", [KTO, {"prompt": USER_Q, "completion": assistant("no"), "label": False}])
+    first, second = records(path)
+    assert (first.kind, first.prompt, first.completion, first.label) == ("kto", "q", "a", True)
+    assert (second.prompt, second.completion, second.label) == (USER_Q, assistant("no"), False)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "q", "completion": "a", "label": "true"}, 'label must be true or false, got "true"'),
+    ({"prompt": "q", "completion": "a", "label": 1}, "label must be true or false, got 1"),
+    ({"prompt": "q", "completion": "a", "label": None}, "label must be true or false, got null"),
+    ({"prompt": "q", "completion": "a"}, "missing field 'label'"),
+    ({"prompt": "q", "completion": " ", "label": True}, "field 'completion' is empty"),
+    ({"completion": "a", "label": True}, "missing field 'prompt'"),
+])
+def test_kto_bad_records(tmp_path, record, reason):
+    assert second_is_bad(tmp_path, KTO, record) == reason
+
+
+def test_label_makes_prompt_completion_kto(tmp_path):
+    path = write_jsonl(tmp_path / "k.jsonl", [KTO])
+    assert records(path)[0].kind == "kto"
+    assert records(path, "completion")[0].kind == "completion"  # format: completion ignores the label
+
+
+def test_triplet(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [TRIPLET, {"query": "q", "positive": "p", "negative": ["n1", "n2"]}])
+    first, second = records(path)
+    assert (first.kind, first.query, first.positive, first.negative) == ("triplet", "q", "p", "n")
+    assert second.negative == ["n1", "n2"]
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"query": "q", "negative": "n"}, "missing field 'positive'"),
+    ({"query": "", "positive": "p", "negative": "n"}, "field 'query' is empty"),
+    ({"query": "q", "positive": "p", "negative": []}, "field 'negative' is empty"),
+    ({"query": "q", "positive": "p", "negative": ["n", 2]}, "negative 2 must be a string, got int"),
+    ({"query": "q", "positive": "p", "negative": ["n", " "]}, "negative 2 is empty"),
+    ({"query": "q", "positive": "p", "negative": {"n": 1}},
+     "field 'negative' must be a string or a list of strings, got dict"),
+    ({"query": "q", "positive": "p", "negative": ["n", "p"]}, "the positive is also a negative"),
+])
+def test_triplet_bad_records(tmp_path, record, reason):
+    assert second_is_bad(tmp_path, TRIPLET, record) == reason
+
+
+@pytest.mark.parametrize("record, fmt", [
+    (PREFERENCE, "preference"),
+    ({"chosen": USER_Q + assistant("g"), "rejected": USER_Q + assistant("b")}, "preference"),
+    (KTO, "kto"),
+    (TRIPLET, "triplet"),
+    ({"messages": chat("q", "a")["messages"], "chosen": "x", "rejected": "y"}, "chat"),  # messages wins
+])
+def test_new_formats_are_detected(tmp_path, record, fmt):
+    [rec] = records(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert rec.kind == fmt
+
+
+def test_undetectable_format_lists_the_new_formats(tmp_path):
+    with pytest.raises(DataError, match="preference, kto, triplet"):
+        records(write_jsonl(tmp_path / "d.jsonl", [{"question": "q"}]))
+
+
+# --- tool calls in messages -----------------------------------------------------------------
+
+CALL = {"type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}
+
+
+def tool_chat(call_msg, tool_msg=None):
+    return {"messages": [{"role": "user", "content": "weather?"}, call_msg,
+                         tool_msg or {"role": "tool", "content": "sunny", "tool_call_id": "1"},
+                         {"role": "assistant", "content": "It is sunny."}]}
+
+
+def test_tool_calls_are_kept_in_messages(tmp_path):
+    record = tool_chat({"role": "assistant", "content": "", "tool_calls": [CALL]})
+    [rec] = records(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert rec.messages == record["messages"]
+
+
+@pytest.mark.parametrize("call_msg, tool_msg, reason", [
+    ({"role": "assistant", "content": None, "tool_calls": CALL}, None,
+     "message 2 (assistant): tool_calls must be a list, got dict"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}, None,
+     'message 2 (assistant): tool call 1 needs function.name, as in {"type": "function", "function": '
+     '{"name": ..., "arguments": ...}}'),
+    ({"role": "assistant", "content": None, "tool_calls": [CALL, "weather"]}, None,
+     "message 2 (assistant): tool call 2 needs function.name, as in "
+     '{"type": "function", "function": {"name": ..., "arguments": ...}}'),
+    ({"role": "assistant", "content": None, "tool_calls": []}, None,
+     "message 2 (assistant): content must be a string, got NoneType"),
+    ({"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "tool", "content": ""},
+     "message 3 (tool): empty content"),
+    ({"role": "assistant", "content": "", "tool_calls": [CALL]}, {"role": "tool", "content": "x", "tool_calls": [CALL]},
+     "message 3 (tool): only assistant messages may carry tool_calls"),
+])
+def test_bad_tool_calls(tmp_path, call_msg, tool_msg, reason):
+    assert only_bad(tmp_path, tool_chat(call_msg, tool_msg)) == reason

@@ -28,7 +28,7 @@ def cmd_validate(args) -> int:
     paths = [("datasets[%d].path" % i, ds.path) for i, ds in enumerate(cfg.datasets)]
     if cfg.validation and cfg.validation.path:
         paths.append(("validation.path", cfg.validation.path))
-    missing = [f"  {key}: {path} not found" for key, path in paths if not Path(path).is_file()]
+    missing = [f"  {key}: {path} not found" for key, path in paths if not Path(path).exists()]
     if missing:
         raise TuneforgeError(f"{args.config}: data files are missing\n" + "\n".join(missing))
     console.print(f"[green]{args.config}: valid[/green] ({cfg.adapter}, {len(cfg.datasets)} dataset(s), output_dir {cfg.output_dir})")

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tuneforge.errors import ConfigError
 
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "completion", "text"]
+DataFormat = Literal[
+    "auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet"
+]
 
 
 class _Strict(BaseModel):
@@ -33,7 +35,10 @@ class LoraConfig(_Strict):
 
 
 class DatasetSpec(_Strict):
-    path: str = Field(description="A .jsonl or .json file; relative to the config file.")
+    path: str = Field(
+        description="A .jsonl, .json, .csv, .tsv or .parquet file, or a `datasets` save_to_disk folder; "
+        "relative to the config file."
+    )
     format: DataFormat = Field("auto", description="Record format; auto detects it from the first record.")
     weight: float = Field(1.0, gt=0, description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
     ratio: float | None = Field(

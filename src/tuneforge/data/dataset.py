@@ -84,10 +84,16 @@ class PreparedData:
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, or of every file in a folder (a saved `datasets` folder), names included."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -326,8 +332,8 @@ def _load_cache(folder: Path) -> PreparedData:
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     """Read, check and encode the training and validation data of a config (or load it from the cache)."""
-    hashes = {ds.path: sha256_file(ds.path) for ds in cfg.datasets if Path(ds.path).is_file()}
-    if cfg.validation and cfg.validation.path and Path(cfg.validation.path).is_file():
+    hashes = {ds.path: sha256_file(ds.path) for ds in cfg.datasets if Path(ds.path).exists()}
+    if cfg.validation and cfg.validation.path and Path(cfg.validation.path).exists():
         hashes[cfg.validation.path] = sha256_file(cfg.validation.path)
     folder = _cache_dir(cache_key(cfg, tokenizer, hashes)) if cfg.prepare.cache else None
     if folder is not None and (folder / "meta.json").is_file():

@@ -1,8 +1,9 @@
-"""Read training files and turn each record into a common form, with its file and line.
+"""Turn each record of a training file into a common form, with its file and line.
 
-Formats: messages (OpenAI chat fine-tuning), sharegpt, alpaca, completion, text. A record
-that cannot be used raises `BadRecord` with the reason; the caller decides whether that stops
-the run or goes to rejected.jsonl.
+Formats: messages (OpenAI chat fine-tuning, tool calls included), sharegpt, alpaca, completion,
+text, and for preference methods preference (prompt/chosen/rejected), kto (prompt/completion/label)
+and triplet (query/positive/negative). A record that cannot be used raises `BadRecord` with the
+reason; the caller decides whether that stops the run or goes to rejected.jsonl.
 """
 
 from __future__ import annotations
@@ -12,78 +13,66 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.errors import DataError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "tool": "tool", "observation": "tool", "function_response": "tool",
 }
-
-
-class BadRecord(ValueError):
-    """A record that cannot be trained on; the message is the reason."""
+MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id")
+TOOL_CALL_SHAPE = '{"type": "function", "function": {"name": ..., "arguments": ...}}'
 
 
 @dataclass
 class Record:
-    """One example in common form. `kind` is chat, completion or text."""
+    """One example in common form. `kind` is chat, completion, text, preference, kto or triplet.
+
+    preference and kto keep the prompt apart from the responses: `chosen`, `rejected` and a kto
+    `completion` hold only what follows the prompt, each as text or as a list of messages.
+    """
 
     source: str
     line: int
     kind: str
     messages: list[dict] = field(default_factory=list)
-    prompt: str = ""
-    completion: str = ""
+    prompt: str | list[dict] = ""
+    completion: str | list[dict] = ""
     text: str = ""
     raw: object = None
+    chosen: str | list[dict] = ""
+    rejected: str | list[dict] = ""
+    label: bool | None = None
+    query: str = ""
+    positive: str = ""
+    negative: str | list[str] = ""
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
 
 
-def iter_raw(path: str | Path) -> Iterator[tuple[int, object | BadRecord]]:
-    """(line, parsed object) for a .jsonl file or a JSON list; a line that is not JSON yields BadRecord."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records (use .jsonl for one per line)")
-        # A JSON list has no per-record lines; number records from 1 instead.
-        for i, obj in enumerate(data, 1):
-            yield i, obj
-        return
-    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and others, which JSON
-    # writers leave raw inside strings, and would turn one record into several broken ones.
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield lineno, BadRecord(f"not valid JSON ({err.msg} at column {err.colno})")
+iter_raw = iter_rows  # the earlier name of the reader
 
 
 def detect_format(obj: object) -> str | None:
+    """The format a record's keys declare; the more specific shape wins (kto before completion)."""
     if not isinstance(obj, dict):
         return None
     if "messages" in obj:
         return "messages"
     if "conversations" in obj:
         return "sharegpt"
+    if "chosen" in obj and "rejected" in obj:
+        return "preference"
     if "instruction" in obj and "output" in obj:
         return "alpaca"
     if "prompt" in obj and "completion" in obj:
-        return "completion"
+        return "kto" if "label" in obj else "completion"
+    if "query" in obj and "positive" in obj and "negative" in obj:
+        return "triplet"
     if "text" in obj:
         return "text"
     return None
@@ -111,8 +100,25 @@ def _prepend_system(rec: Record, obj: dict) -> None:
         rec.messages.insert(0, {"role": "system", "content": system})
 
 
+def _keep_message_keys(messages: list) -> list:
+    """Only the keys a chat template reads; extras such as per-turn weights are dropped."""
+    return [{k: v for k, v in m.items() if k in MESSAGE_KEYS} if isinstance(m, dict) else m for m in messages]
+
+
+def _check_tool_calls(i: int, role: str, calls: object) -> None:
+    if role != "assistant":
+        raise BadRecord(f"message {i} ({role}): only assistant messages may carry tool_calls")
+    if not isinstance(calls, list):
+        raise BadRecord(f"message {i} (assistant): tool_calls must be a list, got {type(calls).__name__}")
+    for j, call in enumerate(calls, 1):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise BadRecord(f"message {i} (assistant): tool call {j} needs function.name, as in {TOOL_CALL_SHAPE}")
+
+
 def check_turns(messages: list[dict]) -> None:
-    """Roles known, contents non-empty strings, turns in a trainable order."""
+    """Roles known, contents non-empty strings, tool calls well formed, turns in a trainable order."""
     if not messages:
         raise BadRecord("no messages")
     for i, msg in enumerate(messages, 1):
@@ -121,8 +127,11 @@ def check_turns(messages: list[dict]) -> None:
         role = msg.get("role")
         if role not in ROLES:
             raise BadRecord(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        calls = msg.get("tool_calls")
+        if calls is not None and calls != []:  # Arrow and some exporters give every turn an empty list
+            _check_tool_calls(i, role, calls)
         content = msg.get("content")
-        if role == "assistant" and msg.get("tool_calls") and content in (None, ""):
+        if role == "assistant" and calls and content in (None, ""):
             continue
         if not isinstance(content, str):
             raise BadRecord(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
@@ -140,6 +149,113 @@ def check_turns(messages: list[dict]) -> None:
             raise BadRecord(f"two {cur} turns in a row: turns must alternate user/assistant")
 
 
+def _text_or_messages(obj: dict, key: str) -> str | list[dict]:
+    if obj.get(key) is None:
+        raise BadRecord(f"missing field {key!r}")
+    value = obj[key]
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord(f"field {key!r} is empty")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise BadRecord(f"field {key!r} is empty")
+        return _keep_message_keys(value)
+    raise BadRecord(f"field {key!r} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def as_messages(value: str | list[dict], role: str) -> list[dict]:
+    """Text as one turn of `role`; a list of messages as it is."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _response(prompt: str | list[dict], value: str | list[dict], key: str) -> str | list[dict]:
+    """What `key` says after the prompt, checked as one conversation with it.
+
+    A list that repeats the prompt (prompt + answer, as many preference sets store it) loses the repeat.
+    """
+    if isinstance(prompt, list) and isinstance(value, list) and value[: len(prompt)] == prompt:
+        value = value[len(prompt):]
+        if not value:
+            raise BadRecord(f"field {key!r} has no turns after the prompt")
+    try:
+        check_turns(as_messages(prompt, "user") + as_messages(value, "assistant"))
+    except BadRecord as err:
+        raise BadRecord(f"prompt + {key}: {err}") from None
+    first = as_messages(value, "assistant")[0]["role"]
+    if first != "assistant":
+        raise BadRecord(f"field {key!r}: the response after the prompt must start with an assistant turn, got {first}")
+    return value
+
+
+def _shared_turns(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _preference(obj: dict, rec: Record) -> None:
+    chosen, rejected = _text_or_messages(obj, "chosen"), _text_or_messages(obj, "rejected")
+    if as_messages(chosen, "assistant") == as_messages(rejected, "assistant"):
+        raise BadRecord("chosen and rejected are identical")
+    if obj.get("prompt") in (None, "") and isinstance(chosen, list) and isinstance(rejected, list):
+        # Full conversations: the turns both share are the prompt.
+        n = _shared_turns(chosen, rejected)
+        if n == 0:
+            raise BadRecord("chosen and rejected share no leading turns to use as the prompt; add a 'prompt' field")
+        prompt = chosen[:n]
+    elif "prompt" not in obj:
+        raise BadRecord("missing field 'prompt' (it may be left out only when chosen and rejected are "
+                        "both lists of messages that start with the prompt)")
+    else:
+        prompt = _text_or_messages(obj, "prompt")
+    rec.prompt = prompt
+    rec.chosen = _response(prompt, chosen, "chosen")
+    rec.rejected = _response(prompt, rejected, "rejected")
+    if as_messages(rec.chosen, "assistant") == as_messages(rec.rejected, "assistant"):
+        raise BadRecord("chosen and rejected are identical")
+
+
+def _show(value: object) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _kto(obj: dict, rec: Record) -> None:
+    rec.prompt = _text_or_messages(obj, "prompt")
+    completion = _text_or_messages(obj, "completion")
+    if "label" not in obj:
+        raise BadRecord("missing field 'label'")
+    if not isinstance(obj["label"], bool):
+        raise BadRecord(f"label must be true or false, got {_show(obj['label'])}")
+    rec.label = obj["label"]
+    rec.completion = _response(rec.prompt, completion, "completion")
+
+
+def _triplet(obj: dict, rec: Record) -> None:
+    rec.query = _string(obj, "query")
+    rec.positive = _string(obj, "positive")
+    negative = obj.get("negative")
+    if isinstance(negative, list):
+        if not negative:
+            raise BadRecord("field 'negative' is empty")
+        for i, text in enumerate(negative, 1):
+            if not isinstance(text, str):
+                raise BadRecord(f"negative {i} must be a string, got {type(text).__name__}")
+            if not text.strip():
+                raise BadRecord(f"negative {i} is empty")
+    elif negative is None or isinstance(negative, str):
+        negative = _string(obj, "negative")
+    else:
+        raise BadRecord(f"field 'negative' must be a string or a list of strings, got {type(negative).__name__}")
+    if rec.positive in ([negative] if isinstance(negative, str) else negative):
+        raise BadRecord("the positive is also a negative")
+    rec.negative = negative
+
+
 def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
     """Convert one parsed object of format `fmt`; raises BadRecord with the reason."""
     if isinstance(obj, BadRecord):
@@ -151,11 +267,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
         msgs = obj.get("messages")
         if not isinstance(msgs, list):
             raise BadRecord("field 'messages' must be a list")
-        rec.messages = [
-            {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name", "tool_call_id")}
-            if isinstance(m, dict) else m
-            for m in msgs
-        ]
+        rec.messages = _keep_message_keys(msgs)
     elif fmt == "sharegpt":
         conv = obj.get("conversations")
         if not isinstance(conv, list):
@@ -185,6 +297,10 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
         rec.kind = "text"
         rec.text = _string(obj, "text")
         return rec
+    elif fmt in ("preference", "kto", "triplet"):
+        rec.kind = fmt
+        {"preference": _preference, "kto": _kto, "triplet": _triplet}[fmt](obj, rec)
+        return rec
     else:
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     check_turns(rec.messages)
@@ -194,7 +310,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
 def read_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | tuple[str, int, object, BadRecord]]:
     """Every record of a file: a Record, or (file, line, raw, BadRecord) for one that cannot be used."""
     source = str(path)
-    for line, obj in iter_raw(path):
+    for line, obj in iter_rows(path):
         if fmt == "auto":
             detected = detect_format(obj)
             if detected is None:

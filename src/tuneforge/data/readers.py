@@ -1,0 +1,265 @@
+"""Read a data file as (number, object) pairs: the one place training files are opened.
+
+JSONL, CSV, Parquet and Arrow are read a line or a batch at a time, so a large file costs bounded
+memory; a .json document is parsed whole, as JSON cannot be split without a streaming parser.
+Every object keeps the number a user can find it by: the line in a text file, the record or row
+(from 1) otherwise. A row that cannot be parsed is a BadRecord in its place, so the rows after it
+keep their numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tuneforge.errors import DataError
+
+KINDS = (".jsonl (one JSON object a line; also any extension not listed here), .json, .csv, .tsv, .parquet, "
+         "or a folder saved by Hugging Face datasets (save_to_disk)")
+# Extensions that are certainly not JSONL: read as lines, they would be a wall of confusing bad records.
+NOT_JSONL = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".7z", ".xlsx", ".xls", ".arrow", ".feather",
+             ".pkl", ".pickle", ".npy", ".npz", ".h5", ".db", ".sqlite")
+# CSV columns that hold messages: a cell there is always JSON.
+JSON_COLUMNS = ("messages", "conversations")
+# CSV columns that hold text or a list of messages: a cell is taken as JSON only when it parses to a
+# list of messages, so a prompt like "[INST] ..." stays text.
+MESSAGE_OR_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
+# Fields whose value is a list inside one record: {"messages": [...]} in a .json file is a record.
+RECORD_LIST_FIELDS = JSON_COLUMNS + MESSAGE_OR_TEXT_COLUMNS + ("negative",)
+BATCH_ROWS = 1024
+
+
+class BadRecord(ValueError):
+    """A record that cannot be trained on; the message is the reason."""
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[int, object | BadRecord]]:
+    """(line or row number, parsed object) for every record of a data file or dataset folder."""
+    path = Path(path)
+    if path.is_dir():
+        return _hf_folder(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (supported: {KINDS})")
+    suffix = path.suffix.lower()
+    if suffix in NOT_JSONL:
+        raise DataError(f"{path}: cannot read {suffix} files; supported: {KINDS}")
+    if suffix == ".json":
+        return _json(path)
+    if suffix in (".csv", ".tsv"):
+        return _csv(path, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".parquet":
+        return _parquet(path)
+    return _jsonl(path)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, object | BadRecord]]:
+    # Binary lines split on b"\n" only: str.splitlines() also breaks at U+2028, U+0085 and others,
+    # which JSON writers leave raw inside strings. Each line is decoded alone, so one bad byte
+    # costs one record, not the file.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM, as some Windows editors write
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield lineno, BadRecord(f"not valid UTF-8 at byte {err.start + 1} of the line")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield lineno, BadRecord(f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def _json(path: Path) -> Iterator[tuple[int, object]]:
+    """A list of records, or one object whose only list is the records ({"data": [...]}).
+
+    A JSON document has no per-record lines, so records are numbered from 1 instead. The object
+    form is refused when its list is a record field: {"messages": [...]} is one record, not a file.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start + 1} of the file); "
+                        "save it as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        if len(lists) == 1 and lists[0] not in RECORD_LIST_FIELDS:
+            data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records, or one object with a single "
+                        'list of records such as {"data": [...]} (use .jsonl for one record a line)')
+    yield from enumerate(data, 1)
+
+
+def _decoded_lines(f: Iterable[bytes], bad_lines: dict[int, int]) -> Iterator[str]:
+    """Lines for the csv module, split on b"\\n" only; undecodable ones are noted by line and byte."""
+    for lineno, raw in enumerate(f, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad_lines[lineno] = err.start + 1
+            yield raw.decode("utf-8", errors="replace")
+
+
+def _csv(path: Path, delimiter: str) -> Iterator[tuple[int, object | BadRecord]]:
+    # csv.reader, not DictReader: DictReader skips blank lines out of sight, and the number reported
+    # is the physical line where a row starts (header = line 1), which a quoted multi-line cell
+    # would otherwise shift.
+    bad_lines: dict[int, int] = {}
+    with open(path, "rb") as f:
+        reader = csv.reader(_decoded_lines(f, bad_lines), delimiter=delimiter, strict=True)
+        header = None
+        while True:
+            start = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                if reader.line_num < start:  # nothing consumed: the reader cannot go on
+                    raise DataError(f"{path}:{start}: not valid CSV: {err}") from None
+                hint = ""
+                if "end of data" in str(err):
+                    hint = " (a quote opened in this row is never closed)"
+                elif "field limit" in str(err):
+                    hint = " (Python's csv module refuses longer cells; use JSONL or Parquet for long records)"
+                yield start, BadRecord(f"not valid CSV: {err}{hint}")
+                continue
+            if not any(c.strip() for c in cells):
+                continue
+            undecodable = [n for n in range(start, reader.line_num + 1) if n in bad_lines]
+            if header is None:
+                if undecodable:
+                    raise DataError(f"{path}:{start}: the header is not valid UTF-8; save the file as UTF-8")
+                header = [c.strip() for c in cells]
+                twice = sorted({c for c in header if header.count(c) > 1})
+                if twice:
+                    raise DataError(f"{path}:{start}: column {twice[0]!r} appears twice in the header")
+                continue
+            if undecodable:
+                n = undecodable[0]
+                where = "" if n == start else f" (line {n} of this row)"
+                yield start, BadRecord(f"not valid UTF-8 at byte {bad_lines[n]} of the line{where}")
+            elif len(cells) != len(header):
+                yield start, BadRecord(f"this row has {len(cells)} cells but the header has {len(header)} columns "
+                                       "(an unquoted delimiter or a broken quote?)")
+            else:
+                yield start, _csv_row(dict(zip(header, cells)))
+
+
+def _csv_row(row: dict[str, str]) -> dict | BadRecord:
+    """Turn the text cells that hold structured data back into it."""
+    out: dict = dict(row)
+    for col, cell in row.items():
+        text = cell.strip()
+        if col in JSON_COLUMNS and text[:1] in ("[", "{"):
+            try:
+                out[col] = json.loads(text)
+            except json.JSONDecodeError as err:
+                return BadRecord(f"column {col!r}: not valid JSON ({err.msg} at column {err.colno} of the cell)")
+        elif col in MESSAGE_OR_TEXT_COLUMNS and text.startswith("["):
+            out[col] = _json_list(text, lambda m: isinstance(m, dict) and "role" in m) or cell
+        elif col == "negative" and text.startswith("["):
+            out[col] = _json_list(text, lambda s: isinstance(s, str)) or cell
+        elif col == "label" and text.lower() in ("true", "false", "1", "0"):
+            out[col] = text.lower() in ("true", "1")
+    return out
+
+
+def _json_list(text: str, item_ok) -> list | None:
+    """The list a cell holds, or None when the cell is text that only starts like JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) and value and all(item_ok(v) for v in value) else None
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401  (submodules are not imported with the package)
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError(f"{path}: reading this needs pyarrow: "
+                        "pip install pyarrow (or pip install tuneforge[data])") from None
+    return pyarrow
+
+
+def _drop_nulls(value):
+    """Arrow gives every struct every field of the column's schema; a null one was absent in the source."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _batches_as_rows(batches) -> Iterator[tuple[int, dict]]:
+    n = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            n += 1
+            yield n, _drop_nulls(row)
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    pa = _pyarrow(path)
+    try:
+        pf = pa.parquet.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from None
+    yield from _batches_as_rows(pf.iter_batches(batch_size=BATCH_ROWS))
+
+
+def _hf_folder(path: Path) -> Iterator[tuple[int, dict]]:
+    """A folder from `datasets`' save_to_disk: *.arrow files (IPC stream), in the order state.json lists them."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        example = f", e.g. {path / splits[0]}" if splits else ""
+        raise DataError(f"{path}: this folder holds several splits ({', '.join(splits)}); "
+                        f"point at one split's folder{example}")
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            names = [d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{state}: cannot read the list of data files (_data_files): {err}") from None
+        files = [path / name for name in names]
+    elif (path / "dataset_info.json").is_file():
+        files = sorted(path.glob("*.arrow"))
+    else:
+        raise DataError(f"{path}: a folder must be one saved by Hugging Face datasets (save_to_disk: state.json, "
+                        f"dataset_info.json, *.arrow); supported: {KINDS}")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise DataError(f"{path}: the dataset's data files are missing: {', '.join(missing) or '*.arrow'}")
+    pa = _pyarrow(path)
+    yield from _batches_as_rows(_stream_batches(pa, files))
+
+
+def _stream_batches(pa, files: list[Path]):
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid as err:
+                raise DataError(f"{file}: not an Arrow stream file as save_to_disk writes: {err}") from None
+            yield from reader
