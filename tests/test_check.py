@@ -146,3 +146,22 @@ def test_cli_check_exit_code_and_json(tmp_path, planted, capsys):
 def test_control_characters():
     assert control_characters("a\tb\nc") == []
     assert control_characters("bell\x07 and nul\x00") == ["U+0000", "U+0007"]
+
+
+def test_preference_and_kto_problems_are_found(tmp_path, smol_tokenizer):
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "4"},
+        {"prompt": "Sky colour?", "chosen": "Blue.", "rejected": ""},
+    ]) + "\n")
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Hi", "completion": "Hello!", "label": True},
+        {"prompt": "Hi", "completion": "Go away.", "label": "false"},
+    ]) + "\n")
+    cfg = config_from_dict({"datasets": [{"path": str(pref)}, {"path": str(kto)}]}, base=tmp_path)
+    report = check_data(cfg, smol_tokenizer)
+    bad = {(Path(f.source).name, f.line): f.message for f in report.findings if f.code == "bad-record"}
+    assert set(bad) == {("pref.jsonl", 2), ("pref.jsonl", 3), ("kto.jsonl", 2)}
+    assert "identical" in bad[("pref.jsonl", 2)] and "true or false" in bad[("kto.jsonl", 2)]

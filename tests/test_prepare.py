@@ -10,7 +10,7 @@ from conftest import chat, write_jsonl
 from tuneforge.cli import main
 from tuneforge.config import config_from_dict
 from tuneforge.data.batching import epoch_order
-from tuneforge.data.dataset import prepare_data
+from tuneforge.data.dataset import prepare_data, read_spec
 
 
 @pytest.fixture
@@ -142,3 +142,26 @@ def test_prepare_command_writes_the_data_and_a_report(tmp_path, cache, capsys):
     rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejected) == [11, 12]
     assert (tmp_path / "out" / "train.safetensors").is_file()
+
+
+def test_column_and_role_mappings_merge_over_the_format(tmp_path, cache, smol_tokenizer):
+    """R-DATA-2: a partial mapping keeps the format's defaults; a mapped column the file lacks is an error."""
+    write_jsonl(tmp_path / "d.jsonl", [
+        {"dialog": [{"role": "human", "content": "hello"}, {"role": "bot", "content": "hi there"}], "id": 1},
+    ])
+    cfg = config_from_dict({"datasets": [{"path": "d.jsonl", "format": "messages", "columns": {"messages": "dialog"},
+                                          "roles": {"human": "user", "bot": "assistant"}}]}, base=tmp_path)
+    [rec] = list(read_spec(cfg.datasets[0]))
+    assert [m["role"] for m in rec.messages] == ["user", "assistant"]
+    assert len(prepare_data(cfg, smol_tokenizer).train) == 1
+    bad = config_from_dict({"datasets": [{"path": "d.jsonl", "format": "messages", "columns": {"messages": "turns"}}]},
+                           base=tmp_path)
+    from tuneforge.errors import DataError
+
+    with pytest.raises(DataError, match=r"d.jsonl:1: mapped column turns \(for messages\) is not in the file"):
+        prepare_data(bad, smol_tokenizer)
+    # sharegpt: a user mapping adds to the built-in speaker names instead of replacing them
+    write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "model", "value": "a"}]}])
+    cfg = config_from_dict({"datasets": [{"path": "s.jsonl", "roles": {"model": "gpt"}}]}, base=tmp_path)
+    [rec] = list(read_spec(cfg.datasets[0]))
+    assert [m["role"] for m in rec.messages] == ["user", "assistant"]

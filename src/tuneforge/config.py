@@ -41,6 +41,12 @@ class DatasetSpec(_Strict):
     )
     format: DataFormat = Field("auto", description="Record format; auto detects it from the first record.")
     weight: float = Field(1.0, gt=0, description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description='Our field name -> the file\'s column, e.g. {messages: dialog, instruction: question}.'
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="The file's role names -> ours, e.g. {bot: assistant}; merged over the format's own."
+    )
     ratio: float | None = Field(
         None, gt=0, lt=1,
         description="Or a fixed share of every epoch, e.g. 0.1 of general data against forgetting; overrides weight.",
@@ -51,6 +57,8 @@ class ValidationSpec(_Strict):
     split: float | None = Field(None, gt=0, lt=1, description="Hold out this share of the training data.")
     path: str | None = Field(None, description="Or read validation data from this file.")
     format: DataFormat = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="As for datasets.")
+    roles: dict[str, str] = Field(default_factory=dict, description="As for datasets.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ValidationSpec":

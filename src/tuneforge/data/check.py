@@ -16,8 +16,8 @@ import numpy as np
 from jinja2 import TemplateError
 
 from tuneforge.config import Config
-from tuneforge.data.dataset import chunks, record_segments, record_text
-from tuneforge.data.formats import Record, read_records
+from tuneforge.data.dataset import chunks, read_spec, record_segments, record_text
+from tuneforge.data.formats import Record
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
 
@@ -192,14 +192,14 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
     hasher = MinHasher()
     train_seen: dict = {}
     train_lsh = LSHIndex(near_threshold)
-    files = [(ds.path, ds.format, False) for ds in cfg.datasets]
+    files = [(ds, False) for ds in cfg.datasets]
     if cfg.validation and cfg.validation.path:
-        files.append((cfg.validation.path, cfg.validation.format, True))
-    for path, fmt, held_out in files:
+        files.append((cfg.validation, True))
+    for spec, held_out in files:
         seen, lsh = (train_seen, train_lsh) if not held_out else ({}, LSHIndex(near_threshold))
-        def good(path=path, fmt=fmt):
-            for item in read_records(path, fmt):
-                report.records[path] += 1
+        def good(spec=spec):
+            for item in read_spec(spec):
+                report.records[spec.path] += 1
                 if isinstance(item, Record):
                     yield item
                 else:

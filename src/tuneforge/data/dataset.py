@@ -245,11 +245,16 @@ def _split_chunk(records: list[Record], share: float, seed: int, dataset: int, c
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def _read_chunks(path: str, fmt: str, bad: list[Rejected], summary: DataSummary):
+def read_spec(spec):
+    """The records of a dataset (or validation) entry of the config, with its column and role mappings."""
+    return read_records(spec.path, spec.format, spec.columns, spec.roles)
+
+
+def _read_chunks(spec, bad: list[Rejected], summary: DataSummary):
     """Good records of a file in chunks; bad ones are filed as they are met."""
     def good():
-        for item in read_records(path, fmt):
-            summary.count(path, "records")
+        for item in read_spec(spec):
+            summary.count(spec.path, "records")
             if isinstance(item, Record):
                 yield item
             else:
@@ -347,14 +352,14 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     sizes = []
     for k, ds in enumerate(cfg.datasets):
         before = len(train)
-        for c, chunk in enumerate(_read_chunks(ds.path, ds.format, bad, summary)):
+        for c, chunk in enumerate(_read_chunks(ds, bad, summary)):
             if split:
                 chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
                 encoder.encode(held, validation)
             encoder.encode(chunk, train)
         sizes.append(len(train) - before)
     if cfg.validation and cfg.validation.path:
-        for chunk in _read_chunks(cfg.validation.path, cfg.validation.format, bad, summary):
+        for chunk in _read_chunks(cfg.validation, bad, summary):
             encoder.encode(chunk, validation)
 
     total = sum(c["records"] for c in summary.per_file.values())

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from tuneforge.config import Config
 from tuneforge.data import stats
-from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
-from tuneforge.data.formats import Record, read_records
+from tuneforge.data.dataset import PreparedData, prepare_data, read_spec, write_rejected
+from tuneforge.data.formats import Record
 
 
 def turns_per_conversation(cfg: Config) -> dict[int, int]:
     """How many conversations have 1, 2, ... assistant turns (chat data only)."""
     counts: Counter = Counter()
     for ds in cfg.datasets:
-        for item in read_records(ds.path, ds.format):
+        for item in read_spec(ds):
             if isinstance(item, Record) and item.kind == "chat":
                 counts[sum(1 for m in item.messages if m["role"] == "assistant")] += 1
     return dict(sorted(counts.items()))

@@ -307,10 +307,41 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
     return rec
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> Iterator[Record | tuple[str, int, object, BadRecord]]:
-    """Every record of a file: a Record, or (file, line, raw, BadRecord) for one that cannot be used."""
+def apply_mapping(obj: object, columns: dict[str, str], roles: dict[str, str]) -> object:
+    """Rename the file's columns to ours and its role names to ours (merged over the format's own)."""
+    if not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    for ours, theirs in columns.items():
+        if theirs in out:
+            out[ours] = out.pop(theirs)
+    if roles:
+        for key, field in (("messages", "role"), ("conversations", "from")):
+            turns = out.get(key)
+            if isinstance(turns, list):
+                out[key] = [{**t, field: roles.get(t.get(field), t.get(field))} if isinstance(t, dict) else t
+                            for t in turns]
+    return out
+
+
+def read_records(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
+                 roles: dict[str, str] | None = None) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
+    """Every record of a file: a Record, or (file, line, raw, BadRecord) for one that cannot be used.
+
+    `columns` maps our field names to the file's ({"messages": "dialog"}); a mapped column that the
+    first record lacks is an error naming both. `roles` maps the file's role names to ours.
+    """
     source = str(path)
+    columns, roles = columns or {}, roles or {}
+    checked = not columns
     for line, obj in iter_rows(path):
+        if not checked and isinstance(obj, dict):
+            absent = [f"{theirs} (for {ours})" for ours, theirs in columns.items() if theirs not in obj]
+            if absent:
+                raise DataError(f"{source}:{line}: mapped column {', '.join(absent)} is not in the file "
+                                f"(its columns: {', '.join(obj)}); fix `columns:` for this dataset")
+            checked = True
+        obj = apply_mapping(obj, columns, roles)
         if fmt == "auto":
             detected = detect_format(obj)
             if detected is None:

@@ -36,13 +36,13 @@ def preview_rich(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
 
 def first_examples(cfg, tokenizer, n: int) -> list[dict]:
     """The first n good records of the training files, encoded as training encodes them (before the length policy)."""
-    from tuneforge.data.dataset import record_segments
-    from tuneforge.data.formats import Record, read_records
+    from tuneforge.data.dataset import read_spec, record_segments
+    from tuneforge.data.formats import Record
     from tuneforge.data.template import encode_segment_lists
 
     records: list[Record] = []
     for ds in cfg.datasets:
-        for item in read_records(ds.path, ds.format):
+        for item in read_spec(ds):
             if len(records) >= n:
                 break
             if isinstance(item, Record):
