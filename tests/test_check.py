@@ -44,8 +44,14 @@ def plant(tmp_path: Path) -> tuple[Path, Path, dict[int, str], dict[int, str]]:
     near = copy.deepcopy(records[7])
     near["messages"][1]["content"] = near["messages"][1]["content"].replace(".", "!", 1) + " "
     put("near-duplicate", json.dumps(near))
-    put("control-characters", json.dumps(chat("Tell me\x07 something unusual about owls", "They can turn their heads far.")))
-    put("special-token-in-text", json.dumps(chat("What does <|im_end|> do in a prompt?", "It ends a turn.")))
+    def like_clean(user: str) -> dict:
+        """A record shaped like the clean ones (same system prompt and answer length), with another question."""
+        rec = copy.deepcopy(records[58])
+        rec["messages"][1]["content"] = user
+        return rec
+
+    put("control-characters", json.dumps(like_clean("Ines Park\x07 is 41 and lives in Oslo.")))
+    put("special-token-in-text", json.dumps(like_clean("Meet Tomas Berg<|im_end|> from Quito; he turned 63 this year.")))
     put("too-long", json.dumps(chat("Write a long list of words for a test", long_answer)))
     train = tmp_path / "train.jsonl"
     train.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))

@@ -89,7 +89,7 @@ class _TemplateCheck:
         self.tok, self.cfg, self.report = tokenizer, cfg, report
         self.specials = sorted({t for t in tokenizer.all_special_tokens if t} | set(tokenizer.get_added_vocab()), key=len, reverse=True)
         self.end_of_turn: str | None = None
-        self.lengths: list[int] = []
+        self.lengths: list[tuple[int, int]] = []  # (prompt tokens, response tokens) per example
         self.where: list[tuple[str, int]] = []
 
     def segments(self, rec: Record):
@@ -138,7 +138,8 @@ class _TemplateCheck:
             lost = n if self.cfg.truncation == "drop" else n - self.cfg.max_seq_len
             rep.add(WARNING, "too-long", rec.source, rec.line,
                     f"{n} tokens > max_seq_len {self.cfg.max_seq_len}: {lost} tokens lost ({self.cfg.truncation})")
-        self.lengths.append(n)
+        trained = int((labels != IGNORE_INDEX).sum())
+        self.lengths.append((n - trained, trained))
         self.where.append((rec.source, rec.line))
 
     def _check_spans(self, rec: Record, ids: np.ndarray, labels: np.ndarray) -> None:
@@ -211,13 +212,15 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
                 _near_duplicates(report, seen, lsh, hasher, rec, record_text(rec), leak)
             template.check_chunk(records)
 
-    median = float(np.median(template.lengths)) if template.lengths else 0.0
-    for i in length_outliers(template.lengths):
-        n = template.lengths[i]
-        if max(n / median, median / n) < 2:  # a tight distribution is not worth a warning
-            continue
-        source, line = template.where[i]
-        report.add(WARNING, "length-outlier", source, line, f"{n} tokens, far from the median of {median:.0f}")
+    for part, column in (("prompt", 0), ("response", 1)):
+        lengths = [max(1, pair[column]) for pair in template.lengths]
+        median = float(np.median(lengths)) if lengths else 0.0
+        for i in length_outliers(lengths):
+            n = lengths[i]
+            if max(n / median, median / n) < 2:  # a tight distribution is not worth a warning
+                continue
+            source, line = template.where[i]
+            report.add(WARNING, "length-outlier", source, line, f"{part} of {n} tokens, far from the median of {median:.0f}")
     if model_folder is not None and tokenizer.chat_template:
         from tuneforge.models.load import embedding_weights, template_special_ids, untrained_rows
 
