@@ -7,7 +7,7 @@ A Python list per example costs ~30 bytes a token; flat int32 arrays cost 4, whi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,32 +96,49 @@ class TokenizedSet:
                    meta["sources"], records)
 
 
-@dataclass
 class TokenizedBuilder:
-    """Collects encoded examples, then joins them into one TokenizedSet."""
+    """Collects encoded examples, then joins them into one TokenizedSet.
 
-    keep_records: bool = False
-    _ids: list = field(default_factory=list)
-    _labels: list = field(default_factory=list)
-    _lengths: list = field(default_factory=list)
-    _source_idx: list = field(default_factory=list)
-    _lines: list = field(default_factory=list)
-    _records: list = field(default_factory=list)
-    _sources: dict = field(default_factory=dict)
+    Examples are joined into one array per few thousand as they arrive, so a million small
+    examples cost a few hundred arrays, not a million.
+    """
+
+    FLUSH = 4096
+
+    def __init__(self, keep_records: bool = False):
+        self.keep_records = keep_records
+        self._pending_ids: list[np.ndarray] = []
+        self._pending_labels: list[np.ndarray] = []
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._lengths: list[int] = []
+        self._source_idx: list[int] = []
+        self._lines: list[int] = []
+        self._records: list[Record] = []
+        self._sources: dict[str, int] = {}
 
     def add(self, ids: np.ndarray, labels: np.ndarray, record: Record) -> None:
-        self._ids.append(np.asarray(ids, dtype=np.int32))
-        self._labels.append(np.asarray(labels, dtype=np.int32))
+        self._pending_ids.append(np.asarray(ids, dtype=np.int32))
+        self._pending_labels.append(np.asarray(labels, dtype=np.int32))
         self._lengths.append(len(ids))
         self._source_idx.append(self._sources.setdefault(record.source, len(self._sources)))
         self._lines.append(record.line)
         if self.keep_records:
             self._records.append(record)
+        if len(self._pending_ids) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending_ids:
+            self._ids.append(np.concatenate(self._pending_ids))
+            self._labels.append(np.concatenate(self._pending_labels))
+            self._pending_ids, self._pending_labels = [], []
 
     def __len__(self) -> int:
         return len(self._lengths)
 
     def build(self) -> TokenizedSet:
+        self._flush()
         offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
         np.cumsum(self._lengths, out=offsets[1:])
         empty = np.zeros(0, dtype=np.int32)
