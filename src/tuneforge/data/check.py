@@ -7,6 +7,7 @@ tokenizer and chat template.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -87,7 +88,8 @@ class _TemplateCheck:
 
     def __init__(self, tokenizer, cfg: Config, report: CheckReport):
         self.tok, self.cfg, self.report = tokenizer, cfg, report
-        self.specials = sorted({t for t in tokenizer.all_special_tokens if t} | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+        specials = sorted({t for t in tokenizer.all_special_tokens if t} | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+        self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.end_of_turn: str | None = None
         self.lengths: list[tuple[int, int]] = []  # (prompt tokens, response tokens) per example
         self.where: list[tuple[str, int]] = []
@@ -104,7 +106,7 @@ class _TemplateCheck:
         kept, segment_lists = [], []
         for rec in records:
             for s in record_strings(rec):
-                found = [t for t in self.specials if t in s]
+                found = sorted(set(self.special_re.findall(s))) if self.special_re else []
                 if found:
                     rep.add(WARNING, "special-token-in-text", rec.source, rec.line,
                             f"the text contains {', '.join(found[:3])}, which the tokenizer reads as a control token")
@@ -157,12 +159,8 @@ class _TemplateCheck:
                             f"an assistant turn is not closed by {self.end_of_turn}, so the model would not learn to stop")
 
 
-def _near_duplicates(report: CheckReport, seen: dict, lsh, hasher, rec: Record, text: str, leak_index=None) -> None:
+def _near_duplicates(report: CheckReport, seen: dict, lsh, rec: Record, key: bytes, sig, leak_index=None) -> None:
     """Exact and near repeats within the data; with leak_index, also matches against training data."""
-    from tuneforge.data.dedupe import exact_key
-
-    key = exact_key(text)
-    sig = hasher.signature(text)
     if leak_index is not None:
         train_seen, train_lsh = leak_index
         if key in train_seen:
@@ -184,7 +182,7 @@ def _near_duplicates(report: CheckReport, seen: dict, lsh, hasher, rec: Record, 
 def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folder: Path | None = None,
                chunk: int = 1024) -> CheckReport:
     """Lint the training and validation files of a config."""
-    from tuneforge.data.dedupe import LSHIndex, MinHasher
+    from tuneforge.data.dedupe import LSHIndex, MinHasher, exact_key
     from tuneforge.data.stats import length_outliers
 
     report = CheckReport(settings={"max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
@@ -207,9 +205,10 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
                     source, line, _raw, bad = item
                     report.add(ERROR, "bad-record", source, line, str(bad))
         for records in chunks(good(), chunk):
-            for rec in records:
-                leak = (train_seen, train_lsh) if held_out else None
-                _near_duplicates(report, seen, lsh, hasher, rec, record_text(rec), leak)
+            texts = [record_text(rec) for rec in records]
+            leak = (train_seen, train_lsh) if held_out else None
+            for rec, text, sig in zip(records, texts, hasher.signatures(texts)):
+                _near_duplicates(report, seen, lsh, rec, exact_key(text), sig, leak)
             template.check_chunk(records)
 
     for part, column in (("prompt", 0), ("response", 1)):
