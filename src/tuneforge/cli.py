@@ -113,6 +113,27 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+
+    run = open_run(args.run)
+    out = Path(args.out) if args.out else run.dir / f"export-{args.to}"
+    path = export_run(run, args.to, out, args.quant, args.dtype, args.system)
+    console.print(f"Exported {run.dir.name} as {args.to} to {path}")
+    if args.to == "ollama":
+        console.print(f"Use it: cd {out} && ollama create {run.dir.name} -f Modelfile && ollama run {run.dir.name}")
+    return 0
+
+
+def cmd_merge_models(args) -> int:
+    from tuneforge.merge.run import merge_models
+
+    out = merge_models(args.config, Path(args.out) if args.out else None)
+    console.print(f"Merged model written to {out} (config and inputs in merge.json)")
+    return 0
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -254,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
 
     _data_parser(sub)
+
+    p = sub.add_parser("merge-models", help="merge fine-tuned models: linear, slerp, task arithmetic, TIES, DARE, Model Stock")
+    p.add_argument("config", help="the merge YAML (mergekit-style: merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("--out", help="output folder (default: output_dir in the YAML, else <yaml stem>-merged beside it)")
+    p.set_defaults(func=cmd_merge_models)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face folder, PEFT adapter, GGUF file or Ollama model")
+    p.add_argument("run", help="the run folder (output_dir)")
+    p.add_argument("--to", required=True, choices=["hf", "adapter", "gguf", "ollama"])
+    p.add_argument("--out", help="target folder (default RUN/export-TO)")
+    p.add_argument("--quant", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_k_m (default q8_0)")
+    p.add_argument("--dtype", default="bfloat16", help="weights of a merged hf export: float32, float16, bfloat16")
+    p.add_argument("--system", help="an Ollama SYSTEM prompt to write into the Modelfile")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")

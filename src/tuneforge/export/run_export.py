@@ -1,0 +1,140 @@
+"""`tuneforge export RUN --to hf|adapter|gguf|ollama`: the run in the format a serving stack reads.
+
+Every artefact carries the training chat template, every end-of-turn token as a stop token, the
+run's run.json and a model card, so it behaves in vLLM, llama.cpp or Ollama as it did in evaluation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.export.merge import merge_run
+from tuneforge.models.run import Run
+from tuneforge.train.outputs import write_json
+
+TARGETS = ("hf", "adapter", "gguf", "ollama")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def model_card(run: Run, kind: str) -> str:
+    """README.md: what this model is, how it was made, how it scored, how to load it."""
+    m = run.manifest
+    before, after = m.get("eval_before") or {}, m.get("eval_after") or {}
+    rows = [(k, before.get(k), after.get(k)) for k in ("val_loss", "perplexity", "exact_match", "stopped") if k in after]
+    table = "\n".join(f"| {k} | {b if b is None else round(b, 4)} | {round(a, 4)} |" for k, b, a in rows)
+    data = "\n".join(f"- `{Path(p).name}`: sha256 `{h}`" for p, h in (m.get("data_sha256") or {}).items())
+    return f"""---
+library_name: {"peft" if kind == "adapter" else "transformers"}
+base_model: {m.get("base_model", {}).get("name", "")}
+tags: [tuneforge]
+---
+# {run.dir.name}
+
+Fine-tuned with tuneforge {m.get("versions", {}).get("tuneforge", "")} from `{m.get("base_model", {}).get("name", "")}`
+({m.get("config", {}).get("adapter", "")}, {m.get("steps", "?")} steps, seed {m.get("seed")}, {m.get("device")}).
+Stop tokens: ids {m.get("stop_token_ids")} (end of turn `{m.get("end_of_turn")}`).
+
+## Held-out evaluation
+
+| metric | before | after |
+|---|---|---|
+{table}
+
+## Data
+
+{data}
+
+## Config
+
+```yaml
+{yaml.safe_dump(m.get("config", {}), sort_keys=False)}```
+"""
+
+
+def _finish(run: Run, out: Path, kind: str) -> Path:
+    write_json(out / "run.json", {**run.manifest, "exported_as": kind})
+    (out / "README.md").write_text(model_card(run, kind))
+    return out
+
+
+def export_hf(run: Run, out: Path, dtype: str = "bfloat16") -> Path:
+    """A merged Hugging Face folder (vLLM, TGI, SGLang, transformers)."""
+    if dtype not in DTYPES:
+        raise TuneforgeError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if run.is_adapter:
+        merge_run(run, out, DTYPES[dtype])
+    else:
+        shutil.copytree(run.final, out, dirs_exist_ok=True)
+    return _finish(run, out, "hf")
+
+
+def export_adapter(run: Run, out: Path) -> Path:
+    """The PEFT adapter folder (multi-LoRA serving: vLLM --lora-modules, PEFT)."""
+    if not run.is_adapter:
+        raise TuneforgeError(f"{run.dir}: the run trained all weights, there is no adapter; use --to hf")
+    shutil.copytree(run.final, out, dirs_exist_ok=True)
+    return _finish(run, out, "adapter")
+
+
+def _pre_fallback(run: Run) -> str | None:
+    """The tokenizer's llama.cpp name when the base came from a GGUF file that says it."""
+    source = run.manifest.get("base_model", {}).get("source", "")
+    if "gguf" not in source and "built-in" not in source:
+        return None
+    import gguf
+
+    from tuneforge.models.resolve import BUILTIN_MODELS, builtin_gguf
+
+    name = run.config.base_model.lower()
+    path = builtin_gguf(name) if name in BUILTIN_MODELS else Path(run.config.base_model)
+    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def export_gguf(run: Run, out: Path, quant: str = "q8_0") -> Path:
+    """One .gguf file in `out`, written from the merged fp32 weights."""
+    from tuneforge.export.gguf import write_gguf
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        merged = export_hf(run, Path(tmp) / "merged", "float32") if run.is_adapter else run.final
+        chat_template = run.manifest.get("chat_template")
+        path = write_gguf(merged, out / f"{run.dir.name}-{quant}.gguf", quant, chat_template, run.stop_ids,
+                          run.dir.name, _pre_fallback(run))
+    _finish(run, out, "gguf")
+    return path
+
+
+def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None = None) -> Path:
+    """A GGUF file and a Modelfile beside it: `ollama create NAME -f Modelfile`."""
+    from tuneforge.export.ollama import modelfile
+    from tuneforge.models.load import load_tokenizer
+
+    path = export_gguf(run, out, quant)
+    tokenizer = load_tokenizer(run.final)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in run.stop_ids]
+    (out / "Modelfile").write_text(modelfile(path.name, tokenizer, stops, system))
+    return out
+
+
+def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "bfloat16",
+               system: str | None = None) -> Path:
+    if to not in TARGETS:
+        raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    if out.exists() and any(out.iterdir()):
+        raise TuneforgeError(f"--out {out}: the folder is not empty; choose a new one")
+    if to == "hf":
+        return export_hf(run, out, dtype)
+    if to == "adapter":
+        return export_adapter(run, out)
+    if to == "gguf":
+        return export_gguf(run, out, quant)
+    return export_ollama(run, out, quant, system)
+

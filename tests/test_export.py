@@ -1,0 +1,200 @@
+"""Exports read back by real clients: transformers' GGUF reader, gguf-py, PEFT; Ollama's template rebuilt exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_train import QUIET, make_cfg
+
+from tuneforge.cli import main
+from tuneforge.errors import ModelError
+from tuneforge.export.gguf import write_gguf
+from tuneforge.export.ollama import go_template, render_turns, turn_format
+from tuneforge.export.run_export import export_run
+from tuneforge.models.run import open_run
+from tuneforge.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizers):
+    """A LoRA run on a tiny Llama (built-in tokenizer) and a full run on a tiny Llama with a Llama-3 template."""
+    tmp = tmp_path_factory.mktemp("export_runs")
+    out = {}
+    lora = make_cfg(tmp, make_tiny_model(tmp / "llama", "llama", tokenizers["smol"]), out="lora", max_steps=3,
+                    learning_rate=2e-2, **{"lora.dropout": 0.0, "evaluation.max_examples": 2})
+    train(lora, reporter=QUIET)
+    out["lora"] = tmp / "lora"
+    full = make_cfg(tmp, make_tiny_model(tmp / "llama3", "llama", tokenizers["llama3"]), out="llama3", max_steps=2,
+                    adapter="full", **{"evaluation.before_after": False})
+    train(full, reporter=QUIET)
+    out["llama3"] = tmp / "llama3"
+    return out
+
+
+def logits(model, vocab: int) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def load_gguf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_f32_reads_back_with_the_same_logits(tmp_path, tiny_models, arch):
+    """Names, Llama's q/k layout and Qwen2's biases all land where a GGUF reader expects them."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    f32 = load_gguf(write_gguf(tiny_models[arch], tmp_path / "m-f32.gguf", "f32"))
+    assert (logits(f32, ref.config.vocab_size) - logits(ref, ref.config.vocab_size)).abs().max() <= 1e-5
+
+
+def test_gguf_f16_and_q8_0_hold_exactly_the_rounded_weights(tmp_path, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = logits(ref, ref.config.vocab_size)
+    f16 = load_gguf(write_gguf(folder, tmp_path / "m-f16.gguf", "f16"))
+    got = logits(f16, ref.config.vocab_size)
+    # fp16 weights move logits by ~1e-3 of their range (0.027 absolute on the 135M built-in model) ...
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+    with torch.no_grad():  # ... and by nothing more: the file holds exactly the fp16-rounded weights
+        for p in ref.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.half().float())
+    assert (got - logits(ref, ref.config.vocab_size)).abs().max() <= 1e-5
+    q8 = load_gguf(write_gguf(folder, tmp_path / "m-q8.gguf", "q8_0"))
+    import gguf
+
+    q8_type = gguf.GGMLQuantizationType.Q8_0
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():  # Q8_0 file == the weights through Q8_0 rounding, nothing else
+        for p in ref.parameters():
+            if p.ndim >= 2:
+                w = p.numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, q8_type), q8_type)))
+    assert (logits(q8, ref.config.vocab_size) - logits(ref, ref.config.vocab_size)).abs().max() <= 1e-4
+
+
+def test_gguf_metadata_carries_template_and_every_end_of_turn(runs, tmp_path):
+    """R-GGUF-1: chat template identical to the training one; EOS/EOT are the trained end-of-turn."""
+    import gguf
+
+    run = open_run(runs["llama3"])
+    path = export_run(run, "gguf", tmp_path / "g", quant="f16")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.chat_template"].contents() == run.manifest["chat_template"]
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    eot = tokens.index("<|eot_id|>")
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == eot
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == eot
+    assert run.manifest["stop_token_ids"][0] == eot
+    assert (tmp_path / "g" / "run.json").is_file() and (tmp_path / "g" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("style", ["smol", "llama3"])
+def test_gguf_tokenizer_gives_the_same_ids_on_1000_strings(tmp_path, tokenizers, style):
+    """R-GGUF-3: the vocabulary in the file tokenizes like the Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = tokenizers[style]
+    folder = make_tiny_model(tmp_path / "m", "llama", tok)
+    path = write_gguf(folder, tmp_path / "m.gguf", "f16", pre_fallback="smollm" if style == "smol" else None)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    rng = random.Random(0)
+    pieces = ["hello", " world", "  spaced", "tab\tthere", "new\nline", "123456", "ünïcödé", "日本語", "emoji 🤖",
+              "<|im_end|>", "<|eot_id|>", "don't", "CamelCase", "x" * 30, "!?", "   "]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(1000)]
+    for text in texts:
+        assert back(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids, text
+
+
+def test_unsupported_tokenizer_is_refused_before_writing(tmp_path, tiny_models):
+    folder = tiny_models["llama"]
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["model"]["type"] = "Unigram"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ModelError, match="byte-level BPE"):
+        write_gguf(bad, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_q4_k_m_without_llama_cpp_says_how_to_get_it(tmp_path, tiny_models, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ModelError, match="pip install llama-cpp-python"):
+        write_gguf(tiny_models["llama"], tmp_path / "x.gguf", "q4_k_m")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "And now?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+]
+
+
+@pytest.mark.parametrize("style", ["smol", "qwen", "llama3"])
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+def test_ollama_template_renders_like_the_chat_template(tokenizers, style, conv):
+    """R-GGUF-2: the Modelfile's turn structure renders a 2-turn conversation byte-identically."""
+    tok = tokenizers[style]
+    msgs = CONVERSATIONS[conv]
+    fmt = turn_format(tok)
+    gen = msgs[-1]["role"] != "assistant"
+    assert render_turns(fmt, msgs, gen) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = go_template(fmt)
+    for before, after in fmt.wrap.values():
+        assert before in text and after in text
+    assert fmt.generation in text
+
+
+def test_ollama_export_writes_gguf_and_modelfile_with_stops(runs, tmp_path, capsys):
+    out = tmp_path / "ollama"
+    assert main(["export", str(runs["llama3"]), "--to", "ollama", "--out", str(out), "--quant", "f16",
+                 "--system", "Answer briefly."]) == 0
+    modelfile = (out / "Modelfile").read_text()
+    [gguf_file] = out.glob("*.gguf")
+    assert modelfile.startswith(f"FROM ./{gguf_file.name}\n")
+    assert 'PARAMETER stop "<|eot_id|>"' in modelfile and 'PARAMETER stop "<|end_of_text|>"' in modelfile
+    assert 'TEMPLATE """' in modelfile and 'SYSTEM """Answer briefly."""' in modelfile
+    assert "ollama create" in capsys.readouterr().out
+
+
+def test_hf_and_adapter_exports_carry_stops_card_and_provenance(runs, tmp_path):
+    """R-EOS-2 for the merged folder and the adapter folder; the model card has the run's facts."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    run = open_run(runs["lora"])
+    hf = export_run(run, "hf", tmp_path / "hf", dtype="float32")
+    adapter = export_run(run, "adapter", tmp_path / "adapter")
+    for folder in (hf, adapter):
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        assert run.manifest["stop_token_ids"][0] in (eos if isinstance(eos, list) else [eos])
+        card = (folder / "README.md").read_text()
+        assert "Held-out evaluation" in card and list(run.manifest["data_sha256"].values())[0] in card
+        assert json.loads((folder / "run.json").read_text())["seed"] == run.config.seed
+    merged = AutoModelForCausalLM.from_pretrained(hf).eval()
+    base = AutoModelForCausalLM.from_pretrained(run.manifest["base_model"]["folder"])
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()
+    vocab = merged.config.vocab_size
+    assert (logits(merged, vocab) - logits(with_adapter, vocab)).abs().max() <= 1e-3
+    bf16 = export_run(run, "hf", tmp_path / "bf16")
+    assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
+    with pytest.raises(Exception, match="not empty"):
+        export_run(run, "hf", tmp_path / "hf")
