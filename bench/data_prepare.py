@@ -27,12 +27,13 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "down should because each just those people how too").split()
 
 
-def generate(path: Path, n: int, seed: int = 0) -> None:
+def generate(path: Path, n: int, scale: float = 1.0, seed: int = 0) -> None:
+    """n chats; scale 1 gives about 300 tokens each, 0.1 about 60."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
-            user = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120)))
-            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(120, 260)))
+            user = " ".join(rng.choice(WORDS) for _ in range(max(1, int(scale * rng.randint(40, 120)))))
+            answer = " ".join(rng.choice(WORDS) for _ in range(max(1, int(scale * rng.randint(120, 260)))))
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Q{i}: {user}"},
                                              {"role": "assistant", "content": answer}]}) + "\n")
 
@@ -59,6 +60,8 @@ def phase(data: Path, cache_dir: Path, use_cache: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--scale", type=float, default=1.0, help="record length: 1 is about 300 tokens")
+    ap.add_argument("--only", choices=["cold", "all"], default="all", help="cold: one uncached run only")
     ap.add_argument("--phase", nargs=3, metavar=("DATA", "CACHE", "USE_CACHE"))
     args = ap.parse_args()
     if args.phase:
@@ -67,13 +70,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data, cache = Path(tmp) / "chat.jsonl", Path(tmp) / "cache"
-        generate(data, args.records)
+        generate(data, args.records, args.scale)
         print(f"{args.records} records, {data.stat().st_size / 1e6:.0f} MB")
         # The built-in model's folder is made once beforehand, so no phase pays for it.
         env = {**os.environ, "TUNEFORGE_CACHE": str(cache)}
         subprocess.run([sys.executable, "-c", "from tuneforge.models.resolve import resolve_base_model as r; "
-                        "r('smollm2-135m-instruct')"], check=True, env=env)
-        for name, use in (("cold, no cache", "0"), ("cold, filling the cache", "1"), ("cached start", "1")):
+                        "r('smollm2-135m-instruct')"], check=True, env=env, capture_output=True)
+        phases = (("cold, no cache", "0"), ("cold, filling the cache", "1"), ("cached start", "1"))
+        for name, use in phases[:1] if args.only == "cold" else phases:
             out = subprocess.run([sys.executable, __file__, "--phase", str(data), str(cache), use],
                                  capture_output=True, text=True, check=True)
             print(f"{name:>24}: {out.stdout.strip()}")
