@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tuneforge.config import config_from_dict
@@ -15,19 +17,26 @@ from tuneforge.train.loop import train
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_builtin_model_learns_and_stops_and_the_merged_export_stops_too(tmp_path):
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A short LoRA run of the built-in model on part of the quickstart data, shared by the tests here."""
+    tmp = tmp_path_factory.mktemp("e2e")
     cfg = config_from_dict(
         {
             "base_model": "smollm2-135m-instruct",
             "datasets": [{"path": str(EXAMPLES / "data" / "quickstart_train.jsonl"), "weight": 0.12}],
             "validation": {"path": str(EXAMPLES / "data" / "quickstart_test.jsonl")},
             "max_seq_len": 256, "micro_batch_size": 8, "max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 1,
-            "output_dir": str(tmp_path / "run"), "device": "cpu",
+            "output_dir": str(tmp / "run"), "device": "cpu",
             "evaluation": {"max_examples": 12, "batch_size": 12},
         },
-        base=tmp_path,
+        base=tmp,
     )
-    manifest = train(cfg, reporter=Reporter(quiet=True))
+    return cfg, train(cfg, reporter=Reporter(quiet=True)), tmp / "run"
+
+
+def test_builtin_model_learns_and_stops_and_the_merged_export_stops_too(tuned, tmp_path):
+    _, manifest, run_dir = tuned
     before, after = manifest["eval_before"], manifest["eval_after"]
     assert after["val_loss"] < before["val_loss"]
     assert after["exact_match"] >= before["exact_match"] + 0.5
@@ -36,11 +45,9 @@ def test_builtin_model_learns_and_stops_and_the_merged_export_stops_too(tmp_path
     # R-EOS-2 / R-MRG-4: the merged folder, read by plain transformers, answers and stops by itself.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = merge_run(open_run(tmp_path / "run"), tmp_path / "merged")
+    out = merge_run(open_run(run_dir), tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    import json
-
     record = json.loads((EXAMPLES / "data" / "quickstart_test.jsonl").read_text().splitlines()[0])
     reference = record["messages"][-1]["content"]
     ids = tok.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -52,3 +59,23 @@ def test_builtin_model_learns_and_stops_and_the_merged_export_stops_too(tmp_path
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
     assert gen[-1].item() in stops, tok.decode(gen)
     assert tok.decode(gen, skip_special_tokens=True).strip() == reference
+
+
+def test_q8_0_gguf_of_the_tuned_model_answers_the_held_out_prompts_identically(tuned, tmp_path):
+    """The quantised export, read by transformers' GGUF reader, gives the same greedy answers."""
+    cfg, manifest, run_dir = tuned
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.dataset import prepare_data
+    from tuneforge.eval.evaluate import exact_match
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.load import load_tokenizer
+
+    path = export_run(open_run(run_dir), "gguf", tmp_path / "gguf", quant="q8_0")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(run_dir / "final")
+    data = prepare_data(cfg, tokenizer)
+    result = exact_match(model, tokenizer, data.validation, data.end_of_turn, torch.device("cpu"), max_examples=12)
+    after = json.loads((run_dir / "eval_after.json").read_text())
+    assert [s["answer"] for s in result["samples"]] == [s["answer"] for s in after["samples"]]
+    assert result["stopped"] == 1.0 and manifest["eval_after"]["exact_match"] == result["exact_match"]

@@ -134,6 +134,13 @@ def cmd_merge_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tuneforge.serve import serve
+
+    serve(args.target, args.host, args.port, args.adapter, args.api_key)
+    return 0
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -275,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
 
     _data_parser(sub)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run or a model folder")
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder or a Hugging Face model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve another LoRA adapter (a PEFT folder or a run) on the same base, as model NAME")
+    p.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
+                   help="require this Bearer key (default: $TUNEFORGE_API_KEY; none means no key)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge-models", help="merge fine-tuned models: linear, slerp, task arithmetic, TIES, DARE, Model Stock")
     p.add_argument("config", help="the merge YAML (mergekit-style: merge_method, base_model, models, parameters, dtype)")

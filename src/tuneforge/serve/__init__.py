@@ -1,0 +1,5 @@
+"""An OpenAI-compatible HTTP server for a finished run or a model folder, with several LoRA adapters on one base."""
+
+from tuneforge.serve.server import make_server, serve
+
+__all__ = ["make_server", "serve"]

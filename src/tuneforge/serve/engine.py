@@ -1,0 +1,270 @@
+"""The served model: a run or a Hugging Face folder, its LoRA adapters, and generation one request at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
+from tuneforge.errors import ModelError, TuneforgeError
+from tuneforge.eval.evaluate import stop_token_ids
+from tuneforge.models.load import load_model, load_tokenizer, pick_device
+from tuneforge.models.run import load_tuned, open_run
+from tuneforge.serve.protocol import ApiError, Sampling
+from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
+
+
+class ShuttingDown(Exception):
+    """Generation stopped because the server is closing; nobody is left to answer."""
+
+
+@dataclass
+class Result:
+    """What one generation produced; filled in while its text streams."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+
+
+@dataclass
+class Engine:
+    model: object
+    tokenizer: object
+    device: torch.device
+    stop_ids: list[int]
+    end_of_turn: str | None
+    default_id: str
+    base_id: str | None = None  # the model with every adapter switched off (a PEFT model only)
+    adapters: dict[str, str] = field(default_factory=dict)  # model id -> PEFT adapter name
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closing: threading.Event = field(default_factory=threading.Event)  # set: generation stops at the next token
+
+    def model_ids(self) -> list[str]:
+        return list(dict.fromkeys(i for i in (self.base_id, self.default_id, *self.adapters) if i))
+
+    def resolve(self, model_id: str | None) -> str:
+        """The served id a request asks for; no `model` means the default one."""
+        model_id = model_id or self.default_id
+        if model_id not in self.model_ids():
+            raise ApiError(404, f"model: {model_id!r} is not served here; GET /v1/models lists "
+                           f"{', '.join(self.model_ids())}", param="model", code="model_not_found")
+        return model_id
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ApiError(400, "messages: this model has no chat template, so it cannot take chat messages; "
+                           "use POST /v1/completions with a prompt", param="messages")
+        with self.lock:  # the Rust tokenizer refuses to be used by two threads at once
+            return generation_prompt(self.tokenizer, messages, self.end_of_turn)
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        """Tokenized as `completion` training data was: with the BOS the tokenizer adds, no EOS."""
+        with self.lock:
+            [(ids, _)] = encode_segment_lists(self.tokenizer, [[(prompt, False)]])
+        if len(ids) == 0:
+            raise ApiError(400, "prompt: is empty; give some text to continue", param="prompt")
+        return ids.tolist()
+
+    def check_length(self, prompt: list[int], sampling: Sampling) -> int:
+        """max_tokens for this request: as asked, or up to the end of the context; 400 past the context."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is None:
+            return sampling.max_tokens or 1024
+        room = context - len(prompt)
+        if room <= 0 or (sampling.max_tokens or 0) > room:
+            raise ApiError(400, f"max_tokens: the prompt has {len(prompt)} tokens and the model's context is "
+                           f"{context}, so at most {max(room, 0)} new tokens fit; shorten the prompt or lower "
+                           "max_tokens", param="max_tokens", code="context_length_exceeded")
+        return sampling.max_tokens or room
+
+    def stream(self, model_id: str, prompt: list[int], max_new: int, sampling: Sampling,
+               result: Result) -> Iterator[str]:
+        """Text pieces of the answer; `result` holds the counts and finish reason once the iterator ends.
+
+        The lock is held from the first piece to the last, so the adapter chosen here stays chosen;
+        close the iterator when you stop reading early, so the lock is released at once.
+        """
+        with self.lock, self._use(model_id):
+            decoder = IncrementalDecoder(self.tokenizer)
+
+            def pieces():
+                for tok in generate_ids(self.model, prompt, max_new, sampling, self.device):
+                    if self.closing.is_set():
+                        raise ShuttingDown
+                    result.completion_tokens += 1
+                    if tok in self.stop_ids:
+                        result.finish_reason = "stop"
+                        break
+                    yield decoder.push(tok)
+                yield decoder.flush()
+
+            for text, hit in cut_at_stops(pieces(), sampling.stop):
+                if text:
+                    yield text
+                if hit:
+                    result.finish_reason = "stop"
+                    return
+
+    def _use(self, model_id: str):
+        """Switch the PEFT model to this id's adapter, or off for the base id."""
+        if model_id == self.base_id:
+            return self.model.disable_adapter()
+        if model_id in self.adapters:
+            self.model.set_adapter(self.adapters[model_id])
+        return contextlib.nullcontext()
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; otherwise a draw from the temperature-scaled top-p distribution."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < sampling.top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _forward_names(model) -> tuple[str, dict]:
+    """The KV-cache argument's name (transformers renamed past_key_values to cache) and, where the
+    model allows it, a request for the last position's logits only (a long prompt x vocab is GBs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    return cache_name, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: list[int], max_new_tokens: int, sampling: Sampling, device) -> Iterator[int]:
+    """New token ids one at a time, with the KV cache; the caller decides when to stop."""
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+    cache_name, extra = _forward_names(model)
+    ids = torch.tensor([prompt], device=device)
+    cache = None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, use_cache=True, **{cache_name: cache}, **extra)
+        cache = out[cache_name]
+        tok = pick_token(out.logits[0, -1], sampling, generator)
+        yield tok
+        ids = torch.tensor([[tok]], device=device)
+
+
+def parse_adapters(adapters: Mapping[str, str | Path] | Sequence[str] | None) -> dict[str, Path]:
+    """NAME=PATH strings (as the CLI gives them) or a mapping, checked."""
+    if not adapters:
+        return {}
+    if isinstance(adapters, Mapping):
+        return {str(k): Path(v) for k, v in adapters.items()}
+    out = {}
+    for spec in adapters:
+        name, sep, path = str(spec).partition("=")
+        if not sep or not name or not path:
+            raise ModelError(f"--adapter {spec}: write it as NAME=PATH, e.g. --adapter support=runs/support")
+        if name in out:
+            raise ModelError(f"--adapter {spec}: the name {name} is given twice; each adapter needs its own name")
+        out[name] = Path(path)
+    return out
+
+
+def adapter_folder(name: str, path: Path) -> Path:
+    """A PEFT adapter folder, or a LoRA run folder (its final/)."""
+    for folder in (path, path / "final"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise ModelError(f"--adapter {name}={path}: no adapter_config.json there or in {path / 'final'}; give a PEFT "
+                     "adapter folder or the folder of a LoRA run")
+
+
+def _served_name(folder: Path) -> str:
+    return folder.resolve().name
+
+
+def _base_name(run) -> str:
+    name = run.config.base_model
+    return _served_name(Path(name)) if Path(name).is_dir() else name
+
+
+def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequence[str] | None = None,
+                device: str = "auto") -> Engine:
+    """Load a run folder (run.json + final/) or a Hugging Face model folder, and every extra adapter."""
+    target = Path(target)
+    extra = {name: adapter_folder(name, path) for name, path in parse_adapters(adapters).items()}
+    dev = pick_device(device)
+    if (target / "run.json").is_file():
+        run = open_run(target)
+        model, tokenizer = load_tuned(run, dev)
+        end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
+        default_id = _served_name(target)
+        base_id = _base_name(run) if run.is_adapter else None
+        own = {default_id: "default"} if run.is_adapter else {}
+    elif (target / "config.json").is_file():
+        tokenizer = load_tokenizer(target)
+        model = load_model(target, dev)
+        model.eval()
+        end_of_turn = _end_of_turn(tokenizer)
+        stops = _folder_stops(model, tokenizer, end_of_turn)
+        default_id, base_id, own = _served_name(target), None, {}
+    else:
+        raise ModelError(f"{target}: neither a run folder (run.json + final/) nor a model folder (config.json); "
+                         "give the folder `tuneforge train` wrote, or an exported model folder")
+    if not stops:
+        raise ModelError(f"{target}: no end-of-turn or EOS token is known, so answers could never end")
+    ids = [i for i in (base_id, default_id) if i]
+    for name in extra:
+        if name in ids:
+            raise ModelError(f"--adapter {name}=...: {name} is already the id of the served model; choose another name")
+    if extra and base_id is None:
+        base_id = default_id  # the target's own weights become the no-adapter choice
+    model = _load_adapters(model, extra)
+    names = {**own, **{name: f"extra{i}" for i, name in enumerate(extra)}}
+    return Engine(model, tokenizer, dev, stops, end_of_turn, default_id, base_id, names)
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    if not tokenizer.chat_template:
+        return None
+    try:
+        return find_end_of_turn(tokenizer)
+    except TuneforgeError:
+        return None  # chat requests get find_end_of_turn's message; completions still work
+
+
+def _folder_stops(model, tokenizer, end_of_turn: str | None) -> list[int]:
+    """The template's end-of-turn and EOS, plus every EOS id the folder's generation_config.json names."""
+    stops = stop_token_ids(tokenizer, end_of_turn)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    for idx in eos if isinstance(eos, list) else [eos]:
+        if idx is not None and idx not in stops:
+            stops.append(idx)
+    return stops
+
+
+def _load_adapters(model, extra: dict[str, Path]):
+    """Each extra adapter under an internal PEFT name (PEFT names cannot hold dots; served ids can)."""
+    if not extra:
+        return model
+    from peft import PeftModel
+
+    for i, (name, folder) in enumerate(extra.items()):
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=f"extra{i}")
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=f"extra{i}")
+        except Exception as err:
+            raise ModelError(f"--adapter {name}={folder}: could not load it onto the served model ({err}); "
+                             "was it trained on this base model?") from None
+    model.eval()
+    return model

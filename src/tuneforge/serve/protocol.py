@@ -1,0 +1,220 @@
+"""The OpenAI wire format: request bodies checked into small dataclasses, and the response and chunk bodies.
+
+Pure functions only, so every rule a client can trip over is tested without a model or a socket.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+ROLES = {"system", "user", "assistant", "developer"}  # developer is OpenAI's newer name for system
+
+# Fields we cannot honour; a request that sets one to anything else gets a 400 instead of a silent ignore.
+UNSUPPORTED = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes {"error": {...}} with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None = None  # None: up to the end of the model's context
+    temperature: float = 1.0  # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    model: str | None
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+    messages: list[dict] | None = None  # chat
+    prompt: str | None = None  # completions
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param)
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(key, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        raise _bad(key, f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _int(body: dict, key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(key, f"must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop", "must be a non-empty string or a list of non-empty strings")
+    return stops
+
+
+def parse_sampling(body: dict) -> Sampling:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, key)
+    if max_tokens is not None and max_tokens <= 0:
+        raise _bad(key, f"must be at least 1, got {max_tokens}")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        seed=_int(body, "seed"),
+        stop=_stop(body),
+    )
+
+
+def _common(body: dict) -> tuple[str | None, Sampling, bool, bool]:
+    for key, allowed in UNSUPPORTED.items():
+        if key in body and body[key] not in allowed:
+            raise _bad(key, "is not supported by tuneforge serve; leave it out "
+                       "(vLLM serves the exported folder with it)")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", f"must be a string, got {type(model).__name__}")
+    n = _int(body, "n")
+    if n is not None and n != 1:
+        raise _bad("n", f"only n=1 is supported, got {n}; send n requests instead")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("stream", f"must be true or false, got {type(stream).__name__}")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise _bad("stream_options", 'must be an object like {"include_usage": true}')
+    return model, parse_sampling(body), stream, bool(options.get("include_usage"))
+
+
+def _content(i: int, content) -> str:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    where = f"messages[{i}].content"
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _bad(where, "only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(where, f"must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def parse_messages(messages) -> list[dict]:
+    if messages is None:
+        raise _bad("messages", "is required: a list of {\"role\", \"content\"} objects")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _bad(f"messages[{i}]", f"must be an object, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(sorted(ROLES))}, got {role!r}")
+        out.append({"role": "system" if role == "developer" else role, "content": _content(i, msg.get("content"))})
+    return out
+
+
+def parse_chat(body: dict) -> Request:
+    model, sampling, stream, usage = _common(body)
+    return Request(model, sampling, stream, usage, messages=parse_messages(body.get("messages")))
+
+
+def parse_completion(body: dict) -> Request:
+    model, sampling, stream, usage = _common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _bad("prompt", "is required and must be a string (one prompt per request)")
+    return Request(model, sampling, stream, usage, prompt=prompt)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, text: str, finish: str, counts: dict) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": counts}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def completion_response(rid: str, model: str, text: str, finish: str | None, counts: dict | None = None) -> dict:
+    """The whole completion, or (counts None) one streamed chunk of it."""
+    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if counts is not None:
+        body["usage"] = counts
+    return body
+
+
+def usage_chunk(rid: str, model: str, obj: str, counts: dict) -> dict:
+    """The last chunk of a stream when stream_options.include_usage is set: no choices, only usage."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": counts}
+
+
+def models_list(ids: list[str]) -> dict:
+    return {"object": "list", "data": [model_card(i) for i in ids]}
+
+
+def model_card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "tuneforge"}

@@ -1,0 +1,289 @@
+"""The HTTP side: OpenAI routes on the standard library's threading server.
+
+Every request gets an answer in OpenAI's error shape when it goes wrong; nothing a client sends
+can stop the server. Generation itself is serialised by the engine's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import socket
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from jinja2 import TemplateError
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.serve import protocol as p
+from tuneforge.serve.engine import Engine, Result, ShuttingDown, load_engine
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_LIMIT = 64 * 1024 * 1024  # past this a too-large body is not read to the end; the connection is dropped
+GONE = (BrokenPipeError, ConnectionResetError, TimeoutError, ShuttingDown)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins them
+    block_on_close = True
+
+    def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False):
+        self.engine, self.api_key, self.max_body_bytes, self.quiet = engine, api_key, max_body_bytes, quiet
+        self.connections: set[socket.socket] = set()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as err:
+            raise TuneforgeError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); "
+                                 "choose another port with --port") from None
+
+    def process_request(self, request, client_address):
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """End open connections and any generation, then wait for every handler thread.
+
+        A thread left running (a daemon thread inside torch) can abort the interpreter at exit.
+        """
+        self.engine.closing.set()
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        super().server_close()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked encoding
+    server_version = "tuneforge"
+    timeout = 120  # an idle or stalled client gives its thread back (and a stalled stream its lock)
+    server: Server
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        self.headers_sent = False
+        try:
+            body = self._read_json() if method == "POST" else None
+            return self._route(method, urlsplit(self.path).path.rstrip("/"), body)
+        except p.ApiError as err:
+            error = err
+        except GONE:
+            self.close_connection = True  # the client or the server went away; nobody to answer
+            return
+        except Exception as err:
+            sys.stderr.write(f"tuneforge serve: {self.command} {self.path} failed:\n{traceback.format_exc()}")
+            error = internal_error(err)
+            self.close_connection = True
+        if not self.headers_sent:
+            with contextlib.suppress(OSError):
+                self._send_json(error.status, error.body())
+
+    def _route(self, method: str, path: str, body: dict | None) -> None:
+        if path == "/health":
+            return self._send_json(200, {"status": "ok"})
+        routes = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+        is_model = path.startswith("/v1/models/")
+        if path not in routes and not is_model:
+            raise p.ApiError(404, f"{path}: no such route; this server has GET /v1/models, "
+                             "POST /v1/chat/completions and POST /v1/completions", code="not_found")
+        if method != routes.get(path, "GET"):
+            raise p.ApiError(405, f"{method} {path}: use {routes.get(path, 'GET')}", code="method_not_allowed")
+        self._check_key()
+        engine = self.server.engine
+        if path == "/v1/models":
+            return self._send_json(200, p.models_list(engine.model_ids()))
+        if is_model:
+            return self._send_json(200, p.model_card(engine.resolve(unquote(path.removeprefix("/v1/models/")))))
+        return self._answer(path == "/v1/chat/completions", body)
+
+    def _answer(self, chat: bool, body: dict) -> None:
+        """A chat or text completion: every check first, so a refused request never starts a stream."""
+        engine = self.server.engine
+        req = p.parse_chat(body) if chat else p.parse_completion(body)
+        model_id = engine.resolve(req.model)
+        try:
+            prompt = engine.chat_prompt(req.messages) if chat else engine.text_prompt(req.prompt)
+        except (TuneforgeError, TemplateError) as err:
+            raise p.ApiError(400, f"messages: the chat template cannot render them: {err}", param="messages") from None
+        max_new = engine.check_length(prompt, req.sampling)
+        result = Result(prompt_tokens=len(prompt))
+        pieces = engine.stream(model_id, prompt, max_new, req.sampling, result)
+        if req.stream:
+            return self._stream(chat, model_id, req, pieces, result)
+        with contextlib.closing(pieces):
+            text = "".join(pieces)
+        counts = p.usage(result.prompt_tokens, result.completion_tokens)
+        rid = p.new_id("chatcmpl" if chat else "cmpl")
+        if chat:
+            return self._send_json(200, p.chat_response(rid, model_id, text, result.finish_reason, counts))
+        return self._send_json(200, p.completion_response(rid, model_id, text, result.finish_reason, counts))
+
+    def _stream(self, chat: bool, model_id: str, req: p.Request, pieces, result: Result) -> None:
+        """Server-sent events in OpenAI's chunk format, closed by `data: [DONE]`."""
+        rid = p.new_id("chatcmpl" if chat else "cmpl")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.headers_sent = True
+
+        def text_chunk(text: str, finish: str | None = None) -> dict:
+            if chat:
+                return p.chat_chunk(rid, model_id, {"content": text} if text or finish is None else {}, finish)
+            return p.completion_response(rid, model_id, text, finish)
+
+        if chat:
+            self._event(p.chat_chunk(rid, model_id, {"role": "assistant", "content": ""}))
+        try:
+            with contextlib.closing(pieces):
+                for text in pieces:
+                    self._event(text_chunk(text))
+        except GONE:
+            raise
+        except Exception as err:  # headers are gone; the error travels as an event, as vLLM sends it
+            sys.stderr.write(f"tuneforge serve: {self.command} {self.path} failed:\n{traceback.format_exc()}")
+            self._event(internal_error(err).body())
+        else:
+            self._event(text_chunk("", result.finish_reason))
+            if req.include_usage:
+                counts = p.usage(result.prompt_tokens, result.completion_tokens)
+                kind = "chat.completion.chunk" if chat else "text_completion"
+                self._event(p.usage_chunk(rid, model_id, kind, counts))
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _event(self, obj: dict) -> None:
+        self._chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _check_key(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise p.ApiError(401, "missing or wrong API key; send the header `Authorization: Bearer KEY` with the "
+                             "key the server was started with (--api-key)", code="invalid_api_key")
+
+    def _read_json(self) -> dict:
+        """The request body as a JSON object; always read to its end so the connection stays usable."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise p.ApiError(411, "send the body with a Content-Length header, not chunked", code="length_required")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise p.ApiError(411, "the Content-Length header is missing or not a number",
+                             code="length_required") from None
+        if length > self.server.max_body_bytes:
+            self._drain(length)
+            raise p.ApiError(413, f"the body is {length} bytes; this server takes at most "
+                             f"{self.server.max_body_bytes}", code="request_too_large")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError as err:
+            raise p.ApiError(400, f"the body is not valid JSON ({err}); send a JSON object",
+                             code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise p.ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        return body
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a refused body, so the client sees the 413 rather than a reset connection."""
+        self.close_connection = True
+        left = min(length, DRAIN_LIMIT)
+        while left > 0:
+            got = self.rfile.read(min(left, 1 << 16))
+            if not got:
+                break
+            left -= len(got)
+
+    def _send_json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.headers_sent = True
+        self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's errors (bad request line, unknown method, huge headers), in OpenAI's shape."""
+        self.close_connection = True
+        self.headers_sent = False
+        text = message or explain or self.responses.get(code, ("error",))[0]
+        with contextlib.suppress(OSError):
+            self._send_json(code, p.ApiError(code, text).body())
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+def internal_error(err: Exception) -> p.ApiError:
+    return p.ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error",
+                      code="internal_error")
+
+
+def make_server(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
+                device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False) -> Server:
+    """Load the model and bind the socket; call .serve_forever() (e.g. in a thread) and later .shutdown().
+
+    port=0 picks a free port; read it back from .port.
+    """
+    engine = load_engine(target, adapters, device)
+    return Server(engine, host, port, api_key, max_body_bytes, quiet)
+
+
+def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
+          device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False) -> None:
+    """`tuneforge serve`: answer OpenAI requests until Ctrl-C."""
+    server = make_server(target, host, port, adapters, api_key, device, max_body_bytes, quiet)
+    print(f"Serving {', '.join(server.engine.model_ids())} at {server.url} on {server.engine.device} "
+          "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Warning: no --api-key, so anyone who can reach {host}:{server.port} can use the model",
+              file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
