@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,25 @@ def test_llama_cpp_generates_the_same_greedy_answer(runs, tmp_path):
         if len(got) == 8 or token in run.stop_ids:
             break
     assert until_stop(got) == until_stop(expected)
+
+
+def test_exports_are_checked_in_a_fresh_process_against_the_tuned_perplexity(runs, tmp_path):
+    """R-MRG-4: reloaded by plain transformers in a new process, held-out perplexity stays within (1 + delta)."""
+    from safetensors.torch import load_file, save_file
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.export.run_export import verify_run_export
+
+    run = open_run(runs["lora"])
+    for to, kwargs in (("hf", {"dtype": "float32"}), ("adapter", {}), ("gguf", {"quant": "f16"})):
+        path = export_run(run, to, tmp_path / to, **kwargs)
+        report = verify_run_export(run, to, path, **kwargs)
+        assert report["perplexity"] <= report["allowed"] and report["tokens"] > 0
+        if to == "hf":
+            assert abs(report["perplexity"] - report["tuned_perplexity"]) <= 1e-3 * report["tuned_perplexity"]
+    # An export that lost the adapter (the base weights under the tuned name) is caught.
+    broken = export_run(run, "hf", tmp_path / "broken", dtype="float32")
+    base = load_file(next(Path(run.manifest["base_model"]["folder"]).glob("*.safetensors")))
+    save_file(base, next(broken.glob("*.safetensors")), metadata={"format": "pt"})
+    with pytest.raises(TuneforgeError, match="does not behave like the model that was evaluated"):
+        verify_run_export(run, "hf", broken, dtype="float32")

@@ -114,13 +114,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tuneforge.export.run_export import export_run
+    from tuneforge.export.run_export import export_run, verify_run_export
     from tuneforge.models.run import open_run
 
     run = open_run(args.run)
     out = Path(args.out) if args.out else run.dir / f"export-{args.to}"
     path = export_run(run, args.to, out, args.quant, args.dtype, args.system)
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
+    if args.verify and run.manifest.get("eval_after"):
+        check = verify_run_export(run, args.to, path, args.quant, args.dtype)
+        console.print(f"Checked in a fresh process with plain transformers: held-out perplexity "
+                      f"{check['perplexity']:.4f} (tuned model {check['tuned_perplexity']:.4f}, allowed {check['allowed']:.4f})")
     if args.to == "ollama":
         console.print(f"Use it: cd {out} && ollama create {run.dir.name} -f Modelfile && ollama run {run.dir.name}")
     return 0
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_k_m (default q8_0)")
     p.add_argument("--dtype", default="bfloat16", help="weights of a merged hf export: float32, float16, bfloat16")
     p.add_argument("--system", help="an Ollama SYSTEM prompt to write into the Modelfile")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the export in a fresh process to compare its held-out perplexity")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")

@@ -138,3 +138,12 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
         return export_gguf(run, out, quant)
     return export_ollama(run, out, quant, system)
 
+
+def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:
+    """Reload an export in a fresh process and compare its held-out perplexity with the tuned model's."""
+    from tuneforge.export.verify import verify_export
+
+    if to == "ollama":
+        path = next(path.glob("*.gguf"))
+    weights = {"hf": dtype, "adapter": "float32"}.get(to, quant)
+    return verify_export(run, path, weights)

@@ -1,0 +1,78 @@
+"""Check an export as its users will load it: in a fresh process, with plain transformers only.
+
+The held-out perplexity of the exported model must be within (1 + delta) of the tuned model's
+(the run's after-training evaluation), so an export that lost the adapter, the template or
+precision is caught before anyone serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.models.run import Run
+
+# Allowed perplexity growth per kind of weights.
+DELTAS = {"float32": 1e-3, "f32": 1e-3, "float16": 0.01, "f16": 0.01, "bfloat16": 0.02, "bf16": 0.02,
+          "q8_0": 0.05, "q4_k_m": 0.25}
+
+_SCRIPT = r"""
+import json, sys, torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+folder, gguf_file, data_path = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+total, count = 0.0, 0
+with torch.no_grad():
+    for ex in json.load(open(data_path)):
+        ids = torch.tensor([ex["ids"]])
+        labels = torch.tensor(ex["labels"][1:])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+print(json.dumps({"val_loss": total / max(count, 1), "tokens": count}))
+"""
+
+
+def fresh_process_loss(folder: Path, examples: list[tuple[list[int], list[int]]], gguf_file: str | None = None) -> dict:
+    """Held-out loss of a model folder (or a GGUF file in it), computed by plain transformers in a new process."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"ids": i, "labels": lab} for i, lab in examples], f)
+    try:
+        out = subprocess.run([sys.executable, "-c", _SCRIPT, str(folder), gguf_file or "", f.name],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if out.returncode != 0:
+        raise TuneforgeError(f"the export at {folder} does not load in plain transformers:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verify_export(run: Run, path: Path, weights: str) -> dict:
+    """Fresh-process held-out perplexity of an export against the tuned model's; raises when it is worse than allowed."""
+    from tuneforge.data.dataset import prepare_data
+    from tuneforge.models.load import load_tokenizer
+
+    after = run.manifest.get("eval_after") or {}
+    if "val_loss" not in after:
+        raise TuneforgeError(f"{run.dir}: the run has no held-out evaluation to compare the export with")
+    data = prepare_data(run.config, load_tokenizer(run.final))
+    examples = [(e.input_ids, e.labels) for e in data.validation]
+    gguf_file = path.name if path.suffix == ".gguf" else None
+    got = fresh_process_loss(path.parent if gguf_file else path, examples, gguf_file)
+    delta = DELTAS.get(weights, 0.05)
+    ppl, ref = math.exp(got["val_loss"]), math.exp(after["val_loss"])
+    report = {"perplexity": ppl, "tuned_perplexity": ref, "allowed": (1 + delta) * ref, "tokens": got["tokens"]}
+    if ppl > (1 + delta) * ref:
+        raise TuneforgeError(
+            f"the export at {path} has held-out perplexity {ppl:.4f}, more than {1 + delta:g} x the tuned model's "
+            f"{ref:.4f}: it does not behave like the model that was evaluated"
+        )
+    return report
