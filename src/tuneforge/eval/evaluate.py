@@ -9,7 +9,7 @@ import torch
 
 from tuneforge.data.batching import collate
 from tuneforge.data.dataset import Example
-from tuneforge.data.template import generation_prompt
+from tuneforge.data.template import encode_segment_lists, generation_prompt
 from tuneforge.methods.sft import count_trained, sft_loss_sum
 
 
@@ -54,7 +54,9 @@ def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tu
         if isinstance(content, str):
             return generation_prompt(tokenizer, rec.messages[:-1], end_of_turn), content
     if rec.kind == "completion":
-        return tokenizer(rec.prompt, add_special_tokens=False).input_ids, rec.completion
+        # Tokenized as training tokenizes the prompt segment (BOS included when the tokenizer adds one).
+        [(ids, _)] = encode_segment_lists(tokenizer, [[(rec.prompt, False)]])
+        return ids.tolist(), rec.completion
     return None
 
 
