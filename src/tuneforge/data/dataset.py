@@ -33,7 +33,7 @@ from tuneforge.data.template import (
     find_end_of_turn,
     text_segments,
 )
-from tuneforge.data.tokenized import Example, TokenizedBuilder, TokenizedSet
+from tuneforge.data.tokenized import TokenizedBuilder, TokenizedSet
 from tuneforge.errors import DataError
 
 MAX_LISTED = 20

@@ -316,10 +316,10 @@ def apply_mapping(obj: object, columns: dict[str, str], roles: dict[str, str]) -
         if theirs in out:
             out[ours] = out.pop(theirs)
     if roles:
-        for key, field in (("messages", "role"), ("conversations", "from")):
+        for key, role_key in (("messages", "role"), ("conversations", "from")):
             turns = out.get(key)
             if isinstance(turns, list):
-                out[key] = [{**t, field: roles.get(t.get(field), t.get(field))} if isinstance(t, dict) else t
+                out[key] = [{**t, role_key: roles.get(t.get(role_key), t.get(role_key))} if isinstance(t, dict) else t
                             for t in turns]
     return out
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from tuneforge.data.batching import collate
-from tuneforge.data.dataset import Example
+from tuneforge.data.tokenized import Example
 from tuneforge.data.template import encode_segment_lists, generation_prompt
 from tuneforge.methods.sft import count_trained, sft_loss_sum
 
