@@ -246,3 +246,25 @@ def test_exports_are_checked_in_a_fresh_process_against_the_tuned_perplexity(run
     save_file(base, next(broken.glob("*.safetensors")), metadata={"format": "pt"})
     with pytest.raises(TuneforgeError, match="does not behave like the model that was evaluated"):
         verify_run_export(run, "hf", broken, dtype="float32")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "gemma2", "gemma3"])
+def test_gguf_of_other_architectures_reads_back_exactly(tmp_path, tokenizers, arch):
+    """Mistral, Qwen3 and Gemma 2/3 with a byte-level BPE tokenizer; Gemma's (1 + w) norms included."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen3Config
+
+    tok = tokenizers["smol"]
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+    config = {
+        "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=128, tie_word_embeddings=False),  # the head size Qwen3 models use
+        "gemma2": lambda: Gemma2Config(**common, head_dim=16),
+        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, tie_word_embeddings=False),
+    }[arch]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    back = load_gguf(write_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32"))
+    assert (logits(back, len(tok)) - logits(model, len(tok))).abs().max() <= 1e-5
