@@ -79,3 +79,27 @@ def test_q8_0_gguf_of_the_tuned_model_answers_the_held_out_prompts_identically(t
     after = json.loads((run_dir / "eval_after.json").read_text())
     assert [s["answer"] for s in result["samples"]] == [s["answer"] for s in after["samples"]]
     assert result["stopped"] == 1.0 and manifest["eval_after"]["exact_match"] == result["exact_match"]
+
+
+def test_llama_cpp_gives_the_tuned_greedy_answers(tuned, tmp_path):
+    """The F16 GGUF in llama.cpp itself answers held-out prompts as the tuned model did (binding optional)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from tuneforge.data.template import generation_prompt
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.load import load_tokenizer
+
+    _, _, run_dir = tuned
+    run = open_run(run_dir)
+    path = export_run(run, "gguf", tmp_path / "gguf", quant="f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+    tokenizer = load_tokenizer(run.final)
+    after = json.loads((run_dir / "eval_after.json").read_text())
+    records = [json.loads(x) for x in (EXAMPLES / "data" / "quickstart_test.jsonl").read_text().splitlines()[:6]]
+    for record, sample in zip(records, after["samples"]):
+        prompt = generation_prompt(tokenizer, record["messages"][:-1])
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            if token in run.stop_ids or len(out) == 64:
+                break
+            out.append(token)
+        assert tokenizer.decode(out, skip_special_tokens=True).strip() == sample["answer"]
