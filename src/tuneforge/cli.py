@@ -59,11 +59,11 @@ def cmd_eval(args) -> int:
 
 def _load_for_chat(run_path: str):
     from tuneforge.models.load import pick_device
-    from tuneforge.models.run import load_tuned, open_run
+    from tuneforge.models.run import inference_dtype, load_tuned, open_run
 
     run = open_run(run_path)
     device = pick_device(run.config.device)
-    model, tokenizer = load_tuned(run, device)
+    model, tokenizer = load_tuned(run, device, inference_dtype(device))
     return run, model, tokenizer, device
 
 

@@ -50,15 +50,20 @@ def base_folder(run: Run) -> Path:
     return folder if (folder / "config.json").is_file() else resolve_base_model(run.config.base_model)[0]
 
 
-def load_tuned(run: Run, device: torch.device):
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it (half the memory for answering), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float32):
     """(model, tokenizer): the base with the adapter on top, or the fully tuned weights."""
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
     if run.is_adapter:
         from peft import PeftModel
 
-        base = load_model(base_folder(run), device, run.config.trust_remote_code)
+        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype)
         model = PeftModel.from_pretrained(base, str(run.final))
     else:
-        model = load_model(run.final, device, run.config.trust_remote_code)
+        model = load_model(run.final, device, run.config.trust_remote_code, dtype)
     model.eval()
     return model, tokenizer

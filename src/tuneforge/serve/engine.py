@@ -16,7 +16,7 @@ from tuneforge.data.template import encode_segment_lists, find_end_of_turn, gene
 from tuneforge.errors import ModelError, TuneforgeError
 from tuneforge.eval.evaluate import stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
-from tuneforge.models.run import load_tuned, open_run
+from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.protocol import ApiError, Sampling
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 
@@ -204,14 +204,14 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     dev = pick_device(device)
     if (target / "run.json").is_file():
         run = open_run(target)
-        model, tokenizer = load_tuned(run, dev)
+        model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
         default_id = _served_name(target)
         base_id = _base_name(run) if run.is_adapter else None
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
         tokenizer = load_tokenizer(target)
-        model = load_model(target, dev)
+        model = load_model(target, dev, dtype=inference_dtype(dev))
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
         stops = _folder_stops(model, tokenizer, end_of_turn)
