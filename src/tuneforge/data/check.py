@@ -17,7 +17,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from tuneforge.config import Config
-from tuneforge.data.dataset import chunks, read_spec, record_segments, record_text
+from tuneforge.data.dataset import chunks, good_records, record_segments, record_text
 from tuneforge.data.formats import Record
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
@@ -196,15 +196,12 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
         files.append((cfg.validation, True))
     for spec, held_out in files:
         seen, lsh = (train_seen, train_lsh) if not held_out else ({}, LSHIndex(near_threshold))
-        def good(spec=spec):
-            for item in read_spec(spec):
-                report.records[spec.path] += 1
-                if isinstance(item, Record):
-                    yield item
-                else:
-                    source, line, _raw, bad = item
-                    report.add(ERROR, "bad-record", source, line, str(bad))
-        for records in chunks(good(), chunk):
+        def on_bad(source: str, line: int, _raw, reason: str) -> None:
+            report.records[source] += 1
+            report.add(ERROR, "bad-record", source, line, reason)
+
+        for records in chunks(good_records(spec, on_bad), chunk):
+            report.records[spec.path] += len(records)
             texts = [record_text(rec) for rec in records]
             leak = (train_seen, train_lsh) if held_out else None
             for rec, text, sig in zip(records, texts, hasher.signatures(texts)):

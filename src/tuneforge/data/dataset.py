@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 from jinja2 import TemplateError
 
@@ -38,7 +39,7 @@ from tuneforge.errors import DataError
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: turns per conversation in the summary
 
 @dataclass
 class Rejected:
@@ -203,6 +204,8 @@ class _Encoder:
                 continue
             summary.lengths.append(len(ids))
             summary.count(rec.source, "kept")
+            if rec.kind == "chat":
+                summary.count(rec.source, f"assistant_turns_{sum(m['role'] == 'assistant' for m in rec.messages)}")
             out.add(ids, labels, rec)
 
 
@@ -250,18 +253,26 @@ def read_spec(spec):
     return read_records(spec.path, spec.format, spec.columns, spec.roles)
 
 
-def _read_chunks(spec, bad: list[Rejected], summary: DataSummary):
+def good_records(spec, on_bad=None) -> Iterator[Record]:
+    """The usable records of a dataset entry; each unusable one goes to on_bad(file, line, raw, reason)."""
+    for item in read_spec(spec):
+        if isinstance(item, Record):
+            yield item
+        elif on_bad is not None:
+            source, line, raw, reason = item
+            on_bad(source, line, raw, str(reason))
+
+
+def _read_chunks(spec, bad: list[Rejected], summary: DataSummary) -> Iterator[list[Record]]:
     """Good records of a file in chunks; bad ones are filed as they are met."""
-    def good():
-        for item in read_spec(spec):
-            summary.count(spec.path, "records")
-            if isinstance(item, Record):
-                yield item
-            else:
-                source, line, raw, reason = item
-                bad.append(Rejected(source, line, str(reason), raw))
-                summary.count(source, "bad_record")
-    return chunks(good(), CHUNK)
+    def on_bad(source: str, line: int, raw, reason: str) -> None:
+        bad.append(Rejected(source, line, reason, raw))
+        summary.count(source, "records")
+        summary.count(source, "bad_record")
+
+    for chunk in chunks(good_records(spec, on_bad), CHUNK):
+        summary.count(spec.path, "records", len(chunk))
+        yield chunk
 
 
 def _check_bad(bad: list[Rejected], total: int, cfg: Config) -> None:

@@ -9,17 +9,16 @@ from pathlib import Path
 
 from tuneforge.config import Config
 from tuneforge.data import stats
-from tuneforge.data.dataset import PreparedData, prepare_data, read_spec, write_rejected
-from tuneforge.data.formats import Record
+from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
 
 
-def turns_per_conversation(cfg: Config) -> dict[int, int]:
-    """How many conversations have 1, 2, ... assistant turns (chat data only)."""
+def turns_per_conversation(data: PreparedData) -> dict[int, int]:
+    """How many kept conversations have 1, 2, ... assistant turns (counted while preparing)."""
     counts: Counter = Counter()
-    for ds in cfg.datasets:
-        for item in read_spec(ds):
-            if isinstance(item, Record) and item.kind == "chat":
-                counts[sum(1 for m in item.messages if m["role"] == "assistant")] += 1
+    for c in data.summary.per_file.values():
+        for key, n in c.items():
+            if key.startswith("assistant_turns_"):
+                counts[int(key.removeprefix("assistant_turns_"))] += n
     return dict(sorted(counts.items()))
 
 
@@ -38,7 +37,7 @@ def describe(cfg: Config, tokenizer, png: Path | None = None, data: PreparedData
         "lengths": stats.length_summary(lengths),
         "histogram": stats.histogram(lengths, bins=16, max_len=cfg.max_seq_len),
         "trained_tokens": data.train.trained_tokens(),
-        "turns_per_conversation": turns_per_conversation(cfg),
+        "turns_per_conversation": turns_per_conversation(data),
         "over_max_seq_len": {"count": over, "share": over / max(records, 1), "policy": cfg.truncation,
                              "tokens_cut": sum(c["tokens_cut"] for c in data.summary.per_file.values())},
         "padding_waste": stats.padding_waste(lengths, cfg.micro_batch_size, cfg.seed),

@@ -36,17 +36,14 @@ def preview_rich(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
 
 def first_examples(cfg, tokenizer, n: int) -> list[dict]:
     """The first n good records of the training files, encoded as training encodes them (before the length policy)."""
-    from tuneforge.data.dataset import read_spec, record_segments
-    from tuneforge.data.formats import Record
+    from itertools import islice
+
+    from tuneforge.data.dataset import good_records, record_segments
     from tuneforge.data.template import encode_segment_lists
 
-    records: list[Record] = []
+    records = []
     for ds in cfg.datasets:
-        for item in read_spec(ds):
-            if len(records) >= n:
-                break
-            if isinstance(item, Record):
-                records.append(item)
+        records += islice(good_records(ds), n - len(records))
     segment_lists = [record_segments(tokenizer, r, cfg.train_on_inputs) for r in records]
     return [{"record": r, "ids": ids.tolist(), "labels": labels.tolist()}
             for r, (ids, labels) in zip(records, encode_segment_lists(tokenizer, segment_lists))]
