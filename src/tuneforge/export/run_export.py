@@ -104,7 +104,7 @@ def export_gguf(run: Run, out: Path, quant: str = "q8_0") -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        merged = export_hf(run, Path(tmp) / "merged", "float32") if run.is_adapter else run.final
+        merged = merge_run(run, Path(tmp) / "merged") if run.is_adapter else run.final
         chat_template = run.manifest.get("chat_template")
         path = write_gguf(merged, out / f"{run.dir.name}-{quant}.gguf", quant, chat_template, run.stop_ids,
                           run.dir.name, _pre_fallback(run))
