@@ -19,6 +19,7 @@ from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
+from tuneforge.methods.sft import SFT
 from tuneforge.train.loop import accumulate_gradients, build_optimizer, train
 
 QUIET = Reporter(quiet=True)
@@ -75,8 +76,8 @@ def test_accumulation_equals_one_big_batch(tmp_path, tiny_models):
     for size in (8, 2, 1):
         batches = [collate(examples[i : i + size], tok.pad_token_id) for i in range(0, 8, size)]
         model.zero_grad(set_to_none=True)
-        loss, n = accumulate_gradients(model, batches, CPU, torch.float32)
-        results.append((loss, n, _grads(model)))
+        loss, totals, _ = accumulate_gradients(SFT(None, tok.pad_token_id), model, batches, CPU, torch.float32)
+        results.append((loss, totals["tokens"], _grads(model)))
     (loss8, n8, g8) = results[0]
     for loss, n, grads in results[1:]:
         assert n == n8

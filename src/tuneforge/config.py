@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tuneforge.errors import ConfigError
 
 DataFormat = Literal[
-    "auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet"
+    "auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet", "prompt"
 ]
 
 
@@ -85,6 +85,79 @@ class PrepareSpec(_Strict):
     cache: bool = Field(True, description="Keep the tokenized data on disk, keyed by data, tokenizer, template and settings.")
 
 
+class DPOSpec(_Strict):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (higher: stay closer).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid (DPO paper), ipo (squared, per-token normalised), hinge (SLiC), robust (noisy labels)."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust only: assumed share of flipped preference labels.")
+    reference_free: bool = Field(False, description="Compare against a uniform reference instead of the base model.")
+    precompute_reference: bool = Field(
+        False, description="Compute the reference log-probs in one pass before training (cached by model and data hash)."
+    )
+
+
+class ORPOSpec(_Strict):
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term next to the chosen answer's NLL (lambda).")
+    nll_on_prompt: bool = Field(
+        False, description="Also count prompt tokens in the NLL term, as TRL does; off: only the chosen answer."
+    )
+
+
+class SimPOSpec(_Strict):
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward.")
+    gamma: float = Field(0.5, ge=0, description="Target reward margin between chosen and rejected (TRL's simpo_gamma).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0, description="Add this times the chosen answer's NLL (CPO-SimPO); 0: pure SimPO.")
+
+
+class KTOSpec(_Strict):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of examples labelled true.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of examples labelled false.")
+
+
+class RewardSpec(_Strict):
+    center_coefficient: float | None = Field(
+        None, ge=0, description="Pull the rewards' mean towards 0: adds this times mean(r_chosen + r_rejected)^2."
+    )
+
+
+class RewardFunctionSpec(_Strict):
+    function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty) or module:function.")
+    weight: float = Field(1.0, description="The rewards are summed with these weights.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the function.")
+
+
+class GRPOSpec(_Strict):
+    generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_tokens: int = Field(128, ge=1, description="Longest completion sampled.")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference model; 0: no reference pass.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the probability ratio (lower side).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range; defaults to epsilon.")
+    loss: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="grpo: mean per sequence; dapo: mean per token of the batch; dr_grpo: sum / (batch x max length)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the group's reward std (group), the batch's (batch), or not (none)."
+    )
+    rewards: list[RewardFunctionSpec] = Field(min_length=1, description="Reward functions scoring each completion.")
+    environment: str | None = Field(
+        None, description="module:function for multi-turn rollouts: given the conversation so far, "
+        "returns the next user/tool turn or None to end; its tokens are never trained."
+    )
+    max_turns: int = Field(1, ge=1, description="Model turns per rollout when an environment is given.")
+    zero_std_warn_steps: int = Field(10, ge=1, description="Warn after this many steps in a row where every group's rewards were equal.")
+
+
+Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
+# The record kind each method trains on.
+METHOD_DATA = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "orpo": ("preference",),
+               "simpo": ("preference",), "reward": ("preference",), "kto": ("kto",), "grpo": ("prompt",)}
+
+
 class Config(_Strict):
     base_model: str = Field(
         "smollm2-135m-instruct",
@@ -94,6 +167,17 @@ class Config(_Strict):
     chat_template: str = Field(
         "auto",
         description='"auto" (the model\'s own), a built-in name (chatml, llama3), a .jinja file, or inline Jinja.',
+    )
+    method: Method = Field("sft", description="Training objective: sft, dpo, orpo, simpo, kto, reward or grpo.")
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    orpo: ORPOSpec = Field(default_factory=ORPOSpec)
+    simpo: SimPOSpec = Field(default_factory=SimPOSpec)
+    kto: KTOSpec = Field(default_factory=KTOSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    grpo: GRPOSpec | None = Field(None, description="Required with method: grpo.")
+    stages: list[dict[str, Any]] | None = Field(
+        None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "
+        "stage overrides keys of this config and starts from the previous stage's result.",
     )
     adapter: Literal["lora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -138,6 +222,16 @@ class Config(_Strict):
     def _length(self) -> "Config":
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
+        return self
+
+    @model_validator(mode="after")
+    def _method(self) -> "Config":
+        if self.method == "grpo" and self.grpo is None:
+            raise ValueError("method: grpo needs a `grpo:` section with at least `rewards:` "
+                             "(e.g. grpo: {rewards: [{function: exact_match}]})")
+        if self.method == "kto" and self.micro_batch_size < 2:
+            raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
+                             "set micro_batch_size: 2 or more")
         return self
 
     @model_validator(mode="after")

@@ -23,13 +23,15 @@ from typing import Iterator
 
 from jinja2 import TemplateError
 
-from tuneforge.config import Config
+from tuneforge.config import METHOD_DATA, Config
 from tuneforge.data.formats import Record, read_records
 from tuneforge.data.template import (
     IGNORE_INDEX,
     Encoded,
     completion_segments,
     conversation_segments,
+    prompt_segments,
+    response_segments,
     encode_segment_lists,
     find_end_of_turn,
     text_segments,
@@ -39,7 +41,7 @@ from tuneforge.errors import DataError
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
-CACHE_VERSION = 2  # 2: turns per conversation in the summary
+CACHE_VERSION = 3  # 2: turns per conversation in the summary; 3: preference pairs, kto labels
 
 @dataclass
 class Rejected:
@@ -82,6 +84,9 @@ class PreparedData:
     end_of_turn: str | None
     file_hashes: dict[str, str]
     from_cache: bool = False
+    # Preference pairs: the rejected side, aligned with train / validation (which hold the chosen side).
+    train_rejected: TokenizedSet | None = None
+    validation_rejected: TokenizedSet | None = None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -130,10 +135,22 @@ class _Encoder:
         self.seen: set[bytes] = set()
         self.lsh = None
 
-    def _segments(self, rec: Record) -> list[tuple[str, bool]]:
-        if rec.kind == "chat" and self.end_of_turn is None:
+    def _parts(self, rec: Record) -> list[list[tuple[str, bool]]]:
+        """The sequences a record becomes: one, or chosen and rejected for a preference pair."""
+        if rec.kind not in METHOD_DATA[self.cfg.method]:
+            raise DataError(f"a {rec.kind} record, but method {self.cfg.method} trains on "
+                            f"{' / '.join(METHOD_DATA[self.cfg.method])} records; give a file of that format "
+                            "or choose the method that fits the data")
+        if self.end_of_turn is None and self.tokenizer.chat_template and rec.kind in ("chat", "preference", "kto", "prompt"):
             self.end_of_turn = find_end_of_turn(self.tokenizer)
-        return record_segments(self.tokenizer, rec, self.cfg.train_on_inputs, self.end_of_turn)
+        if rec.kind == "preference":
+            return [response_segments(self.tokenizer, rec.prompt, rec.chosen, self.end_of_turn),
+                    response_segments(self.tokenizer, rec.prompt, rec.rejected, self.end_of_turn)]
+        if rec.kind == "kto":
+            return [response_segments(self.tokenizer, rec.prompt, rec.completion, self.end_of_turn)]
+        if rec.kind == "prompt":
+            return [prompt_segments(self.tokenizer, rec.prompt, self.end_of_turn)]
+        return [record_segments(self.tokenizer, rec, self.cfg.train_on_inputs, self.end_of_turn)]
 
     def _duplicate(self, rec: Record, text: str) -> str | None:
         """Reason to leave a record out as a repeat, under `prepare.dedupe`."""
@@ -158,55 +175,69 @@ class _Encoder:
                 return f"near duplicate of {match[0]}"
         return None
 
-    def encode(self, records: list[Record], out: TokenizedBuilder) -> None:
-        cfg, summary = self.cfg, self.summary
-        kept, segment_lists = [], []
+    def encode(self, records: list[Record], outs: list[TokenizedBuilder]) -> None:
+        """Encode records into `outs`: one builder per part (a pair's chosen and rejected sides)."""
+        kept, part_lists = [], []
         for rec in records:
             reason = self._duplicate(rec, record_text(rec))
             if reason:
                 self.left_out.append(Rejected(rec.source, rec.line, reason, rec.raw))
-                summary.count(rec.source, "duplicate")
+                self.summary.count(rec.source, "duplicate")
                 continue
             try:
-                segment_lists.append(self._segments(rec))
+                part_lists.append(self._parts(rec))
             except (TemplateError, DataError) as err:
                 # e.g. a template that refuses system turns: a bad record, not a crash mid-way.
-                self.unrenderable.append(
-                    Rejected(rec.source, rec.line, f"the chat template cannot render this record: {err}", rec.raw))
-                summary.count(rec.source, "bad_record")
+                reason = f"the chat template cannot render this record: {err}" if isinstance(err, TemplateError) else str(err)
+                self.unrenderable.append(Rejected(rec.source, rec.line, reason, rec.raw))
+                self.summary.count(rec.source, "bad_record")
                 continue
             kept.append(rec)
-        for rec, (ids, labels) in zip(kept, encode_segment_lists(self.tokenizer, segment_lists)):
-            n = len(ids)
-            if n > cfg.max_seq_len:
-                summary.count(rec.source, "over_max_seq_len")
-                if cfg.truncation == "error":
-                    self.too_long.append(Rejected(rec.source, rec.line, f"{n} tokens > max_seq_len {cfg.max_seq_len}"))
-                    continue
-                cut = apply_length_policy(Encoded(ids, labels), cfg.max_seq_len, cfg.truncation)
-                if cut is None:
-                    self.left_out.append(
-                        Rejected(rec.source, rec.line, f"dropped: {n} tokens > max_seq_len {cfg.max_seq_len}", rec.raw))
-                    summary.count(rec.source, "dropped_too_long")
-                    continue
-                summary.count(rec.source, "truncated")
-                summary.count(rec.source, "tokens_cut", n - cfg.max_seq_len)
-                ids, labels = cut.input_ids, cut.labels
-            if cfg.prepare.min_tokens and len(ids) < cfg.prepare.min_tokens:
-                self.left_out.append(Rejected(rec.source, rec.line,
-                                              f"shorter than prepare.min_tokens ({len(ids)} tokens)", rec.raw))
-                summary.count(rec.source, "too_short")
+        flat = encode_segment_lists(self.tokenizer, [seg for parts in part_lists for seg in parts])
+        at = 0
+        for rec, parts in zip(kept, part_lists):
+            encoded = flat[at : at + len(parts)]
+            at += len(parts)
+            fitted = [self._fit(rec, ids, labels) for ids, labels in encoded]
+            if any(f is None for f in fitted):
                 continue
-            # Checked after the final truncation: an example with nothing to learn is never a step.
-            if not (labels[1:] != IGNORE_INDEX).any():
-                self.left_out.append(Rejected(rec.source, rec.line, "no trained tokens left after the length policy", rec.raw))
-                summary.count(rec.source, "no_trained_tokens")
-                continue
-            summary.lengths.append(len(ids))
-            summary.count(rec.source, "kept")
+            self.summary.lengths.append(sum(len(ids) for ids, _ in fitted))
+            self.summary.count(rec.source, "kept")
             if rec.kind == "chat":
-                summary.count(rec.source, f"assistant_turns_{sum(m['role'] == 'assistant' for m in rec.messages)}")
-            out.add(ids, labels, rec)
+                self.summary.count(rec.source, f"assistant_turns_{sum(m['role'] == 'assistant' for m in rec.messages)}")
+            for out, (ids, labels) in zip(outs, fitted):
+                out.add(ids, labels, rec, tag=int(bool(rec.label)))
+
+    def _fit(self, rec: Record, ids, labels):
+        """Apply the length policy and the minimum-length and something-to-train checks; None: left out."""
+        cfg, summary = self.cfg, self.summary
+        n = len(ids)
+        if n > cfg.max_seq_len:
+            summary.count(rec.source, "over_max_seq_len")
+            if cfg.truncation == "error":
+                self.too_long.append(Rejected(rec.source, rec.line, f"{n} tokens > max_seq_len {cfg.max_seq_len}"))
+                return None
+            cut = apply_length_policy(Encoded(ids, labels), cfg.max_seq_len, cfg.truncation)
+            if cut is None:
+                self.left_out.append(
+                    Rejected(rec.source, rec.line, f"dropped: {n} tokens > max_seq_len {cfg.max_seq_len}", rec.raw))
+                summary.count(rec.source, "dropped_too_long")
+                return None
+            summary.count(rec.source, "truncated")
+            summary.count(rec.source, "tokens_cut", n - cfg.max_seq_len)
+            ids, labels = cut.input_ids, cut.labels
+        if cfg.prepare.min_tokens and len(ids) < cfg.prepare.min_tokens:
+            self.left_out.append(Rejected(rec.source, rec.line,
+                                          f"shorter than prepare.min_tokens ({len(ids)} tokens)", rec.raw))
+            summary.count(rec.source, "too_short")
+            return None
+        # Checked after the final truncation: an example with nothing to learn is never a step.
+        # A prompt for an online method has no labels by design: the model writes its answer.
+        if rec.kind != "prompt" and not (labels[1:] != IGNORE_INDEX).any():
+            self.left_out.append(Rejected(rec.source, rec.line, "no trained tokens left after the length policy", rec.raw))
+            summary.count(rec.source, "no_trained_tokens")
+            return None
+        return ids, labels
 
 
 def record_segments(tokenizer, rec: Record, train_on_inputs: bool = False,
@@ -226,10 +257,18 @@ def record_segments(tokenizer, rec: Record, train_on_inputs: bool = False,
 def record_text(rec: Record) -> str:
     """The text that makes two records the same, for duplicate detection."""
     if rec.kind == "chat":
-        return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in rec.messages)
-    if rec.kind == "completion":
-        return f"{rec.prompt}\n{rec.completion}"
+        return _flat(rec.messages)
+    if rec.kind in ("completion", "kto"):
+        return f"{_flat(rec.prompt)}\n{_flat(rec.completion)}"
+    if rec.kind == "preference":
+        return f"{_flat(rec.prompt)}\n{_flat(rec.chosen)}\n{_flat(rec.rejected)}"
+    if rec.kind == "prompt":
+        return _flat(rec.prompt)
     return rec.text
+
+
+def _flat(value: str | list[dict]) -> str:
+    return value if isinstance(value, str) else "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in value)
 
 
 def chunks(items, size: int):
@@ -304,7 +343,7 @@ def cache_key(cfg: Config, tokenizer, file_hashes: dict[str, str]) -> str:
     """Everything that changes the prepared data, and nothing else."""
     settings = cfg.model_dump(mode="json", include={
         "datasets", "validation", "max_seq_len", "truncation", "train_on_inputs", "on_bad_record",
-        "max_bad_fraction", "seed", "prepare",
+        "max_bad_fraction", "seed", "prepare", "method",
     })
     settings["prepare"].pop("cache")
     payload = {"v": CACHE_VERSION, "files": file_hashes, "tokenizer": _tokenizer_fingerprint(tokenizer),
@@ -323,6 +362,9 @@ def _save_cache(folder: Path, data: PreparedData) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     data.train.save(tmp, "train")
     data.validation.save(tmp, "validation")
+    if data.train_rejected is not None:
+        data.train_rejected.save(tmp, "train_rejected")
+        data.validation_rejected.save(tmp, "validation_rejected")
     write_rejected(tmp / "rejected.jsonl", data.rejected)
     meta = {"dataset_sizes": data.dataset_sizes, "dataset_weights": data.dataset_weights,
             "summary": data.summary.as_json(), "end_of_turn": data.end_of_turn, "file_hashes": data.file_hashes}
@@ -341,9 +383,17 @@ def _load_cache(folder: Path) -> PreparedData:
         rejected.append(Rejected(r["file"], r["line"], r["reason"], r["record"]))
     summary = DataSummary({k: Counter(v) for k, v in meta["summary"].items()})
     train, validation = TokenizedSet.load(folder, "train"), TokenizedSet.load(folder, "validation")
-    summary.lengths = train.lengths.tolist() + validation.lengths.tolist()
+    sets = [train, validation]
+    rejected_sides = None
+    if (folder / "train_rejected.json").is_file():
+        rejected_sides = TokenizedSet.load(folder, "train_rejected"), TokenizedSet.load(folder, "validation_rejected")
+    summary.lengths = [int(n) for s in sets for n in s.lengths]
+    if rejected_sides:  # a pair's length is that of both sides, as when it was prepared
+        summary.lengths = [a + int(b) for a, b in zip(summary.lengths, (n for s in rejected_sides for n in s.lengths))]
     return PreparedData(train, validation, meta["dataset_sizes"], meta["dataset_weights"], rejected, summary,
-                        meta["end_of_turn"], meta["file_hashes"], from_cache=True)
+                        meta["end_of_turn"], meta["file_hashes"], from_cache=True,
+                        train_rejected=rejected_sides[0] if rejected_sides else None,
+                        validation_rejected=rejected_sides[1] if rejected_sides else None)
 
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
@@ -359,16 +409,19 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     summary = DataSummary()
     encoder = _Encoder(tokenizer, cfg, summary)
     split = cfg.validation.split if cfg.validation else None
-    train, validation = TokenizedBuilder(), TokenizedBuilder(keep_records=True)
+    n_parts = 2 if METHOD_DATA[cfg.method] == ("preference",) else 1
+    online = cfg.method == "grpo"  # rewards read the records' other fields
+    train = [TokenizedBuilder(keep_records=online) for _ in range(n_parts)]
+    validation = [TokenizedBuilder(keep_records=True) for _ in range(n_parts)]
     sizes = []
     for k, ds in enumerate(cfg.datasets):
-        before = len(train)
+        before = len(train[0])
         for c, chunk in enumerate(_read_chunks(ds, bad, summary)):
             if split:
                 chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
                 encoder.encode(held, validation)
             encoder.encode(chunk, train)
-        sizes.append(len(train) - before)
+        sizes.append(len(train[0]) - before)
     if cfg.validation and cfg.validation.path:
         for chunk in _read_chunks(cfg.validation, bad, summary):
             encoder.encode(chunk, validation)
@@ -379,12 +432,14 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     if encoder.too_long:
         _raise_bad(encoder.too_long, total, "`truncation: error` is set; raise max_seq_len or choose "
                    "truncation: drop | truncate_right | truncate_left.")
-    if not len(train):
+    if not len(train[0]):
         raise DataError("no training example is left after checks and the length policy; see the counts above "
                         "and <output_dir>/rejected.jsonl")
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
-    data = PreparedData(train.build(), validation.build(), sizes, weights, rejected, summary,
-                        encoder.end_of_turn, hashes)
+    train_sets, validation_sets = [b.build() for b in train], [b.build() for b in validation]
+    data = PreparedData(train_sets[0], validation_sets[0], sizes, weights, rejected, summary, encoder.end_of_turn,
+                        hashes, train_rejected=train_sets[1] if n_parts == 2 else None,
+                        validation_rejected=validation_sets[1] if n_parts == 2 else None)
     if folder is not None:
         _save_cache(folder, data)
     return data

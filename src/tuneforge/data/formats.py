@@ -2,7 +2,8 @@
 
 Formats: messages (OpenAI chat fine-tuning, tool calls included), sharegpt, alpaca, completion,
 text, and for preference methods preference (prompt/chosen/rejected), kto (prompt/completion/label)
-and triplet (query/positive/negative). A record that cannot be used raises `BadRecord` with the
+and triplet (query/positive/negative), and for online methods prompt (a prompt plus any fields the
+reward functions read). A record that cannot be used raises `BadRecord` with the
 reason; the caller decides whether that stops the run or goes to rejected.jsonl.
 """
 
@@ -16,7 +17,7 @@ from typing import Iterator
 from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.errors import DataError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet")
+FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet", "prompt")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -28,7 +29,7 @@ TOOL_CALL_SHAPE = '{"type": "function", "function": {"name": ..., "arguments": .
 
 @dataclass
 class Record:
-    """One example in common form. `kind` is chat, completion, text, preference, kto or triplet.
+    """One example in common form. `kind` is chat, completion, text, preference, kto, triplet or prompt.
 
     preference and kto keep the prompt apart from the responses: `chosen`, `rejected` and a kto
     `completion` hold only what follows the prompt, each as text or as a list of messages.
@@ -75,6 +76,8 @@ def detect_format(obj: object) -> str | None:
         return "triplet"
     if "text" in obj:
         return "text"
+    if "prompt" in obj:
+        return "prompt"
     return None
 
 
@@ -296,6 +299,14 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
     elif fmt == "text":
         rec.kind = "text"
         rec.text = _string(obj, "text")
+        return rec
+    elif fmt == "prompt":
+        # Online methods (GRPO): the model writes the answer; other fields go to the reward functions.
+        rec.kind = "prompt"
+        rec.prompt = _text_or_messages(obj, "prompt")
+        check_turns(as_messages(rec.prompt, "user"))
+        if as_messages(rec.prompt, "user")[-1]["role"] == "assistant":
+            raise BadRecord("the prompt ends with an assistant turn; it must end where the model is to answer")
         return rec
     elif fmt in ("preference", "kto", "triplet"):
         rec.kind = fmt

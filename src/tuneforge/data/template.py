@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneforge.data.formats import as_messages
 from tuneforge.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -156,12 +157,13 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Encoded:
 
 def conversation_segments(
     tokenizer, messages: list[dict], end_of_turn: str, train_on_inputs: bool = False,
-    add_generation_prompt: bool = False,
+    add_generation_prompt: bool = False, train_from: int = 0,
 ) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) pieces.
 
     An assistant turn is trained from the end of the generation prompt through its end-of-turn
-    token; anything the template adds after that token (often a newline) is not.
+    token; anything the template adds after that token (often a newline) is not. Assistant turns
+    before message `train_from` are context (a preference prompt's history), not trained.
     """
     full = _render(tokenizer, messages, add_generation_prompt)
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
@@ -170,7 +172,7 @@ def conversation_segments(
                         "or move the instruction into the first user turn")
     spans: list[tuple[int, int]] = []
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < train_from:
             continue
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1])
@@ -198,6 +200,29 @@ def encode_conversation(tokenizer, messages: list[dict], end_of_turn: str, train
 def completion_segments(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> list[tuple[str, bool]]:
     """Raw prompt + completion + EOS, no template; the loss covers the completion and EOS."""
     return [(prompt, train_on_inputs), (completion + (tokenizer.eos_token or ""), True)]
+
+
+def response_segments(tokenizer, prompt: str | list[dict], response: str | list[dict],
+                      end_of_turn: str | None) -> list[tuple[str, bool]]:
+    """A prompt and one answer to it (preference and kto data): only the answer's turns are trained."""
+    if end_of_turn is None:
+        if isinstance(prompt, str) and isinstance(response, str):
+            return completion_segments(tokenizer, prompt, response)
+        raise DataError("these records hold conversations but the tokenizer has no chat template; set chat_template")
+    messages = as_messages(prompt, "user")
+    return conversation_segments(tokenizer, messages + as_messages(response, "assistant"), end_of_turn,
+                                 train_from=len(messages))
+
+
+def prompt_segments(tokenizer, prompt: str | list[dict], end_of_turn: str | None) -> list[tuple[str, bool]]:
+    """A prompt that asks for the next assistant turn, nothing trained (online methods sample the answer)."""
+    if end_of_turn is None:
+        if isinstance(prompt, str):
+            return [(prompt, False)]
+        raise DataError("these records hold conversations but the tokenizer has no chat template; set chat_template")
+    messages = as_messages(prompt, "user")
+    return conversation_segments(tokenizer, messages, end_of_turn, add_generation_prompt=True,
+                                 train_from=len(messages))
 
 
 def text_segments(tokenizer, text: str) -> list[tuple[str, bool]]:

@@ -22,6 +22,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     record: Record
+    tag: int = 0
 
     @property
     def source(self) -> str:
@@ -48,6 +49,7 @@ class TokenizedSet:
     lines: np.ndarray
     sources: list[str]
     records: list[Record] | None = None
+    tags: np.ndarray | None = None  # one small int per example: a kto example's label (1 desirable, 0 not)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -60,7 +62,8 @@ class TokenizedSet:
             record = self.records[i]
         else:
             record = Record(source=self.sources[self.source_idx[i]], line=int(self.lines[i]), kind="")
-        return Example(self.ids[a:b].tolist(), self.labels[a:b].tolist(), record)
+        tag = int(self.tags[i]) if self.tags is not None else 0
+        return Example(self.ids[a:b].tolist(), self.labels[a:b].tolist(), record, tag)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -79,7 +82,7 @@ class TokenizedSet:
     def save(self, folder: Path, name: str) -> None:
         save_file(
             {"ids": self.ids, "labels": self.labels, "offsets": self.offsets, "source_idx": self.source_idx,
-             "lines": self.lines},
+             "lines": self.lines, **({"tags": self.tags} if self.tags is not None else {})},
             folder / f"{name}.safetensors",
         )
         meta = {"sources": self.sources}
@@ -93,7 +96,7 @@ class TokenizedSet:
         meta = json.loads((folder / f"{name}.json").read_text())
         records = [Record(**r) for r in meta["records"]] if "records" in meta else None
         return cls(arrays["ids"], arrays["labels"], arrays["offsets"], arrays["source_idx"], arrays["lines"],
-                   meta["sources"], records)
+                   meta["sources"], records, arrays.get("tags"))
 
 
 class TokenizedBuilder:
@@ -115,14 +118,16 @@ class TokenizedBuilder:
         self._source_idx: list[int] = []
         self._lines: list[int] = []
         self._records: list[Record] = []
+        self._tags: list[int] = []
         self._sources: dict[str, int] = {}
 
-    def add(self, ids: np.ndarray, labels: np.ndarray, record: Record) -> None:
+    def add(self, ids: np.ndarray, labels: np.ndarray, record: Record, tag: int = 0) -> None:
         self._pending_ids.append(np.asarray(ids, dtype=np.int32))
         self._pending_labels.append(np.asarray(labels, dtype=np.int32))
         self._lengths.append(len(ids))
         self._source_idx.append(self._sources.setdefault(record.source, len(self._sources)))
         self._lines.append(record.line)
+        self._tags.append(tag)
         if self.keep_records:
             self._records.append(record)
         if len(self._pending_ids) >= self.FLUSH:
@@ -150,4 +155,5 @@ class TokenizedBuilder:
             np.asarray(self._lines, dtype=np.int64),
             list(self._sources),
             list(self._records) if self.keep_records else None,
+            np.asarray(self._tags, dtype=np.int8) if any(self._tags) else None,
         )

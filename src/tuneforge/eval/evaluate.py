@@ -35,6 +35,31 @@ def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, 
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
 
 
+@torch.no_grad()
+def objective_metrics(objective, model, data, batch_size: int, device, dtype, final: bool = False,
+                      reference=None) -> dict:
+    """The method's loss and statistics over the validation split, as val_* keys.
+
+    `preference_accuracy` counts a pair whose chosen answer gets the higher implicit reward; a tie
+    counts half, so a policy equal to its reference scores chance (0.5), not 0.
+    """
+    from tuneforge.methods import on_validation, run_objective
+
+    if hasattr(objective, "held_out"):
+        return objective.held_out(model, data, final)
+    view = on_validation(objective, data, reference)
+    was_training = model.training
+    model.eval()
+    n = len(data.validation)
+    batches = [view.collate(list(range(i, min(n, i + batch_size)))) for i in range(0, n, batch_size)]
+    loss, _, stats = run_objective(view, model, batches, device, dtype, backward=False)
+    model.train(was_training)
+    out = {"val_loss": loss, **{f"val_{k}": v for k, v in stats.items()}}
+    if "rewards/accuracies" in stats:
+        out["preference_accuracy"] = stats["rewards/accuracies"] + stats.get("rewards/ties", 0.0) / 2
+    return out
+
+
 def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
     """Every id that ends an answer: the template's end-of-turn and the tokenizer's EOS."""
     ids = []

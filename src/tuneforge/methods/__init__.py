@@ -1,0 +1,112 @@
+"""Training objectives, one module each. The loop asks an objective for four things:
+
+- `collate(indices)`: the batch of those training examples;
+- `prepare(model, batch)`: work done without gradients before the loss: reference log-probs, rollouts;
+- `units(batch)`: what the loss is averaged over (trained tokens, pairs, examples), counted per micro-batch
+  and summed over the accumulated batch by the loop;
+- `loss(model, batch, totals)`: this micro-batch's share of the step's loss (divided by those totals),
+  and statistics as (sum, count) pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+
+
+def build_objective(cfg, data, pad_id: int, reference=None, **online):
+    """The objective for `cfg.method`; `online` carries what GRPO needs to sample (tokenizer, stop ids...)."""
+    if cfg.method == "sft":
+        from tuneforge.methods.sft import SFT
+
+        return SFT(data, pad_id)
+    if cfg.method == "grpo":
+        from tuneforge.methods.grpo import GRPO
+
+        return GRPO(cfg.grpo, data, pad_id, reference, **online)
+    from tuneforge.methods.dpo import DPO
+    from tuneforge.methods.kto import KTO
+    from tuneforge.methods.orpo import ORPO
+    from tuneforge.methods.reward import Reward
+    from tuneforge.methods.simpo import SimPO
+
+    kind = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO, "reward": Reward}[cfg.method]
+    return kind(getattr(cfg, cfg.method), data, pad_id, reference)
+
+
+def needs_reference(cfg) -> bool:
+    """Whether the method compares against a reference model (and so may need a frozen copy)."""
+    if cfg.method == "dpo":
+        return not cfg.dpo.reference_free
+    if cfg.method == "grpo":
+        return cfg.grpo.beta > 0
+    return cfg.method == "kto"
+
+
+def resolved_loss(cfg) -> dict:
+    """The loss actually trained, with its normalisation: printed at the start and stored in run.json."""
+    m = cfg.method
+    if m == "sft":
+        return {"method": m, "loss": "cross-entropy", "normalised_by": "trained tokens of the accumulated batch"}
+    if m == "grpo":
+        g = cfg.grpo
+        return {"method": m, "loss": g.loss, "scale_rewards": g.scale_rewards, "beta": g.beta, "epsilon": g.epsilon,
+                "epsilon_high": g.epsilon_high or g.epsilon, "generations": g.generations,
+                "normalised_by": {"grpo": "completions, then tokens of each", "dapo": "completion tokens of the batch",
+                                  "dr_grpo": "completions x max_completion_tokens"}[g.loss]}
+    spec = getattr(cfg, m).model_dump()
+    base = {"method": m, **spec}
+    if m == "dpo":
+        logps = "per-token mean" if cfg.dpo.loss == "ipo" else "sum over the answer's tokens"
+        return {**base, "logps": logps, "normalised_by": "pairs of the accumulated batch"}
+    if m in ("orpo", "simpo"):
+        return {**base, "logps": "per-token mean", "normalised_by": "pairs (odds/margin term), chosen tokens (NLL)"}
+    if m == "kto":
+        return {**base, "logps": "sum over the answer's tokens", "kl": "per micro-batch, mismatched pairs",
+                "normalised_by": "examples of the accumulated batch"}
+    return {**base, "loss": "bradley-terry", "normalised_by": "pairs of the accumulated batch"}
+
+
+def on_validation(objective, data, reference=None):
+    """The same objective over the validation split, optionally against another reference."""
+    view = copy.copy(objective)
+    view.data = SimpleNamespace(train=data.validation, train_rejected=data.validation_rejected)
+    if reference is not None:
+        view.reference = reference
+    elif getattr(objective, "reference", None) is not None:
+        view.reference = copy.copy(objective.reference)
+        view.reference.split = "validation"
+    return view
+
+
+def run_objective(objective, model, batches: list[dict], device, dtype, backward: bool) -> tuple[float, dict, dict]:
+    """Loss, units and statistics of a set of micro-batches taken as one batch; backward if training.
+
+    Each micro-batch's loss is divided by the units of all of them, so gradients accumulate to
+    exactly those of the whole batch. Statistics come back averaged over the whole batch.
+    """
+    from tuneforge.eval.evaluate import autocast_for
+
+    prepared = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_for(device, dtype):
+            prepared.append(objective.prepare(model, batch))
+    totals: dict[str, int] = {}
+    for batch in prepared:
+        for unit, n in objective.units(batch).items():
+            totals[unit] = totals.get(unit, 0) + n
+    loss_sum, sums = 0.0, {}
+    for batch in prepared:
+        with autocast_for(device, dtype), torch.set_grad_enabled(backward):
+            loss, stats = objective.loss(model, batch, totals)
+        if backward:
+            loss.backward()
+        loss_sum += loss.item()
+        for name, (total, count) in stats.items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += total
+            acc[1] += count
+    return loss_sum, totals, {name: t / c for name, (t, c) in sums.items() if c}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX
 
 
@@ -29,3 +30,22 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).double().sum()
+
+
+class SFT:
+    name = "sft"
+
+    def __init__(self, data, pad_id: int):
+        self.data, self.pad_id = data, pad_id
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate([self.data.train[i] for i in indices], self.pad_id)
+
+    def units(self, batch) -> dict[str, int]:
+        return {"tokens": count_trained(batch)}
+
+    def prepare(self, model, batch):
+        return batch
+
+    def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
+        return sft_loss_sum(model, batch) / totals["tokens"], {}

@@ -58,13 +58,20 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
     return compute if adapter == "lora" and compute != torch.float16 else torch.float32
 
 
-def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               head: str = "causal_lm"):
+    """The model with its language-model head, or with a one-output score head (reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        if head == "score":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
     except Exception as err:
         raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None
     return model.to(device)
@@ -141,7 +148,7 @@ def build_lora_config(cfg: Config):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM",  # SEQ_CLS also trains and saves the score head
     )
 
 

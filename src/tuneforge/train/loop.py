@@ -1,7 +1,8 @@
 """The training run, top to bottom: data, model, before-eval, loop, checkpoints, after-eval, outputs.
 
-The loop asks the objective for a summed loss and divides by the trained-token count of the
-whole accumulated batch: micro-batch 2 x accumulation 4 equals micro-batch 8.
+The loop does not know which method it trains: it asks the objective (tuneforge.methods) for
+each micro-batch's loss, normalised by what the whole accumulated batch holds (trained tokens,
+pairs, examples): micro-batch 2 x accumulation 4 equals micro-batch 8.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import Config, config_to_dict
-from tuneforge.data.batching import collate, epoch_order, micro_batches_per_epoch
+from tuneforge.data.batching import epoch_order, micro_batches_per_epoch
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.evaluate import autocast_for, evaluate, stop_token_ids, validation_loss
-from tuneforge.methods.sft import count_trained, sft_loss_sum
+from tuneforge.eval.evaluate import autocast_for, evaluate, objective_metrics, stop_token_ids, validation_loss
+from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
+from tuneforge.methods.reference import Reference, precomputed_reference
 from tuneforge.models.load import (
     attach_adapter,
     check_template_tokens,
@@ -95,17 +97,9 @@ def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict,
     return batches
 
 
-def accumulate_gradients(model, batches: list[dict], device, dtype) -> tuple[float, int]:
-    """Backward over every micro-batch; the loss is normalised by the trained tokens of all of them."""
-    n_trained = sum(count_trained(b) for b in batches)
-    loss_sum = 0.0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast_for(device, dtype):
-            loss = sft_loss_sum(model, batch) / n_trained
-        loss.backward()
-        loss_sum += loss.item()
-    return loss_sum, n_trained
+def accumulate_gradients(objective, model, batches: list[dict], device, dtype) -> tuple[float, dict, dict]:
+    """Backward over every micro-batch of a step: (loss, units averaged over, statistics)."""
+    return run_objective(objective, model, batches, device, dtype, backward=True)
 
 
 def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
@@ -156,9 +150,28 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
-    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype))
-    check_template_tokens(model, tokenizer, cfg)
+    head = "score" if cfg.method == "reward" else "causal_lm"
+    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype), head=head)
+    if head == "causal_lm":
+        check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
+    loss_info = resolved_loss(cfg)
+    rep.note("Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()))
+
+    reference = None
+    if needs_reference(cfg):
+        frozen = None
+        precompute = cfg.method == "dpo" and cfg.dpo.precompute_reference
+        if cfg.adapter == "full" and not precompute:
+            frozen = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype)).eval()
+            frozen.requires_grad_(False)
+        reference = Reference(frozen)
+        if precompute:  # the model is still the base model here: it is the reference
+            reference.tables = precomputed_reference(model, build_objective(cfg, data, tokenizer.pad_token_id),
+                                                    folder, data, cfg, tokenizer, device, dtype, rep)
+    online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
+              "dtype": dtype, "seed": cfg.seed}
+    objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
 
     before_path = run_dir / "eval_before.json"
     before = None
@@ -167,7 +180,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             before = json.loads(before_path.read_text())
         else:
             rep.note("Evaluating the base model on the validation set...")
-            before = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+            # Before training the policy is its own reference (no adapter yet, no copy needed).
+            before = _evaluate(cfg, model, tokenizer, data, objective, device, dtype,
+                               reference=Reference(frozen=model) if reference is not None else None)
             write_json(before_path, before)
 
     seed_everything(cfg.seed)
@@ -196,8 +211,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             t0 = time.perf_counter()
             epoch_at_start = cursor["epoch"]
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
-            batches = [collate([data.train[i] for i in idx], pad) for idx in index_batches]
-            loss, n_trained = accumulate_gradients(model, batches, device, dtype)
+            batches = [objective.collate(idx) for idx in index_batches]
+            loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
             lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup, kind=cfg.scheduler)
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -211,12 +226,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             record = {
                 "step": step, "epoch": round(epoch_at_start + cursor["micro"] / plan.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "trained_tokens": n_trained, "tokens_per_s": tokens / elapsed,
-                "examples": [i for idx in index_batches for i in idx],
+                "trained_tokens": totals.get("tokens", 0), "tokens_per_s": tokens / elapsed,
+                **stats, "examples": [i for idx in index_batches for i in idx],
             }
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
-                last_val = validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size)
-                record["val_loss"] = last_val["val_loss"]
+                last_val = _validation(cfg, model, data, objective, pad, device, dtype)
+                record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
             metrics.write(record)
             rep.step(record)
             if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0):
@@ -232,7 +247,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     after = None
     if data.validation and cfg.evaluation.before_after:
         rep.note("Evaluating the tuned model on the validation set...")
-        after = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+        after = _evaluate(cfg, model, tokenizer, data, objective, device, dtype)
         write_json(run_dir / "eval_after.json", after)
     manifest = run_manifest(
         config_to_dict(cfg),
@@ -253,12 +268,27 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         final=str(final),
         eval_before=_headline(before),
         eval_after=_headline(after),
+        objective=loss_info,
         final_metrics={"train_loss": last_loss, **({"val_loss": last_val["val_loss"]} if last_val else {})},
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
     rep.before_after(before, after)
     return manifest
+
+
+def _validation(cfg: Config, model, data: PreparedData, objective, pad: int, device, dtype) -> dict:
+    if cfg.method == "sft":
+        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size)
+    return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
+
+
+def _evaluate(cfg: Config, model, tokenizer, data: PreparedData, objective, device, dtype, reference=None) -> dict:
+    """The before/after numbers: generation quality for SFT, the method's own held-out metrics otherwise."""
+    if cfg.method == "sft":
+        return evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+    return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype, final=True,
+                             reference=reference)
 
 
 def _headline(result: dict | None) -> dict | None:

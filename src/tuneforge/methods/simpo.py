@@ -1,0 +1,46 @@
+"""SimPO (Meng et al. 2024): length-normalised log-probs as the reward, a target margin, no reference."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.methods.logps import forward_logits, token_logps
+from tuneforge.methods.pairs import (
+    Stats, collate_pairs, halves, logsigmoid_smoothed, nll_sum, pair_units, reward_stats,
+)
+
+
+def simpo_losses(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss: -log sigmoid(beta x (avg logp chosen - avg logp rejected) - gamma)."""
+    return logsigmoid_smoothed(beta * (chosen_avg_logps - rejected_avg_logps - gamma / beta), label_smoothing)
+
+
+class SimPO:
+    name = "simpo"
+
+    def __init__(self, spec, data, pad_id: int, reference=None):
+        self.spec, self.data, self.pad_id = spec, data, pad_id
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
+
+    def units(self, batch) -> dict[str, int]:
+        return pair_units(batch)
+
+    def prepare(self, model, batch):
+        return batch
+
+    def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
+        s = self.spec
+        logits = forward_logits(model, batch)
+        per_token, mask = token_logps(logits, batch["labels"])
+        c_avg, r_avg = halves(per_token.sum(-1) / mask.sum(-1))
+        loss = simpo_losses(c_avg, r_avg, s.beta, s.gamma, s.label_smoothing).sum() / totals["pairs"]
+        stats = reward_stats(s.beta * c_avg, s.beta * r_avg, c_avg, r_avg)
+        if s.sft_weight:
+            pairs = c_avg.numel()
+            nll = nll_sum(logits[:pairs], batch["labels"][:pairs])
+            loss = loss + s.sft_weight * nll / totals["tokens"]
+            stats["nll_loss"] = (nll.detach().item(), float((batch["labels"][:pairs, 1:] != -100).sum()))
+        return loss, stats
