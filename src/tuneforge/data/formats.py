@@ -120,8 +120,11 @@ def _check_tool_calls(i: int, role: str, calls: object) -> None:
             raise BadRecord(f"message {i} (assistant): tool call {j} needs function.name, as in {TOOL_CALL_SHAPE}")
 
 
-def check_turns(messages: list[dict]) -> None:
-    """Roles known, contents non-empty strings, tool calls well formed, turns in a trainable order."""
+def check_turns(messages: list[dict], need_answer: bool = True) -> None:
+    """Roles known, contents non-empty strings, tool calls well formed, turns in a trainable order.
+
+    `need_answer`: there must be an assistant turn to train on (not so for a prompt the model answers).
+    """
     if not messages:
         raise BadRecord("no messages")
     for i, msg in enumerate(messages, 1):
@@ -143,7 +146,7 @@ def check_turns(messages: list[dict]) -> None:
         if role == "system" and i != 1:
             raise BadRecord(f"message {i}: a system message may only come first")
     chat = [m["role"] for m in messages if m["role"] != "system"]
-    if "assistant" not in chat:
+    if need_answer and "assistant" not in chat:
         raise BadRecord("no assistant turn to train on")
     if chat[0] != "user":
         raise BadRecord(f"the first turn after the system prompt must be user, got {chat[0]}")
@@ -304,7 +307,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
         # Online methods (GRPO): the model writes the answer; other fields go to the reward functions.
         rec.kind = "prompt"
         rec.prompt = _text_or_messages(obj, "prompt")
-        check_turns(as_messages(rec.prompt, "user"))
+        check_turns(as_messages(rec.prompt, "user"), need_answer=False)
         if as_messages(rec.prompt, "user")[-1]["role"] == "assistant":
             raise BadRecord("the prompt ends with an assistant turn; it must end where the model is to answer")
         return rec

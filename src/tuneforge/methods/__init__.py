@@ -85,7 +85,8 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
     """Loss, units and statistics of a set of micro-batches taken as one batch; backward if training.
 
     Each micro-batch's loss is divided by the units of all of them, so gradients accumulate to
-    exactly those of the whole batch. Statistics come back averaged over the whole batch.
+    exactly those of the whole batch. Statistics come back averaged over the whole batch; the
+    totals include `input_tokens`, every non-padding token the model read (rollouts included).
     """
     from tuneforge.eval.evaluate import autocast_for
 
@@ -94,7 +95,7 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device, dtype):
             prepared.append(objective.prepare(model, batch))
-    totals: dict[str, int] = {}
+    totals: dict[str, int] = {"input_tokens": sum(int(b["attention_mask"].sum()) for b in prepared)}
     for batch in prepared:
         for unit, n in objective.units(batch).items():
             totals[unit] = totals.get(unit, 0) + n

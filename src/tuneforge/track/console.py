@@ -74,6 +74,9 @@ class Reporter:
         if self.quiet:
             return
         info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s"
+        for key, label in (("rewards/accuracies", "acc"), ("reward", "reward"), ("kl", "kl")):
+            if key in m:
+                info += f" {label} {m[key]:.3f}"
         if "val_loss" in m:
             info += f" val {m['val_loss']:.4f}"
         if self._progress is not None:
@@ -112,7 +115,10 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     table.add_column("after", justify="right")
     b = before or {}
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
-            ("exact match", "exact_match", True), ("answers that stop", "stopped", True)]
+            ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
+            ("preference accuracy", "preference_accuracy", True), ("reward margin", "val_rewards/margins", False),
+            ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False)]
+    rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]
     for label, key, pct in rows:
         if key in after:
             table.add_row(label, _fmt(b.get(key), pct), _fmt(after.get(key), pct))

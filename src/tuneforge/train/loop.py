@@ -170,7 +170,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             reference.tables = precomputed_reference(model, build_objective(cfg, data, tokenizer.pad_token_id),
                                                     folder, data, cfg, tokenizer, device, dtype, rep)
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
-              "dtype": dtype, "seed": cfg.seed}
+              "dtype": dtype, "seed": cfg.seed, "base": Path.cwd(), "note": rep.note}
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
 
     before_path = run_dir / "eval_before.json"
@@ -205,11 +205,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     orders: dict = {}
     last_val, last_loss = None, None
     pad = tokenizer.pad_token_id
+    if hasattr(objective, "preflight") and step == 0:
+        objective.preflight(model)
     rep.start(plan.total_steps, step)
     try:
         while step < plan.total_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
-            epoch_at_start = cursor["epoch"]
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             batches = [objective.collate(idx) for idx in index_batches]
             loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
@@ -222,9 +223,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             step += 1
             last_loss = loss
             elapsed = time.perf_counter() - t0
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = totals["input_tokens"]
             record = {
-                "step": step, "epoch": round(epoch_at_start + cursor["micro"] / plan.micro_per_epoch, 4),
+                "step": step, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "trained_tokens": totals.get("tokens", 0), "tokens_per_s": tokens / elapsed,
                 **stats, "examples": [i for idx in index_batches for i in idx],
