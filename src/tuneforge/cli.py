@@ -41,6 +41,12 @@ def cmd_train(args) -> int:
     from tuneforge.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.stages:
+        from tuneforge.train.stages import train_chain
+
+        manifest = train_chain(cfg, Path(args.config).resolve().parent, resume=args.resume, reporter=Reporter(console))
+        console.print(f"\nStages written to {cfg.output_dir}/<n>-<method>/; the chain is described in {cfg.output_dir}/run.json")
+        return 0 if manifest and "stopped_at" not in manifest else 1
     manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
     console.print(f"\nRun written to {cfg.output_dir} (adapter/weights in final/, facts in run.json)")
     return 0 if manifest else 1
