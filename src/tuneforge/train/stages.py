@@ -8,12 +8,14 @@ base (`merged/`) so the next stage trains, and compares against, the previous st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from tuneforge.config import Config, config_from_dict, config_to_dict
 from tuneforge.errors import ConfigError
+from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.outputs import now, run_manifest, write_json
 
 
@@ -69,11 +71,9 @@ def train_chain(cfg: Config, base: Path, resume: bool = False, reporter=None) ->
         if reporter is not None:
             reporter.note(f"Stage {i}/{len(configs)}: {stage.method} -> {run_dir}" + (" (done already)" if finished else ""))
         if finished:
-            import json
-
             manifest = json.loads((run_dir / "run.json").read_text())
         else:
-            manifest = train(stage, resume=resume and any(run_dir.glob("checkpoint-*")), reporter=reporter)
+            manifest = train(stage, resume=resume and bool(list_checkpoints(run_dir)), reporter=reporter)
             if "stopped_at" in manifest:
                 return manifest
         done.append({"stage": i, "method": stage.method, "output_dir": str(run_dir), "base_model": stage.base_model,
