@@ -81,6 +81,29 @@ def quiet(make):
         return make()
 
 
+def compare(trainer, trl_loss: torch.Tensor, metrics: dict, ours_result: tuple, keys: tuple[str, ...]) -> None:
+    """Backward through TRL's loss, then check loss, gradients and the named metrics against ours."""
+    loss, stats, grads = ours_result
+    trl_loss.backward()
+    assert abs(loss - trl_loss.item()) <= TOL
+    assert_same_grads(grads, trainer.model)
+    for key in keys:
+        assert stats[key] == pytest.approx(float(metrics[key]), abs=1e-4), key
+
+
+def trl_loss_and_logged(trainer, inputs: dict) -> tuple[torch.Tensor, dict]:
+    """TRL's DPO/KTO loss on `inputs` and the metrics it logged for that batch."""
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def trl_batch_loss(trainer, batch: dict) -> tuple[torch.Tensor, dict]:
+    """TRL's ORPO/CPO loss and metrics on a chosen_*/rejected_* batch."""
+    trainer.model.train()
+    return trainer.get_batch_loss_metrics(trainer.model, batch)
+
+
 def tiny_dataset(kind: str) -> Dataset:
     if kind == "kto":
         return Dataset.from_list([{"prompt": "a", "completion": "b", "label": True},
@@ -97,7 +120,7 @@ def test_dpo_matches_trl(tmp_path, models, pairs, tokenizers, variant):
     tok = tokenizers["smol"]
     spec = DPOSpec(beta=0.3, loss=variant, label_smoothing=0.2 if variant == "robust" else 0.0)
     objective = DPO(spec, pairs, tok.pad_token_id, Reference(frozen=load_model(models[1], CPU).eval()))
-    loss, stats, grads = ours(objective, models[0])
+    result = ours(objective, models[0])
 
     from trl import DPOConfig, DPOTrainer
 
@@ -107,16 +130,8 @@ def test_dpo_matches_trl(tmp_path, models, pairs, tokenizers, variant):
     batch = objective.collate(list(range(3)))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "completion_mask": (batch["labels"] != IGNORE_INDEX).long()}
-    trainer.model.train()
-    trl_loss = trainer._compute_loss(trainer.model, inputs, False)
-    trl_loss.backward()
-
-    assert abs(loss - trl_loss.item()) <= TOL
-    assert_same_grads(grads, trainer.model)
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected"):
-        assert stats[key] == pytest.approx(logged[key], abs=1e-4), key
+    compare(trainer, *trl_loss_and_logged(trainer, inputs), result,
+            ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"))
 
 
 def _pair_tensors(examples: list[Example], pad: int, prefix: str) -> dict:
@@ -140,43 +155,32 @@ def test_orpo_matches_trl(tmp_path, models, pairs, tokenizers):
     tok = tokenizers["smol"]
     # TRL's NLL term counts the prompt tokens too; nll_on_prompt reproduces that choice.
     objective = ORPO(ORPOSpec(beta=0.25, nll_on_prompt=True), pairs, tok.pad_token_id)
-    loss, stats, grads = ours(objective, models[0])
+    result = ours(objective, models[0])
 
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(beta=0.25, **common_args(tmp_path))
     trainer = quiet(lambda: ORPOTrainer(model=load_model(models[0], CPU), args=args,
                                         train_dataset=tiny_dataset("pairs"), processing_class=tok))
-    trainer.model.train()
-    trl_loss, metrics = trainer.get_batch_loss_metrics(trainer.model, trl_pair_batch(pairs, tok.pad_token_id))
-    trl_loss.backward()
-
-    assert abs(loss - trl_loss.item()) <= TOL
-    assert_same_grads(grads, trainer.model)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "log_odds_ratio",
-                "log_odds_chosen", "nll_loss"):
-        assert stats[key] == pytest.approx(float(metrics[key]), abs=1e-4), key
+    compare(trainer, *trl_batch_loss(trainer, trl_pair_batch(pairs, tok.pad_token_id)), result,
+            ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "log_odds_ratio",
+             "log_odds_chosen", "nll_loss"))
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.7])
 def test_simpo_matches_trl(tmp_path, models, pairs, tokenizers, sft_weight):
     tok = tokenizers["smol"]
     objective = SimPO(SimPOSpec(beta=2.0, gamma=0.6, sft_weight=sft_weight), pairs, tok.pad_token_id)
-    loss, stats, grads = ours(objective, models[0])
+    result = ours(objective, models[0])
 
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     args = CPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=0.6, cpo_alpha=sft_weight, **common_args(tmp_path))
     trainer = quiet(lambda: CPOTrainer(model=load_model(models[0], CPU), args=args,
                                        train_dataset=tiny_dataset("pairs"), processing_class=tok))
-    trainer.model.train()
-    trl_loss, metrics = trainer.get_batch_loss_metrics(trainer.model, trl_pair_batch(pairs, tok.pad_token_id))
-    trl_loss.backward()
-
-    assert abs(loss - trl_loss.item()) <= TOL
-    assert_same_grads(grads, trainer.model)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
-        assert stats[key] == pytest.approx(metrics[key], abs=1e-4), key
+    compare(trainer, *trl_batch_loss(trainer, trl_pair_batch(pairs, tok.pad_token_id)), result,
+            ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll_loss"
+             if sft_weight else "logps/chosen"))
 
 
 @pytest.fixture(scope="module")
@@ -207,13 +211,7 @@ def test_kto_matches_trl(tmp_path, models, kto_examples, tokenizers):
               "completion_mask": (batch["labels"] != IGNORE_INDEX).long(), "label": batch["desirable"],
               "KL_input_ids": batch["kl_input_ids"], "KL_attention_mask": batch["kl_attention_mask"],
               "KL_completion_mask": (batch["kl_labels"] != IGNORE_INDEX).long()}
-    trainer.model.train()
-    trl_loss = trainer._compute_loss(trainer.model, inputs, False)
-    trl_loss.backward()
-
-    assert abs(loss - trl_loss.item()) <= TOL
-    assert_same_grads(grads, trainer.model)
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trl_loss, logged = trl_loss_and_logged(trainer, inputs)
+    compare(trainer, trl_loss, logged, (loss, stats, grads),
+            ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"))
     assert logged["kl"] > 0  # the KL term is live, not clamped to zero
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        assert stats[key] == pytest.approx(logged[key], abs=1e-4), key

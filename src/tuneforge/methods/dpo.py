@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.methods.logps import token_logps, forward_logits
-from tuneforge.methods.pairs import Stats, collate_pairs, halves, pair_units, reward_stats
+from tuneforge.methods.pairs import PairObjective, Stats, halves, reward_stats
 
 
 def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, loss: str,
@@ -30,17 +30,8 @@ def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
     raise ValueError(f"dpo.loss: unknown variant {loss!r}")
 
 
-class DPO:
+class DPO(PairObjective):
     name = "dpo"
-
-    def __init__(self, spec, data, pad_id: int, reference):
-        self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
-
-    def units(self, batch) -> dict[str, int]:
-        return pair_units(batch)
 
     def prepare(self, model, batch):
         batch["ref_logps"] = self.reference.logps(model, batch)

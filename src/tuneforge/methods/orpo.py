@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tuneforge.methods.logps import forward_logits, token_logps
 from tuneforge.methods.pairs import (
-    Stats, all_token_labels, collate_pairs, halves, log1mexp, nll_sum, pair_units, reward_stats,
+    PairObjective, Stats, all_token_labels, halves, log1mexp, nll_sum, pair_units, reward_stats,
 )
 
 
@@ -17,14 +17,8 @@ def odds_ratio_terms(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.T
     return F.logsigmoid(log_odds), log_odds
 
 
-class ORPO:
+class ORPO(PairObjective):
     name = "orpo"
-
-    def __init__(self, spec, data, pad_id: int, reference=None):
-        self.spec, self.data, self.pad_id = spec, data, pad_id
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
 
     def units(self, batch) -> dict[str, int]:
         units = pair_units(batch)
@@ -32,9 +26,6 @@ class ORPO:
             chosen = all_token_labels(batch)[: units["pairs"]]
             units["tokens"] = int((chosen[:, 1:] != -100).sum())
         return units
-
-    def prepare(self, model, batch):
-        return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         logits = forward_logits(model, batch)

@@ -72,3 +72,21 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def logsigmoid_smoothed(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """-log sigmoid(z), with a share of the labels assumed flipped (conservative DPO / cDPO)."""
     return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+
+
+class PairObjective:
+    """What DPO, ORPO, SimPO and reward training share: the pair batch and the units it is averaged over."""
+
+    name = ""
+
+    def __init__(self, spec, data, pad_id: int, reference=None):
+        self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
+
+    def units(self, batch) -> dict[str, int]:
+        return pair_units(batch)
+
+    def prepare(self, model, batch):
+        return batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.methods.pairs import Stats, collate_pairs, halves, pair_units
+from tuneforge.methods.pairs import PairObjective, Stats, halves
 
 
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -29,20 +29,8 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, center_co
     return losses
 
 
-class Reward:
+class Reward(PairObjective):
     name = "reward"
-
-    def __init__(self, spec, data, pad_id: int, reference=None):
-        self.spec, self.data, self.pad_id = spec, data, pad_id
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
-
-    def units(self, batch) -> dict[str, int]:
-        return pair_units(batch)
-
-    def prepare(self, model, batch):
-        return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         chosen, rejected = halves(sequence_scores(model, batch))

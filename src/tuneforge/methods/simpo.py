@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.methods.logps import forward_logits, token_logps
-from tuneforge.methods.pairs import (
-    Stats, collate_pairs, halves, logsigmoid_smoothed, nll_sum, pair_units, reward_stats,
-)
+from tuneforge.methods.pairs import PairObjective, Stats, halves, logsigmoid_smoothed, nll_sum, reward_stats
 
 
 def simpo_losses(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float,
@@ -16,20 +14,8 @@ def simpo_losses(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tenso
     return logsigmoid_smoothed(beta * (chosen_avg_logps - rejected_avg_logps - gamma / beta), label_smoothing)
 
 
-class SimPO:
+class SimPO(PairObjective):
     name = "simpo"
-
-    def __init__(self, spec, data, pad_id: int, reference=None):
-        self.spec, self.data, self.pad_id = spec, data, pad_id
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
-
-    def units(self, batch) -> dict[str, int]:
-        return pair_units(batch)
-
-    def prepare(self, model, batch):
-        return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         s = self.spec

@@ -20,7 +20,7 @@ from tuneforge.config import Config, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.evaluate import autocast_for, evaluate, objective_metrics, stop_token_ids, validation_loss
+from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, precomputed_reference
 from tuneforge.models.load import (
