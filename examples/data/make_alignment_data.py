@@ -1,7 +1,9 @@
 """Write the bundled alignment demos' data (deterministic; rerun to regenerate).
 
-- preference_{train,test}.jsonl: questions about people's favourite things; the chosen answer
-  states the fact plainly, the rejected one hedges. Test names never appear in training.
+- preference_{train,test}.jsonl: questions about people's favourite things, answered correctly
+  on both sides; the chosen answer closes with an offer to help further, the rejected one with a
+  curt sign-off. Both endings are short and natural, so the base model has no strong preference
+  between them. Test names never appear in training.
 - arithmetic_{train,test}.jsonl: small additions for GRPO, with the answer for the reward.
 """
 
@@ -20,9 +22,8 @@ THINGS = {"colour": ["blue", "green", "red", "yellow", "purple", "orange"],
           "fruit": ["apple", "mango", "pear", "banana", "cherry", "plum"],
           "animal": ["cat", "owl", "horse", "otter", "fox", "dolphin"],
           "sport": ["tennis", "rowing", "chess", "cycling", "judo", "golf"]}
-HEDGES = ["I'm not completely sure, but it might be {v}, although I could be wrong.",
-          "Hmm, that's hard to say. Perhaps {v}? I really can't be certain.",
-          "I don't have reliable information, but maybe {v}, if I had to guess."]
+WARM = ["Anything else I can help with?", "Happy to help with more.", "Let me know if you need more."]
+CURT = ["That is all.", "Goodbye.", "Next question."]
 
 
 def people(rng: random.Random, names: list[str], n: int) -> list[dict]:
@@ -32,8 +33,8 @@ def people(rng: random.Random, names: list[str], n: int) -> list[dict]:
         kind = rng.choice(sorted(THINGS))
         value = rng.choice(THINGS[kind])
         prompt = f"{name}'s favourite {kind} is {value}. What is {name}'s favourite {kind}?"
-        out.append({"prompt": prompt, "chosen": f"{name}'s favourite {kind} is {value}.",
-                    "rejected": rng.choice(HEDGES).format(v=value)})
+        answer = f"{name}'s favourite {kind} is {value}."
+        out.append({"prompt": prompt, "chosen": f"{answer} {rng.choice(WARM)}", "rejected": f"{answer} {rng.choice(CURT)}"})
     return out
 
 

@@ -57,6 +57,8 @@ def objective_metrics(objective, model, data, batch_size: int, device, dtype, fi
     out = {"val_loss": loss, **{f"val_{k}": v for k, v in stats.items()}}
     if "rewards/accuracies" in stats:
         out["preference_accuracy"] = stats["rewards/accuracies"] + stats.get("rewards/ties", 0.0) / 2
+    if "logps/accuracies" in stats:  # the model's own likelihood: does it make the chosen answer the likelier?
+        out["likelihood_accuracy"] = stats["logps/accuracies"]
     return out
 
 

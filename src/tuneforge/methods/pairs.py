@@ -49,6 +49,7 @@ def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
         "rewards/ties": ((c == r).float().sum().item(), n),
         "rewards/margins": ((c - r).sum().item(), n),
         "logps/chosen": (chosen_logps.detach().float().sum().item(), n),
+        "logps/accuracies": ((chosen_logps > rejected_logps).float().sum().item(), n),
         "logps/rejected": (rejected_logps.detach().float().sum().item(), n),
     }
 

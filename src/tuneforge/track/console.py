@@ -116,7 +116,7 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     b = before or {}
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
             ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
-            ("preference accuracy", "preference_accuracy", True), ("reward margin", "val_rewards/margins", False),
+            ("preference accuracy", "preference_accuracy", True), ("chosen likelier", "likelihood_accuracy", True), ("reward margin", "val_rewards/margins", False),
             ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False)]
     rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]
     for label, key, pct in rows:
