@@ -187,3 +187,18 @@ def test_grpo_runs_through_the_loop_and_logs_its_metrics(tmp_path, tiny_models):
     assert len(logged) == 2
     for key in ("reward", "reward_std", "frac_zero_std", "kl", "rewards/exact_match", "completion_length"):
         assert all(math.isfinite(r[key]) for r in logged), key
+
+
+def test_reward_file_beside_the_config(tmp_path):
+    from tuneforge.config import config_from_dict
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "scoring.py").write_text("def ok(prompts, completions, **f):\n    return [1.0] * len(completions)\n")
+    cfg = config_from_dict({"datasets": [{"path": "p.jsonl"}], "method": "grpo",
+                            "grpo": {"rewards": [{"function": "scoring.py:ok"}, {"function": "exact_match"}]}},
+                           base=tmp_path / "conf")
+    assert cfg.grpo.rewards[0].function == f"{tmp_path / 'conf' / 'scoring.py'}:ok"
+    assert cfg.grpo.rewards[1].function == "exact_match"
+    assert score(load_reward(cfg.grpo.rewards[0].function, {}), ["p"], ["c"], {}) == [1.0]
+    with pytest.raises(ConfigError, match="no file"):
+        load_reward(str(tmp_path / "missing.py") + ":ok", {})

@@ -124,7 +124,8 @@ class RewardSpec(_Strict):
 
 
 class RewardFunctionSpec(_Strict):
-    function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty) or module:function.")
+    function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty), module:function, "
+                          "or file.py:function with the file relative to the config.")
     weight: float = Field(1.0, description="The rewards are summed with these weights.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the function.")
 
@@ -357,7 +358,17 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
             cfg.base_model = str(candidate.resolve())
     if cfg.chat_template.endswith(".jinja"):
         cfg.chat_template = _resolve(cfg.chat_template, base)
+    if cfg.grpo is not None:  # file.py:function names a file beside the config
+        for reward in cfg.grpo.rewards:
+            reward.function = _resolve_function(reward.function, base)
+        if cfg.grpo.environment:
+            cfg.grpo.environment = _resolve_function(cfg.grpo.environment, base)
     return cfg
+
+
+def _resolve_function(name: str, base: Path) -> str:
+    path, sep, attr = name.rpartition(":")
+    return f"{_resolve(path, base)}:{attr}" if sep and path.endswith(".py") else name
 
 
 def config_from_dict(raw: dict, source: str = "<config>", base: Path | None = None) -> Config:

@@ -1,6 +1,7 @@
 """Reward functions for GRPO: built-ins and user functions named `module:function` in the config.
 
-Signature (the same for both): `fn(prompts, completions, **fields) -> list[float]`, where
+Named `module:function` (importable from the working folder) or `file.py:function` (a file
+relative to the config). Signature (the same for all): `fn(prompts, completions, **fields) -> list[float]`, where
 `prompts` and `completions` are lists of strings (the completion without its end-of-turn
 token) and `fields` holds every other column of the data file as a list aligned with them
 (e.g. `answer`). Arguments given under `args:` in the config are bound by keyword.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -68,20 +70,32 @@ def load_reward(name: str, args: dict, base: Path | None = None) -> Callable:
     if name in BUILTIN:
         fn = BUILTIN[name]
     elif ":" in name:
-        module, _, attr = name.partition(":")
-        if base is not None and str(base) not in sys.path:
-            sys.path.insert(0, str(base))
+        module, _, attr = name.rpartition(":")
         try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"grpo.rewards: cannot load {name!r}: {err}; give module:function importable "
-                              "from the config's folder or the Python path") from None
+            fn = getattr(_import(module, base), attr)
+        except (ImportError, AttributeError, OSError) as err:
+            raise ConfigError(f"grpo: cannot load {name!r}: {err}; give module:function importable from the "
+                              "working folder or the Python path, or file.py:function") from None
     else:
         raise ConfigError(f"grpo.rewards: unknown function {name!r}; built-ins are {', '.join(BUILTIN)}, "
                           "or give module:function")
     bound = functools.partial(fn, **args) if args else fn
     bound.__name__ = name.split(":")[-1]
     return bound
+
+
+def _import(module: str, base: Path | None):
+    """A module by dotted name (looked up in `base` too), or a .py file by path."""
+    if module.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        if spec is None or not Path(module).is_file():
+            raise ImportError(f"no file {module}")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    if base is not None and str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    return importlib.import_module(module)
 
 
 def score(fn: Callable, prompts: list[str], completions: list[str], fields: dict[str, list]) -> list[float]:
