@@ -105,7 +105,7 @@ def grpo_objective(tmp_path, tiny_models, environment=None, **spec):
     notes = []
     obj = GRPO(GRPOSpec(**grpo), data, tok.pad_token_id, None, tokenizer=tok,
                stop_ids=stop_token_ids(tok, data.end_of_turn), end_of_turn=data.end_of_turn, device=CPU,
-               dtype=torch.float32, seed=0, base=tmp_path, note=notes.append)
+               dtype=torch.float32, base=tmp_path, note=notes.append)
     return obj, data, tok, notes
 
 

@@ -151,11 +151,14 @@ def test_each_method_learns_the_held_out_preference(tmp_path, tiny_models, metho
 
 def test_lora_dpo_reference_is_the_adapter_disabled_model(tmp_path, tiny_models, monkeypatch):
     """R-PREF-1: no second copy of the weights is loaded for LoRA DPO."""
+    import tuneforge.models.load as load
     import tuneforge.train.loop as loop
 
     loads = []
-    real = loop.load_model
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = load.load_model
+    counting = lambda *a, **k: loads.append(a) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(loop, "load_model", counting)
+    monkeypatch.setattr(load, "load_model", counting)
     data_file = write_jsonl(tmp_path / "pref.jsonl", preference_records(8))
     cfg = make_cfg(tmp_path, tiny_models["llama"], method="dpo", datasets=[{"path": str(data_file)}], max_steps=2,
                    **{"evaluation.before_after": False})
@@ -202,3 +205,12 @@ def test_half_precision_dpo_stays_finite(tmp_path, tiny_models):
     train(cfg, reporter=QUIET)
     logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(logged) == 50 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in logged)
+
+
+def test_reference_free_dpo_rewards_are_the_policy_logps(tmp_path, tiny_models):
+    data_file = write_jsonl(tmp_path / "pref.jsonl", preference_records(8))
+    cfg = make_cfg(tmp_path, tiny_models["llama"], method="dpo", datasets=[{"path": str(data_file)}], max_steps=2,
+                   **{"dpo.reference_free": True, "dpo.beta": 0.5, "evaluation.before_after": False})
+    train(cfg, reporter=QUIET)
+    for r in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        assert r["rewards/chosen"] == pytest.approx(0.5 * r["logps/chosen"], rel=1e-5)

@@ -37,9 +37,9 @@ def build_objective(cfg, data, pad_id: int, reference=None, **online):
 
 
 def needs_reference(cfg) -> bool:
-    """Whether the method compares against a reference model (and so may need a frozen copy)."""
+    """Whether the method compares against a reference (for reference-free DPO, a uniform one)."""
     if cfg.method == "dpo":
-        return not cfg.dpo.reference_free
+        return True
     if cfg.method == "grpo":
         return cfg.grpo.beta > 0
     return cfg.method == "kto"

@@ -52,7 +52,7 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, spec, data, pad_id: int, reference, *, tokenizer, stop_ids, end_of_turn, device, dtype,
-                 seed: int, base: Path | None = None, note=print):
+                 base: Path | None = None, note=print):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
         self.tokenizer, self.stop_ids, self.end_of_turn = tokenizer, stop_ids, end_of_turn
         self.device, self.dtype, self.note = device, dtype, note

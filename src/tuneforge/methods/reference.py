@@ -72,6 +72,24 @@ def precompute_cache_path(cache_root: Path, model_hash: str, data_key: str) -> P
     return cache_root / "reference_logps" / f"{key}.npz"
 
 
+def make_reference(cfg, model, folder: Path, data, tokenizer, device, dtype, rep) -> Reference:
+    """The reference for this run. Called before the adapter is attached, while `model` is still the base."""
+    from tuneforge.methods import build_objective
+    from tuneforge.models.load import load_model, weights_dtype
+
+    free = cfg.method == "dpo" and cfg.dpo.reference_free
+    precompute = cfg.method == "dpo" and cfg.dpo.precompute_reference and not free
+    frozen = None
+    if cfg.adapter == "full" and not precompute and not free:
+        frozen = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype)).eval()
+        frozen.requires_grad_(False)
+    reference = Reference(frozen, free=free)
+    if precompute:
+        objective = build_objective(cfg, data, tokenizer.pad_token_id)
+        reference.tables = precomputed_reference(model, objective, folder, data, cfg, tokenizer, device, dtype, rep)
+    return reference
+
+
 @torch.no_grad()
 def precomputed_reference(model, objective, folder: Path, data, cfg, tokenizer, device, dtype, rep) -> dict[str, np.ndarray]:
     """Reference log-probs of every training and validation pair, computed once with the base model (R-PREF-1).

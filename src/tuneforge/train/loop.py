@@ -22,7 +22,7 @@ from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
-from tuneforge.methods.reference import Reference, precomputed_reference
+from tuneforge.methods.reference import Reference, make_reference
 from tuneforge.models.load import (
     attach_adapter,
     check_template_tokens,
@@ -158,19 +158,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     loss_info = resolved_loss(cfg)
     rep.note("Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()))
 
-    reference = None
-    if needs_reference(cfg):
-        frozen = None
-        precompute = cfg.method == "dpo" and cfg.dpo.precompute_reference
-        if cfg.adapter == "full" and not precompute:
-            frozen = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype)).eval()
-            frozen.requires_grad_(False)
-        reference = Reference(frozen)
-        if precompute:  # the model is still the base model here: it is the reference
-            reference.tables = precomputed_reference(model, build_objective(cfg, data, tokenizer.pad_token_id),
-                                                    folder, data, cfg, tokenizer, device, dtype, rep)
+    reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
-              "dtype": dtype, "seed": cfg.seed, "base": Path.cwd(), "note": rep.note}
+              "dtype": dtype, "base": Path.cwd(), "note": rep.note}
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
 
     before_path = run_dir / "eval_before.json"
@@ -182,7 +172,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             rep.note("Evaluating the base model on the validation set...")
             # Before training the policy is its own reference (no adapter yet, no copy needed).
             before = _evaluate(cfg, model, tokenizer, data, objective, device, dtype,
-                               reference=Reference(frozen=model) if reference is not None else None)
+                               reference=Reference(model, reference.free) if reference is not None else None)
             write_json(before_path, before)
 
     seed_everything(cfg.seed)
@@ -270,7 +260,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         eval_before=_headline(before),
         eval_after=_headline(after),
         objective=loss_info,
-        final_metrics={"train_loss": last_loss, **({"val_loss": last_val["val_loss"]} if last_val else {})},
+        final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
