@@ -71,35 +71,48 @@ def _outside_body(model) -> set[int]:
     return out
 
 
+def _plain_name(name: str) -> str:
+    """A module's name in the base model: without PEFT's wrapper prefix and base_layer segments."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _weights(name: str, module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, int]]:
+    """(name, weight, size) of the linear-like weights a module holds itself, fused 3-D experts included."""
+    found = [(name, module.weight, weight_size(module))] if is_linear_like(module) else []
+    return found + [(f"{name}.{n}", p, p.numel()) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
+
+
 def adapted_modules(model, full: bool = False) -> dict:
     """Linear-like weights that train (LoRA-wrapped, or trainable under full) and those skipped, grouped.
 
-    3-D parameters (fused MoE experts) are linear-like weights too; PEFT's target_modules cannot wrap them.
+    Fused MoE experts (3-D parameters) count as linear-like: PEFT adapts them through target_parameters
+    when it can, and they are listed as skipped when it does not.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     outside = _outside_body(model)
-    adapted, skipped, excluded = Counter(), Counter(), Counter()
-    sizes = Counter()
-    inside_tuner: list[str] = []
+    adapted, skipped, excluded, sizes = Counter(), Counter(), Counter(), Counter()
+    covered: set[str] = set()
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside_tuner):
-            continue
-        short = name.removeprefix("base_model.model.")
+        if any(part.startswith("lora_") for part in name.split(".")):
+            continue  # the adapter's own matrices
+        plain = _plain_name(name)
         if isinstance(module, BaseTunerLayer):
-            inside_tuner.append(name + ".")
-            adapted[group_name(short)] += 1
-            sizes["adapted"] += weight_size(module.get_base_layer())
+            base, pname = module.get_base_layer(), getattr(module, "parameter_name", None)
+            wname = f"{plain}.{pname}" if pname else plain
+            covered.add(wname)
+            adapted[group_name(wname)] += 1
+            sizes["adapted"] += getattr(base, pname).numel() if pname else weight_size(base)
             continue
-        weights = [(short, module.weight, weight_size(module))] if is_linear_like(module) else []
-        weights += [(f"{short}.{n}", p, p.numel()) for n, p in module.named_parameters(recurse=False) if p.ndim == 3]
-        for wname, weight, size in weights:
+        for wname, weight, size in _weights(plain, module):
+            if wname in covered:
+                continue
             trains = full and weight.requires_grad
-            if id(module) in outside and not trains:
-                excluded[group_name(wname)] += 1
-            elif trains:
+            if trains:
                 adapted[group_name(wname)] += 1
                 sizes["adapted"] += size
+            elif id(module) in outside:
+                excluded[group_name(wname)] += 1
             else:
                 skipped[group_name(wname)] += 1
                 sizes["skipped"] += size
