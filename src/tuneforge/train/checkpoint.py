@@ -54,6 +54,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     scalars: list[str] = []
     for idx, state in sd["state"].items():
         _flatten(str(idx), state, tensors, scalars)
+    seen: set[int] = set()
+    for key, t in tensors.items():  # bitsandbytes shares one quantization map between parameters
+        if t.numel() and t.data_ptr() in seen:
+            tensors[key] = t.clone()  # safetensors stores no shared memory
+        seen.add(t.data_ptr())
     return tensors, sd["param_groups"], scalars
 
 
