@@ -119,14 +119,19 @@ def test_loraplus_puts_b_at_ratio_times_the_learning_rate(tmp_path, tiny_models)
     assert group_of[b_names[0]]["lr"] == pytest.approx(16e-3) and group_of[a_names[0]]["lr"] == pytest.approx(1e-3)
 
 
+def uninterrupted_and_resumed(tmp_path, model_dir, stop_after: int, **over) -> tuple[list, list]:
+    """Metrics of a run straight through and of the same run stopped after `stop_after` steps and resumed."""
+    full = make_cfg(tmp_path, model_dir, out="full", **over)
+    train(full, reporter=QUIET)
+    cut = make_cfg(tmp_path, model_dir, out="cut", **over)
+    train(cut, reporter=QUIET, stop_after=stop_after)
+    train(cut, resume=True, reporter=QUIET)
+    return tuple(read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "cut"))
+
+
 def test_loraplus_trains_through_the_loop_and_resumes(tmp_path, tiny_models):
     over = {**BASE, "max_steps": 6, "save_every": 3, "lora.plus_ratio": 4.0, "lora.dropout": 0.1}
-    full = make_cfg(tmp_path, tiny_models["llama"], out="full", **over)
-    train(full, reporter=QUIET)
-    cut = make_cfg(tmp_path, tiny_models["llama"], out="cut", **over)
-    train(cut, reporter=QUIET, stop_after=4)
-    train(cut, resume=True, reporter=QUIET)
-    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "cut"))
+    a, b = uninterrupted_and_resumed(tmp_path, tiny_models["llama"], 4, **over)
     assert [m["loss"] for m in a] == [m["loss"] for m in b] and a[-1]["loss"] < a[0]["loss"]
 
 
@@ -195,12 +200,7 @@ def test_a_freeze_entry_that_matches_nothing_is_named(tmp_path, tiny_models):
 def test_full_fine_tuning_with_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_models, optimizer):
     pytest.importorskip("bitsandbytes")
     over = {**BASE, "adapter": "full", "optimizer": optimizer, "learning_rate": 3e-3, "max_steps": 4, "save_every": 2}
-    full = make_cfg(tmp_path, tiny_models["llama"], out="full", **over)
-    train(full, reporter=QUIET)
-    cut = make_cfg(tmp_path, tiny_models["llama"], out="cut", **over)
-    train(cut, reporter=QUIET, stop_after=3)
-    train(cut, resume=True, reporter=QUIET)
-    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "cut"))
+    a, b = uninterrupted_and_resumed(tmp_path, tiny_models["llama"], 3, **over)
     assert [m["loss"] for m in a] == [m["loss"] for m in b] and a[-1]["loss"] < a[0]["loss"]
     wa, wb = (load_file(list_checkpoints(tmp_path / d)[-1] / "trainable.safetensors") for d in ("full", "cut"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -61,9 +61,11 @@ def load_quantized(folder: Path, device: torch.device, q: QuantizationConfig, dt
     require_bitsandbytes(f"adapter: qlora ({q.bits}-bit base)")
     if device.type not in ("cuda", "cpu"):
         raise ConfigError(f"adapter: qlora runs on CUDA or CPU (bitsandbytes), not {device.type}; set device: cuda or cpu")
+    # bitsandbytes quantizes while the weights are placed, so the device is chosen at load time.
+    place = "cpu" if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, quantization_config=bnb_config(q, dtype), device_map={"": device},
+            str(folder), dtype=dtype, quantization_config=bnb_config(q, dtype), device_map={"": place},
             trust_remote_code=trust_remote_code, use_safetensors=True,
         )
     except Exception as err:
