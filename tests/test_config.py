@@ -109,7 +109,7 @@ def test_unknown_key_without_close_match_says_so(tmp_path):
 @pytest.mark.parametrize("extra, key, value", [
     ({"micro_batch_size": 0}, "micro_batch_size", "0"),
     ({"scheduler": "cosin"}, "scheduler", "'cosin'"),
-    ({"adapter": "qlora"}, "adapter", "'qlora'"),
+    ({"adapter": "dora"}, "adapter", "'dora'"),
     ({"learning_rate": 5}, "learning_rate", "5"),
     ({"lora": {"r": "abc"}}, "lora.r", "'abc'"),
     ({"truncation": "cut"}, "truncation", "'cut'"),

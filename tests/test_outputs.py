@@ -14,7 +14,8 @@ from tuneforge.export.merge import merge_run
 from tuneforge.models.load import attach_adapter, build_lora_config, load_model
 from tuneforge.models.run import open_run
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
-from tuneforge.train.loop import build_optimizer, train
+from tuneforge.train.loop import train
+from tuneforge.train.optim import build_optimizer
 
 CPU = torch.device("cpu")
 
@@ -29,7 +30,7 @@ def lora_run(tmp_path_factory, tiny_models):
 
 def in_memory_model(cfg, run_dir, model_dir):
     """The tuned model as the loop held it: base + adapter + the last checkpoint's weights."""
-    model = attach_adapter(load_model(model_dir, CPU), cfg)
+    model, _ = attach_adapter(load_model(model_dir, CPU), cfg)
     load_checkpoint(list_checkpoints(run_dir)[-1], model, build_optimizer(model, cfg))
     return model.eval()
 

@@ -20,7 +20,8 @@ from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
 from tuneforge.methods.sft import SFT
-from tuneforge.train.loop import accumulate_gradients, build_optimizer, train
+from tuneforge.train.loop import accumulate_gradients, train
+from tuneforge.train.optim import build_optimizer
 
 QUIET = Reporter(quiet=True)
 CPU = torch.device("cpu")
@@ -128,7 +129,7 @@ def test_resume_restores_saved_tensors_bit_for_bit(tmp_path, tiny_models):
     cfg = make_cfg(tmp_path, tiny_models["llama"], max_steps=3, **{"evaluation.before_after": False})
     train(cfg, reporter=QUIET)
     [ckpt] = list_checkpoints(tmp_path / "run")[-1:]
-    model = attach_adapter(load_model(tiny_models["llama"], CPU), cfg)
+    model, _ = attach_adapter(load_model(tiny_models["llama"], CPU), cfg)
     optimizer = build_optimizer(model, cfg)
     state = load_checkpoint(ckpt, model, optimizer)
     saved = load_file(ckpt / "trainable.safetensors")
@@ -220,7 +221,7 @@ def test_bf16_lora_keeps_a_bf16_base_and_fp32_adapter(tmp_path, tiny_models):
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
     adapter = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.float32}
-    model = attach_adapter(load_model(tiny_models["llama"], CPU, dtype=torch.bfloat16), cfg)
+    model, _ = attach_adapter(load_model(tiny_models["llama"], CPU, dtype=torch.bfloat16), cfg)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}

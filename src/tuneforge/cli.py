@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,10 @@ def cmd_validate(args) -> int:
     from tuneforge.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.adapter == "qlora" or cfg.optimizer != "adamw":
+        from tuneforge.models.quantize import require_bitsandbytes
+
+        require_bitsandbytes("adapter: qlora" if cfg.adapter == "qlora" else f"optimizer: {cfg.optimizer}")
     paths = [("datasets[%d].path" % i, ds.path) for i, ds in enumerate(cfg.datasets)]
     if cfg.validation and cfg.validation.path:
         paths.append(("validation.path", cfg.validation.path))
@@ -109,13 +114,22 @@ def cmd_chat(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from tuneforge.export.merge import merge_run
+    from tuneforge.export.merge import check_target, merge_run
     from tuneforge.models.run import open_run
 
     run = open_run(args.run)
+    if args.report:
+        from tuneforge.export.merge_report import describe_report, merge_report
+
+        q = run.config.quantization
+        base = f"{q.bits}-bit base" if q is not None else "base"
+        console.print(describe_report(merge_report(run), base), highlight=False)
+        return 0
     out = Path(args.out) if args.out else run.dir / "merged"
-    merge_run(run, out)
-    console.print(f"Merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    target = check_target(run, args.merge_target)
+    merge_run(run, out, target=target)
+    console.print(f"Merged onto the {target} base weights; written to {out} "
+                  "(load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -125,7 +139,7 @@ def cmd_export(args) -> int:
 
     run = open_run(args.run)
     out = Path(args.out) if args.out else run.dir / f"export-{args.to}"
-    path = export_run(run, args.to, out, args.quant, args.dtype, args.system)
+    path = export_run(run, args.to, out, args.quant, args.dtype, args.system, args.merge_target)
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and run.manifest.get("eval_after"):
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
@@ -263,6 +277,12 @@ def _data_parser(sub) -> None:
     c.set_defaults(func=cmd_data_prepare)
 
 
+def _merge_target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--merge-target", choices=["dequantized", "original"], default=None,
+                   help="base weights the adapter is added to: dequantized (a QLoRA run's quantized base, dequantized "
+                        "with its training config; the default for QLoRA) or original (the 16-bit checkpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune open language models from one YAML file.")
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
@@ -315,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_k_m (default q8_0)")
     p.add_argument("--dtype", default="bfloat16", help="weights of a merged hf export: float32, float16, bfloat16")
     p.add_argument("--system", help="an Ollama SYSTEM prompt to write into the Modelfile")
+    _merge_target_arg(p)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export in a fresh process to compare its held-out perplexity")
     p.set_defaults(func=cmd_export)
@@ -322,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")
     p.add_argument("--out", help="target folder (default RUN/merged)")
+    _merge_target_arg(p)
+    p.add_argument("--report", action="store_true",
+                   help="write nothing; print, for each merge target, the mean KL of the next-token distribution and "
+                        "the share of identical greedy outputs against the adapter on the base it was trained on")
     p.set_defaults(func=cmd_merge)
     return parser
 
@@ -333,6 +358,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is used.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 

@@ -8,11 +8,12 @@ or data is loaded.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tuneforge.errors import ConfigError
 
@@ -25,12 +26,90 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# LoRA initialisations PEFT 0.21 offers without extra data or configs (eva, corda and loftq need them).
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
+# Inits that rewrite the base weights (W - B0 A0); the saved adapter is converted back to plain LoRA.
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
+def parse_layer_range(value: str) -> list[int]:
+    """'3' -> [3], '0-7' -> [0, ..., 7]; decoder layers are counted from 0."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+    if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+        raise ValueError("expected a layer index or a range such as 0-7 (first <= last)")
+    lo = int(m.group(1))
+    return list(range(lo, int(m.group(2) or lo) + 1))
+
+
 class LoraConfig(_Strict):
     r: int = Field(16, ge=1, le=4096, description="Rank of the low-rank update.")
-    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: str | list[str] = Field(
         "all-linear", description='"all-linear" or a list of module names, e.g. [q_proj, v_proj].'
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r, so high ranks keep learning."
+    )
+    use_dora: bool = Field(
+        False, description="DoRA: learn a magnitude per output feature beside the LoRA direction (slower per step)."
+    )
+    init: str = Field(
+        "default",
+        description="How A and B start: default (B = 0), gaussian, pissa (principal singular vectors; "
+        "pissa_niter_<n> for a fast n-iteration SVD), olora (QR), orthogonal (even r). pissa and olora "
+        "move the principal part of W into the adapter; the saved adapter is converted back to plain LoRA "
+        "against the original base, so other tools load it unchanged.",
+    )
+    plus_ratio: float | None = Field(
+        None, ge=1,
+        description="LoRA+: B (and 1-D adapter weights) learn at plus_ratio x learning_rate; A at learning_rate. "
+        "The paper uses 16; null turns it off.",
+    )
+    layers: list[int] | None = Field(
+        None,
+        description='Decoder layers to adapt (PEFT layers_to_transform): a list [0, 1], or a range "0-7"; '
+        "null adapts every layer.",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str, info: ValidationInfo) -> str:
+        if value not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", value):
+            raise ValueError(f"unknown LoRA init; expected one of {', '.join(LORA_INITS)}")
+        if value == "orthogonal" and info.data.get("r", 2) % 2:
+            raise ValueError(f"orthogonal init needs an even lora.r (r is {info.data['r']})")
+        return value
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_layer_range(value)
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError('give decoder layer indices counted from 0, e.g. [0, 1] or "0-7"')
+        return value
+
+    @property
+    def changes_base(self) -> bool:
+        """True for inits (PiSSA, OLoRA) that subtract the initial adapter from the base weights."""
+        return self.init.startswith(BASE_CHANGING_INITS)
+
+
+class QuantizationConfig(_Strict):
+    bits: Literal[4, 8] = Field(
+        4, description="4: NF4/FP4 weights (QLoRA, ~0.5 byte per weight); 8: LLM.int8 (~1 byte per weight)."
+    )
+    double_quant: bool = Field(
+        True, description="4-bit: quantize the per-block scales too (saves ~0.4 bit per weight)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4."
     )
 
 
@@ -180,8 +259,25 @@ class Config(_Strict):
         None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "
         "stage overrides keys of this config and starts from the previous stage's result.",
     )
-    adapter: Literal["lora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: Literal["lora", "qlora", "full"] = Field(
+        "lora",
+        description="lora: a LoRA adapter on the frozen base; qlora: the same on a base quantized to 4 or 8 bits "
+        "(bitsandbytes; see quantization); full: every weight trains (see freeze).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapter (adapter: lora or qlora).")
+    quantization: QuantizationConfig | None = Field(
+        None, description="How the frozen base is quantized; only with adapter: qlora (defaults to 4-bit NF4, double quant)."
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description='adapter: full only: weights kept frozen, by module name (embed_tokens, lm_head), glob over '
+        'parameter names ("*.self_attn.*") or decoder-layer range ("layers.0-11"). Each must match something.',
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw (torch); adamw_8bit keeps the moments in 8 bits (bitsandbytes); paged_adamw_8bit also "
+        "pages them to CPU memory under GPU memory pressure (CUDA only; plain 8-bit elsewhere).",
+    )
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training files.")
     validation: ValidationSpec | None = Field(None, description="Held-out data for val loss and before/after eval.")
     max_seq_len: int = Field(2048, ge=8, description="Longest tokenized example.")
@@ -233,6 +329,27 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
+        if self.method == "reward" and self.adapter == "qlora":
+            raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
+                             "use adapter: lora")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_keys(self) -> "Config":
+        if self.adapter == "qlora" and self.quantization is None:
+            self.quantization = QuantizationConfig()
+        if self.adapter != "qlora" and self.quantization is not None:
+            raise ValueError(f"quantization: only used with adapter: qlora (a LoRA adapter on a quantized base), "
+                             f"but adapter is {self.adapter}; remove the quantization section or set adapter: qlora")
+        if self.adapter == "qlora" and self.lora.changes_base:
+            raise ValueError(f"lora.init: {self.lora.init} rewrites the base weights, which a quantized base cannot "
+                             "hold exactly; use adapter: lora with it, or another lora.init with qlora")
+        if self.freeze and self.adapter != "full":
+            raise ValueError(f"freeze: only used with adapter: full (under {self.adapter} the base is frozen and only "
+                             "the adapter trains); remove freeze, or use lora.layers / lora.target_modules")
+        if self.adapter == "full" and self.lora.plus_ratio is not None:
+            raise ValueError("lora.plus_ratio: LoRA+ sets the learning rate of LoRA's B matrices, and adapter: full "
+                             "has none; remove it or use adapter: lora / qlora")
         return self
 
     @model_validator(mode="after")
@@ -257,6 +374,10 @@ ALIASES = {
     "lr_scheduler_type": "scheduler", "dataset": "datasets", "val_set_size": "validation.split",
     "warmup": "warmup_steps", "save_steps": "save_every", "eval_steps": "eval_every",
     "save_total_limit": "keep_last", "output": "output_dir", "dtype": "precision",
+    "load_in_4bit": "quantization.bits", "load_in_8bit": "quantization.bits", "bits": "quantization.bits",
+    "bnb_4bit_quant_type": "quantization.quant_type", "bnb_4bit_use_double_quant": "quantization.double_quant",
+    "use_rslora": "lora.use_rslora", "use_dora": "lora.use_dora", "init_lora_weights": "lora.init",
+    "loraplus_lr_ratio": "lora.plus_ratio", "layers_to_transform": "lora.layers", "optim": "optimizer",
 }
 
 

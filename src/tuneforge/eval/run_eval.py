@@ -39,7 +39,7 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
     data = prepare_data(cfg, tokenizer)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    model = load_model(folder, device, cfg.trust_remote_code)
+    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization)
     before = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
     if run is None:
         return before, None

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.export.merge import merge_run
+from tuneforge.export.merge import check_target, merge_facts, merge_run
 from tuneforge.models.run import Run
 from tuneforge.train.outputs import write_json
 
@@ -58,21 +58,23 @@ Stop tokens: ids {m.get("stop_token_ids")} (end of turn `{m.get("end_of_turn")}`
 """
 
 
-def _finish(run: Run, out: Path, kind: str) -> Path:
-    write_json(out / "run.json", {**run.manifest, "exported_as": kind})
+def _finish(run: Run, out: Path, kind: str, merge: dict | None = None) -> Path:
+    extra = {"merge": merge} if merge else {}
+    write_json(out / "run.json", {**run.manifest, "exported_as": kind, **extra})
     (out / "README.md").write_text(model_card(run, kind))
     return out
 
 
-def export_hf(run: Run, out: Path, dtype: str = "bfloat16") -> Path:
+def export_hf(run: Run, out: Path, dtype: str = "bfloat16", merge_target: str | None = None) -> Path:
     """A merged Hugging Face folder (vLLM, TGI, SGLang, transformers)."""
     if dtype not in DTYPES:
         raise TuneforgeError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if run.is_adapter:
-        merge_run(run, out, DTYPES[dtype])
-    else:
+    if not run.is_adapter:
         shutil.copytree(run.final, out, dirs_exist_ok=True)
-    return _finish(run, out, "hf")
+        return _finish(run, out, "hf")
+    target = check_target(run, merge_target)
+    merge_run(run, out, DTYPES[dtype], target)
+    return _finish(run, out, "hf", merge_facts(run, target, DTYPES[dtype]))
 
 
 def export_adapter(run: Run, out: Path) -> Path:
@@ -98,26 +100,28 @@ def _pre_fallback(run: Run) -> str | None:
     return field.contents() if field is not None else None
 
 
-def export_gguf(run: Run, out: Path, quant: str = "q8_0") -> Path:
+def export_gguf(run: Run, out: Path, quant: str = "q8_0", merge_target: str | None = None) -> Path:
     """One .gguf file in `out`, written from the merged fp32 weights."""
     from tuneforge.export.gguf import write_gguf
 
+    target = check_target(run, merge_target) if run.is_adapter else None
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        merged = merge_run(run, Path(tmp) / "merged") if run.is_adapter else run.final
+        merged = merge_run(run, Path(tmp) / "merged", target=target) if run.is_adapter else run.final
         chat_template = run.manifest.get("chat_template")
         path = write_gguf(merged, out / f"{run.dir.name}-{quant}.gguf", quant, chat_template, run.stop_ids,
                           run.dir.name, _pre_fallback(run))
-    _finish(run, out, "gguf")
+    _finish(run, out, "gguf", merge_facts(run, target, torch.float32) if target else None)
     return path
 
 
-def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None = None) -> Path:
+def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None = None,
+                  merge_target: str | None = None) -> Path:
     """A GGUF file and a Modelfile beside it: `ollama create NAME -f Modelfile`."""
     from tuneforge.export.ollama import modelfile
     from tuneforge.models.load import load_tokenizer
 
-    path = export_gguf(run, out, quant)
+    path = export_gguf(run, out, quant, merge_target)
     tokenizer = load_tokenizer(run.final)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in run.stop_ids]
     (out / "Modelfile").write_text(modelfile(path.name, tokenizer, stops, system))
@@ -125,18 +129,19 @@ def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None =
 
 
 def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "bfloat16",
-               system: str | None = None) -> Path:
+               system: str | None = None, merge_target: str | None = None) -> Path:
+    """`merge_target` (hf, gguf, ollama): dequantized or original base; default dequantized for QLoRA runs."""
     if to not in TARGETS:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
     if out.exists() and any(out.iterdir()):
         raise TuneforgeError(f"--out {out}: the folder is not empty; choose a new one")
     if to == "hf":
-        return export_hf(run, out, dtype)
+        return export_hf(run, out, dtype, merge_target)
     if to == "adapter":
         return export_adapter(run, out)
     if to == "gguf":
-        return export_gguf(run, out, quant)
-    return export_ollama(run, out, quant, system)
+        return export_gguf(run, out, quant, merge_target)
+    return export_ollama(run, out, quant, system, merge_target)
 
 
 def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:

@@ -7,9 +7,17 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.config import Config
+from tuneforge.config import Config, QuantizationConfig
 from tuneforge.data.template import resolve_chat_template
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.models.adapters import (
+    adapted_modules,
+    apply_freeze,
+    check_layers,
+    initial_adapter_dir,
+    linear_module_names,
+    peft_init,
+)
 
 
 def load_tokenizer(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
@@ -53,16 +61,21 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
-    """Frozen base weights under LoRA are stored in the compute dtype (half the memory of fp32);
+    """Frozen base weights under LoRA/QLoRA are stored in the compute dtype (half the memory of fp32);
     trained weights stay fp32 and autocast runs the matmuls in the compute dtype."""
-    return compute if adapter == "lora" and compute != torch.float16 else torch.float32
+    return compute if adapter in ("lora", "qlora") and compute != torch.float16 else torch.float32
 
 
 def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               head: str = "causal_lm"):
-    """The model with its language-model head, or with a one-output score head (reward models)."""
+               quantization: QuantizationConfig | None = None, head: str = "causal_lm"):
+    """The base in `dtype` (its linear layers quantized for QLoRA), with its language-model head or,
+    for reward models, a one-output score head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if quantization is not None:
+        from tuneforge.models.quantize import load_quantized
+
+        return load_quantized(folder, device, quantization, dtype, trust_remote_code)
     try:
         if head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -140,27 +153,57 @@ def check_template_tokens(model, tokenizer, cfg: Config) -> None:
         )
 
 
-def build_lora_config(cfg: Config):
+def build_lora_config(cfg: Config, model=None):
+    """PEFT's LoraConfig for our lora section; `model` resolves all-linear when only some layers are adapted."""
     from peft import LoraConfig
 
+    lora = cfg.lora
+    targets = lora.target_modules
+    if lora.layers is not None and targets == "all-linear" and model is not None:
+        # PEFT takes layers_to_transform only with an explicit list of module names.
+        targets = linear_module_names(model, lora.layers)
     return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=peft_init(lora.init),
+        layers_to_transform=lora.layers,
         task_type="SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM",  # SEQ_CLS also trains and saves the score head
     )
 
 
 def attach_adapter(model, cfg: Config):
-    """LoRA through PEFT (its format is what other tools load), or all weights trainable."""
+    """(model, report): LoRA through PEFT (its format is what other tools load), or the weights `freeze`
+    leaves trainable; the report lists which linear-like weights train and which were skipped (R-FEAT-4)."""
     if cfg.adapter == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        apply_freeze(model, cfg.freeze)
+        return model, adapted_modules(model, full=True)
     from peft import get_peft_model
 
+    check_layers(model, cfg.lora.layers)
     try:
-        return get_peft_model(model, build_lora_config(cfg))
-    except ValueError as err:
-        raise ConfigError(f"lora.target_modules: {err}") from None
+        model = get_peft_model(model, build_lora_config(cfg, model))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"lora ({cfg.lora.init} init, target_modules {cfg.lora.target_modules}): {err}") from None
+    initial = initial_adapter_dir(cfg)
+    if initial is not None:
+        save_initial_adapter(model, initial)
+    return model, adapted_modules(model)
+
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """The PiSSA/OLoRA adapter as initialised; marked plain-LoRA so loading it never re-runs the SVD.
+
+    The final save subtracts it (PEFT's path_initial_model_for_weight_conversion), so the saved
+    adapter applies to the original base weights.
+    """
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init

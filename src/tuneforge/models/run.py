@@ -56,12 +56,13 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer): the base with the adapter on top, or the fully tuned weights."""
+    """(model, tokenizer): the base with the adapter on top (a QLoRA run's base quantized as in training),
+    or the fully tuned weights."""
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
     if run.is_adapter:
         from peft import PeftModel
 
-        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype)
+        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype, run.config.quantization)
         model = PeftModel.from_pretrained(base, str(run.final))
     else:
         model = load_model(run.final, device, run.config.trust_remote_code, dtype)

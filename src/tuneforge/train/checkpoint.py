@@ -35,14 +35,42 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _flatten(prefix: str, value, tensors: dict[str, torch.Tensor], scalars: list[str]) -> None:
+    """Optimizer state as flat safetensors keys; nested dicts (bitsandbytes' quantization state) become
+    dotted keys, and Python numbers are remembered so they come back as numbers, not tensors."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}", sub, tensors, scalars)
+        return
+    if not torch.is_tensor(value):
+        scalars.append(prefix)
+        value = torch.tensor(value)
+    tensors[prefix] = value.detach().cpu().contiguous()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict], list[str]]:
     sd = optimizer.state_dict()
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: list[str] = []
     for idx, state in sd["state"].items():
-        for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{idx}.{key}"] = t.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
+        _flatten(str(idx), state, tensors, scalars)
+    seen: set[int] = set()
+    for key, t in tensors.items():  # bitsandbytes shares one quantization map between parameters
+        if t.numel() and t.data_ptr() in seen:
+            tensors[key] = t.clone()  # safetensors stores no shared memory
+        seen.add(t.data_ptr())
+    return tensors, sd["param_groups"], scalars
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], scalars: list[str]) -> dict[int, dict]:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, *path = key.split(".")
+        node = state.setdefault(int(idx), {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value.item() if key in scalars else value
+    return state
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,13 +92,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     tmp.mkdir()
     weights = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}
     save_file(weights, tmp / "trainable.safetensors")
-    opt_tensors, groups = _optimizer_tensors(optimizer)
+    opt_tensors, groups, scalars = _optimizer_tensors(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({**state, "step": step, "param_groups": groups, "rng": rng_json}, indent=1) + "\n"
-    )
+    (tmp / "state.json").write_text(json.dumps(
+        {**state, "step": step, "param_groups": groups, "optimizer_scalars": scalars, "rng": rng_json}, indent=1
+    ) + "\n")
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_tree(tmp)
     if final.exists():
@@ -107,11 +135,7 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
-    opt_tensors = load_file(ckpt / "optimizer.safetensors")
-    opt_state: dict[int, dict] = {}
-    for key, value in opt_tensors.items():
-        idx, _, name = key.partition(".")
-        opt_state.setdefault(int(idx), {})[name] = value
+    opt_state = _unflatten(load_file(ckpt / "optimizer.safetensors"), state.get("optimizer_scalars", []))
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])

@@ -23,6 +23,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
+from tuneforge.models.adapters import describe_adapted, initial_adapter_dir
 from tuneforge.models.load import (
     attach_adapter,
     check_template_tokens,
@@ -34,7 +35,8 @@ from tuneforge.models.load import (
 )
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.track.metrics import MetricsLog
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
@@ -63,17 +65,6 @@ def make_plan(cfg: Config, data: PreparedData) -> Plan:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D) are not decayed."""
-    params = [p for _, p in trainable_parameters(model)]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, foreach=False)
 
 
 def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict, orders: dict) -> list[list[int]]:
@@ -107,7 +98,7 @@ def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ groups run at a multiple of the schedule
     if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -151,7 +142,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     dtype = pick_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
     head = "score" if cfg.method == "reward" else "causal_lm"
-    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype), head=head)
+    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype), cfg.quantization, head)
     if head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
@@ -176,7 +167,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             write_json(before_path, before)
 
     seed_everything(cfg.seed)
-    model = attach_adapter(model, cfg)
+    model, adapted = attach_adapter(model, cfg)
+    rep.note(describe_adapted(adapted, cfg.adapter == "full"))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -234,7 +226,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if step < plan.total_steps:
         return {"stopped_at": step}
 
-    final = save_final(model, tokenizer, run_dir / "final", stops)
+    final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg))
     after = None
     if data.validation and cfg.evaluation.before_after:
         rep.note("Evaluating the tuned model on the validation set...")
@@ -256,6 +248,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         finished=now(),
         steps=step,
         plan=plan.__dict__,
+        adapted_modules=adapted,
         final=str(final),
         eval_before=_headline(before),
         eval_after=_headline(after),

@@ -41,13 +41,18 @@ def git_sha() -> str | None:
         return None
 
 
-def save_final(model, tokenizer, out: Path, stop_ids: list[int]) -> Path:
-    """An adapter (PEFT format) or full weights, beside the tokenizer, chat template and stop tokens."""
+def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None) -> Path:
+    """An adapter (PEFT format) or full weights, beside the tokenizer, chat template and stop tokens.
+
+    `initial_adapter`: a PiSSA/OLoRA run's adapter as initialised; the saved adapter is then the
+    difference, as plain LoRA of twice the rank that applies to the original base weights.
+    """
     from transformers import GenerationConfig
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    convert = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+    model.save_pretrained(tmp, safe_serialization=True, **convert)
     tokenizer.save_pretrained(tmp)
     gen = GenerationConfig(
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
