@@ -84,6 +84,17 @@ def test_kto_balance_warning():
     assert "needs both" in balance_warning(0, 10, 1.0, 1.0)
 
 
+def test_kto_warns_on_an_unbalanced_dataset(tmp_path, tiny_models):
+    from tuneforge.methods.kto import KTO
+
+    records = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i < 2} for i in range(12)]
+    data_file = write_jsonl(tmp_path / "kto.jsonl", records)
+    cfg = make_cfg(tmp_path, tiny_models["llama"], method="kto", datasets=[{"path": str(data_file)}], validation=None)
+    data = prepare_data(cfg, load_tokenizer(tiny_models["llama"]))
+    [note] = KTO(cfg.kto, data, 0, None).notes
+    assert "desirable:undesirable = 2:10" in note
+
+
 def test_kto_config_refuses_a_micro_batch_of_one(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size: 2 or more"):
         config_from_dict({"datasets": [{"path": "x.jsonl"}], "method": "kto", "micro_batch_size": 1}, base=tmp_path)

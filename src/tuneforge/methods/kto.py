@@ -64,6 +64,10 @@ class KTO:
 
     def __init__(self, spec, data, pad_id: int, reference):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
+        tags = data.train.tags
+        desirable = int(tags.sum()) if tags is not None else 0
+        warning = balance_warning(desirable, len(data.train) - desirable, spec.desirable_weight, spec.undesirable_weight)
+        self.notes = [warning] if warning else []  # shown by the loop at the start (R-PREF-3)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]

@@ -153,6 +153,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd(), "note": rep.note}
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
+    for note in getattr(objective, "notes", ()):
+        rep.note(note)
 
     before_path = run_dir / "eval_before.json"
     before = None
