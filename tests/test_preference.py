@@ -160,6 +160,20 @@ def test_each_method_learns_the_held_out_preference(tmp_path, tiny_models, metho
     assert all(math.isfinite(r[keys]) for r in logged)
 
 
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_eval_command_gives_the_runs_own_before_and_after(tmp_path, tiny_models, adapter):
+    from tuneforge.eval.run_eval import evaluate_target
+
+    data_file = write_jsonl(tmp_path / "pref.jsonl", preference_records(12))
+    cfg = make_cfg(tmp_path, tiny_models["llama"], method="dpo", adapter=adapter, datasets=[{"path": str(data_file)}],
+                   max_steps=3, **{"lora.dropout": 0.0})
+    run = train(cfg, reporter=QUIET)
+    before, after = evaluate_target(tmp_path / "run")
+    for key in ("preference_accuracy", "val_loss", "val_rewards/margins"):
+        assert before[key] == pytest.approx(run["eval_before"][key], abs=1e-4), key
+        assert after[key] == pytest.approx(run["eval_after"][key], abs=1e-4), key
+
+
 def test_lora_dpo_reference_is_the_adapter_disabled_model(tmp_path, tiny_models, monkeypatch):
     """R-PREF-1: no second copy of the weights is loaded for LoRA DPO."""
     import tuneforge.models.load as load

@@ -39,15 +39,35 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
     data = prepare_data(cfg, tokenizer)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization)
-    before = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+    head = "score" if cfg.method == "reward" else "causal_lm"
+    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=head)
+    measure = _measure(cfg, model, tokenizer, data, device, dtype)
+    before = measure(model, model)
     if run is None:
         return before, None
     if run.is_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(run.final))
-    else:
-        model = load_model(run.final, device, cfg.trust_remote_code)
-    after = evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
-    return before, after
+        tuned = PeftModel.from_pretrained(model, str(run.final))
+        return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
+    return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=head), model)
+
+
+def _measure(cfg, base, tokenizer, data, device, dtype):
+    """measure(model, reference_model) -> the numbers `train` reports before and after, for the run's method."""
+    if cfg.method == "sft":
+        return lambda model, _: evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
+    from tuneforge.eval.evaluate import objective_metrics, stop_token_ids
+    from tuneforge.methods import build_objective, needs_reference
+    from tuneforge.methods.reference import Reference
+
+    online = {"tokenizer": tokenizer, "stop_ids": stop_token_ids(tokenizer, data.end_of_turn),
+              "end_of_turn": data.end_of_turn, "device": device, "dtype": dtype, "base": Path.cwd()}
+    free = cfg.method == "dpo" and cfg.dpo.reference_free
+    objective = build_objective(cfg, data, tokenizer.pad_token_id, Reference(free=free), **online)
+
+    def measure(model, reference_model):
+        reference = Reference(reference_model, free) if needs_reference(cfg) else None
+        return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype, final=True,
+                                 reference=reference)
+    return measure
