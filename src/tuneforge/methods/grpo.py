@@ -56,7 +56,12 @@ class GRPO:
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
         self.tokenizer, self.stop_ids, self.end_of_turn = tokenizer, stop_ids, end_of_turn
         self.device, self.dtype, self.note = device, dtype, note
-        self.rewards = [(r.function, r.weight, load_reward(r.function, r.args, base)) for r in spec.rewards]
+        self.rewards = []  # (metric name, weight, function); names are the functions' own, numbered if repeated
+        for r in spec.rewards:
+            fn = load_reward(r.function, r.args, base)
+            name = fn.__name__
+            taken = [n for n, _, _ in self.rewards]
+            self.rewards.append((name if name not in taken else f"{name}_{len(taken) + 1}", r.weight, fn))
         self.environment = load_reward(spec.environment, {}, base) if spec.environment else None
         self.zero_std_run = 0
 
