@@ -355,11 +355,12 @@ def _quiet_libraries() -> None:
     """Our own progress and messages replace the libraries' per-tensor bars and deprecation notes."""
     import warnings
 
+    # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is used.
+    # Set before transformers is imported, since importing it can import bitsandbytes.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is used.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
