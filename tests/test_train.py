@@ -236,3 +236,17 @@ def test_resume_refuses_changed_data(tmp_path, tiny_models):
         f.write(json.dumps(memorise_records(1)[0]) + "\n")
     with pytest.raises(TuneforgeError, match="data files changed"):
         train(cfg, resume=True, reporter=QUIET)
+
+
+def test_a_zero_gradient_moves_no_weight():
+    """Adam's momentum would move the weights on a step whose gradient is all zeros; that step is skipped."""
+    from tuneforge.train.loop import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.tensor([1.0, -1.0, 0.5])
+    optimizer_step(opt, 0.1, 1.0)
+    after_signal = w.detach().clone()
+    w.grad = torch.zeros(3)
+    assert optimizer_step(opt, 0.1, 1.0) == 0.0
+    assert torch.equal(w.detach(), after_signal)

@@ -94,12 +94,16 @@ def accumulate_gradients(objective, model, batches: list[dict], device, dtype) -
 
 
 def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
-    """Clip, set the learning rate, step; returns the gradient norm before clipping."""
+    """Clip, set the learning rate, step; returns the gradient norm before clipping.
+
+    A gradient of exactly zero (e.g. GRPO groups whose answers all scored the same) carries no
+    signal: the step is skipped, since Adam would otherwise keep moving the weights on stale momentum.
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ groups run at a multiple of the schedule
-    if math.isfinite(grad_norm):
+    if math.isfinite(grad_norm) and grad_norm > 0:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
