@@ -202,3 +202,16 @@ def test_reward_file_beside_the_config(tmp_path):
     assert score(load_reward(cfg.grpo.rewards[0].function, {}), ["p"], ["c"], {}) == [1.0]
     with pytest.raises(ConfigError, match="no file"):
         load_reward(str(tmp_path / "missing.py") + ":ok", {})
+
+
+def test_reward_fields_survive_the_prepared_data_cache(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    data_file = write_jsonl(tmp_path / "prompts.jsonl", prompt_records())
+    cfg = make_cfg(tmp_path, tiny_models["llama"], method="grpo", datasets=[{"path": str(data_file)}],
+                   validation={"split": 0.25}, grpo={"rewards": [{"function": "exact_match"}]})
+    tok = load_tokenizer(tiny_models["llama"])
+    first, again = prepare_data(cfg, tok), prepare_data(cfg, tok)
+    assert again.from_cache and not first.from_cache
+    for data in (first, again):
+        assert all(ex.record.fields == {"answer": "yes"} for ex in data.validation)
+        assert all(ex.record.fields == {"answer": "yes"} for ex in data.train)

@@ -41,7 +41,7 @@ from tuneforge.errors import DataError
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
-CACHE_VERSION = 3  # 2: turns per conversation in the summary; 3: preference pairs, kto labels
+CACHE_VERSION = 4  # 2: turns per conversation in the summary; 3: preference pairs, kto labels; 4: prompt fields
 
 @dataclass
 class Rejected:

@@ -49,6 +49,7 @@ class Record:
     query: str = ""
     positive: str = ""
     negative: str | list[str] = ""
+    fields: dict = field(default_factory=dict)  # a prompt record's other columns, for reward functions
 
     @property
     def where(self) -> str:
@@ -307,6 +308,7 @@ def to_record(obj: object, fmt: str, source: str, line: int) -> Record:
         # Online methods (GRPO): the model writes the answer; other fields go to the reward functions.
         rec.kind = "prompt"
         rec.prompt = _text_or_messages(obj, "prompt")
+        rec.fields = {k: v for k, v in obj.items() if k != "prompt"}
         check_turns(as_messages(rec.prompt, "user"), need_answer=False)
         if as_messages(rec.prompt, "user")[-1]["role"] == "assistant":
             raise BadRecord("the prompt ends with an assistant turn; it must end where the model is to answer")

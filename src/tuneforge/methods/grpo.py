@@ -19,9 +19,6 @@ from tuneforge.eval.evaluate import autocast_for, greedy_generate
 from tuneforge.methods.logps import forward_logits, token_logps
 from tuneforge.methods.rewards import load_reward, score
 
-FIELDS_SKIPPED = ("prompt",)
-
-
 def group_advantages(rewards: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) for rewards shaped [prompts, generations]."""
     mean = rewards.mean(dim=1, keepdim=True)
@@ -213,8 +210,8 @@ def _prompt_text(prompt) -> str:
 
 def _fields(records) -> dict[str, list]:
     """The data's other columns, as lists aligned with the completions, for the reward functions."""
-    keys = [k for k in (records[0].raw or {}) if k not in FIELDS_SKIPPED]
-    return {k: [(r.raw or {}).get(k) for r in records] for k in keys}
+    keys = list(dict.fromkeys(k for r in records for k in r.fields))
+    return {k: [r.fields.get(k) for r in records] for k in keys}
 
 
 def _pad_rows(rows: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
