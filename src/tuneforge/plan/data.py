@@ -9,6 +9,7 @@ minutes and plan answers in seconds.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -160,32 +161,68 @@ def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEs
     return from_cache(cfg, tokenizer) or from_sample(cfg, tokenizer, limit)
 
 
+def _tokenizer_key(folder: Path) -> str:
+    """The folder's tokenizer files as they are now, and the transformers version that reads them."""
+    import transformers
+
+    parts = [str(folder.resolve()), transformers.__version__]
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
+        path = folder / name
+        if path.is_file():
+            st = path.stat()
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _classes_file() -> Path:
+    from tuneforge.models.resolve import cache_root
+
+    return cache_root() / "plan" / "tokenizer_classes.json"
+
+
+def _remember_class(key: str, name: str) -> None:
+    path = _classes_file()
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known[key] = name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # only speed is lost
+
+
 def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
-    """models.load.load_tokenizer without AutoTokenizer: naming the class that tokenizer_config.json
-    names skips importing the model's configuration classes (and torch with them), 1.2 of plan's
-    2 seconds. Anything unusual goes the ordinary way."""
+    """models.load.load_tokenizer, the second time much faster. AutoTokenizer picks the tokenizer
+    class from the model's configuration, which imports torch: 1.2 of plan's 2 seconds. The class
+    it picked for this folder is remembered (in the tuneforge cache, keyed by the tokenizer files
+    and the transformers version), and later loads name that class directly."""
     import transformers
 
     from tuneforge.data.template import resolve_chat_template
 
-    def ordinary():
-        from tuneforge.models.load import load_tokenizer
-
-        return load_tokenizer(folder, chat_template, trust_remote_code)
-
+    key = _tokenizer_key(folder)
     try:
-        name = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
+        name = json.loads(_classes_file().read_text()).get(key)
+    except (OSError, ValueError):
         name = None
     cls = getattr(transformers, name, None) if isinstance(name, str) and not trust_remote_code else None
-    if cls is None or not (folder / "tokenizer.json").is_file():
-        return ordinary()
-    try:
-        tokenizer = cls.from_pretrained(str(folder))
-    except Exception:  # the ordinary loader says what is wrong, in a ModelError
-        return ordinary()
-    if not getattr(tokenizer, "is_fast", False):
-        return ordinary()
-    if chat_template != "auto" or tokenizer.chat_template:
-        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    if cls is not None:
+        try:
+            tokenizer = cls.from_pretrained(str(folder))
+        except Exception:  # the ordinary loader below says what is wrong
+            tokenizer = None
+        if tokenizer is not None and getattr(tokenizer, "is_fast", False):
+            if chat_template != "auto" or tokenizer.chat_template:
+                tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+    from tuneforge.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, chat_template, trust_remote_code)
+    name = type(tokenizer).__name__
+    if not trust_remote_code and getattr(transformers, name, None) is type(tokenizer):
+        _remember_class(key, name)
     return tokenizer

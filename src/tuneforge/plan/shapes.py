@@ -32,10 +32,14 @@ class ModelShape:
     qk_norm: bool = False
     name: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.head_dim:  # most configs leave it out: hidden_size / num_attention_heads
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
     @property
     def dim(self) -> int:
         """Width of one attention head."""
-        return self.head_dim or self.hidden // self.heads
+        return self.head_dim
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one block."""
