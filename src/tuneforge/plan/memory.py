@@ -65,6 +65,11 @@ def compute_dtype(precision: str, is_cpu: bool) -> str:
     return precision
 
 
+def compute_bytes(compute: str) -> int:
+    """Bytes of an activation: the matmuls' dtype."""
+    return 2 if compute in HALF else 4
+
+
 def weight_bytes(method: str, compute: str) -> int:
     """Bytes of a stored base weight, as models.load.weights_dtype: a frozen base is kept in the
     compute dtype (fp32 under fp16, which cannot hold it safely); trained weights stay fp32."""
@@ -103,7 +108,7 @@ def _norm_bytes(h: int, cb: int, full: bool) -> int:
 
 def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     """Bytes one block saves for backward, per token, without checkpointing."""
-    cb = 2 if compute in HALF else 4
+    cb = compute_bytes(compute)
     full = s.method == "full"
     h, q = shape.hidden, shape.heads * shape.dim
     # With a padding mask, transformers repeats k and v to every head before SDPA (repeat_kv).
@@ -129,7 +134,7 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
     """Weights in the compute dtype that live through forward and backward: autocast's casts of
     fp32 weights (kept for the backward pass; one block's worth under checkpointing), or the one
     matrix bitsandbytes dequantises at a time under QLoRA."""
-    cb = 2 if compute in HALF else 4
+    cb = compute_bytes(compute)
     largest = max(i * o for i, o in shape.projections().values())
     if s.method == "qlora":
         return largest * cb
@@ -141,7 +146,7 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
 
 def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     """Everything autograd keeps for the backward pass of one micro-batch, logits aside."""
-    cb = 2 if compute in HALF else 4
+    cb = compute_bytes(compute)
     tokens = s.micro_batch * s.seq_len
     per_layer = layer_token_bytes(shape, s, compute)
     final_norm = _norm_bytes(shape.hidden, cb, s.method == "full")

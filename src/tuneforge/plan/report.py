@@ -160,6 +160,23 @@ def _longest(cfg: Config, data: DataEstimate) -> int:
     return longest
 
 
+def _notes(info: ModelInfo, tokenizer_note: str, s: Settings, rows: list[DeviceResult], read_data: bool) -> list[str]:
+    """What is approximate in this plan, in words."""
+    notes = [n for n in (info.note, tokenizer_note) if n]
+    if not read_data:
+        notes.append("no training example was read, so time and cost assume max_seq_len-long examples")
+    if s.method != "full" and not info.shape.lora_modules(s.lora_targets):
+        targets = [s.lora_targets] if isinstance(s.lora_targets, str) else list(s.lora_targets)
+        notes.append(f"lora.target_modules {targets} names none of {', '.join(info.shape.projections())}: "
+                     "the adapter is counted as empty")
+    notes += [f"{r.device.name}: {r.device.note}" for r in rows if r.device.note and not r.device.is_cpu]
+    unmeasured = sorted({r.device.name for r in rows if not r.device.mfu_measured})
+    if unmeasured:
+        notes.append(f"MFU of {', '.join(unmeasured)} is a prior, not yet measured (bench/PLAN_CALIBRATION.md): "
+                     "treat their tokens/s as +-50%")
+    return notes
+
+
 @dataclass
 class PlanReport:
     config: str
@@ -219,17 +236,7 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     recommendation = cheapest(fitting)
     cpu = next((r for r in rows if r.device.is_cpu), None)
     cpu_alternative = cpu if cpu and cpu.fits and cpu.run_hours <= QUICK_CPU_HOURS else None
-    if not lengths.size:
-        notes.append("no training example was read, so time and cost assume max_seq_len-long examples")
-    notes += [n for n in (info.note, tokenizer_note) if n]
-    if s.method != "full" and not shape.lora_modules(s.lora_targets):
-        notes.append(f"lora.target_modules {list(s.lora_targets)} names none of {', '.join(shape.projections())}: "
-                     "the adapter is counted as empty")
-    notes += [f"{r.device.name}: {r.device.note}" for r in rows if r.device.note and not r.device.is_cpu]
-    unmeasured = sorted({r.device.name for r in rows if not r.device.mfu_measured})
-    if unmeasured:
-        notes.append(f"MFU of {', '.join(unmeasured)} is a prior, not yet measured (bench/PLAN_CALIBRATION.md): "
-                     "treat their tokens/s as +-50%")
+    notes += _notes(info, tokenizer_note, s, rows, bool(lengths.size))
     warnings = settings_warnings(s, cfg.learning_rate, data.train_examples, data.trained_tokens_per_epoch,
                                  data.over_max_seq_len, cfg.max_seq_len, cfg.truncation)
     if recommendation is None and gpu_rows:
