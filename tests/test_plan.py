@@ -264,12 +264,17 @@ def test_the_quick_tokenizer_is_the_one_autotokenizer_picks(tiny_models, builtin
     assert _tokenizer_fingerprint(first) == _tokenizer_fingerprint(second) == _tokenizer_fingerprint(ordinary)
 
 
-def test_plan_on_a_local_folder_reads_its_config_and_tokenizer(tiny_models):
+def test_plan_on_a_local_folder_reads_its_config_and_tokenizer(tiny_models, tmp_path):
     cfg = _quickstart(base_model=str(tiny_models["llama"]))
     report = plan_config(cfg, gpus=["h100"])
     assert report.model.source.startswith("config.json of")
     assert report.model.shape.hidden == 64 and report.data.exact
     assert not any("stand-in" in n for n in report.notes)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
+    report = plan_config(_quickstart(base_model=str(bare)), gpus=["h100"])
+    assert report.model.shape.hidden == 64 and any("stand-in" in n for n in report.notes)
 
 
 # --- devices, prices, recommendation ---------------------------------------------------------

@@ -98,7 +98,8 @@ def _from_folder(folder: Path, label: str, source: str) -> ModelInfo:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"base_model: {config} is not valid JSON ({err})") from None
     shape, note = shape_from_hf_config(raw, label, str(config))
-    return ModelInfo(shape, source, folder, note=note)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    return ModelInfo(shape, source, folder if has_tokenizer else None, note=note)
 
 
 def model_info(name: str) -> ModelInfo:
