@@ -20,9 +20,11 @@ the peak RSS of the steps minus that reading is the model's. The child runs with
 mmap threshold (MALLOC_MMAP_THRESHOLD_), so freed tensors go back to the system as they would to
 a caching allocator instead of staying in the heap and inflating RSS.
 
-tokens/s is the tokens of a timed step over its median wall time (robust to other processes
-taking a core for a moment). The markdown table printed is what bench/PLAN_CALIBRATION.md records
-and tests/test_plan.py checks.
+tokens/s is the tokens of a timed step over its median time (robust to a moment of contention).
+On a machine shared with other work, wall time measures the others too; `--threads 1 --clock cpu`
+then runs torch on one thread and times the process's CPU seconds, which are the wall seconds the
+step would take on an idle core, and the row's device is a one-core CPU. The markdown table
+printed is what bench/PLAN_CALIBRATION.md records and tests/test_plan.py checks.
 """
 
 from __future__ import annotations
@@ -66,13 +68,14 @@ GPU_NAMES = (("H200", "H200"), ("H100", "H100-80GB"), ("L40S", "L40S"), ("A10G",
 
 
 def device_label(device) -> str:
-    """The name of this device in plan's table."""
+    """The name of this device in plan's table; a CPU counts the threads torch uses as its cores."""
     import torch
 
     from tuneforge.plan.hardware import cpu_facts
 
     if device.type == "cpu":
-        return cpu_label(*cpu_facts())
+        _, per_cycle, ghz = cpu_facts()
+        return cpu_label(torch.get_num_threads(), per_cycle, ghz)
     name = torch.cuda.get_device_name(device)
     if "A100" in name:
         return "A100-80GB" if torch.cuda.get_device_properties(device).total_memory > 50 * 1024**3 else "A100-40GB"
@@ -149,9 +152,13 @@ def warm_runtime(cfg, row: Row, device, dtype) -> None:
     gc.collect()
 
 
-def measure(row: Row, steps: int) -> dict:
+def measure(row: Row, steps: int, threads: int | None, clock: str) -> dict:
     """Run one row in this process; returns the measured peak MiB, tokens/s and the device label."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
 
     from tuneforge.config import config_from_dict
     from tuneforge.models.load import attach_adapter, load_model, pick_device, pick_dtype, weights_dtype
@@ -185,12 +192,12 @@ def measure(row: Row, steps: int) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     seconds = []
     for b in batches:
-        t0 = time.perf_counter()
+        t0 = now()
         accumulate_gradients(model, [b], device, dtype)
         optimizer_step(optimizer, 1e-4, 1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(now() - t0)
     peak = torch.cuda.max_memory_allocated() / 1024**2 if device.type == "cuda" else rss_mib("VmHWM") - baseline
     tokens = int(batches[-1]["attention_mask"].sum())  # every batch of a row has the same shape
     return {"peak_mib": peak, "tokens_per_s": tokens / statistics.median(seconds[1:]),  # the first step warms up
@@ -198,11 +205,11 @@ def measure(row: Row, steps: int) -> dict:
             "load_average": os.getloadavg()}
 
 
-def run_row(row: Row, steps: int) -> Row:
+def run_row(row: Row, steps: int, threads: int | None, clock: str) -> Row:
     """Measure a row in a child process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(asdict(row)), "--steps", str(steps)],
-                         capture_output=True, text=True, env=env)
+    command = [sys.executable, __file__, "--one", json.dumps(asdict(row)), "--steps", str(steps), "--clock", clock]
+    out = subprocess.run(command + (["--threads", str(threads)] if threads else []), capture_output=True, text=True, env=env)
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"row {row} failed")
@@ -216,15 +223,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", choices=sorted(ROWS), default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--threads", type=int, help="torch threads on a CPU (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time steps by wall clock, or by the process's CPU seconds (with --threads 1)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one core: give --threads 1")
     if args.one:
-        print(json.dumps(measure(Row(**json.loads(args.one)), args.steps)))
+        print(json.dumps(measure(Row(**json.loads(args.one)), args.steps, args.threads, args.clock)))
         return
     rows = []
     for row in ROWS[args.rows]:
-        rows.append(run_row(row, args.steps))
+        rows.append(run_row(row, args.steps, args.threads, args.clock))
     table = to_markdown(rows, [predict(r) for r in rows])
     print(table)
     if args.out:
