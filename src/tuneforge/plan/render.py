@@ -12,6 +12,8 @@ from tuneforge.plan.report import PlanReport
 
 BREAKDOWN = ("weights", "adapter", "optimizer", "gradients", "activations", "logits")
 SHORT = ("weights", "adapter", "optim", "grads", "activ", "logits")
+# Narrow enough for an 80-column terminal.
+TABLE_STYLE = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
 
 
 def duration(hours: float) -> str:
@@ -59,7 +61,7 @@ def set_flags(changes: list[str]) -> str:
 
 
 def memory_table(report: PlanReport) -> Table:
-    table = Table(title="Peak memory in GiB (device memory in brackets; no*: fits with the changes listed below)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="Peak memory, GiB (no*: fits with the changes below)", title_justify="left", **TABLE_STYLE)
     for name in ("device", "fits", "peak", *SHORT):
         table.add_column(name, justify="left" if name in ("device", "fits") else "right", no_wrap=True)
     for r in report.rows:
@@ -71,7 +73,7 @@ def memory_table(report: PlanReport) -> Table:
 
 
 def speed_table(report: PlanReport) -> Table:
-    table = Table(title="Speed, time and cost", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="Speed, time and cost", title_justify="left", **TABLE_STYLE)
     for name in ("device", "dtype", "tokens/s", "epoch", "run", "$/hour", "cost"):
         table.add_column(name, justify="left" if name == "device" else "right", no_wrap=True)
     for r in report.rows:
@@ -89,7 +91,9 @@ def print_plan(report: PlanReport, console: Console) -> None:
                   f"epoch, {d.tokens_per_epoch:,.0f} tokens per epoch ({d.trained_tokens_per_epoch:,.0f} trained), "
                   f"longest micro-batch {s.seq_len} tokens; counted from {d.how}")
     console.print(f"[bold]Settings[/bold] {settings_line(report.settings)}")
+    console.print()
     console.print(memory_table(report))
+    console.print()
     console.print(speed_table(report))
     changed = [r for r in report.fitted.values() if r is not None]
     for r in changed:
