@@ -165,6 +165,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from tuneforge.config import load_config
+    from tuneforge.plan import plan_config
+    from tuneforge.plan.render import print_plan
+
+    report = plan_config(load_config(args.config, args.overrides), args.gpu, args.prices, args.config)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=1))
+    else:
+        print_plan(report, console)
+    return 0
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -296,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without loading a model")
     _config_args(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="memory, speed, time and cost per GPU before renting one; loads no weights")
+    _config_args(p)
+    p.add_argument("--gpu", nargs="+", action="extend", metavar="NAME",
+                   help="only these devices (any part of the name: h100, a100, 4090, cpu)")
+    p.add_argument("--prices", metavar="FILE", help="a YAML of hourly prices laid over the shipped table")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and exact match, base vs tuned")
     p.add_argument("target", help="a config file or a run folder")

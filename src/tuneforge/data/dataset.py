@@ -396,11 +396,17 @@ def _load_cache(folder: Path) -> PreparedData:
                         validation_rejected=rejected_sides[1] if rejected_sides else None)
 
 
-def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    """Read, check and encode the training and validation data of a config (or load it from the cache)."""
+def file_hashes(cfg: Config) -> dict[str, str]:
+    """SHA-256 of each training and validation file of a config that exists: part of the cache key."""
     hashes = {ds.path: sha256_file(ds.path) for ds in cfg.datasets if Path(ds.path).exists()}
     if cfg.validation and cfg.validation.path and Path(cfg.validation.path).exists():
         hashes[cfg.validation.path] = sha256_file(cfg.validation.path)
+    return hashes
+
+
+def prepare_data(cfg: Config, tokenizer) -> PreparedData:
+    """Read, check and encode the training and validation data of a config (or load it from the cache)."""
+    hashes = file_hashes(cfg)
     folder = _cache_dir(cache_key(cfg, tokenizer, hashes)) if cfg.prepare.cache else None
     if folder is not None and (folder / "meta.json").is_file():
         return _load_cache(folder)

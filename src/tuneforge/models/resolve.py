@@ -48,9 +48,14 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def converted_folder(gguf: Path, cache: Path | None = None) -> Path:
+    """Where gguf_to_hf_folder keeps the dequantised copy of a GGUF file (it may not exist yet)."""
+    return (cache or cache_root() / "models") / f"{gguf.stem}-{_file_key(gguf)}"
+
+
 def gguf_to_hf_folder(gguf: Path, cache: Path | None = None) -> Path:
     """Dequantise a GGUF file into a cached safetensors folder (done once per file)."""
-    out = (cache or cache_root() / "models") / f"{gguf.stem}-{_file_key(gguf)}"
+    out = converted_folder(gguf, cache)
     if (out / "config.json").is_file():
         return out
     import torch

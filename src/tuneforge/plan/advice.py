@@ -1,0 +1,91 @@
+"""What to change when a run does not fit, and settings known to train badly.
+
+The search tries the changes practitioners reach for, cheapest first: a smaller micro-batch with
+more accumulation (same effective batch, same maths), then gradient checkpointing (a third more
+compute), then a quantised base (QLoRA) or an 8-bit optimizer for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tuneforge.plan.memory import Settings
+
+MIN_EXAMPLES = 500
+# LoRA's capacity grows with its rank; past a few million trained tokens per unit of rank the
+# adapter, not the data, limits what is learnt (Biderman et al. 2024, "LoRA Learns Less and Forgets Less").
+TOKENS_PER_RANK = 5_000_000
+# Learning rates outside these are far from what trains well: full fine-tuning is usually run at
+# 1e-5 to 5e-5, LoRA at 1e-4 to 3e-4 (up to 1e-3 on small models).
+LR_RANGE = {"full": (1e-6, 1e-4), "lora": (1e-5, 3e-3)}
+OVER_LENGTH_SHARE = 0.05
+
+
+def _halvings(n: int) -> list[int]:
+    out = [n]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _method_variants(s: Settings) -> list[tuple[Settings, list[str]]]:
+    """The run as configured, then the memory-saving form of its method."""
+    out = [(s, [])]
+    if s.method == "lora":
+        out.append((replace(s, method="qlora", bits=4, double_quant=True), ["adapter: qlora (4-bit NF4 base)"]))
+    elif s.method == "qlora" and s.bits == 8:
+        out.append((replace(s, bits=4, double_quant=True), ["quantization.bits: 4"]))
+    elif s.method == "full" and s.optimizer == "adamw":
+        out.append((replace(s, optimizer="adamw_8bit"), ["optimizer: adamw_8bit"]))
+    return out
+
+
+def candidates(s: Settings) -> list[tuple[Settings, list[str]]]:
+    """Settings to try, in the order to prefer them, each with the config changes it takes.
+    The effective batch (micro_batch x grad_accum) is kept."""
+    batch = s.micro_batch * s.grad_accum
+    out = []
+    for base, method_changes in _method_variants(s):
+        for checkpointing in dict.fromkeys((s.checkpointing, True)):
+            for mb in _halvings(s.micro_batch):
+                ga = -(-batch // mb)
+                changes = list(method_changes)
+                if checkpointing != s.checkpointing:
+                    changes.append("gradient_checkpointing: true")
+                if mb != s.micro_batch:
+                    changes += [f"micro_batch_size: {mb}", f"grad_accum: {ga}"]
+                out.append((replace(base, checkpointing=checkpointing, micro_batch=mb, grad_accum=ga), changes))
+    return out
+
+
+def settings_warnings(s: Settings, learning_rate: float, train_examples: float, trained_tokens: float,
+                      over_share: float, max_seq_len: int, truncation: str) -> list[str]:
+    """Settings that are known to train badly, each with what to do instead."""
+    out = []
+    if train_examples < MIN_EXAMPLES:
+        out.append(f"only {train_examples:,.0f} training examples: fewer than ~{MIN_EXAMPLES} rarely teach a "
+                   "behaviour that generalises (the model memorises them); add varied examples, and watch "
+                   "val_loss for overfitting")
+    if s.method != "full" and trained_tokens > s.lora_r * TOKENS_PER_RANK:
+        out.append(f"lora.r={s.lora_r} is low for {trained_tokens / 1e6:,.0f}M trained tokens per epoch: the "
+                   f"adapter limits what is learnt; try lora.r={_suggested_rank(trained_tokens)} (or adapter: full)")
+    low, high = LR_RANGE["full" if s.method == "full" else "lora"]
+    kind = "full fine-tuning" if s.method == "full" else "LoRA"
+    if learning_rate > high:
+        out.append(f"learning_rate {learning_rate:g} is far above the usual range for {kind} "
+                   f"(up to {high:g}); expect a diverging loss or a damaged model")
+    elif learning_rate < low:
+        out.append(f"learning_rate {learning_rate:g} is far below the usual range for {kind} "
+                   f"(from {low:g}); the run will barely move the weights")
+    if over_share > OVER_LENGTH_SHARE and truncation != "error":
+        action = "dropped" if truncation == "drop" else "cut"
+        out.append(f"{over_share:.0%} of the examples are longer than max_seq_len {max_seq_len} and are {action}; "
+                   "raise max_seq_len if they matter")
+    return out
+
+
+def _suggested_rank(trained_tokens: float) -> int:
+    rank = 8
+    while rank * TOKENS_PER_RANK < trained_tokens and rank < 256:
+        rank *= 2
+    return rank

@@ -1,0 +1,228 @@
+"""The training data as plan needs it: how many examples an epoch draws and how long they are.
+
+Exact when `tuneforge train` or `data prepare` left a prepared-data cache for these very
+settings; otherwise the first records of each file are encoded exactly as prepare encodes them
+and the counts are extrapolated to the whole file, because tokenizing a large dataset takes
+minutes and plan answers in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.config import Config
+from tuneforge.data.formats import Record
+
+SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache
+HASH_LIMIT = 256 * 1024**2  # hashing more data than this (to find the cache) costs more than sampling
+
+
+@dataclass
+class DataEstimate:
+    train_examples: float  # kept training examples, before weights and ratios
+    examples_per_epoch: float
+    lengths: np.ndarray  # token lengths of the kept training examples read (all of them, or the sample's)
+    tokens_per_epoch: float  # tokens (not padding) one epoch trains on
+    trained_tokens_per_epoch: float  # of which carry a loss
+    over_max_seq_len: float  # share of the records read that were longer than max_seq_len
+    how: str  # what was read, in words
+    exact: bool
+
+
+def examples_per_epoch(sizes: list[float], weights: list[float]) -> float:
+    """Examples one epoch draws, as data.batching.epoch_order draws them: whole repeats of each
+    dataset and a rounded share for the fraction of its weight."""
+    total = 0.0
+    for size, weight in zip(sizes, weights):
+        whole, frac = divmod(weight, 1.0)
+        total += whole * size + round(frac * size)
+    return total
+
+
+def _estimate(cfg: Config, sizes: list[float], lengths_by_set: list[np.ndarray], trained: float,
+              over: float, how: str, exact: bool) -> DataEstimate:
+    """Epoch totals from per-dataset sizes and (sampled) lengths, with the config's weights and ratios."""
+    from tuneforge.data.dataset import effective_weights
+
+    weights = effective_weights([int(round(n)) for n in sizes], [ds.weight for ds in cfg.datasets],
+                                [ds.ratio for ds in cfg.datasets])
+    means = [float(x.mean()) if x.size else 0.0 for x in lengths_by_set]
+    tokens = sum(w * n * m for w, n, m in zip(weights, sizes, means))
+    all_tokens = sum(n * m for n, m in zip(sizes, means))
+    lengths = np.concatenate(lengths_by_set) if lengths_by_set else np.zeros(0, np.int64)
+    return DataEstimate(sum(sizes), examples_per_epoch(sizes, weights), lengths, tokens,
+                        trained * tokens / all_tokens if all_tokens else 0.0, over, how, exact)
+
+
+def _data_files(cfg: Config) -> list[Path]:
+    files = [Path(ds.path) for ds in cfg.datasets]
+    if cfg.validation and cfg.validation.path:
+        files.append(Path(cfg.validation.path))
+    return files
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def from_cache(cfg: Config, tokenizer) -> DataEstimate | None:
+    """The prepared data of exactly these settings, if a run or `data prepare` cached it."""
+    from tuneforge.data.dataset import _cache_dir, _load_cache, cache_key, file_hashes
+
+    if not cfg.prepare.cache or sum(_size(p) for p in _data_files(cfg)) > HASH_LIMIT:
+        return None
+    folder = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg)))
+    if not (folder / "meta.json").is_file():
+        return None
+    data = _load_cache(folder)
+    lengths = data.train.lengths
+    bounds = np.cumsum([0, *data.dataset_sizes])
+    per_set = [lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    records = sum(c["records"] for c in data.summary.per_file.values())
+    over = sum(c["over_max_seq_len"] for c in data.summary.per_file.values()) / max(records, 1)
+    return _estimate(cfg, [float(n) for n in data.dataset_sizes], per_set, data.train.trained_tokens(), over,
+                     f"the prepared-data cache ({len(data.train)} training examples, exact)", True)
+
+
+def _records_in(path: Path, read: int, last_line: int) -> float:
+    """Records in a file of which the first `read` (up to line `last_line`) were read: from the
+    file's size for line-based files, from the row count of Parquet metadata, else counted."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return float(pq.ParquetFile(path).metadata.num_rows)
+    if path.is_file() and suffix != ".json":
+        with open(path, "rb") as f:
+            consumed = sum(len(line) for line in islice(f, last_line))
+        return read * path.stat().st_size / max(consumed, 1)
+    from tuneforge.data.readers import iter_rows
+
+    return float(sum(1 for _ in iter_rows(path)))
+
+
+def _head(spec, limit: int) -> tuple[list[Record], int, int, bool]:
+    """(usable records, records read, last line read, whether that was the whole file) of the first `limit`."""
+    from tuneforge.data.dataset import read_spec
+
+    records, read, last, whole = [], 0, 0, True
+    for item in read_spec(spec):
+        if read == limit:
+            whole = False
+            break
+        read += 1
+        last = item.line if isinstance(item, Record) else item[1]
+        if isinstance(item, Record):
+            records.append(item)
+    return records, read, last, whole
+
+
+def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:
+    """Encode the first `limit` records of each dataset as prepare does and scale to the whole file."""
+    from tuneforge.data.dataset import DataSummary, _Encoder
+    from tuneforge.data.tokenized import TokenizedBuilder
+
+    summary = DataSummary()
+    encoder = _Encoder(tokenizer, cfg, summary)
+    split = cfg.validation.split if cfg.validation and cfg.validation.split else 0.0
+    sizes, per_set, trained, read_total, partial = [], [], 0.0, 0, []
+    for ds in cfg.datasets:
+        records, read, last, whole = _head(ds, limit)
+        builder = TokenizedBuilder()
+        encoder.encode(records, builder)
+        part = builder.build()
+        scale = 1.0 if whole or not read else _records_in(Path(ds.path), read, last) / read
+        if not whole:
+            partial.append(f"{Path(ds.path).name}: first {read} of about {read * scale:,.0f} records")
+        sizes.append(len(part) * scale * (1 - split))
+        per_set.append(part.lengths)
+        trained += part.trained_tokens() * scale * (1 - split)
+        read_total += read
+    over = sum(c["over_max_seq_len"] for c in summary.per_file.values()) / max(read_total, 1)
+    if partial:
+        how = "a sample, extrapolated by file size (" + "; ".join(partial) + ")"
+    else:
+        how = f"all {read_total} records, tokenized now (no prepared-data cache for these settings)"
+    if split:
+        how += f"; validation.split {split:g} taken out by share"
+    return _estimate(cfg, sizes, per_set, trained, over, how, not partial and not split)
+
+
+def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:
+    """From the cache when there is one for these settings, else from a sample."""
+    return from_cache(cfg, tokenizer) or from_sample(cfg, tokenizer, limit)
+
+
+def _tokenizer_key(folder: Path) -> str:
+    """The folder's tokenizer files as they are now, and the transformers version that reads them."""
+    import transformers
+
+    parts = [str(folder.resolve()), transformers.__version__]
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
+        path = folder / name
+        if path.is_file():
+            st = path.stat()
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _classes_file() -> Path:
+    from tuneforge.models.resolve import cache_root
+
+    return cache_root() / "plan" / "tokenizer_classes.json"
+
+
+def _remember_class(key: str, name: str) -> None:
+    path = _classes_file()
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known[key] = name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass  # only speed is lost
+
+
+def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
+    """models.load.load_tokenizer, the second time much faster. AutoTokenizer picks the tokenizer
+    class from the model's configuration, which imports torch: 1.2 of plan's 2 seconds. The class
+    it picked for this folder is remembered (in the tuneforge cache, keyed by the tokenizer files
+    and the transformers version), and later loads name that class directly."""
+    import transformers
+
+    from tuneforge.data.template import resolve_chat_template
+
+    key = _tokenizer_key(folder)
+    try:
+        name = json.loads(_classes_file().read_text()).get(key)
+    except (OSError, ValueError):
+        name = None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and not trust_remote_code else None
+    if cls is not None:
+        try:
+            tokenizer = cls.from_pretrained(str(folder))
+        except Exception:  # the ordinary loader below says what is wrong
+            tokenizer = None
+        if tokenizer is not None and getattr(tokenizer, "is_fast", False):
+            if chat_template != "auto" or tokenizer.chat_template:
+                tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+    from tuneforge.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, chat_template, trust_remote_code)
+    name = type(tokenizer).__name__
+    if not trust_remote_code and getattr(transformers, name, None) is type(tokenizer):
+        _remember_class(key, name)
+    return tokenizer

@@ -1,0 +1,187 @@
+"""Peak training memory from the model's shape and the run's settings, as tuneforge trains.
+
+What is counted is what the loop keeps alive: the base weights in the dtype tuneforge loads them
+in (models.load.weights_dtype), the adapter, AdamW's two moments, fp32 gradients of what trains,
+the tensors autograd saves for the backward pass, and the logits with their fp32 loss copies.
+The saved-tensor counts follow the Hugging Face Llama-style block with SDPA attention (no s x s
+score matrix); docs/plan.md walks through them. Calibration (bench/PLAN_CALIBRATION.md) checks
+the sum against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneforge.plan.shapes import ModelShape
+
+HALF = ("bf16", "fp16")
+# Logits: the loss reads them as fp32. At the peak (log-softmax's backward) its saved output, the
+# incoming gradient and the outgoing gradient are alive: three fp32 tensors of positions x vocab.
+LOGIT_BYTES = 12
+NF4_BLOCK = 64  # weights per absmax constant in bitsandbytes' 4-bit formats
+DOUBLE_QUANT_BLOCK = 256  # absmax constants per fp32 constant when they are themselves quantised
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The choices of a run that change its memory and speed."""
+
+    method: str = "lora"  # lora | qlora | full
+    bits: int = 4  # qlora: 4 (NF4) or 8 (LLM.int8)
+    double_quant: bool = True
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lora_dropout: float = 0.0
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seq_len: int = 2048  # width of the longest micro-batch, in tokens
+    checkpointing: bool = False
+    precision: str = "auto"  # the config's: auto | bf16 | fp16 | fp32
+    padded: bool = True  # batches carry a padding mask (examples differ in length)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes by kind, and the peak they add up to."""
+
+    weights: float
+    adapter: float
+    optimizer: float
+    gradients: float
+    activations: float
+    logits: float
+    peak: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("weights", "adapter", "optimizer", "gradients", "activations", "logits", "peak")}
+
+
+def compute_dtype(precision: str, is_cpu: bool) -> str:
+    """The matmul dtype tuneforge's pick_dtype chooses: auto is bf16 on a GPU, fp32 on a CPU."""
+    if precision == "auto":
+        return "fp32" if is_cpu else "bf16"
+    return precision
+
+
+def compute_bytes(compute: str) -> int:
+    """Bytes of an activation: the matmuls' dtype."""
+    return 2 if compute in HALF else 4
+
+
+def weight_bytes(method: str, compute: str) -> int:
+    """Bytes of a stored base weight, as models.load.weights_dtype: a frozen base is kept in the
+    compute dtype (fp32 under fp16, which cannot hold it safely); trained weights stay fp32."""
+    return 2 if method != "full" and compute == "bf16" else 4
+
+
+def trainable_params(shape: ModelShape, s: Settings) -> int:
+    return shape.params() if s.method == "full" else shape.lora_params(s.lora_r, s.lora_targets)
+
+
+def quantized_bytes(shape: ModelShape, bits: int, double_quant: bool) -> float:
+    """The blocks' linear weights under bitsandbytes: NF4 packs two weights a byte plus an fp32
+    absmax per 64 (with double quantisation an 8-bit absmax and an fp32 constant per 256 of those);
+    LLM.int8 stores a byte a weight and an fp32 scale per output row."""
+    n = shape.layer_linear_params()
+    if bits == 8:
+        rows = shape.layers * sum(out for _, out in shape.projections().values())
+        return n + 4 * rows
+    constants = (1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)) if double_quant else 4 / NF4_BLOCK
+    return n * (0.5 + constants)
+
+
+def weights_memory(shape: ModelShape, s: Settings, compute: str) -> float:
+    """The base model as stored: quantised blocks under QLoRA, else every weight at weight_bytes."""
+    wb = weight_bytes(s.method, compute)
+    if s.method == "qlora":
+        return quantized_bytes(shape, s.bits, s.double_quant) + (shape.embedding_params() + shape.small_params()) * wb
+    return shape.params() * wb
+
+
+def _norm_bytes(h: int, cb: int, full: bool) -> int:
+    """An RMS norm keeps its input upcast to fp32 and, when its weight trains, the normalised
+    input for that weight's gradient; the next linear layer keeps the output in the compute dtype."""
+    return 4 * h + (4 * h if full else 0) + cb * h
+
+
+def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
+    """Bytes one block saves for backward, per token, without checkpointing."""
+    cb = compute_bytes(compute)
+    full = s.method == "full"
+    h, q = shape.hidden, shape.heads * shape.dim
+    # With a padding mask, transformers repeats k and v to every head before SDPA (repeat_kv).
+    kv = (shape.heads if s.padded else shape.kv_heads) * shape.dim
+    norms = 2 * _norm_bytes(h, cb, full) + (shape.norms_per_layer - 2) * (4 * h + (4 * h if full else 0))
+    attention = cb * (3 * q + 2 * kv)  # rotated q, k, v for SDPA, its output, and o_proj's contiguous input
+    if shape.qk_norm:
+        attention += 4 * (q + shape.kv_heads * shape.dim) * (2 if full else 1)
+    mlp = 4 * cb * shape.intermediate  # gate, act(gate), up, act(gate) * up
+    lora = 0.0
+    if s.method != "full":
+        for in_features, _ in shape.lora_modules(s.lora_targets).values():
+            lora += cb * s.lora_r + ((cb + 1) * in_features if s.lora_dropout > 0 else 0)
+    return norms + attention + mlp + lora
+
+
+def residual_bytes(s: Settings, compute: str) -> int:
+    """The residual stream's dtype follows the embedding weights (fp32 when they train)."""
+    return weight_bytes(s.method, compute)
+
+
+def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
+    """Weights in the compute dtype that live through forward and backward: autocast's casts of
+    fp32 weights (kept for the backward pass; one block's worth under checkpointing), or the one
+    matrix bitsandbytes dequantises at a time under QLoRA."""
+    cb = compute_bytes(compute)
+    largest = max(i * o for i, o in shape.projections().values())
+    if s.method == "qlora":
+        return largest * cb
+    if weight_bytes(s.method, compute) == 4 and compute in HALF:
+        blocks = shape.layer_linear_params() // (shape.layers if s.checkpointing else 1)
+        return cb * (blocks + shape.vocab * shape.hidden)
+    return 0.0
+
+
+def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
+    """Everything autograd keeps for the backward pass of one micro-batch, logits aside."""
+    cb = compute_bytes(compute)
+    tokens = s.micro_batch * s.seq_len
+    per_layer = layer_token_bytes(shape, s, compute)
+    final_norm = _norm_bytes(shape.hidden, cb, s.method == "full")
+    if s.checkpointing:  # each block keeps only its input; one block is recomputed at a time
+        per_token = shape.layers * residual_bytes(s, compute) * shape.hidden + per_layer + final_norm
+        masked_layers = 1
+    else:
+        per_token = shape.layers * per_layer + final_norm
+        masked_layers = shape.layers
+    # A padding mask is one bool (b, 1, s, s) tensor, which SDPA turns into an additive mask in the
+    # compute dtype and keeps for backward in every block.
+    mask = s.micro_batch * s.seq_len**2 * (1 + cb * masked_layers) if s.padded else 0
+    return tokens * per_token + mask + working_copies(shape, s, compute)
+
+
+def logits_memory(shape: ModelShape, s: Settings) -> float:
+    return s.micro_batch * s.seq_len * shape.vocab * LOGIT_BYTES
+
+
+def memory(shape: ModelShape, s: Settings, compute: str) -> Memory:
+    """The peak. Weights, adapter and optimizer state stay. Gradients appear as backward frees the
+    activations, so with one micro-batch a step the larger of the two ends of backward counts:
+    its start, where every activation and the logits are alive and the output head's weight
+    gradient is allocated; or its end, where all gradients are, and a tied embedding receives its
+    second, dense gradient before it is added to the first. With accumulation, the gradients of
+    earlier micro-batches sit beside the next one's activations."""
+    trainable = trainable_params(shape, s)
+    weights = weights_memory(shape, s, compute)
+    adapter = 0.0 if s.method == "full" else trainable * 4.0  # PEFT keeps adapters in fp32
+    optimizer = trainable * OPTIMIZER_BYTES[s.optimizer]
+    gradients = trainable * 4.0
+    activations = activation_memory(shape, s, compute)
+    logits = logits_memory(shape, s)
+    head_grad = shape.vocab * shape.hidden * 4.0 if s.method == "full" else 0.0
+    start = activations + logits + head_grad + (gradients if s.grad_accum > 1 else 0.0)
+    end = gradients + (head_grad if shape.tied else 0.0)
+    return Memory(weights, adapter, optimizer, gradients, activations, logits,
+                  weights + adapter + optimizer + max(start, end))

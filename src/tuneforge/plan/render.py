@@ -1,0 +1,117 @@
+"""`tuneforge plan` in the terminal: a table a device per row, then the recommendation and warnings."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from tuneforge.plan.hardware import GIB
+from tuneforge.plan.memory import Settings
+from tuneforge.plan.report import PlanReport
+
+BREAKDOWN = ("weights", "adapter", "optimizer", "gradients", "activations", "logits")
+SHORT = ("weights", "adapter", "optim", "grads", "activ", "logits")
+# Narrow enough for an 80-column terminal.
+TABLE_STYLE = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+
+
+def duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} d"
+
+
+def money(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 0.01:
+        return "<$0.01"
+    return f"${value:,.2f}" if value < 100 else f"${value:,.0f}"
+
+
+def gib(n: float) -> str:
+    x = n / GIB
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 0.05 else f"{x:.2f}"
+
+
+def rate(tokens_per_second: float) -> str:
+    return f"{tokens_per_second:,.0f}" if tokens_per_second >= 10 else f"{tokens_per_second:.2g}"
+
+
+def settings_line(s: Settings) -> str:
+    method = {"full": "full fine-tuning", "lora": f"LoRA r={s.lora_r}",
+              "qlora": f"QLoRA r={s.lora_r} ({'NF4' if s.bits == 4 else 'int8'} base"
+                       f"{', double quant' if s.bits == 4 and s.double_quant else ''})"}[s.method]
+    return (f"{method}, {s.optimizer}, micro_batch_size {s.micro_batch} x grad_accum {s.grad_accum}, "
+            f"gradient_checkpointing {'on' if s.checkpointing else 'off'}")
+
+
+def set_flags(changes: list[str]) -> str:
+    """The changes as `--set` flags for `tuneforge train`."""
+    flags = []
+    for change in changes:
+        key, _, value = change.partition(": ")
+        flags.append(f"--set {key}={value.split(' ')[0]}")
+    return " ".join(flags)
+
+
+def memory_table(report: PlanReport) -> Table:
+    table = Table(title="Peak memory, GiB (no*: fits with the changes below)", title_justify="left", **TABLE_STYLE)
+    for name in ("device", "fits", "peak", *SHORT):
+        table.add_column(name, justify="left" if name in ("device", "fits") else "right", no_wrap=True)
+    for r in report.rows:
+        fitted = report.fitted.get(r.device.name)
+        fits = "[green]yes[/green]" if r.fits else ("[yellow]no*[/yellow]" if fitted else "[red]no[/red]")
+        table.add_row(f"{r.device.name} ({r.device.memory_gib:.0f})", fits, gib(r.memory.peak),
+                      *(gib(getattr(r.memory, k)) for k in BREAKDOWN))
+    return table
+
+
+def speed_table(report: PlanReport) -> Table:
+    table = Table(title="Speed, time and cost", title_justify="left", **TABLE_STYLE)
+    for name in ("device", "dtype", "tokens/s", "epoch", "run", "$/hour", "cost"):
+        table.add_column(name, justify="left" if name == "device" else "right", no_wrap=True)
+    for r in report.rows:
+        table.add_row(r.device.name, r.compute, rate(r.speed.tokens_per_second), duration(r.epoch_hours),
+                      duration(r.run_hours), money(r.device.price), money(r.cost))
+    return table
+
+
+def print_plan(report: PlanReport, console: Console) -> None:
+    """Model and data facts, the device table, what to rent, warnings and the assumptions behind it."""
+    m, d, s = report.model, report.data, report.settings
+    console.print(f"[bold]Model[/bold] {m.shape.name or '?'} from {m.source}: {report.params / 1e6:,.0f}M parameters, "
+                  f"{report.trainable / 1e6:,.2f}M trained")
+    console.print(f"[bold]Data[/bold] {d.train_examples:,.0f} training examples, {d.examples_per_epoch:,.0f} per "
+                  f"epoch, {d.tokens_per_epoch:,.0f} tokens per epoch ({d.trained_tokens_per_epoch:,.0f} trained), "
+                  f"longest micro-batch {s.seq_len} tokens; counted from {d.how}")
+    console.print(f"[bold]Settings[/bold] {settings_line(report.settings)}")
+    console.print()
+    console.print(memory_table(report))
+    console.print()
+    console.print(speed_table(report))
+    changed = [r for r in report.fitted.values() if r is not None]
+    for r in changed:
+        console.print(f"  {r.device.name} fits with: {', '.join(r.changes)} (peak {gib(r.memory.peak)} GiB, "
+                      f"run {duration(r.run_hours)}, {money(r.cost)})")
+    rec = report.recommendation
+    if rec is not None:
+        how = "as configured" if not rec.changes else f"with {', '.join(rec.changes)}"
+        console.print(f"\n[bold green]Recommended:[/bold green] {rec.device.name} {how}: {settings_line(rec.settings)}, {rec.compute}; "
+                      f"peak {gib(rec.memory.peak)} of {rec.device.memory_gib:.0f} GiB, "
+                      f"{rate(rec.speed.tokens_per_second)} tokens/s, run {duration(rec.run_hours)}, {money(rec.cost)}")
+        if rec.changes:
+            console.print(f"  tuneforge train {report.config or 'CONFIG'} {set_flags(rec.changes)}", highlight=False)
+    if report.cpu_alternative is not None:
+        console.print(f"This machine's CPU also runs it: about {duration(report.cpu_alternative.run_hours)}.")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    for n in report.notes:
+        console.print(f"[dim]note: {n}[/dim]")
+    console.print("[dim]note: times cover training steps only (not loading, evaluation or checkpoints); "
+                  "peak is what PyTorch allocates, and a device fits when it leaves ~1 GiB for the CUDA context.[/dim]")
