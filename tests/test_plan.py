@@ -348,8 +348,9 @@ def test_settings_read_new_config_keys_when_they_exist():
     cfg = _quickstart()
     s, notes = settings_from_config(cfg, 100, True)
     assert (s.method, s.optimizer, s.bits) == ("lora", "adamw", 4) and notes == []
-    newer = SimpleNamespace(**{k: getattr(cfg, k) for k in type(cfg).model_fields},
-                            quantization=SimpleNamespace(bits=8, double_quant=False), optimizer="paged_adamw_8bit")
+    newer = SimpleNamespace(**{**{k: getattr(cfg, k) for k in type(cfg).model_fields},
+                               "quantization": SimpleNamespace(bits=8, double_quant=False),
+                               "optimizer": "paged_adamw_8bit"})
     newer.adapter = "qlora"
     s, _ = settings_from_config(newer, 100, True)
     assert (s.method, s.bits, s.double_quant, s.optimizer) == ("qlora", 8, False, "paged_adamw_8bit")
@@ -410,3 +411,18 @@ def test_predictions_agree_with_every_measured_calibration_row():
         if row.tokens_per_s is not None and abs(tokens_per_s / row.tokens_per_s - 1) > SPEED_TOLERANCE:
             failures.append(f"{row}: predicted {tokens_per_s:.1f} tokens/s")
     assert not failures, "\n".join(failures)
+
+
+def test_preference_methods_plan_two_sequences_per_example(tmp_path):
+    """A DPO micro-batch of 4 pairs runs 8 sequences: activations and logits double, steps per epoch do not."""
+    from tuneforge.plan.report import settings_from_config
+
+    base = {"datasets": [{"path": "p.jsonl"}], "micro_batch_size": 4}
+    sft, _ = settings_from_config(config_from_dict(base, base=tmp_path), 256, True)
+    dpo, notes = settings_from_config(config_from_dict({**base, "method": "dpo"}, base=tmp_path), 256, True)
+    assert (sft.rows, dpo.rows, dpo.micro_batch) == (1, 2, 4)
+    shape, _ = shape_from_hf_config(json.loads(tiny_config("llama", 1000).to_json_string()))
+    m_sft, m_dpo = memory(shape, sft, "fp32"), memory(shape, dpo, "fp32")
+    assert m_dpo.logits == pytest.approx(2 * m_sft.logits)
+    assert m_dpo.activations > m_sft.activations
+    assert any("reference model" in n for n in notes)

@@ -127,6 +127,7 @@ def _head(spec, limit: int) -> tuple[list[Record], int, int, bool]:
 
 def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:
     """Encode the first `limit` records of each dataset as prepare does and scale to the whole file."""
+    from tuneforge.config import METHOD_DATA
     from tuneforge.data.dataset import DataSummary, _Encoder
     from tuneforge.data.tokenized import TokenizedBuilder
 
@@ -136,9 +137,9 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
     sizes, per_set, trained, read_total, partial = [], [], 0.0, 0, []
     for ds in cfg.datasets:
         records, read, last, whole = _head(ds, limit)
-        builder = TokenizedBuilder()
-        encoder.encode(records, builder)
-        part = builder.build()
+        sides = [TokenizedBuilder() for _ in range(2 if METHOD_DATA[cfg.method] == ("preference",) else 1)]
+        encoder.encode(records, sides)
+        part = sides[0].build()  # a pair's rejected side is about as long; rows per example are in the settings
         scale = 1.0 if whole or not read else _records_in(Path(ds.path), read, last) / read
         if not whole:
             partial.append(f"{Path(ds.path).name}: first {read} of about {read * scale:,.0f} records")

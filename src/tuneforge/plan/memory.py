@@ -35,6 +35,7 @@ class Settings:
     lora_targets: str | tuple[str, ...] = "all-linear"
     lora_dropout: float = 0.0
     micro_batch: int = 4
+    rows: int = 1  # sequences per example: 2 for a preference pair, the group size for GRPO
     grad_accum: int = 1
     seq_len: int = 2048  # width of the longest micro-batch, in tokens
     checkpointing: bool = False
@@ -147,7 +148,7 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
 def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     """Everything autograd keeps for the backward pass of one micro-batch, logits aside."""
     cb = compute_bytes(compute)
-    tokens = s.micro_batch * s.seq_len
+    tokens = s.micro_batch * s.rows * s.seq_len
     per_layer = layer_token_bytes(shape, s, compute)
     final_norm = _norm_bytes(shape.hidden, cb, s.method == "full")
     if s.checkpointing:  # each block keeps only its input; one block is recomputed at a time
@@ -158,12 +159,12 @@ def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
         masked_layers = shape.layers
     # A padding mask is one bool (b, 1, s, s) tensor, which SDPA turns into an additive mask in the
     # compute dtype and keeps for backward in every block.
-    mask = s.micro_batch * s.seq_len**2 * (1 + cb * masked_layers) if s.padded else 0
+    mask = s.micro_batch * s.rows * s.seq_len**2 * (1 + cb * masked_layers) if s.padded else 0
     return tokens * per_token + mask + working_copies(shape, s, compute)
 
 
 def logits_memory(shape: ModelShape, s: Settings) -> float:
-    return s.micro_batch * s.seq_len * shape.vocab * LOGIT_BYTES
+    return s.micro_batch * s.rows * s.seq_len * shape.vocab * LOGIT_BYTES
 
 
 def memory(shape: ModelShape, s: Settings, compute: str) -> Memory:

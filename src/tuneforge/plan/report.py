@@ -119,10 +119,18 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         notes.append(f"optimizer: {optimizer} is planned as adamw")
         optimizer = "adamw"
     targets = cfg.lora.target_modules
+    # Sequences the model runs per example: a preference pair is two; a GRPO prompt, one per sampled answer.
+    method = getattr(cfg, "method", "sft")
+    rows = {"dpo": 2, "orpo": 2, "simpo": 2, "reward": 2}.get(method, 1)
+    if method == "grpo":
+        rows = cfg.grpo.generations
+        notes.append("grpo: sampling time is not in the estimate (training on the sampled answers is)")
+    if method in ("dpo", "kto") or (method == "grpo" and cfg.grpo.beta > 0):
+        notes.append(f"{method}: the reference model's forward pass is not in the time estimate")
     s = Settings(
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
-        lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, grad_accum=cfg.grad_accum, seq_len=seq_len,
+        lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=cfg.grad_accum, seq_len=seq_len,
         checkpointing=cfg.gradient_checkpointing, precision=cfg.precision, padded=padded,
     )
     return s, notes

@@ -52,8 +52,8 @@ def speed(shape: ModelShape, s: Settings, device: Device, compute: str, width: f
     of which the share `padding` is padding."""
     rate = device.peak_flops(compute) * device.mfu * (QUANT_SPEED[s.bits] if s.method == "qlora" else 1.0)
     per_token = flops_per_token(shape, s, width)
-    positions = s.micro_batch * s.grad_accum * width
-    micro_batch = max(s.micro_batch * width * per_token / rate, 0.0 if device.is_cpu else shape.layers * BLOCK_LAUNCH_SECONDS)
+    positions = s.micro_batch * s.rows * s.grad_accum * width
+    micro_batch = max(s.micro_batch * s.rows * width * per_token / rate, 0.0 if device.is_cpu else shape.layers * BLOCK_LAUNCH_SECONDS)
     optimizer = trainable_params(shape, s) * STEP_BYTES[s.optimizer] / (device.bandwidth_gbs * 1e9)
     step = s.grad_accum * micro_batch + optimizer
     return Speed(per_token, step, positions * (1 - padding) / step)
