@@ -64,8 +64,8 @@ class KTO:
 
     def __init__(self, spec, data, pad_id: int, reference):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
-        tags = data.train.tags
-        desirable = int(tags.sum()) if tags is not None else 0
+        tags = getattr(data.train, "tags", None)  # a TokenizedSet without tags has no desirable example
+        desirable = int(tags.sum()) if tags is not None else sum(e.tag for e in data.train if isinstance(e, Example))
         warning = balance_warning(desirable, len(data.train) - desirable, spec.desirable_weight, spec.undesirable_weight)
         self.notes = [warning] if warning else []  # shown by the loop at the start (R-PREF-3)
 
