@@ -34,7 +34,7 @@ def measure(method: str, pairs: int, steps: int) -> dict:
     tok = load_tokenizer(folder)
     data = prepare_data(cfg, tok)
     device = pick_device("auto")
-    model = attach_adapter(load_model(folder, device), cfg)
+    model, _ = attach_adapter(load_model(folder, device), cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device.type == "cuda":
