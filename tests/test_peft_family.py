@@ -198,7 +198,6 @@ def test_a_freeze_entry_that_matches_nothing_is_named(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_full_fine_tuning_with_8bit_adamw_trains_and_resumes_exactly(tmp_path, tiny_models, optimizer):
-    pytest.importorskip("bitsandbytes")
     over = {**BASE, "adapter": "full", "optimizer": optimizer, "learning_rate": 3e-3, "max_steps": 4, "save_every": 2}
     a, b = uninterrupted_and_resumed(tmp_path, tiny_models["llama"], 3, **over)
     assert [m["loss"] for m in a] == [m["loss"] for m in b] and a[-1]["loss"] < a[0]["loss"]

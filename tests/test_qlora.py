@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import bitsandbytes as bnb  # in the test extra: CI runs these tests, never skips them
 import torch
 from conftest import make_tiny_model, memorise_records, write_jsonl
 from safetensors.torch import load_file
@@ -25,7 +26,6 @@ from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
 from tuneforge.train.loop import train
 from tuneforge.train.optim import build_optimizer
 
-bnb = pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
 QUIET_EVAL = {"evaluation.before_after": False, "lora.dropout": 0.0}
 
