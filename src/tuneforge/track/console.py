@@ -23,6 +23,11 @@ class Reporter:
         if not self.quiet:
             self.console.print(text)
 
+    def warn(self, text: str) -> None:
+        """A problem the user should see even mid-progress-bar: a diagnosis, a failing tracker."""
+        if not self.quiet:
+            self.console.print(text, style="yellow", markup=False, highlight=False)
+
     def data_summary(self, data, cfg, run_dir: Path, tokenizer) -> None:
         if self.quiet:
             return

@@ -34,7 +34,7 @@ from tuneforge.models.load import (
     weights_dtype,
 )
 from tuneforge.models.resolve import resolve_base_model
-from tuneforge.track.metrics import MetricsLog
+from tuneforge.track.trackers import artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
@@ -132,6 +132,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     started = now()
     run_dir = Path(cfg.output_dir)
     ckpt = _check_output_dir(run_dir, resume)
+    require_packages(cfg.track.to)
 
     # Data first: every check runs before a model is loaded.
     folder, source = resolve_base_model(cfg.base_model)
@@ -189,7 +190,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                                 "position means nothing; restore the files or start a new run")
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_from_step=step if ckpt is not None else None)
+    tracking = build_trackers(cfg, run_dir, step if ckpt is not None else None, rep.warn)
+    tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
+                                                     base_model=cfg.base_model, started=started))
     orders: dict = {}
     last_val, last_loss = None, None
     pad = tokenizer.pad_token_id
@@ -221,15 +224,18 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
                 last_val = _validation(cfg, model, data, objective, pad, device, dtype)
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
-            metrics.write(record)
+            tracking.log(record)
             rep.step(record)
             if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0):
                 loop_state = {"cursor": cursor, "data_sha256": data.file_hashes}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last)
+    except BaseException:
+        tracking.finish({"steps": step}, "FAILED")
+        raise
     finally:
         rep.stop()
-        metrics.close()
     if step < plan.total_steps:
+        tracking.finish({"steps": step}, "KILLED")
         return {"stopped_at": step}
 
     final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg))
@@ -263,6 +269,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
+    tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
     rep.before_after(before, after)
     return manifest
 
