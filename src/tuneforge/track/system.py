@@ -47,9 +47,10 @@ def system_stats(device: torch.device) -> dict[str, float]:
     return out
 
 
-def throughput(batches: list[dict], data_s: float, step_s: float) -> dict[str, float]:
-    """Real (non-padding) tokens, their rate, the padding share and the data-loader wait share of a step."""
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+def throughput(tokens: int, batches: list[dict], data_s: float, step_s: float) -> dict[str, float]:
+    """Real (non-padding) tokens the model read (rollouts included) and their rate, the padding share of
+    the collated batches (for GRPO: of its prompts) and the data-loader wait share of a step."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
     positions = sum(b["attention_mask"].numel() for b in batches)
-    return {"tokens": tokens, "tokens_per_s": tokens / step_s, "padding_share": 1 - tokens / max(positions, 1),
+    return {"tokens": tokens, "tokens_per_s": tokens / step_s, "padding_share": 1 - real / max(positions, 1),
             "step_s": step_s, "data_share": data_s / step_s}

@@ -34,6 +34,8 @@ from tuneforge.models.load import (
     weights_dtype,
 )
 from tuneforge.models.resolve import resolve_base_model
+from tuneforge.track.gradients import LayerNorms
+from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tuneforge.train.optim import build_optimizer
@@ -195,6 +197,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                                                      base_model=cfg.base_model, started=started))
     orders: dict = {}
     last_val, last_loss = None, None
+    layer_norms = LayerNorms(model, cfg.diagnose.spike_factor, cfg.diagnose.top_layers)
     pad = tokenizer.pad_token_id
     if hasattr(objective, "preflight") and step == 0:
         objective.preflight(model)
@@ -204,8 +207,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             t0 = time.perf_counter()
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             batches = [objective.collate(idx) for idx in index_batches]
+            data_s = time.perf_counter() - t0
             loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
             lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup, kind=cfg.scheduler)
+            layer_norms.measure()
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 where = ", ".join(data.train[i].record.where for idx in index_batches for i in idx)
@@ -214,13 +219,15 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             step += 1
             last_loss = loss
             elapsed = time.perf_counter() - t0
-            tokens = totals["input_tokens"]
             record = {
                 "step": step, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "trained_tokens": totals.get("tokens", 0), "tokens_per_s": tokens / elapsed,
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
+                **throughput(totals["input_tokens"], batches, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
+            top = layer_norms.top_layers(grad_norm)
+            if top:
+                record["grad_norm_top"] = top
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
                 last_val = _validation(cfg, model, data, objective, pad, device, dtype)
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
@@ -276,7 +283,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
 def _validation(cfg: Config, model, data: PreparedData, objective, pad: int, device, dtype) -> dict:
     if cfg.method == "sft":
-        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size)
+        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size,
+                               hardest=cfg.diagnose.hardest_examples)
     return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
 
 
