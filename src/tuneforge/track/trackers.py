@@ -90,7 +90,10 @@ class JsonlTracker:
             self.findings_path.write_text("")
 
     def start(self, config: dict, facts: dict) -> None:
-        pass
+        """run_started.json: the config and facts of a run that may never reach its run.json."""
+        tmp = self.run_dir / "run_started.json.tmp"
+        tmp.write_text(json.dumps({**facts, "config": config}, indent=1, default=str) + "\n")
+        os.replace(tmp, self.run_dir / "run_started.json")
 
     def log(self, step: int, record: dict) -> None:
         self.log_file.write(record)
