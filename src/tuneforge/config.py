@@ -265,6 +265,7 @@ class DiagnoseSpec(_Strict):
     flat_after: float = Field(0.3, gt=0, lt=1, description="Share of the steps after which a loss that has not dropped is flagged.")
     flat_min_drop: float = Field(0.05, ge=0, lt=1, description="Smallest relative drop of the training loss that is not flat.")
     explode_factor: float = Field(3.0, gt=1, description="A loss this many times the recent median (and 1 nat above it) has exploded.")
+    explode_rise: float = Field(2.0, gt=1, description="A loss whose last steps are this many times the first steps' has diverged.")
     spike_factor: float = Field(5.0, gt=1, description="A gradient norm this many times the recent median logs the top layers.")
     top_layers: int = Field(5, ge=1, description="Layers listed when the gradient norm spikes.")
     overfit_evals: int = Field(3, ge=2, description="Evaluations of rising validation loss (training loss falling) that flag overfitting.")

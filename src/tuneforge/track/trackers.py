@@ -48,10 +48,20 @@ def require_packages(names: list[str]) -> None:
                               f"pip install 'tuneforge[{extra}]', or remove {name} from track.to")
 
 
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
 def loggable(record: dict) -> dict:
     """The record as it may be logged: a step with no trained token has no loss (never 0.0, R-DATA-3);
     NaN and inf become None, since JSON has no such numbers and a tracker would plot them as 0."""
-    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    out = _finite_or_none(record)
     if out.get("trained_tokens") == 0 and "loss" in out:
         out["loss"] = None
     return out
