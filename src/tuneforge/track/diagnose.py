@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from tuneforge.data.preview import preview_plain
+from tuneforge.track.gradients import LayerNorms
 
 # The usual learning rates (lowest, highest) by objective family and adapter; "far outside" is
 # more than LR_FACTOR beyond them. From the methods' papers and common recipes.
@@ -140,8 +141,9 @@ class Watch:
     (the trackers' `finding`: diagnosis.jsonl, TensorBoard, MLflow, W&B)."""
 
     def __init__(self, cfg, total_steps: int, data, tokenizer, warn: Callable[[str], None],
-                 record: Callable[[int, dict], None]):
+                 record: Callable[[int, dict], None], model=None):
         self.cfg, self.d = cfg, cfg.diagnose
+        self.layers = LayerNorms(model, self.d.spike_factor, self.d.top_layers) if model is not None else None
         self.total_steps, self.data, self.tokenizer = total_steps, data, tokenizer
         self.warn, self.record = warn, record
         self.codes: list[str] = []  # every finding's code, in order: run.json's "diagnoses"
@@ -187,10 +189,21 @@ class Watch:
             if finding is not None:
                 self._once(0, finding)
 
+    def measure_gradients(self) -> None:
+        """After backward, before the optimizer step clears the gradients: each layer's gradient norm."""
+        if self.layers is not None:
+            t0 = time.perf_counter()
+            self.layers.measure()
+            self.seconds += time.perf_counter() - t0
+
     def after_step(self, record: dict, where: Callable[[], list[str]]) -> str | None:
-        """Checks of one optimizer step; returns "stop", "rollback" or None. `where` lists the step's examples."""
+        """Checks of one optimizer step; returns "stop", "rollback" or None. `where` lists the step's examples.
+        Adds `grad_norm_top` (the largest layer gradients) to the record when the gradient norm spikes."""
         t0 = time.perf_counter()
         try:
+            top = self.layers.top_layers(record["grad_norm"]) if self.layers is not None else None
+            if top:
+                record["grad_norm_top"] = top
             return self._after_step(record, where)
         finally:
             self.seconds += time.perf_counter() - t0

@@ -35,7 +35,6 @@ from tuneforge.models.load import (
 )
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.track.diagnose import Watch
-from tuneforge.track.gradients import LayerNorms
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -197,7 +196,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     tracking = build_trackers(cfg, run_dir, step if ckpt is not None else None, rep.warn)
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
                                                      base_model=cfg.base_model, started=started))
-    watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding)
+    watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
     if ckpt is None:
         watch.before_training()
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
@@ -206,7 +205,6 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         watch.lr_scale = state.get("lr_scale", 1.0)
     orders: dict = {}
     last_val, last_loss = None, None
-    layer_norms = LayerNorms(model, cfg.diagnose.spike_factor, cfg.diagnose.top_layers)
     pad = tokenizer.pad_token_id
     if hasattr(objective, "preflight") and step == 0:
         objective.preflight(model)
@@ -220,7 +218,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
             lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
                                         kind=cfg.scheduler)
-            layer_norms.measure()
+            watch.measure_gradients()
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             record = {
@@ -229,9 +227,6 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 **throughput(totals["input_tokens"], batches, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
-            top = layer_norms.top_layers(grad_norm)
-            if top:
-                record["grad_norm_top"] = top
             action = watch.after_step(record, lambda: [data.train[i].record.where for idx in index_batches for i in idx])
             if action == "rollback":  # the diverged state is dropped, never saved
                 state = roll_back(run_dir, model, optimizer, watch.safe_checkpoint)
@@ -296,6 +291,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
         early_stopped=best,
         diagnoses=watch.codes,
+        overhead_s={"tracking": round(tracking.seconds, 4), "diagnosis": round(watch.seconds, 4)},
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
