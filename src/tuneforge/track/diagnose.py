@@ -8,6 +8,7 @@ after each step (which may answer "stop" or "rollback") and after each evaluatio
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -148,7 +149,10 @@ class Watch:
         self.warn, self.record = warn, record
         self.codes: list[str] = []  # every finding's code, in order: run.json's "diagnoses"
         self.enabled = self.d.enabled
-        self.history: dict[int, tuple[float, float]] = {}  # step -> (loss, grad norm) of the healthy steps
+        # The healthy steps so far, in order: their numbers, losses and gradient norms.
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.shares: deque[float] = deque(maxlen=20)
         self.utils: deque[float] = deque(maxlen=20)
         self.val: list[float] = []
@@ -218,7 +222,9 @@ class Watch:
         why = divergence(record, self.losses if self.enabled else [], self.d.explode_factor, self.d.explode_rise)
         if why is not None:
             return self._diverged(step, why, record, where())
-        self.history[step] = (record["loss"], record["grad_norm"])
+        self.steps.append(step)
+        self.losses.append(record["loss"])
+        self.grad_norms.append(record["grad_norm"])
         if not self.enabled:
             return None
         self._flat(step)
@@ -226,25 +232,23 @@ class Watch:
         self._throughput(step, record)
         return None
 
-    @property
-    def losses(self) -> list[float]:
-        return [loss for loss, _ in self.history.values()]
-
     def safe_checkpoint(self, ckpt_step: int) -> bool:
         """Whether the weights saved at `ckpt_step` came before the divergence: the loss they gave on
         the next step was not yet above the climb threshold (and the weights of step 0 always are)."""
         if ckpt_step == 0:
             return True
-        nxt = self.history.get(ckpt_step + 1)
-        start = statistics.median(self.losses[:3]) if self.history else float("inf")
-        return nxt is not None and nxt[0] <= self.d.explode_rise * start
+        if ckpt_step + 1 not in self.steps:
+            return False
+        following = self.losses[self.steps.index(ckpt_step + 1)]
+        return following <= self.d.explode_rise * statistics.median(self.losses[:3])
 
     def rewind(self, step: int) -> None:
         """After a roll-back to `step`: forget what came after it."""
-        self.history = {s: v for s, v in self.history.items() if s <= step}
+        keep = bisect.bisect_right(self.steps, step)
+        del self.steps[keep:], self.losses[keep:], self.grad_norms[keep:]
 
     def _diverged(self, step: int, why: str, record: dict, examples: list[str]) -> str:
-        history = ", ".join(f"{g:.3g}" for _, g in list(self.history.values())[-10:]) or "none yet"
+        history = ", ".join(f"{g:.3g}" for g in self.grad_norms[-10:]) or "none yet"
         top = record.get("grad_norm_top")
         layers = (" Largest layer gradients: " + ", ".join(f"{t['layer']} {t['norm']:.3g}" for t in top) + ".") if top else ""
         text = (f"step {step}: {why} (examples {', '.join(examples)}). Gradient norms of the steps before: "
