@@ -135,18 +135,21 @@ def test_an_example_that_gives_nan_stops_the_run_with_its_file_and_line(tmp_path
         assert "after 2 roll-backs" in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def overfitted(tmp_path_factory, tiny_models):
-    """Training answers memorised while the held-out answers contradict them, so validation loss rises;
-    early stopping with patience 3 lets the overfitting check see 3 rising evaluations first."""
-    tmp = tmp_path_factory.mktemp("overfit")
+def overfit_cfg(tmp, model_dir, **over):
+    """Training answers memorised while the held-out answers contradict them, so validation loss rises."""
     val = [chat(f"Repeat {' '.join(WORDS[: 1 + i % 8])} please", " ".join(reversed(WORDS[: 1 + i % 8])).lower())
            for i in range(8)]
     write_jsonl(tmp / "val.jsonl", val)
-    cfg = make_cfg(tmp, tiny_models["llama"], validation={"path": str(tmp / "val.jsonl")}, learning_rate=2e-2,
-                   epochs=6, eval_every=3, early_stopping={"patience": 3},
-                   evaluation={"max_new_tokens": 4, "max_examples": 2}, **{"lora.dropout": 0.0})
-    manifest = train(cfg, reporter=QUIET)
+    return make_cfg(tmp, model_dir, validation={"path": str(tmp / "val.jsonl")}, learning_rate=2e-2,
+                    epochs=6, eval_every=3, evaluation={"max_new_tokens": 4, "max_examples": 2},
+                    **{"lora.dropout": 0.0}, **over)
+
+
+@pytest.fixture(scope="module")
+def overfitted(tmp_path_factory, tiny_models):
+    """Early stopping with patience 3 lets the overfitting check see 3 rising evaluations first."""
+    tmp = tmp_path_factory.mktemp("overfit")
+    manifest = train(overfit_cfg(tmp, tiny_models["llama"], early_stopping={"patience": 3}), reporter=QUIET)
     return manifest, read_metrics(tmp / "run" / "metrics.jsonl"), findings(tmp / "run")
 
 
@@ -170,6 +173,18 @@ def test_early_stopping_stops_and_final_holds_the_best_weights(overfitted):
     assert stop["action"] == "early_stop" and f"step {best_step}" in stop["message"]
     assert manifest["early_stopped"]["step"] == best_step
     assert manifest["eval_after"]["val_loss"] == pytest.approx(best_val, rel=1e-6)  # final/ is the best model
+
+
+def test_early_stopping_survives_a_resume(overfitted, tmp_path, tiny_models):
+    """Cut after the best evaluation and resumed: the same stop, and final/ is still the best model."""
+    manifest, logged, _ = overfitted
+    cfg = overfit_cfg(tmp_path, tiny_models["llama"], early_stopping={"patience": 3}, save_every=3)
+    cut_at = manifest["early_stopped"]["step"] + 3
+    assert train(cfg, reporter=QUIET, stop_after=cut_at) == {"stopped_at": cut_at}
+    resumed = train(cfg, resume=True, reporter=QUIET)
+    assert resumed["early_stopped"] == manifest["early_stopped"]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == logged[-1]["step"]
+    assert resumed["eval_after"]["val_loss"] == pytest.approx(manifest["eval_after"]["val_loss"], rel=1e-6)
 
 
 # ---- the checks alone, on step records --------------------------------------------------------

@@ -169,6 +169,13 @@ class Watch:
         grpo = getattr(cfg, "grpo", None)
         self.zero_std_steps = grpo.zero_std_warn_steps if grpo is not None else self.d.zero_std_steps
 
+    def state(self) -> dict:
+        """What a checkpoint keeps so that a resumed run acts as the uninterrupted one would."""
+        return {"lr_scale": self.lr_scale, "evals_since_best": self.since_best}
+
+    def restore(self, state: dict, best: tuple[int, float] | None) -> None:
+        self.lr_scale, self.since_best, self.best = state.get("lr_scale", 1.0), state.get("evals_since_best", 0), best
+
     def emit(self, step: int, finding: Finding) -> None:
         self.codes.append(finding.code)
         self.warn(finding.message)

@@ -40,7 +40,7 @@ from tuneforge.track.trackers import artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
-from tuneforge.train.recovery import load_best, roll_back, save_best
+from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
 
@@ -202,7 +202,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
             save_checkpoint(run_dir, 0, model, optimizer, {"cursor": cursor, "data_sha256": data.file_hashes}, cfg.keep_last)
     else:
-        watch.lr_scale = state.get("lr_scale", 1.0)
+        watch.restore(state, read_best(run_dir))
     orders: dict = {}
     last_val, last_loss = None, None
     pad = tokenizer.pad_token_id
@@ -247,7 +247,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             tracking.log(record)
             rep.step(record)
             if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
-                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, "lr_scale": watch.lr_scale}
+                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **watch.state()}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last)
             if watch.early_stopped:
                 break

@@ -39,6 +39,15 @@ def load_best(run_dir: Path, model) -> dict:
     return json.loads((run_dir / "best" / "best.json").read_text())
 
 
+def read_best(run_dir: Path) -> tuple[int, float] | None:
+    """(step, value) of the best evaluation so far, for a resumed run's early stopping; None if none."""
+    path = run_dir / "best" / "best.json"
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text())
+    return best["step"], best["value"]
+
+
 def roll_back(run_dir: Path, model, optimizer, safe: Callable[[int], bool]) -> dict:
     """Restore the newest checkpoint that `safe` accepts (else the oldest one kept): weights, optimizer,
     RNG; returns its loop state. A checkpoint written while the loss was already climbing is skipped."""
