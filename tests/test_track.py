@@ -46,6 +46,19 @@ def test_tensorboard_event_reader_reads_the_scalars_back(tracked_run):
     assert {"lr", "grad_norm", "tokens_per_s"} <= set(tb)
 
 
+def test_tensorboard_holds_the_config_as_hyper_parameters_and_the_final_facts(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, manifest, _ = tracked_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    facts = [e for e in acc.Tensors("facts/text_summary")]
+    assert [e.step for e in facts] == [0, 4]  # at the start, and the final facts once finished
+    final = facts[-1].tensor_proto.string_val[0].decode()
+    assert '"status": "FINISHED"' in final and manifest["versions"]["torch"] in final
+
+
 def test_mlflow_client_finds_run_params_metrics_and_facts(tracked_run):
     from mlflow.tracking import MlflowClient
 
