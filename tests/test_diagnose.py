@@ -279,3 +279,5 @@ def test_divergence_rules():
     assert "climbed" in divergence({"loss": 5.0, "grad_norm": 1.0}, climbing, 3.0, 2.0)
     tiny = [0.02, 0.01, 0.01, 0.01, 0.03]  # a doubling of a tiny loss is noise, not divergence
     assert divergence({"loss": 0.05, "grad_norm": 1.0}, tiny, 3.0, 2.0) is None
+    grpo = [0.0, -0.02, 0.01, 0.0, -0.01]  # losses around zero: only non-finite values count
+    assert divergence({"loss": 1.5, "grad_norm": 0.0}, grpo, 3.0, 2.0) is None

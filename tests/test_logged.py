@@ -90,6 +90,20 @@ def test_gradient_spike_names_the_layer_it_came_from():
     assert step(float("nan"))[0]["layer"].startswith("1.")  # a non-finite step always names its layers
 
 
+
+def test_steps_with_zero_gradient_do_not_make_every_later_step_a_spike():
+    """GRPO steps without reward spread have a zero gradient and are skipped; they are no reference."""
+    model = torch.nn.Linear(2, 2)
+    norms = LayerNorms(model, factor=5.0)
+    for total in (0.0, 0.0, 0.0, 0.0):
+        norms.measure()
+        assert norms.top_layers(total) is None
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    norms.measure()
+    assert norms.top_layers(1.0) is None
+
+
 def test_healthy_steps_log_no_layer_list(logged_run):
     _, records = logged_run
     assert not any("grad_norm_top" in m for m in records)

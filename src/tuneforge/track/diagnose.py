@@ -109,17 +109,18 @@ def _finite(x) -> bool:
 def divergence(record: dict, losses: list[float], factor: float, rise: float) -> str | None:
     """Why this step diverged, or None: a non-finite loss or gradient; a loss `factor` x the median of
     the last 10 steps (a spike); or the last 3 steps' median `rise` x the first 3 steps' (a climb).
-    Both need the loss 1 nat above the reference too, so a tiny loss doubling is no divergence."""
+    Both need the loss 1 nat above a positive reference too, so a tiny loss doubling is no divergence
+    (and a loss that may be negative, as GRPO's, is judged by its finiteness only)."""
     loss, grad = record.get("loss"), record.get("grad_norm")
     if not _finite(loss) or not _finite(grad):
         return f"loss {loss} / grad norm {grad} is not finite"
     if losses:
         median = statistics.median(losses[-10:])
-        if loss > factor * median and loss > median + 1.0:
+        if median > 0 and loss > factor * median and loss > median + 1.0:
             return f"loss {loss:.4g} exploded ({loss / median:.1f} x the median {median:.4g} of the last steps)"
     if len(losses) >= 5:
         start, now = statistics.median(losses[:3]), statistics.median(losses[-2:] + [loss])
-        if now > rise * start and now > start + 1.0:
+        if start > 0 and now > rise * start and now > start + 1.0:
             return f"the loss climbed from {start:.4g} (first steps) to {now:.4g} (last steps): the run diverges"
     return None
 

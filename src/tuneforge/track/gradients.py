@@ -31,7 +31,7 @@ class LayerNorms:
     def top_layers(self, total: float) -> list[dict] | None:
         """The largest layer norms of this step when `total` spikes (or is not finite); else None."""
         spiked = not _finite(total) or (len(self.history) >= 3 and total > self.factor * statistics.median(self.history))
-        if _finite(total):
+        if _finite(total) and total > 0:  # a skipped zero-gradient step (no signal) is no reference
             self.history.append(total)
         if not spiked or self.last is None:
             return None
