@@ -14,7 +14,7 @@ PANELS = [
     ("throughput", "Throughput (real tokens/s)", [("tokens_per_s", "tokens/s")], False),
     ("memory", "Memory (MB)", [("rss_mb", "process RSS"), ("gpu_mem_allocated_mb", "GPU allocated"),
                                ("gpu_mem_reserved_mb", "GPU reserved"), ("gpu_mem_peak_mb", "GPU peak")], False),
-    ("loader", "Data-loader wait (share of step time)", [("data_share", "loader wait"),
+    ("loader", "Shares: data-loader wait of the step time, padding of the batch", [("data_share", "loader wait"),
                                                           ("padding_share", "padding share")], False),
 ]
 
