@@ -10,6 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Trackers never reach the network in tests: W&B offline, no MLflow telemetry.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # A Qwen2.5-style template: default system prompt, tool results as a user turn with tags.

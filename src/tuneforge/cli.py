@@ -180,6 +180,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from tuneforge.track.report import write_report
+
+    page = write_report(args.run, args.out)
+    console.print(f"Report written to {page} (PNGs in {page.with_suffix('')}/)")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from tuneforge.track.console import comparison_tables, runs_table
+    from tuneforge.track.runs import compare_runs, find_runs, summary_row
+
+    if args.paths[:1] == ["compare"]:
+        comparison = compare_runs(args.paths[1:], Path(args.png))
+        for table in comparison_tables(comparison):
+            console.print(table)
+        console.print(f"Loss curves overlaid in {comparison.png}")
+        return 0
+    if len(args.paths) > 1:
+        raise TuneforgeError("runs: give one folder to list (or `runs compare A B ...`)")
+    runs = find_runs(args.paths[0] if args.paths else "runs")
+    console.print(runs_table([summary_row(r) for r in runs]) if runs else "No runs found.")
+    return 0
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -362,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export in a fresh process to compare its held-out perplexity")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="one HTML page for a run: curves, evaluation, hardest examples, diagnoses, facts")
+    p.add_argument("run", help="the run folder (output_dir), finished or not")
+    p.add_argument("--out", help="the HTML file (default RUN/report.html; PNGs go in a folder beside it)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("runs", help="list runs in a table, or `runs compare A B ...`",
+                       description="tuneforge runs [DIR] lists the runs under DIR (default runs/); "
+                                   "tuneforge runs compare A B ... shows what differs and overlays their curves.")
+    p.add_argument("paths", nargs="*", metavar="DIR | compare RUN RUN ...")
+    p.add_argument("--png", default="runs-compare.png", help="compare: where the overlaid curves go (default runs-compare.png)")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")

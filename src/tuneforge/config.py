@@ -232,6 +232,59 @@ class GRPOSpec(_Strict):
     zero_std_warn_steps: int = Field(10, ge=1, description="Warn after this many steps in a row where every group's rewards were equal.")
 
 
+Tracker = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
+
+
+class TrackSpec(_Strict):
+    to: list[Tracker] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Where metrics go: jsonl (always on: <output_dir>/metrics.jsonl), tensorboard "
+        "(<output_dir>/tensorboard), mlflow, wandb. Each needs its extra: pip install tuneforge[tensorboard].",
+    )
+    run_name: str | None = Field(None, description="The run's name in MLflow and W&B; default the output_dir's folder name.")
+    project: str = Field("tuneforge", description="MLflow experiment and W&B project the run is filed under.")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, file: or sqlite:); default sqlite:///<output_dir's parent>/mlflow.db."
+    )
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online when a W&B key is set (WANDB_API_KEY or ~/.netrc), else offline in <output_dir>/wandb."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        """`track: [tensorboard, mlflow]` is short for `track: {to: [...]}`."""
+        if isinstance(value, (list, str)):
+            return {"to": [value] if isinstance(value, str) else value}
+        return value
+
+
+class DiagnoseSpec(_Strict):
+    enabled: bool = Field(True, description="Run the live checks: masking, template, learning rate, flat or exploding "
+                          "loss, overfitting, throughput, zero-spread reward groups.")
+    flat_after: float = Field(0.3, gt=0, lt=1, description="Share of the steps after which a loss that has not dropped is flagged.")
+    flat_min_drop: float = Field(0.05, ge=0, lt=1, description="Smallest relative drop of the training loss that is not flat.")
+    explode_factor: float = Field(3.0, gt=1, description="A loss this many times the recent median (and 1 nat above it) has exploded.")
+    explode_rise: float = Field(2.0, gt=1, description="A loss whose last steps are this many times the first steps' has diverged.")
+    spike_factor: float = Field(5.0, gt=1, description="A gradient norm this many times the recent median logs the top layers.")
+    top_layers: int = Field(5, ge=1, description="Layers listed when the gradient norm spikes.")
+    overfit_evals: int = Field(3, ge=2, description="Evaluations of rising validation loss (training loss falling) that flag overfitting.")
+    hardest_examples: int = Field(5, ge=0, description="Hardest validation examples (highest loss) logged at each evaluation.")
+    loader_share: float = Field(0.2, gt=0, lt=1, description="Data-loader wait above this share of step time is flagged.")
+    gpu_util_min: float = Field(0.5, gt=0, lt=1, description="Mean GPU utilisation below this is flagged.")
+    zero_std_steps: int = Field(
+        10, ge=1, description="Steps in a row with frac_zero_std at 1.0 (no reward spread) before a warning; grpo.zero_std_warn_steps wins."
+    )
+    max_rollbacks: int = Field(3, ge=1, description="With on_divergence: rollback, stop after this many roll-backs.")
+
+
+class EarlyStoppingSpec(_Strict):
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
+    metric: str = Field("val_loss", description="A validation key of metrics.jsonl, e.g. val_loss or val_rewards/accuracies.")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: max for accuracies and margins, min otherwise.")
+    min_delta: float = Field(0.0, ge=0, description="A change smaller than this is no improvement.")
+
+
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
 # The record kind each method trains on.
 METHOD_DATA = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "orpo": ("preference",),
@@ -314,6 +367,15 @@ class Config(_Strict):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     prepare: PrepareSpec = Field(default_factory=PrepareSpec)
+    # Tracking and live diagnosis (docs/tracking.md).
+    track: TrackSpec = Field(default_factory=TrackSpec, description="Metric back-ends; a list is short for {to: [...]}.")
+    diagnose: DiagnoseSpec = Field(default_factory=DiagnoseSpec)
+    on_divergence: Literal["stop", "rollback"] = Field(
+        "stop", description="When the loss explodes or is NaN/inf: stop cleanly, or reload the last checkpoint with half the learning rate."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop when the validation metric has not improved for `patience` evaluations; final/ is the best one."
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "Config":
@@ -359,6 +421,12 @@ class Config(_Strict):
             raise ValueError(f"datasets: the ratios add up to {sum(ratios):g}; they must leave room for the other data (< 1)")
         if ratios and len(ratios) == len(self.datasets):
             raise ValueError("datasets: give at least one dataset without `ratio`; ratios are shares next to it")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> "Config":
+        if self.early_stopping and (self.validation is None or self.eval_every is None):
+            raise ValueError("early_stopping watches validation metrics: give `validation:` and `eval_every:` too")
         return self
 
 

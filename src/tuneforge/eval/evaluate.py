@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tuneforge.data.batching import collate
 from tuneforge.data.tokenized import Example
-from tuneforge.data.template import encode_segment_lists, generation_prompt
-from tuneforge.methods.sft import count_trained, sft_loss_sum
+from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, generation_prompt
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype):
@@ -19,20 +20,47 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every position (fp32; 0 where not trained) and the mask of trained positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    shift = logits[:, :-1].float()
+    losses = F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.view(labels.shape), labels != IGNORE_INDEX
+
+
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, batch_size: int = 8) -> dict:
-    """Token-weighted mean cross-entropy over the trained tokens of the validation set."""
+def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, batch_size: int = 8,
+                    hardest: int = 0) -> dict:
+    """Token-weighted mean cross-entropy over the trained tokens of the validation set, with the
+    per-token loss percentiles and the `hardest` examples (highest mean loss) by file:line.
+
+    The sum is taken in fp64 in the same order as the training loss, so it matches sft_loss_sum.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, per_token, per_example = 0.0, 0, [], []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        chunk = examples[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with autocast_for(device, dtype):
-            total += sft_loss_sum(model, batch).item()
-        count += count_trained(batch)
+            losses, mask = token_losses(model, batch)
+        total += losses.double().sum().item()
+        count += int(mask.sum())
+        per_token.append(losses[mask].cpu())
+        sums, ns = losses.double().sum(1).tolist(), mask.sum(1).tolist()
+        per_example += [(s / max(n, 1), n, ex) for s, n, ex in zip(sums, ns, chunk)]
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+    out = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+    if count:
+        q = np.percentile(torch.cat(per_token).numpy(), [50, 90, 99, 100])
+        out.update({f"val_token_loss_{k}": float(v) for k, v in zip(("p50", "p90", "p99", "max"), q)})
+    if hardest:
+        worst = sorted(per_example, key=lambda t: -t[0])[:hardest]
+        out["val_hardest"] = [{"where": ex.record.where, "loss": mean, "tokens": n} for mean, n, ex in worst]
+    return out
 
 
 @torch.no_grad()

@@ -23,6 +23,11 @@ class Reporter:
         if not self.quiet:
             self.console.print(text)
 
+    def warn(self, text: str) -> None:
+        """A problem the user should see even mid-progress-bar: a diagnosis, a failing tracker."""
+        if not self.quiet:
+            self.console.print(text, style="yellow", markup=False, highlight=False)
+
     def data_summary(self, data, cfg, run_dir: Path, tokenizer) -> None:
         if self.quiet:
             return
@@ -179,3 +184,48 @@ def print_stats(s: dict, console: Console) -> None:
     console.print(f"Estimated tokens per epoch: {s['tokens_per_epoch']}")
     if "png" in s:
         console.print(f"Histogram saved to {s['png']}")
+
+
+RUNS_HEADERS = {"train_loss": "loss", "val_loss": "val", "diagnoses": "diag."}
+
+
+def runs_table(rows: list[dict]) -> Table:
+    """`tuneforge runs`: one row per run, the columns of tuneforge.track.runs.summary_row."""
+    from rich import box
+
+    table = Table(title="Runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    if not rows:
+        return table
+    numeric = ("lr", "steps", "train_loss", "val_loss", "diagnoses")
+    for key in rows[0]:
+        header = RUNS_HEADERS.get(key, key)
+        width = max(len(header), 8 if key == "status" else 0, max(len(_cell(r[key])) for r in rows) if key == "run" else 0)
+        table.add_column(header, justify="right" if key in numeric else "left", min_width=width, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row.values()))
+    return table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.4g}"
+    return str(value)
+
+
+def comparison_tables(comparison) -> list[Table]:
+    """`tuneforge runs compare`: what differs in config and data, then the numbers side by side."""
+    names = [r.name for r in comparison.runs]
+    tables = []
+    for title, rows, empty in (("Config: keys that differ", comparison.config, "the configs are the same"),
+                               ("Data: what differs", comparison.data, "the same data files"),
+                               ("Metrics", comparison.metrics, "")):
+        table = Table(title=title if rows or not empty else f"{title.split(':')[0]}: {empty}", title_justify="left")
+        table.add_column("")
+        for name in names:
+            table.add_column(name, overflow="fold")
+        for key, values in rows:
+            table.add_row(key, *values)
+        tables.append(table)
+    return tables

@@ -34,10 +34,13 @@ from tuneforge.models.load import (
     weights_dtype,
 )
 from tuneforge.models.resolve import resolve_base_model
-from tuneforge.track.metrics import MetricsLog
+from tuneforge.track.diagnose import Watch
+from tuneforge.track.system import system_stats, throughput
+from tuneforge.track.trackers import artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
+from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
 
@@ -132,6 +135,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     started = now()
     run_dir = Path(cfg.output_dir)
     ckpt = _check_output_dir(run_dir, resume)
+    require_packages(cfg.track.to)
 
     # Data first: every check runs before a model is loaded.
     folder, source = resolve_base_model(cfg.base_model)
@@ -189,7 +193,16 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                                 "position means nothing; restore the files or start a new run")
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_from_step=step if ckpt is not None else None)
+    tracking = build_trackers(cfg, run_dir, step if ckpt is not None else None, rep.warn)
+    tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
+                                                     base_model=cfg.base_model, started=started))
+    watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
+    if ckpt is None:
+        watch.before_training()
+        if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
+            save_checkpoint(run_dir, 0, model, optimizer, {"cursor": cursor, "data_sha256": data.file_hashes}, cfg.keep_last)
+    else:
+        watch.restore(state, read_best(run_dir))
     orders: dict = {}
     last_val, last_loss = None, None
     pad = tokenizer.pad_token_id
@@ -201,37 +214,53 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             t0 = time.perf_counter()
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             batches = [objective.collate(idx) for idx in index_batches]
+            data_s = time.perf_counter() - t0
             loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
-            lr = lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup, kind=cfg.scheduler)
+            lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
+                                        kind=cfg.scheduler)
+            watch.measure_gradients()
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                where = ", ".join(data.train[i].record.where for idx in index_batches for i in idx)
-                raise TrainingError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
-                                    f"(examples {where}); the run stops here: lower learning_rate or use precision: fp32")
-            step += 1
-            last_loss = loss
             elapsed = time.perf_counter() - t0
-            tokens = totals["input_tokens"]
             record = {
-                "step": step, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "trained_tokens": totals.get("tokens", 0), "tokens_per_s": tokens / elapsed,
+                "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
+                **throughput(totals["input_tokens"], batches, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
+            action = watch.after_step(record, lambda: [data.train[i].record.where for idx in index_batches for i in idx])
+            if action == "rollback":  # the diverged state is dropped, never saved
+                state = roll_back(run_dir, model, optimizer, watch.safe_checkpoint)
+                step, cursor = state["step"], state["cursor"]
+                watch.rewind(step)
+                tracking.rewind(step)
+                continue
+            if action == "stop":
+                tracking.log(record)
+                raise TrainingError(watch.stop_message)
+            step += 1
+            last_loss = loss
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
                 last_val = _validation(cfg, model, data, objective, pad, device, dtype)
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
-            metrics.write(record)
+                if watch.after_eval(record) == "best":
+                    save_best(run_dir, model, step, cfg.early_stopping.metric, record[cfg.early_stopping.metric])
+            tracking.log(record)
             rep.step(record)
-            if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0):
-                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes}
+            if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
+                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **watch.state()}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last)
+            if watch.early_stopped:
+                break
+    except BaseException:
+        tracking.finish({"steps": step}, "FAILED")
+        raise
     finally:
         rep.stop()
-        metrics.close()
-    if step < plan.total_steps:
+    if step < plan.total_steps and not watch.early_stopped:
+        tracking.finish({"steps": step}, "KILLED")
         return {"stopped_at": step}
 
+    best = load_best(run_dir, model) if watch.early_stopped else None
     final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg))
     after = None
     if data.validation and cfg.evaluation.before_after:
@@ -260,16 +289,21 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         eval_after=_headline(after),
         objective=loss_info,
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
+        early_stopped=best,
+        diagnoses=watch.codes,
+        overhead_s={"tracking": round(tracking.seconds, 4), "diagnosis": round(watch.seconds, 4)},
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
+    tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
     rep.before_after(before, after)
     return manifest
 
 
 def _validation(cfg: Config, model, data: PreparedData, objective, pad: int, device, dtype) -> dict:
     if cfg.method == "sft":
-        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size)
+        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size,
+                               hardest=cfg.diagnose.hardest_examples)
     return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
 
 

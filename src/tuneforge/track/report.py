@@ -1,0 +1,115 @@
+"""`tuneforge report RUN`: one self-contained HTML page (PNGs embedded, and written beside it).
+
+It shows the curves, the before/after evaluation, the hardest validation examples, the diagnosis
+log and the run's config and facts, from the run folder's files alone: a finished, stopped or
+crashed run can be reported, and the page can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from tuneforge.track.plots import run_pngs
+from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.warning { color: #8a5a00; } .error { color: #b00020; } .info { color: #555; }
+.plots img { width: 49%; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _num(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _e("-" if value is None else value)
+
+
+def _table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='num'>{_num(c)}</td>" if i >= numeric_from else f"<td>{_e(c)}</td>"
+                         for i, c in enumerate(row)) + "</tr>"
+        for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img src='data:image/png;base64,{data}' alt='{_e(path.stem)}'>"
+
+
+def eval_rows(before: dict | None, after: dict | None) -> list[list]:
+    b, a = before or {}, after or {}
+    return [[k, b.get(k), a.get(k)] for k in EVAL_KEYS if k in b or k in a]
+
+
+def hardest_examples(run: RunFiles) -> tuple[int | None, list[dict]]:
+    """The hardest validation examples of the newest evaluation that listed them."""
+    for m in reversed(run.steps):
+        if m.get("val_hardest"):
+            return m["step"], m["val_hardest"]
+    return None, []
+
+
+def findings_html(findings: list[dict]) -> str:
+    if not findings:
+        return "<p>No diagnosis: none of the live checks found a problem.</p>"
+    rows = "".join(
+        f"<tr><td>{_e(f.get('step', '-'))}</td><td class='{_e(f.get('severity', 'warning'))}'>{_e(f.get('severity', ''))}</td>"
+        f"<td>{_e(f.get('code', ''))}</td><td><pre style='white-space:pre-wrap;margin:0'>{_e(f.get('message', ''))}</pre></td></tr>"
+        for f in findings)
+    return f"<table><tr><th>step</th><th>severity</th><th>check</th><th>what was seen and what to do</th></tr>{rows}</table>"
+
+
+def facts_rows(run: RunFiles) -> list[list]:
+    m = run.manifest
+    rows = [["status", run.status], ["method", run.config.get("method", "-")], ["base model", run.config.get("base_model", "-")],
+            ["adapter", run.config.get("adapter", "-")], ["seed", m.get("seed", "-")], ["device", m.get("device", "-")],
+            ["precision", m.get("precision", "-")], ["started", m.get("started", "-")], ["finished", m.get("finished", "-")],
+            ["git", m.get("git_sha", "-")], ["command", m.get("command", "-")]]
+    rows += [[f"version {k}", v] for k, v in (m.get("versions") or {}).items()]
+    rows += [[f"data {p}", h] for p, h in (m.get("data_sha256") or {}).items()]
+    return rows
+
+
+def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tuneforge run {_e(run.name)}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>Run {_e(run.name)}</h1><p class='info'>{_e(run.dir.resolve())} &middot; {_e(run.status)}</p>"]
+    parts.append("<h2>Diagnosis</h2>" + findings_html(run.findings))
+    parts.append("<h2>Curves</h2><div class='plots'>" + "".join(_img(p) for p in pngs.values()) + "</div>"
+                 if pngs else "<h2>Curves</h2><p>No step was logged.</p>")
+    rows = eval_rows(run.before, run.after)
+    if rows:
+        parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows))
+    parts.append("<h2>Final numbers</h2>" + _table(["", "value"], [[k, v] for k, v in metric_facts(run).items()]))
+    step, hardest = hardest_examples(run)
+    if hardest:
+        parts.append(f"<h2>Hardest validation examples (step {step})</h2>"
+                     + _table(["example (file:line)", "mean loss", "trained tokens"],
+                              [[h["where"], h["loss"], h.get("tokens")] for h in hardest]))
+    parts.append("<h2>Facts</h2>" + _table(["", ""], facts_rows(run), numeric_from=2))
+    parts.append("<h2>Config</h2><pre>" + _e(json.dumps(run.config, indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write RUN/report.html (or `out`) with its PNGs in a folder beside it; returns the page's path."""
+    run = read_run(run_dir)
+    page = Path(out) if out else run.dir / "report.html"
+    pngs = run_pngs(run.steps, page.with_suffix(""))
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_html(run, pngs), encoding="utf-8")
+    return page
