@@ -105,7 +105,7 @@ def grpo_objective(tmp_path, tiny_models, environment=None, **spec):
     notes = []
     obj = GRPO(GRPOSpec(**grpo), data, tok.pad_token_id, None, tokenizer=tok,
                stop_ids=stop_token_ids(tok, data.end_of_turn), end_of_turn=data.end_of_turn, device=CPU,
-               dtype=torch.float32, base=tmp_path, note=notes.append)
+               dtype=torch.float32, base=tmp_path)
     return obj, data, tok, notes
 
 
@@ -164,14 +164,13 @@ def test_a_step_raises_the_logprob_of_the_better_completions(tmp_path, tiny_mode
     assert change[adv > 0].mean() > change[adv < 0].mean()
 
 
-def test_zero_spread_groups_are_logged_and_warned(tmp_path, tiny_models):
-    obj, data, tok, notes = grpo_objective(tmp_path, tiny_models, zero_std_warn_steps=2,
-                                           rewards=[{"function": "json_valid"}])  # never valid: all 0
+def test_zero_spread_groups_are_logged(tmp_path, tiny_models):
+    """frac_zero_std reaches the step record; the run's diagnosis warns on it (tests/test_diagnose.py)."""
+    obj, data, tok, _ = grpo_objective(tmp_path, tiny_models, rewards=[{"function": "json_valid"}])  # all 0
     model = load_model(tiny_models["llama"], CPU)
     for _ in range(2):
         batch = obj.prepare(model, obj.collate([0]))
         assert batch["_stats"]["frac_zero_std"] == (1.0, 1)
-    assert len(notes) == 1 and "frac_zero_std = 1.0" in notes[0]
 
 
 def test_grpo_runs_through_the_loop_and_logs_its_metrics(tmp_path, tiny_models):

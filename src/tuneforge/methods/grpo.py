@@ -49,10 +49,10 @@ class GRPO:
     name = "grpo"
 
     def __init__(self, spec, data, pad_id: int, reference, *, tokenizer, stop_ids, end_of_turn, device, dtype,
-                 base: Path | None = None, note=print):
+                 base: Path | None = None):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
         self.tokenizer, self.stop_ids, self.end_of_turn = tokenizer, stop_ids, end_of_turn
-        self.device, self.dtype, self.note = device, dtype, note
+        self.device, self.dtype = device, dtype
         self.rewards = []  # (metric name, weight, function); names are the functions' own, numbered if repeated
         for r in spec.rewards:
             fn = load_reward(r.function, r.args, base)
@@ -60,7 +60,6 @@ class GRPO:
             taken = [n for n, _, _ in self.rewards]
             self.rewards.append((name if name not in taken else f"{name}_{len(taken) + 1}", r.weight, fn))
         self.environment = load_reward(spec.environment, {}, base) if spec.environment else None
-        self.zero_std_run = 0
 
     # -- the objective's four calls -------------------------------------------------------------
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -76,8 +75,7 @@ class GRPO:
         if self.spec.beta > 0:
             with self.reference.model(model) as ref:
                 out["ref_token_logps"] = token_logps(forward_logits(ref, out) / self.spec.temperature, out["labels"])[0]
-        zero = float((std == 0).float().mean())
-        self._watch_zero_std(zero)
+        zero = float((std == 0).float().mean())  # watched by the run's diagnosis (track/diagnose.py)
         out["_stats"] = {"reward": (rewards.sum().item(), rewards.numel()),
                          "reward_std": (std.sum().item(), std.numel()),
                          "frac_zero_std": (zero * std.numel(), std.numel()),
@@ -176,15 +174,6 @@ class GRPO:
         row["labels"] += [IGNORE_INDEX] * len(ids)
         row["messages"] = messages
         row["done"] = False
-
-    def _watch_zero_std(self, frac: float) -> None:
-        """R-GRPO-1: groups whose rewards are all equal teach nothing; say so when it persists."""
-        self.zero_std_run = self.zero_std_run + 1 if frac >= 1.0 else 0
-        if self.zero_std_run == self.spec.zero_std_warn_steps:
-            self.note(f"grpo: for {self.zero_std_run} steps every group's completions got the same reward "
-                      "(frac_zero_std = 1.0), so the advantages and the loss are 0 and nothing is learned. "
-                      "Make the rewards finer-grained, raise grpo.temperature or grpo.generations, "
-                      "or start from an SFT stage so some answers succeed.")
 
     # -- before/after ----------------------------------------------------------------------------
     def held_out(self, model, data, final: bool = False) -> dict:

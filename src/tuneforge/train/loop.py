@@ -159,7 +159,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
-              "dtype": dtype, "base": Path.cwd(), "note": rep.note}
+              "dtype": dtype, "base": Path.cwd()}
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
     for note in getattr(objective, "notes", ()):
         rep.note(note)
