@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX, conversation_segments, encode_segment_lists
+from tuneforge.data.tokenized import Example
 from tuneforge.eval.evaluate import autocast_for, greedy_generate
 from tuneforge.methods.logps import forward_logits, token_logps
 from tuneforge.methods.rewards import load_reward, score
@@ -204,14 +206,5 @@ def _fields(records) -> dict[str, list]:
 
 
 def _pad_rows(rows: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(r["ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["ids"])
-        ids[i, :n] = torch.tensor(r["ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
+    batch = collate([Example(r["ids"], r["labels"], None) for r in rows], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
