@@ -570,16 +570,22 @@ def config_from_dict(raw: dict, source: str = "<config>", base: Path | None = No
     return resolve_paths(cfg, base or Path.cwd())
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def read_yaml(path: str | Path, what: str = "config file") -> object:
+    """A YAML file's contents; a missing file or a syntax error is a ConfigError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    raw = read_yaml(path)
     if isinstance(raw, dict):
         for key, value in parse_overrides(overrides).items():
             _set_dotted(raw, key, value)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from tuneforge.config import read_yaml
 from tuneforge.errors import ConfigError
 
 GIB = 1024**3
@@ -116,12 +117,7 @@ def load_prices(path: str | Path | None = None) -> dict[str, float | None]:
     if path is None:
         return prices
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--prices: {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--prices: {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, "--prices file")
     table = raw.get("prices", raw) if isinstance(raw, dict) else None
     if not isinstance(table, dict):
         raise ConfigError(f"--prices: {path} must map device names to hourly prices, e.g. `H100-80GB: 2.49`")
