@@ -110,7 +110,7 @@ def test_unknown_key_without_close_match_says_so(tmp_path):
     ({"micro_batch_size": 0}, "micro_batch_size", "0"),
     ({"scheduler": "cosin"}, "scheduler", "'cosin'"),
     ({"adapter": "dora"}, "adapter", "'dora'"),
-    ({"learning_rate": 5}, "learning_rate", "5"),
+    ({"learning_rate": -1e-4}, "learning_rate", "-0.0001"),
     ({"lora": {"r": "abc"}}, "lora.r", "'abc'"),
     ({"truncation": "cut"}, "truncation", "'cut'"),
 ])

@@ -19,8 +19,10 @@ from tuneforge.train.loop import TrainingError, train
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 NO_EVAL = {"evaluation.before_after": False}
-# Full fine-tuning at the highest learning rate the config takes, unclipped: the loss climbs.
-DIVERGING = dict(adapter="full", learning_rate=0.9, max_grad_norm=None, warmup_steps=0, scheduler="constant", **NO_EVAL)
+# Full fine-tuning at learning rate 10, unclipped: the loss explodes within a few steps.
+DIVERGING = dict(adapter="full", learning_rate=10.0, max_grad_norm=None, warmup_steps=0, scheduler="constant", **NO_EVAL)
+# At 0.9 the loss climbs slowly: a roll-back with half the learning rate recovers.
+CLIMBING = {**DIVERGING, "learning_rate": 0.9}
 
 
 def findings(run_dir) -> list[dict]:
@@ -74,16 +76,16 @@ def test_exploding_loss_stops_cleanly_naming_step_examples_and_gradient_history(
     msg = str(err.value)
     [div] = [f for f in findings(tmp_path / "run") if f["code"] == "divergence"]
     assert div["action"] == "stop" and msg.startswith(f"step {div['step']}: ")
-    assert "diverges" in msg and "Gradient norms of the steps before" in msg
+    assert "exploded" in msg and "Gradient norms of the steps before" in msg
     assert msg.count(str(tmp_path / "train.jsonl") + ":") == 4  # the step's four examples, by file:line
-    assert "learning_rate" in codes(tmp_path / "run")  # 0.9 was flagged before step 1
+    assert "learning_rate" in codes(tmp_path / "run")  # 10 was flagged before step 1
     # The diverged step is logged, but no checkpoint of it (or after it) is written.
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == div["step"]
-    assert max(int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path / "run")) < div["step"]
+    assert all(int(p.name.split("-")[1]) < div["step"] for p in list_checkpoints(tmp_path / "run"))
 
 
 def test_rollback_reloads_a_checkpoint_from_before_the_climb_with_half_the_learning_rate(tmp_path, tiny_models):
-    cfg = make_cfg(tmp_path, tiny_models["llama"], save_every=2, on_divergence="rollback", **DIVERGING)
+    cfg = make_cfg(tmp_path, tiny_models["llama"], save_every=2, on_divergence="rollback", **CLIMBING)
     manifest = train(cfg, reporter=QUIET)
     [div] = [f for f in findings(tmp_path / "run") if f["code"] == "divergence"]
     assert div["action"] == "rollback" and "halved" in div["message"]
@@ -92,6 +94,16 @@ def test_rollback_reloads_a_checkpoint_from_before_the_climb_with_half_the_learn
     resumed = [m for m in logged if m["step"] > 2]
     assert all(m["lr"] == pytest.approx(0.45) for m in resumed)  # from step-2, before the climb, at half
     assert manifest["steps"] == 10 and manifest["diagnoses"].count("divergence") == 1
+
+
+def test_learning_rate_10_is_flagged_then_rolled_back_until_the_roll_backs_run_out(tmp_path, tiny_models):
+    cfg = make_cfg(tmp_path, tiny_models["llama"], on_divergence="rollback", **DIVERGING)
+    with pytest.raises(TrainingError) as err:
+        train(cfg, reporter=QUIET)
+    assert codes(tmp_path / "run")[0] == "learning_rate"
+    actions = [f["action"] for f in findings(tmp_path / "run") if f["code"] == "divergence"]
+    assert actions == ["rollback"] * 3 + ["stop"]
+    assert "after 3 roll-backs" in str(err.value) and "did not help" in str(err.value)
 
 
 def nan_model(tmp_path, tokenizer):

@@ -348,7 +348,9 @@ class Config(_Strict):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     epochs: float | None = Field(None, gt=0, description="Passes over the data (give this or max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate. One far outside the usual range for the method and adapter "
+        "is flagged before step 1 (see diagnose); the run still starts, since the check is advice, not a rule.")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Used when warmup_steps is not given.")

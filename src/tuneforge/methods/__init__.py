@@ -86,7 +86,8 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
 
     Each micro-batch's loss is divided by the units of all of them, so gradients accumulate to
     exactly those of the whole batch. Statistics come back averaged over the whole batch; the
-    totals include `input_tokens`, every non-padding token the model read (rollouts included).
+    totals include `input_tokens`, every non-padding token the model read (rollouts included), and
+    `input_positions`, the same with padding.
     """
     from tuneforge.eval.evaluate import autocast_for
 
@@ -95,7 +96,9 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device, dtype):
             prepared.append(objective.prepare(model, batch))
-    totals: dict[str, int] = {"input_tokens": sum(int(b["attention_mask"].sum()) for b in prepared)}
+    masks = [b["attention_mask"] for b in prepared]
+    totals: dict[str, int] = {"input_tokens": sum(int(m.sum()) for m in masks),
+                              "input_positions": sum(m.numel() for m in masks)}
     for batch in prepared:
         for unit, n in objective.units(batch).items():
             totals[unit] = totals.get(unit, 0) + n

@@ -269,8 +269,11 @@ class Watch:
                                     "error", "rollback"))
             return "rollback"
         tried = f" after {self.rollbacks} roll-backs" if self.rollbacks else ""
-        self.stop_message = (f"{text} The run stops here{tried}, without writing a checkpoint of this state: lower "
-                             "learning_rate, use precision: fp32, check those examples, or set on_divergence: rollback.")
+        remedies = "lower learning_rate, use precision: fp32, check those examples"
+        remedies += ", or set on_divergence: rollback" if self.cfg.on_divergence != "rollback" else \
+            f" (roll-backs down to x{self.lr_scale:g} of it did not help)"
+        self.stop_message = (f"{text} The run stops here{tried}, without writing a checkpoint of this state: "
+                             f"{remedies}.")
         self.emit(step, Finding("divergence", self.stop_message, "error", "stop"))
         return "stop"
 

@@ -47,12 +47,9 @@ def system_stats(device: torch.device) -> dict[str, float]:
     return out
 
 
-def throughput(tokens: int, batches: list[dict], data_s: float, step_s: float) -> dict[str, float]:
-    """Real (non-padding) tokens the model read (rollouts included) and their rate, the data-loader wait
-    share of a step, and the padding share of its collated batches (none for GRPO, whose batches are
-    made while sampling)."""
-    out = {"tokens": tokens, "tokens_per_s": tokens / step_s, "step_s": step_s, "data_share": data_s / step_s}
-    masks = [b["attention_mask"] for b in batches if "attention_mask" in b]
-    if masks:
-        out["padding_share"] = 1 - sum(int(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
-    return out
+def throughput(totals: dict[str, int], data_s: float, step_s: float) -> dict[str, float]:
+    """Real (non-padding) tokens the model read (GRPO's rollouts included) and their rate, the padding
+    share of what it read, and the data-loader wait share of a step."""
+    tokens = totals["input_tokens"]
+    return {"tokens": tokens, "tokens_per_s": tokens / step_s, "step_s": step_s, "data_share": data_s / step_s,
+            "padding_share": 1 - tokens / max(totals["input_positions"], 1)}

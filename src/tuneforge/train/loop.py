@@ -224,7 +224,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             record = {
                 "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
-                **throughput(totals["input_tokens"], batches, data_s, elapsed), **system_stats(device),
+                **throughput(totals, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
             action = watch.after_step(record, lambda: [data.train[i].record.where for idx in index_batches for i in idx])
