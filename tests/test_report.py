@@ -84,6 +84,19 @@ def test_runs_lists_every_run_with_its_numbers(runs_root):
     assert "stopped at step 2" in shown and " 0.005 " in shown and "lora r8" in shown
 
 
+def test_a_narrow_terminal_gets_fewer_columns_never_wrapped_cells(runs_root):
+    rows = [summary_row(r) for r in find_runs(runs_root)]
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(runs_table(rows, width=80))
+    lines = console.export_text().splitlines()
+    assert all(len(ln) <= 80 for ln in lines)
+    for row in rows:  # each run on one line, its status whole
+        assert sum(ln.lstrip().startswith(row["run"] + " ") for ln in lines) == 1
+        assert any(row["status"] in ln for ln in lines)
+    assert "Hidden in a terminal this narrow: batch" in " ".join(lines)
+    assert "Hidden" not in text_of(runs_table(rows, width=200))
+
+
 def test_compare_shows_config_differences_metrics_and_overlaid_curves(runs_root, tmp_path):
     comparison = compare_runs([runs_root / "a", runs_root / "b"], tmp_path / "cmp.png")
     config = dict(comparison.config)

@@ -201,7 +201,7 @@ def cmd_runs(args) -> int:
     if len(args.paths) > 1:
         raise TuneforgeError("runs: give one folder to list (or `runs compare A B ...`)")
     runs = find_runs(args.paths[0] if args.paths else "runs")
-    console.print(runs_table([summary_row(r) for r in runs]) if runs else "No runs found.")
+    console.print(runs_table([summary_row(r) for r in runs], console.width) if runs else "No runs found.")
     return 0
 
 

@@ -186,23 +186,41 @@ def print_stats(s: dict, console: Console) -> None:
         console.print(f"Histogram saved to {s['png']}")
 
 
-RUNS_HEADERS = {"train_loss": "loss", "val_loss": "val", "diagnoses": "diag."}
+RUNS_HEADERS = {"train_loss": "loss", "val_loss": "val", "diagnoses": "diag"}
+# Dropped first, in this order, when the terminal is too narrow for every column.
+RUNS_DROP_ORDER = ("batch", "data", "lr", "adapter", "steps", "diagnoses", "train_loss", "method", "status")
 
 
-def runs_table(rows: list[dict]) -> Table:
-    """`tuneforge runs`: one row per run, the columns of tuneforge.track.runs.summary_row."""
+def runs_table(rows: list[dict], width: int = 200) -> Table:
+    """`tuneforge runs`: one row per run, the columns of tuneforge.track.runs.summary_row.
+
+    Cells never wrap: columns that do not fit `width` are left out, least telling first, and named
+    in the caption, so a narrow terminal shows fewer columns rather than unreadable ones.
+    """
     from rich import box
 
     table = Table(title="Runs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     if not rows:
         return table
+    cells = [{k: _cell(v) for k, v in row.items()} for row in rows]
+    natural = {k: max(len(RUNS_HEADERS.get(k, k)), *(len(c[k]) for c in cells)) for k in cells[0]}
+    natural["model"] = min(natural["model"], 24)  # long names end in an ellipsis
+    shown = [k for k in natural if k == "run" or any(c[k] != "-" for c in cells)]  # no column of dashes
+    hidden = []
+    for key in (k for k in RUNS_DROP_ORDER if k in shown):
+        if sum(natural[k] for k in shown) + 3 * len(shown) <= width:  # each cell's padding and edge
+            break
+        shown.remove(key)
+        hidden.append(RUNS_HEADERS.get(key, key))
     numeric = ("lr", "steps", "train_loss", "val_loss", "diagnoses")
-    for key in rows[0]:
-        header = RUNS_HEADERS.get(key, key)
-        width = max(len(header), 8 if key == "status" else 0, max(len(_cell(r[key])) for r in rows) if key == "run" else 0)
-        table.add_column(header, justify="right" if key in numeric else "left", min_width=width, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
+    for key in shown:
+        table.add_column(RUNS_HEADERS.get(key, key), justify="right" if key in numeric else "left",
+                         min_width=natural[key], max_width=natural[key], no_wrap=True, overflow="ellipsis")
+    for c in cells:
+        table.add_row(*(c[k] for k in shown))
+    if hidden:
+        table.caption = f"Hidden in a terminal this narrow: {', '.join(hidden)}."
+        table.caption_justify = "left"
     return table
 
 

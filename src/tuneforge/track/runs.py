@@ -119,7 +119,7 @@ def summary_row(run: RunFiles) -> dict[str, object]:
     lora = c.get("lora") or {}
     after = run.after or {}
     return {
-        "run": run.name, "status": run.status, "method": c.get("method", "-"), "model": Path(str(c.get("base_model", "-"))).name,
+        "run": run.name, "status": run.status, "method": c.get("method", "sft"), "model": Path(str(c.get("base_model", "-"))).name,
         "adapter": c.get("adapter", "-") + (f" r{lora.get('r')}" if c.get("adapter") != "full" and lora else ""),
         "data": data_hash(run), "lr": c.get("learning_rate"), "batch": _batch(c),
         "steps": run.steps[-1]["step"] if run.steps else 0, "train_loss": run.last("loss"), "val_loss": run.last("val_loss"),
@@ -134,8 +134,9 @@ def _batch(c: dict) -> str:
 
 
 def _headline(result: dict) -> str:
-    """The after-training number a run is judged by: exact match (EM), preference accuracy, or loss."""
-    for key, label, pct in (("exact_match", "EM", True), ("preference_accuracy", "acc", True), ("val_loss", "loss", False)):
+    """The after-training number a run is judged by: exact match (EM), preference accuracy, mean reward or loss."""
+    for key, label, pct in (("exact_match", "EM", True), ("preference_accuracy", "acc", True),
+                            ("mean_reward", "reward", False), ("val_loss", "loss", False)):
         if result.get(key) is not None:
             return f"{label} {100 * result[key]:.1f}%" if pct else f"{label} {result[key]:.4f}"
     return "-"
