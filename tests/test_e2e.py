@@ -41,6 +41,7 @@ def test_builtin_model_learns_and_stops_and_the_merged_export_stops_too(tuned, t
     assert after["val_loss"] < before["val_loss"]
     assert after["exact_match"] >= before["exact_match"] + 0.5
     assert after["stopped"] == 1.0  # every tuned answer ends with <|im_end|>
+    assert manifest["diagnoses"] == []  # a healthy run raises no diagnosis
 
     # R-EOS-2 / R-MRG-4: the merged folder, read by plain transformers, answers and stops by itself.
     from transformers import AutoModelForCausalLM, AutoTokenizer
