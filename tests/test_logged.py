@@ -19,7 +19,9 @@ from tuneforge.train.loop import train
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("logged")
-    cfg = make_cfg(tmp, tiny_models["llama"], max_steps=4, eval_every=2, **{"evaluation.before_after": False})
+    # The padded path (performance: off), whose padding share is not zero.
+    cfg = make_cfg(tmp, tiny_models["llama"], max_steps=4, eval_every=2, performance="off",
+                   **{"evaluation.before_after": False})
     train(cfg, reporter=QUIET)
     return cfg, read_metrics(tmp / "run" / "metrics.jsonl")
 

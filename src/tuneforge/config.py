@@ -155,6 +155,22 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
 
 
+class PerformanceSpec(_Strict):
+    """The fast path (src/tuneforge/fast): how a step runs, never what it computes."""
+
+    mode: Literal["auto", "min_memory", "off"] = Field(
+        "auto", description="auto: every switch below that helps; min_memory: also activation checkpointing; "
+        "off: the plain path. `performance: min_memory` is short for {mode: min_memory}.")
+    padding_free: bool | None = Field(
+        None, description="SFT: a micro-batch's examples back to back in one row, no padding, attention kept "
+        "within each example. null: on unless mode is off.")
+    chunked_loss: bool | None = Field(
+        None, description="SFT: the output layer and cross-entropy on trained positions only, in chunks, so the "
+        "full logits never exist. null: on unless mode is off.")
+    loss_chunk_tokens: int | None = Field(
+        None, ge=16, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
+
+
 class PrepareSpec(_Strict):
     dedupe: Literal["none", "exact", "near"] = Field(
         "none", description="Leave out repeated examples: exact (same normalised text) or near (MinHash similarity)."
@@ -361,7 +377,9 @@ class Config(_Strict):
         "auto", description="auto: bf16 on GPUs that support it, else fp32."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (performance: "
+                                         "min_memory turns it on too).")
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     seed: int = 42
     output_dir: str = Field("runs/run", description="Relative to the config file.")
     eval_every: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations.")
@@ -378,6 +396,11 @@ class Config(_Strict):
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="Stop when the validation metric has not improved for `patience` evaluations; final/ is the best one."
     )
+
+    @field_validator("performance", mode="before")
+    @classmethod
+    def _performance_mode(cls, value):
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _length(self) -> "Config":

@@ -16,12 +16,14 @@ from types import SimpleNamespace
 import torch
 
 
-def build_objective(cfg, data, pad_id: int, reference=None, **online):
-    """The objective for `cfg.method`; `online` carries what GRPO needs to sample (tokenizer, stop ids...)."""
+def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online):
+    """The objective for `cfg.method`; `fast` the resolved fast path (tuneforge.fast.resolve); `online`
+    carries what GRPO needs to sample (tokenizer, stop ids...)."""
     if cfg.method == "sft":
+        from tuneforge.fast import FastPath
         from tuneforge.methods.sft import SFT
 
-        return SFT(data, pad_id)
+        return SFT(data, pad_id, fast or FastPath())
     if cfg.method == "grpo":
         from tuneforge.methods.grpo import GRPO
 

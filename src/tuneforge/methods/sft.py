@@ -7,6 +7,10 @@ import torch.nn.functional as F
 
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX
+from tuneforge.fast import FastPath
+from tuneforge.fast.causal_lm import split_causal_lm
+from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
+from tuneforge.fast.padding_free import collate_flat, model_inputs
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> int:
@@ -14,19 +18,26 @@ def count_trained(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sft_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False,
+                 chunk: int | None = None) -> torch.Tensor:
     """Summed (not averaged) cross-entropy: fp32 per token, summed in fp64.
 
     The caller divides by the trained-token count of the whole accumulated batch, so a step's
     loss and gradients do not depend on how the batch was split into micro-batches; the fp64
-    sum keeps the logged loss independent of that split too.
+    sum keeps the logged loss independent of that split too. `chunked`: the output layer runs on
+    trained positions only, a chunk at a time (fast/chunked_loss.py), where the model allows it.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    parts = split_causal_lm(model) if chunked else None
+    if parts is not None:
+        hidden = parts.decoder(**model_inputs(batch)).last_hidden_state[:, :-1]
+        return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), parts.head.weight, labels.reshape(-1),
+                                        chunk, parts.softcap)
+    logits = model(**model_inputs(batch)).logits
     shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).double().sum()
@@ -35,11 +46,12 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class SFT:
     name = "sft"
 
-    def __init__(self, data, pad_id: int):
-        self.data, self.pad_id = data, pad_id
+    def __init__(self, data, pad_id: int, fast: FastPath = FastPath()):
+        self.data, self.pad_id, self.fast = data, pad_id, fast
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate([self.data.train[i] for i in indices], self.pad_id)
+        examples = [self.data.train[i] for i in indices]
+        return collate_flat(examples) if self.fast.padding_free else collate(examples, self.pad_id)
 
     def units(self, batch) -> dict[str, int]:
         return {"tokens": count_trained(batch)}
@@ -48,4 +60,5 @@ class SFT:
         return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
-        return sft_loss_sum(model, batch) / totals["tokens"], {}
+        loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens)
+        return loss_sum / totals["tokens"], {}

@@ -20,6 +20,7 @@ from tuneforge.config import Config, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
 from tuneforge.errors import TuneforgeError
+from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -160,7 +161,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd()}
-    objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, **online)
+    fast = resolve_fast_path(cfg, device.type)
+    rep.note(fast.describe())
+    objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
     for note in getattr(objective, "notes", ()):
         rep.note(note)
 
@@ -179,10 +182,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
-    if cfg.gradient_checkpointing:
+    if fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
     warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
     step, cursor = 0, {"epoch": 0, "micro": 0}
@@ -288,6 +291,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         eval_before=_headline(before),
         eval_after=_headline(after),
         objective=loss_info,
+        performance=fast.__dict__,
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
         early_stopped=best,
         diagnoses=watch.codes,

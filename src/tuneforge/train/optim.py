@@ -24,10 +24,15 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return getattr(bnb.optim, _BNB_CLASSES[name])
 
 
-def _optimizer_kwargs(cfg: Config) -> dict:
+def _optimizer_kwargs(cfg: Config, fused: bool = False) -> dict:
     kwargs = {"betas": cfg.adam_betas}
     if cfg.optimizer == "adamw":
-        kwargs["foreach"] = False  # the same summation order on every device count: bit-identical resumes
+        # Fused (one CUDA kernel) or one tensor at a time: either way each tensor is updated alone, in the
+        # same order on every device count, so resumes stay bit-identical.
+        if fused:
+            kwargs["fused"] = True
+        else:
+            kwargs["foreach"] = False
     return kwargs
 
 
@@ -41,24 +46,25 @@ def _keep_embeddings_32bit(model) -> None:
             manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
-def loraplus_optimizer(model, cfg: Config, cls: type[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+def loraplus_optimizer(model, cfg: Config, cls: type[torch.optim.Optimizer], fused: bool = False) -> torch.optim.Optimizer:
     """PEFT's LoRA+ groups (B and 1-D adapter weights at plus_ratio x lr), each tagged with its lr_ratio."""
     from peft.optimizers import create_loraplus_optimizer
 
     optimizer = create_loraplus_optimizer(
         model, cls, lr=cfg.learning_rate, loraplus_lr_ratio=cfg.lora.plus_ratio,
-        loraplus_weight_decay=cfg.weight_decay, **_optimizer_kwargs(cfg),
+        loraplus_weight_decay=cfg.weight_decay, **_optimizer_kwargs(cfg, fused),
     )
     for group in optimizer.param_groups:
         group["lr_ratio"] = group["lr"] / cfg.learning_rate
     return optimizer
 
 
-def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW (torch or 8-bit); biases and norm weights (1-D) are not decayed; LoRA+ when lora.plus_ratio is set."""
+def build_optimizer(model, cfg: Config, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (torch or 8-bit); biases and norm weights (1-D) are not decayed; LoRA+ when lora.plus_ratio is set.
+    `fused`: torch's fused AdamW kernel (CUDA)."""
     cls = optimizer_class(cfg.optimizer)
     if cfg.adapter != "full" and cfg.lora.plus_ratio is not None:
-        return loraplus_optimizer(model, cfg, cls)
+        return loraplus_optimizer(model, cfg, cls, fused)
     params = [p for _, p in trainable_parameters(model)]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -67,4 +73,4 @@ def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optimizer != "adamw":
         _keep_embeddings_32bit(model)
-    return cls(groups, lr=cfg.learning_rate, **_optimizer_kwargs(cfg))
+    return cls(groups, lr=cfg.learning_rate, **_optimizer_kwargs(cfg, fused))

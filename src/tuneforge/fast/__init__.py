@@ -1,0 +1,43 @@
+"""The performance layer: switches that change how fast and lean a step runs, never what it computes.
+
+`performance.mode` picks the defaults: auto (everything that helps), min_memory (also activation
+checkpointing) or off (the plain path, for comparison). Each switch can be set on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FastPath:
+    padding_free: bool = False
+    chunked_loss: bool = False
+    loss_chunk_tokens: int | None = None  # None: fast.chunked_loss.default_chunk
+    gradient_checkpointing: bool = False
+    fused_optimizer: bool = False  # torch's fused AdamW, on CUDA
+
+    def describe(self) -> str:
+        parts = [name for name, on in (("padding-free batches", self.padding_free),
+                                       ("chunked loss (no full logits)", self.chunked_loss),
+                                       ("activation checkpointing", self.gradient_checkpointing),
+                                       ("fused AdamW", self.fused_optimizer)) if on]
+        return "Performance: " + (", ".join(parts) if parts else "plain path")
+
+
+def resolve(cfg, device_type: str = "cpu") -> FastPath:
+    """The switches a run uses: each explicit setting, else what its mode implies for this method."""
+    perf = cfg.performance
+    on = perf.mode != "off"
+    sft = cfg.method == "sft"  # the objectives that read padding-free rows and chunked losses so far
+
+    def pick(value: bool | None) -> bool:
+        return on if value is None else value
+
+    return FastPath(
+        padding_free=sft and pick(perf.padding_free),
+        chunked_loss=sft and pick(perf.chunked_loss),
+        loss_chunk_tokens=perf.loss_chunk_tokens,
+        gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
+        fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
+    )

@@ -1,0 +1,69 @@
+"""Output layer + cross-entropy in chunks of tokens: the loss and its gradients without the full logits.
+
+A causal LM's logits are tokens x vocabulary: 4 x 2048 tokens of a 128k vocabulary are 4 GiB in
+fp32, and their gradient as much again. Here only the positions that carry a label go through the
+output layer (prompt positions are masked anyway), `chunk` of them at a time, and each chunk's
+gradient is computed at once in the forward pass, so one chunk's logits are all that ever exist.
+The backward pass only scales the stored gradients by the incoming one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.data.template import IGNORE_INDEX
+
+CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk
+
+
+def default_chunk(vocab_size: int) -> int:
+    return max(64, CHUNK_BYTES // (4 * vocab_size))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, softcap: float | None):
+        ctx.weight_dtype = weight.dtype
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=wide) if ctx.needs_input_grad[1] else None
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]
+            h, y = hidden[idx], labels[idx]
+            logits = h @ weight.t()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits, fp32 softmax
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = softcap * capped
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).double().sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = torch.softmax(logits, dim=-1)  # d(sum of CE)/d(logits) = softmax - one-hot
+            grad[torch.arange(idx.numel(), device=grad.device), y] -= 1
+            if softcap:
+                grad *= 1 - capped * capped
+            grad = grad.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[idx] = grad @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(wide)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = (grad_hidden * grad_total.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = (grad_weight * grad_total.to(grad_weight.dtype)).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy (fp64) of `labels` under logits `hidden @ weight.T` (optionally soft-capped
+    as Gemma 2/3 do), positions labelled IGNORE_INDEX skipped. `hidden` is [N, H], `labels` [N]."""
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk or default_chunk(weight.size(0)), softcap)
+
