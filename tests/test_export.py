@@ -256,8 +256,10 @@ def test_gguf_of_other_architectures_reads_back_exactly(tmp_path, tokenizers, ar
     config = {
         "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False),
         "qwen3": lambda: Qwen3Config(**common, head_dim=128, tie_word_embeddings=False),  # the head size Qwen3 models use
-        "gemma2": lambda: Gemma2Config(**common, head_dim=16),
-        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, tie_word_embeddings=False),
+        # Gemma's head size equals query_pre_attn_scalar (256), as llama.cpp assumes; six Gemma 3 layers
+        # include one full-attention layer with its own rope base.
+        "gemma2": lambda: Gemma2Config(**common, head_dim=256),
+        "gemma3": lambda: Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256, tie_word_embeddings=False),
     }[arch]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
