@@ -150,12 +150,6 @@ def make_spm_tokenizer(folder: Path, style: str):
 
 
 @pytest.fixture(scope="session")
-def spm_tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spm")
-    return {style: make_spm_tokenizer(root / style, style) for style in ("mistral", "gemma")}
-
-
-@pytest.fixture(scope="session")
 def tokenizers(builtin_folder):
     return {style: make_tokenizer(builtin_folder, style) for style in ("smol", "qwen", "llama3")}
 
