@@ -4,7 +4,8 @@ Everything is read from tokenizer.json, the file Hugging Face tokenizes with, so
 vocabulary the model was trained with even when the folder has no tokenizer.model (transformers 5
 saves none). A SentencePiece vocabulary needs a score per token, because llama.cpp's tokenizer
 merges the adjacent pair whose result scores highest; scores are rebuilt here from the BPE merge
-ranks (or taken as they are from a Unigram model), and token types from the added tokens.
+ranks, and token types from the added tokens. Unigram vocabularies are refused: llama.cpp's
+`llama` tokenizer merges greedily and would not reproduce their segmentation.
 """
 
 from __future__ import annotations
@@ -58,8 +59,6 @@ def _parts(node: dict | None) -> list[dict]:
 def is_sentencepiece(tokenizer_json: dict) -> bool:
     """A SentencePiece-style vocabulary (Llama 2, Mistral v0.1, Gemma): spaces spelled "▁", bytes as <0xNN>."""
     model = tokenizer_json.get("model", {})
-    if model.get("type") == "Unigram":
-        return True
     if model.get("type") != "BPE":
         return False
     steps = _parts(tokenizer_json.get("normalizer")) + _parts(tokenizer_json.get("pre_tokenizer"))
@@ -145,19 +144,12 @@ def sentencepiece_fields(tokenizer_json: dict, vocab_size: int, unk_token: str |
 
     model = tokenizer_json["model"]
     T = gguf.TokenType
-    if model["type"] == "Unigram":
-        pieces = model["vocab"]  # [[piece, log-probability], ...] in id order
-        tokens = {i: p for i, (p, _) in enumerate(pieces)}
-        scores = {i: float(s) for i, (_, s) in enumerate(pieces)}
-        unk_id = model.get("unk_id")
-        unk = tokens.get(unk_id) if unk_id is not None else unk_token
-    else:
-        tokens = {idx: tok for tok, idx in model["vocab"].items()}
-        made = _merge_scores(model)
-        floor = -float(len(model.get("merges", [])))  # unmerged pieces rank below every merge
-        scores = {i: made.get(t, floor - i) for i, t in tokens.items()}
-        unk = model.get("unk_token") or unk_token
-    byte_fallback = model.get("byte_fallback", model["type"] == "Unigram")
+    tokens = {idx: tok for tok, idx in model["vocab"].items()}
+    made = _merge_scores(model)
+    floor = -float(len(model.get("merges", [])))  # unmerged pieces rank below every merge
+    scores = {i: made.get(t, floor - i) for i, t in tokens.items()}
+    unk = model.get("unk_token") or unk_token
+    byte_fallback = model.get("byte_fallback", False)
     types = {i: T.BYTE if byte_fallback and _BYTE_TOKEN.fullmatch(t) else T.NORMAL for i, t in tokens.items()}
     for i, t in tokens.items():
         if types[i] == T.BYTE:
@@ -203,7 +195,7 @@ def tokenizer_fields(folder: Path, vocab_size: int, pre_fallback: str | None, un
     if kind == "BPE":
         return byte_level_fields(tj, vocab_size, pre_fallback)
     raise ModelError(
-        f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) and SentencePiece ones "
+        f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM) and SentencePiece BPE ones "
         f"(Llama 2, Mistral, Gemma); {folder}/tokenizer.json has a {kind} model: export with --to hf and "
         "convert with llama.cpp's convert_hf_to_gguf.py"
     )
