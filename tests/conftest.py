@@ -78,6 +78,77 @@ def make_tokenizer(builtin_folder: Path, style: str):
     return tok
 
 
+# Mistral v0.1's template: BOS from the template, [INST] turns, EOS after each answer, no system role.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+# Gemma 3's template: the system prompt is folded into the first user turn; the assistant is "model".
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+SPM_WORDS = (
+    "the quick brown fox jumps over lazy dog hello world alpha bravo charlie delta echo foxtrot golf hotel "
+    "Repeat please answer question don't can't it's CamelCase tokenizer sentence piece ünïcödé 日本語 テスト 123 4567"
+).split()
+
+
+def make_spm_tokenizer(folder: Path, style: str):
+    """A SentencePiece BPE tokenizer with byte fallback, trained here (offline) and loaded as transformers does.
+
+    'mistral': Llama 2 / Mistral v0.1 layout (<unk> <s> </s>, a leading "▁", BOS added).
+    'gemma': Gemma's layout (<pad> <eos> <bos> <unk> <mask>, turn markers, no leading "▁", BOS added).
+    transformers 5 saves such a tokenizer as tokenizer.json only, as a fine-tuned folder has it.
+    """
+    import io
+    import random
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(SPM_WORDS) for _ in range(rng.randint(3, 15))) for _ in range(2000)]
+    common = dict(model_type="bpe", vocab_size=400, byte_fallback=True, character_coverage=1.0, split_digits=True,
+                  allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                  normalization_rule_name="identity", minloglevel=2)
+    if style == "mistral":
+        layout = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    elif style == "gemma":
+        layout = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+                      unk_piece="<unk>", add_dummy_prefix=False,
+                      user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"])
+    else:
+        raise ValueError(style)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, **common, **layout)
+    source = folder / "spm-source"
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "tokenizer.model").write_bytes(proto.getvalue())
+    cls = LlamaTokenizer if style == "mistral" else GemmaTokenizer
+    tok = cls.from_pretrained(str(source), add_bos_token=True)
+    tok.chat_template = MISTRAL_TEMPLATE if style == "mistral" else GEMMA_TEMPLATE
+    if style == "gemma":  # the turn markers are special tokens, as in Gemma's tokenizer
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 @pytest.fixture(scope="session")
 def tokenizers(builtin_folder):
     return {style: make_tokenizer(builtin_folder, style) for style in ("smol", "qwen", "llama3")}

@@ -122,13 +122,13 @@ def test_gguf_tokenizer_gives_the_same_ids_on_1000_strings(tmp_path, tokenizers,
 def test_unsupported_tokenizer_is_refused_before_writing(tmp_path, tiny_models):
     folder = tiny_models["llama"]
     tj = json.loads((folder / "tokenizer.json").read_text())
-    tj["model"]["type"] = "Unigram"
+    tj["model"] = {"type": "Unigram", "vocab": [[tok, -1.0] for tok in tj["model"]["vocab"]], "unk_id": 0}
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in folder.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(ModelError, match="byte-level BPE"):
+    with pytest.raises(ModelError, match="has a Unigram model"):
         write_gguf(bad, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
@@ -256,8 +256,10 @@ def test_gguf_of_other_architectures_reads_back_exactly(tmp_path, tokenizers, ar
     config = {
         "mistral": lambda: MistralConfig(**common, tie_word_embeddings=False),
         "qwen3": lambda: Qwen3Config(**common, head_dim=128, tie_word_embeddings=False),  # the head size Qwen3 models use
-        "gemma2": lambda: Gemma2Config(**common, head_dim=16),
-        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, tie_word_embeddings=False),
+        # Gemma's head size equals query_pre_attn_scalar (256), as llama.cpp assumes; six Gemma 3 layers
+        # include one full-attention layer with its own rope base.
+        "gemma2": lambda: Gemma2Config(**common, head_dim=256),
+        "gemma3": lambda: Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256, tie_word_embeddings=False),
     }[arch]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
