@@ -12,10 +12,10 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.template import IGNORE_INDEX
-from tuneforge.fast import FastPath, resolve
+from tuneforge.fast import FastPath, pair_cost, resolve
 from tuneforge.fast.causal_lm import split_causal_lm
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
-from tuneforge.fast.padding_free import collate_flat, model_inputs
+from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
 from tuneforge.methods.sft import SFT
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.track.metrics import read_metrics
@@ -139,7 +139,21 @@ def test_the_loop_trains_the_same_with_the_fast_path_on_and_off(tmp_path, tiny_m
     for off, on in zip(logged["off"], logged["auto"]):
         assert off["examples"] == on["examples"] and off["trained_tokens"] == on["trained_tokens"]
         assert on["loss"] == pytest.approx(off["loss"], abs=1e-5)
-        assert on["padding_share"] == 0 < off["padding_share"]
+        assert on["padding_share"] <= off["padding_share"]
+
+
+def test_a_padding_free_row_is_used_where_it_costs_less():
+    assert not flat_pays([2048] * 4, 6.5e-5)  # no padding to save: the padded batch is as good
+    assert flat_pays([250, 200, 300, 1500], 6.5e-5)  # one long example and short ones: the row pays
+    assert flat_pays([64, 96, 80], 0.0)  # attention free: any padding saved pays
+    assert not flat_pays([64, 96, 80], 1.0)  # attention dear: the row's T^2 pairs do not
+
+
+def test_pair_cost_weighs_attention_against_the_weights(tiny_models):
+    model = load_model(tiny_models["llama"], CPU)
+    c = model.config
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    assert pair_cost(model) == pytest.approx(4 * c.num_hidden_layers * c.hidden_size / (2 * body))
 
 
 def test_performance_settings():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class FastPath:
@@ -16,6 +18,8 @@ class FastPath:
     loss_chunk_tokens: int | None = None  # None: fast.chunked_loss.default_chunk
     gradient_checkpointing: bool = False
     fused_optimizer: bool = False  # torch's fused AdamW, on CUDA
+    # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
+    pair_cost: float = 0.0
 
     def describe(self) -> str:
         parts = [name for name, on in (("padding-free batches", self.padding_free),
@@ -25,8 +29,18 @@ class FastPath:
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
 
-def resolve(cfg, device_type: str = "cpu") -> FastPath:
-    """The switches a run uses: each explicit setting, else what its mode implies for this method."""
+def pair_cost(model) -> float:
+    """Per query-key pair, attention does 4 x layers x hidden multiply-adds (scores and values); per
+    token the weights do 2 x their size. The embedding table is a lookup, not a product."""
+    config = model.config
+    embedded = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    weights = sum(p.numel() for p in model.parameters()) - embedded
+    return 4 * config.num_hidden_layers * config.hidden_size / max(2 * weights, 1)
+
+
+def resolve(cfg, device_type: str = "cpu", model=None) -> FastPath:
+    """The switches a run uses: each explicit setting, else what its mode implies for this method.
+    `model` (the loaded base) prices attention against the weights for padding-free rows."""
     perf = cfg.performance
     on = perf.mode != "off"
     sft = cfg.method == "sft"  # the objectives that read padding-free rows and chunked losses so far
@@ -40,4 +54,5 @@ def resolve(cfg, device_type: str = "cpu") -> FastPath:
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
+        pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
     )

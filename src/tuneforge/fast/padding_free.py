@@ -30,6 +30,18 @@ def collate_flat(examples: list) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
 
 
+def flat_pays(lengths: list[int], pair_cost: float) -> bool:
+    """Whether one padding-free row costs less than the padded batch of these examples.
+
+    The padded batch runs every example to the longest, B x L positions; the row runs only the T
+    real ones. But its attention, without a variable-length kernel, scores all T^2 pairs of the row
+    (masked) against B x L^2 for the padded batch. `pair_cost` weighs a pair against a position
+    (fast.pair_cost): equal lengths never pay, many short examples beside a long one always do.
+    """
+    total, longest, n = sum(lengths), max(lengths), len(lengths)
+    return total + pair_cost * total * total < n * longest + pair_cost * n * longest * longest
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """What the model is called with: a padding-free row by its positions, a padded batch by its mask.
     No key-value cache: training never reads one, and transformers only reads a row as packed without it."""

@@ -10,7 +10,7 @@ from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath
 from tuneforge.fast.causal_lm import split_causal_lm
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
-from tuneforge.fast.padding_free import collate_flat, model_inputs
+from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> int:
@@ -51,7 +51,9 @@ class SFT:
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]
-        return collate_flat(examples) if self.fast.padding_free else collate(examples, self.pad_id)
+        if self.fast.padding_free and flat_pays([len(e.input_ids) for e in examples], self.fast.pair_cost):
+            return collate_flat(examples)
+        return collate(examples, self.pad_id)
 
     def units(self, batch) -> dict[str, int]:
         return {"tokens": count_trained(batch)}
