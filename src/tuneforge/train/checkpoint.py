@@ -1,7 +1,9 @@
 """Checkpoints: trainable weights, optimizer, RNG and data position; safetensors and JSON only.
 
 A checkpoint is written into a temporary folder, fsynced, marked complete, then renamed into
-place, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+place, so a crash mid-save leaves the previous checkpoint as the newest complete one. A run on
+several processes writes the same folder with sharded weights instead (parallel/checkpoint.py);
+`load_checkpoint` reads either kind.
 """
 
 from __future__ import annotations
@@ -82,8 +84,13 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": [version, list(state), gauss]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically and prune to keep_last complete checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, world=None) -> Path:
+    """Write checkpoints/step-N atomically and prune to keep_last complete checkpoints; sharded when
+    `world` has several processes (each writes its part)."""
+    if world is not None and world.distributed:
+        from tuneforge.parallel.checkpoint import save_sharded
+
+        return save_sharded(run_dir, step, model, optimizer, state, keep_last, world)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -123,7 +130,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns the saved loop state."""
+    """Restore weights, optimizer and RNG in place; returns the saved loop state.
+
+    A sharded checkpoint loads on any number of processes; a single-process one on one process or
+    under DDP (every process holds whole tensors), not into a model FSDP has sharded.
+    """
+    from tuneforge.parallel.checkpoint import is_sharded, load_sharded
+    from tuneforge.parallel.world import env_world
+
+    if is_sharded(ckpt):
+        return load_sharded(ckpt, model, optimizer, env_world())
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(f"{ckpt} was written by a single process; resume it with one process or "
+                         "distributed.strategy: ddp, then FSDP runs can follow from its sharded checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
     weights = load_file(ckpt / "trainable.safetensors")
     params = dict(trainable_parameters(model))
