@@ -65,7 +65,7 @@ def apply_ddp(model, device: torch.device):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def apply_fsdp(model, world: World, device: torch.device, spec, compute: torch.dtype):
