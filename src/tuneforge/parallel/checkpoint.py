@@ -9,7 +9,6 @@ shape, so a checkpoint loads on any number of processes, one included (it reshar
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -43,20 +42,11 @@ def _state(model, optimizer) -> dict:
     return {"model": {k: v for k, v in weights.items() if k in names}, "optimizer": optim}
 
 
-def _fsync_all(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_sharded(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, world: World) -> Path:
     """checkpoints/step-N written by every process at once; complete only once all have written."""
     import torch.distributed.checkpoint as dcp
 
-    from tuneforge.train.checkpoint import COMPLETE, _rng_state, list_checkpoints
+    from tuneforge.train.checkpoint import _rng_state, publish
 
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -72,13 +62,7 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, state: dict, keep_l
     world.barrier()
     if world.main:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world.size}, indent=1) + "\n")
-        (tmp / COMPLETE).write_text("ok\n")
-        _fsync_all(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, run_dir, keep_last)
     world.barrier()
     return final
 
@@ -89,6 +73,8 @@ def load_sharded(ckpt: Path, model, optimizer, world: World = SINGLE) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    from tuneforge.train.checkpoint import restore_rng
+
     state = json.loads((ckpt / "state.json").read_text())
     target = _state(model, optimizer)
     dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR))
@@ -96,13 +82,7 @@ def load_sharded(ckpt: Path, model, optimizer, world: World = SINGLE) -> dict:
                    options=StateDictOptions(strict=False))
     rng = ckpt / f"rng-{world.rank}.safetensors"
     if state.get("world_size") == world.size and rng.is_file():
-        tensors = load_file(rng)
-        torch.set_rng_state(tensors["torch_cpu"])
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-        version, pystate, gauss = json.loads((ckpt / f"rng-{world.rank}.json").read_text())["python"]
-        random.setstate((version, tuple(pystate), gauss))
+        restore_rng(load_file(rng), json.loads((ckpt / f"rng-{world.rank}.json").read_text())["python"])
     else:
         # Another number of processes cannot continue each one's stream: a fresh one per process and step
         # (only dropout draws from it; the data order is a function of the seed and epoch).

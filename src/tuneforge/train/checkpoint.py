@@ -27,14 +27,13 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Files first, then their folders, deepest first (a sharded checkpoint has a dcp/ subfolder)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts))) + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _flatten(prefix: str, value, tensors: dict[str, torch.Tensor], scalars: list[str]) -> None:
@@ -106,6 +105,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     (tmp / "state.json").write_text(json.dumps(
         {**state, "step": step, "param_groups": groups, "optimizer_scalars": scalars, "rng": rng_json}, indent=1
     ) + "\n")
+    publish(tmp, final, run_dir, keep_last)
+    return final
+
+
+def publish(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> None:
+    """The end of every save: mark complete, fsync, rename into place, prune to keep_last checkpoints."""
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_tree(tmp)
     if final.exists():
@@ -113,7 +118,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    """Put back the random state `_rng_state` saved: torch CPU and CUDA, Python's `random`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = python_state
+    random.setstate((version, tuple(state), gauss))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -156,12 +171,5 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
             p.copy_(weights[name].to(p.device, p.dtype))
     opt_state = _unflatten(load_file(ckpt / "optimizer.safetensors"), state.get("optimizer_scalars", []))
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    rng = load_file(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    version, pystate, gauss = state["rng"]["python"]
-    random.setstate((version, tuple(pystate), gauss))
+    restore_rng(load_file(ckpt / "rng.safetensors"), state["rng"]["python"])
     return state
