@@ -20,7 +20,7 @@ import torch
 from conftest import memorise_records, write_jsonl
 from safetensors.torch import load_file
 
-from tuneforge.config import config_from_dict
+from tuneforge.config import config_from_dict, config_to_dict
 from tuneforge.data.batching import shard_step
 from tuneforge.errors import ConfigError
 from tuneforge.models.load import attach_adapter, load_model
@@ -197,6 +197,8 @@ def test_batch_settings_that_do_not_divide_are_config_errors(tmp_path, tiny_mode
         config_from_dict({**raw, "global_batch_size": 7})
     with pytest.raises(ConfigError, match="global_batch_size or grad_accum, not both"):
         config_from_dict({**raw, "grad_accum": 2})
+    # A finished run's config (run.json, read by eval, export and serve) loads again.
+    assert config_from_dict(config_to_dict(cfg)).global_batch_size == 6
     assert micro_batches_per_step(config_from_dict({k: v for k, v in raw.items() if k != "global_batch_size"}), 2) == 2
 
 

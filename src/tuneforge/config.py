@@ -481,7 +481,7 @@ class Config(_Strict):
     def _batch(self) -> "Config":
         if self.global_batch_size is None:
             return self
-        if "grad_accum" in self.model_fields_set:
+        if self.grad_accum != 1:  # 1 is the default, and what a saved run.json config holds
             raise ValueError("give global_batch_size or grad_accum, not both: grad_accum is derived from "
                              "global_batch_size / (micro_batch_size x processes)")
         if self.global_batch_size % self.micro_batch_size:
