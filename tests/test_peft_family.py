@@ -229,7 +229,7 @@ def test_config_errors_name_the_key_and_say_what_to_do(raw, message):
 def test_config_contract_defaults():
     """The keys `tuneforge plan` reads, with their defaults."""
     cfg = config_from_dict({"datasets": [{"path": "t.jsonl"}], "adapter": "qlora", "lora": {"layers": "0-3"}})
-    assert cfg.quantization.model_dump() == {"bits": 4, "double_quant": True, "quant_type": "nf4"}
+    assert cfg.quantization.model_dump() == {"bits": 4, "double_quant": True, "quant_type": "nf4", "storage": "auto"}
     assert cfg.optimizer == "adamw" and cfg.freeze == []
     assert cfg.lora.layers == [0, 1, 2, 3] and cfg.lora.init == "default" and cfg.lora.plus_ratio is None
     assert not cfg.lora.use_rslora and not cfg.lora.use_dora and cfg.lora.target_modules == "all-linear"

@@ -47,7 +47,8 @@ def test_a_tiny_llama_trains_on_a_4bit_nf4_base_on_cpu(qlora_run):
     losses = [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")]
     assert losses[-1] < 0.5 * losses[0], losses
     assert manifest["eval_after"]["val_loss"] < manifest["eval_before"]["val_loss"]
-    assert manifest["config"]["quantization"] == {"bits": 4, "double_quant": True, "quant_type": "nf4"}
+    assert manifest["config"]["quantization"] == {"bits": 4, "double_quant": True, "quant_type": "nf4",
+                                                  "storage": "auto"}
     base = load_model(model_dir, CPU, quantization=cfg.quantization)
     q_proj = base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.dtype == torch.uint8
@@ -188,7 +189,8 @@ def test_dequantized_merge_adds_scale_b_a_to_the_dequantized_base(qlora_run, tmp
     assert checked == 14
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["merge"] == {"target": "dequantized", "dtype": "float32",
-                                 "base_quantization": {"bits": 4, "double_quant": True, "quant_type": "nf4"}}
+                                 "base_quantization": {"bits": 4, "double_quant": True, "quant_type": "nf4",
+                                                       "storage": "auto"}}
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # a plain 16/32-bit model: no bitsandbytes needed to load it
 

@@ -40,11 +40,33 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _launch_train(args) -> int:
+    """--nproc N: the same command in N processes under torchrun, which this process only waits for."""
+    from tuneforge.config import load_config
+    from tuneforge.parallel.launch import launch_local
+
+    load_config(args.config, args.overrides)  # a bad config fails here once, not in N processes
+    argv = ["train", args.config, *(f"--set={o}" for o in args.overrides or []), *(["--resume"] if args.resume else [])]
+    console.print(f"Starting {args.nproc} processes with torchrun...")
+    code = launch_local(args.nproc, argv)
+    if code:
+        print(f"error: the run failed (torchrun exit status {code}); the failing rank's error is shown above",
+              file=sys.stderr)
+    return code
+
+
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
+    from tuneforge.parallel.world import env_world, shutdown_world
     from tuneforge.track.console import Reporter
     from tuneforge.train.loop import train
 
+    if args.nproc is not None:
+        if env_world().distributed:
+            raise TuneforgeError("--nproc starts torchrun itself; under torchrun or srun leave it out "
+                                 "(the processes already join the job from RANK and WORLD_SIZE)")
+        if args.nproc > 1:
+            return _launch_train(args)
     cfg = load_config(args.config, args.overrides)
     if cfg.stages:
         from tuneforge.train.stages import train_chain
@@ -52,8 +74,12 @@ def cmd_train(args) -> int:
         manifest = train_chain(cfg, Path(args.config).resolve().parent, resume=args.resume, reporter=Reporter(console))
         console.print(f"\nStages written to {cfg.output_dir}/<n>-<method>/; the chain is described in {cfg.output_dir}/run.json")
         return 0 if manifest and "stopped_at" not in manifest else 1
-    manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
-    console.print(f"\nRun written to {cfg.output_dir} (adapter/weights in final/, facts in run.json)")
+    try:
+        manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
+    finally:
+        shutdown_world()
+    if env_world().main:
+        console.print(f"\nRun written to {cfg.output_dir} (adapter/weights in final/, facts in run.json)")
     return 0 if manifest else 1
 
 
@@ -331,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as the config says, evaluating before and after")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes on this machine (one per GPU, or N CPU processes), started with "
+                   "torchrun; see distributed: in the config and docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a config without loading a model")
@@ -430,11 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from tuneforge.parallel.world import env_world
+
+    world = env_world()
     try:
         return args.func(args)
     except TuneforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every process prints its own errors: say which one this is.
+        where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
+        print(f"error{where}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if world.distributed:  # the traceback follows; torchrun's summary names this rank too
+            print(f"error (rank {world.rank} of {world.size}): {type(err).__name__}: {err}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("interrupted; `tuneforge train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
         return 130

@@ -111,6 +111,12 @@ class QuantizationConfig(_Strict):
     quant_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4."
     )
+    storage: Literal["auto", "uint8", "compute"] = Field(
+        "auto",
+        description="How the packed 4-bit weights are stored: uint8 (bitsandbytes' default) or compute (in the "
+        "compute dtype, e.g. bf16, which FSDP needs to shard them alongside the other weights). auto: compute "
+        "under distributed.strategy: fsdp, uint8 otherwise.",
+    )
 
 
 class DatasetSpec(_Strict):
@@ -301,6 +307,45 @@ class EarlyStoppingSpec(_Strict):
     min_delta: float = Field(0.0, ge=0, description="A change smaller than this is no improvement.")
 
 
+class FSDPSpec(_Strict):
+    param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the sharded weights are gathered and computed in; auto: the run's precision."
+    )
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype gradients are reduced across processes in; fp32 keeps the sum exact enough."
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded weights, gradients and optimizer state in CPU memory between uses "
+        "(slower; for models that do not fit otherwise)."
+    )
+    reshard_after_forward: bool = Field(
+        True, description="Free each layer's gathered weights after its forward and gather them again for "
+        "backward: less memory, one more all-gather per layer."
+    )
+
+
+class DistributedSpec(_Strict):
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How several processes share the work (launched with --nproc or torchrun): ddp (every process "
+        "holds the whole model, gradients are averaged), fsdp (FSDP2: weights, gradients and optimizer state "
+        "sharded per decoder layer), auto (ddp when the model and optimizer fit one device, else fsdp; ddp on CPU), "
+        "none (one process only).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Collective library: auto is nccl on CUDA (gloo for CPU tensors), gloo on CPU."
+    )
+    timeout_minutes: float = Field(
+        30, gt=0, description="A collective (all-reduce, barrier) waiting longer than this fails the run."
+    )
+    watchdog_seconds: float | None = Field(
+        600, gt=0,
+        description="With several processes: if no optimizer step, evaluation or checkpoint finishes for this long, "
+        "every process prints its Python stack and the run exits with an error; null turns it off.",
+    )
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="Options of strategy: fsdp.")
+
+
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
 # The record kind each method trains on.
 METHOD_DATA = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "orpo": ("preference",),
@@ -361,7 +406,13 @@ class Config(_Strict):
         0.1, ge=0, le=1, description="With on_bad_record: skip, stop if more than this share of records is bad."
     )
     micro_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step, in each process.")
+    global_batch_size: int | None = Field(
+        None, ge=1,
+        description="Examples per optimizer step over all processes; grad_accum is then derived as global_batch_size "
+        "/ (micro_batch_size x processes), so the same steps are taken on any number of processes (and a run "
+        "can resume on another number). Give this or grad_accum, not both.",
+    )
     epochs: float | None = Field(None, gt=0, description="Passes over the data (give this or max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(
@@ -395,6 +446,9 @@ class Config(_Strict):
     )
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="Stop when the validation metric has not improved for `patience` evaluations; final/ is the best one."
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Training on several processes (docs/distributed.md)."
     )
 
     @field_validator("performance", mode="before")
@@ -449,10 +503,49 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _batch(self) -> "Config":
+        if self.global_batch_size is None:
+            return self
+        if self.grad_accum != 1:  # 1 is the default, and what a saved run.json config holds
+            raise ValueError("give global_batch_size or grad_accum, not both: grad_accum is derived from "
+                             "global_batch_size / (micro_batch_size x processes)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}; use a multiple such as {2 * self.micro_batch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed(self) -> "Config":
+        strategy = self.distributed.strategy
+        if strategy in ("ddp", "fsdp"):
+            check_distributable(self, f"distributed.strategy: {strategy}")
+        if strategy == "fsdp" and self.adapter == "qlora":
+            # R-DIST-3: FSDP shards every weight of a layer as one dtype, so the packed 4-bit weights are
+            # stored in the compute dtype instead of uint8, set here rather than failing while loading.
+            if self.quantization.storage == "uint8":
+                raise ValueError("quantization.storage: uint8 cannot be sharded by distributed.strategy: fsdp; "
+                                 "remove it (auto stores the 4-bit weights in the compute dtype) or use ddp")
+            self.quantization.storage = "compute"
+        return self
+
+    @model_validator(mode="after")
     def _early_stopping(self) -> "Config":
         if self.early_stopping and (self.validation is None or self.eval_every is None):
             raise ValueError("early_stopping watches validation metrics: give `validation:` and `eval_every:` too")
         return self
+
+
+def check_distributable(cfg: Config, why: str) -> None:
+    """What several processes cannot train yet; `why` names what asked for them (a key or the launch)."""
+    if cfg.method != "sft":
+        raise ValueError(f"method: {cfg.method} does not run on several processes yet ({why}); only sft does. "
+                         "Train it with one process (distributed.strategy: none, no --nproc)")
+    if cfg.early_stopping is not None:
+        raise ValueError(f"early_stopping is not supported on several processes yet ({why}); remove it or "
+                         "train with one process")
+    if cfg.lora.changes_base and cfg.adapter != "full":
+        raise ValueError(f"lora.init: {cfg.lora.init} is not supported on several processes yet ({why}); use "
+                         "lora.init: default or gaussian, or train with one process")
 
 
 # Keys users bring from other tools, mapped to ours.
@@ -471,6 +564,8 @@ ALIASES = {
     "bnb_4bit_quant_type": "quantization.quant_type", "bnb_4bit_use_double_quant": "quantization.double_quant",
     "use_rslora": "lora.use_rslora", "use_dora": "lora.use_dora", "init_lora_weights": "lora.init",
     "loraplus_lr_ratio": "lora.plus_ratio", "layers_to_transform": "lora.layers", "optim": "optimizer",
+    "bnb_4bit_quant_storage": "quantization.storage", "fsdp": "distributed.strategy", "ddp": "distributed.strategy",
+    "ddp_timeout": "distributed.timeout_minutes", "ddp_backend": "distributed.backend",
 }
 
 

@@ -47,3 +47,13 @@ def collate(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def shard_step(micro_batches: list[list[int]], rank: int, size: int) -> tuple[list[list[int]], int]:
+    """This process's micro-batches of one global step: every `size`-th one from `rank` on, a disjoint,
+    deterministic share. Returns (micro-batches, how many are real): a process short of one at the end
+    of an epoch gets a filler copy, trained with weight 0, so every process runs the same passes."""
+    mine = micro_batches[rank::size]
+    real = len(mine)
+    per_process = math.ceil(len(micro_batches) / size)
+    return mine + [micro_batches[0]] * (per_process - real), real

@@ -83,36 +83,57 @@ def on_validation(objective, data, reference=None):
     return view
 
 
-def run_objective(objective, model, batches: list[dict], device, dtype, backward: bool) -> tuple[float, dict, dict]:
+def run_objective(objective, model, batches: list[dict], device, dtype, backward: bool, world=None,
+                  counted: int | None = None) -> tuple[float, dict, dict]:
     """Loss, units and statistics of a set of micro-batches taken as one batch; backward if training.
 
     Each micro-batch's loss is divided by the units of all of them, so gradients accumulate to
     exactly those of the whole batch. Statistics come back averaged over the whole batch; the
     totals include `input_tokens`, every non-padding token the model read (rollouts included), and
     `input_positions`, the same with padding.
+
+    On several processes (`world`) each holds its share of the micro-batches of one global batch:
+    units, losses and statistics are summed over all processes before use, so every number is that
+    of the global batch, as one process would compute it. DDP and FSDP average gradients over the
+    processes, so each backward is scaled by their number to make that average the global gradient.
+    Micro-batches from index `counted` on are fillers, run with weight 0 so that every process makes
+    the same forward and backward passes (their collectives must line up).
     """
     from tuneforge.eval.evaluate import autocast_for
+    from tuneforge.parallel.apply import gradient_sync
+    from tuneforge.parallel.world import SINGLE
 
+    world = world or SINGLE
+    counted = len(batches) if counted is None else counted
     prepared = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device, dtype):
             prepared.append(objective.prepare(model, batch))
-    masks = [b["attention_mask"] for b in prepared]
+    masks = [b["attention_mask"] for b in prepared[:counted]]
     totals: dict[str, int] = {"input_tokens": sum(int(m.sum()) for m in masks),
                               "input_positions": sum(m.numel() for m in masks)}
-    for batch in prepared:
+    for batch in prepared[:counted]:
         for unit, n in objective.units(batch).items():
             totals[unit] = totals.get(unit, 0) + n
+    totals = world.sum(totals)
     loss_sum, sums = 0.0, {}
-    for batch in prepared:
-        with autocast_for(device, dtype), torch.set_grad_enabled(backward):
+    for i, batch in enumerate(prepared):
+        weight = 1.0 if i < counted else 0.0
+        with gradient_sync(model, enabled=i == len(prepared) - 1), autocast_for(device, dtype), \
+                torch.set_grad_enabled(backward):
             loss, stats = objective.loss(model, batch, totals)
-        if backward:
-            loss.backward()
-        loss_sum += loss.item()
+            if backward:
+                scale = world.size * weight
+                (loss if scale == 1 else loss * scale).backward()
+        loss_sum += weight * loss.item()
         for name, (total, count) in stats.items():
             acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += total
-            acc[1] += count
+            acc[0] += weight * total
+            acc[1] += weight * count
+    if world.distributed:
+        flat = world.sum({"loss": loss_sum, **{f"{n}\0sum": t for n, (t, _) in sums.items()},
+                          **{f"{n}\0count": c for n, (_, c) in sums.items()}})
+        loss_sum = flat["loss"]
+        sums = {n: (flat[f"{n}\0sum"], flat[f"{n}\0count"]) for n in sums}
     return loss_sum, totals, {name: t / c for name, (t, c) in sums.items() if c}

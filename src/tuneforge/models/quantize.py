@@ -26,7 +26,11 @@ def require_bitsandbytes(key: str):
 
 
 def bnb_config(q: QuantizationConfig, compute_dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for our quantization section; matmuls run in `compute_dtype`."""
+    """transformers' BitsAndBytesConfig for our quantization section; matmuls run in `compute_dtype`.
+
+    storage: compute packs the 4-bit weights into tensors of the compute dtype (same bytes, other
+    element type), so FSDP can shard them like the layer's other weights (R-DIST-3).
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -35,6 +39,7 @@ def bnb_config(q: QuantizationConfig, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if q.storage == "compute" else torch.uint8,
     )
 
 

@@ -130,10 +130,16 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
     s = Settings(
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
-        lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=cfg.grad_accum, seq_len=seq_len,
+        lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
         checkpointing=cfg.gradient_checkpointing, precision=cfg.precision, padded=padded,
     )
     return s, notes
+
+
+def _accumulation(cfg: Config) -> int:
+    """Micro-batches per step on one device: global_batch_size, when given, sets it."""
+    global_batch = getattr(cfg, "global_batch_size", None)
+    return global_batch // cfg.micro_batch_size if global_batch else cfg.grad_accum
 
 
 def _tokenizer(info: ModelInfo, cfg: Config):

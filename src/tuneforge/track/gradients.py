@@ -23,10 +23,25 @@ class LayerNorms:
         self.last: torch.Tensor | None = None
 
     def measure(self) -> None:
-        """Call after backward, before the optimizer step clears the gradients."""
-        zero = torch.zeros((), device=self.params[0].device) if self.params else torch.zeros(())
-        self.last = torch.stack([p.grad.detach().float().norm() if p.grad is not None else zero for p in self.params]) \
-            if self.params else None
+        """Call after backward, before the optimizer step clears the gradients.
+
+        Under FSDP each process holds a shard of every gradient: the squared norms of the shards are
+        summed over the processes in one all-reduce.
+        """
+        if not self.params:
+            self.last = None
+            return
+        grads = [p.grad for p in self.params]
+        sharded = any(hasattr(g, "to_local") for g in grads if g is not None)
+        if not sharded:
+            zero = torch.zeros((), device=self.params[0].device)
+            self.last = torch.stack([g.detach().float().norm() if g is not None else zero for g in grads])
+            return
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        zero = torch.zeros((), device=next(t.device for t in local if t is not None))
+        squares = torch.stack([t.detach().float().pow(2).sum() if t is not None else zero for t in local])
+        torch.distributed.all_reduce(squares)
+        self.last = squares.sqrt()
 
     def top_layers(self, total: float) -> list[dict] | None:
         """The largest layer norms of this step when `total` spikes (or is not finite); else None."""

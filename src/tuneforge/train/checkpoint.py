@@ -1,7 +1,9 @@
 """Checkpoints: trainable weights, optimizer, RNG and data position; safetensors and JSON only.
 
 A checkpoint is written into a temporary folder, fsynced, marked complete, then renamed into
-place, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+place, so a crash mid-save leaves the previous checkpoint as the newest complete one. A run on
+several processes writes the same folder with sharded weights instead (parallel/checkpoint.py);
+`load_checkpoint` reads either kind.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Files first, then their folders, deepest first (a sharded checkpoint has a dcp/ subfolder)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts))) + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _flatten(prefix: str, value, tensors: dict[str, torch.Tensor], scalars: list[str]) -> None:
@@ -82,8 +83,13 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": [version, list(state), gauss]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically and prune to keep_last complete checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, world=None) -> Path:
+    """Write checkpoints/step-N atomically and prune to keep_last complete checkpoints; sharded when
+    `world` has several processes (each writes its part)."""
+    if world is not None and world.distributed:
+        from tuneforge.parallel.checkpoint import save_sharded
+
+        return save_sharded(run_dir, step, model, optimizer, state, keep_last, world)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -99,6 +105,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     (tmp / "state.json").write_text(json.dumps(
         {**state, "step": step, "param_groups": groups, "optimizer_scalars": scalars, "rng": rng_json}, indent=1
     ) + "\n")
+    publish(tmp, final, run_dir, keep_last)
+    return final
+
+
+def publish(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> None:
+    """The end of every save: mark complete, fsync, rename into place, prune to keep_last checkpoints."""
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_tree(tmp)
     if final.exists():
@@ -106,7 +118,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state: list) -> None:
+    """Put back the random state `_rng_state` saved: torch CPU and CUDA, Python's `random`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = python_state
+    random.setstate((version, tuple(state), gauss))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -123,7 +145,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns the saved loop state."""
+    """Restore weights, optimizer and RNG in place; returns the saved loop state.
+
+    A sharded checkpoint loads on any number of processes; a single-process one on one process or
+    under DDP (every process holds whole tensors), not into a model FSDP has sharded.
+    """
+    from tuneforge.parallel.checkpoint import is_sharded, load_sharded
+    from tuneforge.parallel.world import env_world
+
+    if is_sharded(ckpt):
+        return load_sharded(ckpt, model, optimizer, env_world())
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(f"{ckpt} was written by a single process; resume it with one process or "
+                         "distributed.strategy: ddp, then FSDP runs can follow from its sharded checkpoints")
     state = json.loads((ckpt / "state.json").read_text())
     weights = load_file(ckpt / "trainable.safetensors")
     params = dict(trainable_parameters(model))
@@ -137,12 +171,5 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
             p.copy_(weights[name].to(p.device, p.dtype))
     opt_state = _unflatten(load_file(ckpt / "optimizer.safetensors"), state.get("optimizer_scalars", []))
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    rng = load_file(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    version, pystate, gauss = state["rng"]["python"]
-    random.setstate((version, tuple(pystate), gauss))
+    restore_rng(load_file(ckpt / "rng.safetensors"), state["rng"]["python"])
     return state

@@ -3,6 +3,10 @@
 The loop does not know which method it trains: it asks the objective (tuneforge.methods) for
 each micro-batch's loss, normalised by what the whole accumulated batch holds (trained tokens,
 pairs, examples): micro-batch 2 x accumulation 4 equals micro-batch 8.
+
+Nor does it know how many processes train (tuneforge.parallel): each takes its share of every
+global batch, the model it trains was made parallel by a function beforehand, and rank 0 alone
+writes files. Two processes x accumulation 2 equal one process x accumulation 4.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.config import Config, config_to_dict
-from tuneforge.data.batching import epoch_order, micro_batches_per_epoch
+from tuneforge.config import Config, check_distributable, config_to_dict
+from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
@@ -35,10 +39,15 @@ from tuneforge.models.load import (
     weights_dtype,
 )
 from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.run import Run, load_tuned
+from tuneforge.parallel.apply import choose_strategy, parallelize
+from tuneforge.parallel.checkpoint import check_saved_tensors, gather_for_save
+from tuneforge.parallel.watchdog import Watchdog
+from tuneforge.parallel.world import SINGLE, World, init_world
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
-from tuneforge.track.trackers import artefacts, build_trackers, require_packages
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
+from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
@@ -56,14 +65,29 @@ class Plan:
     micro_per_epoch: int
     steps_per_epoch: int
     total_steps: int
+    micro_per_step: int  # micro-batches of one optimizer step, over all processes
 
 
-def make_plan(cfg: Config, data: PreparedData) -> Plan:
+def micro_batches_per_step(cfg: Config, processes: int = 1) -> int:
+    """grad_accum in each process, or global_batch_size / micro_batch_size shared by the processes."""
+    if cfg.global_batch_size is None:
+        return cfg.grad_accum * processes
+    n = cfg.global_batch_size // cfg.micro_batch_size
+    if n % processes:
+        step = cfg.micro_batch_size * processes
+        raise ConfigError(f"global_batch_size: {cfg.global_batch_size} is {n} micro-batches of {cfg.micro_batch_size}, "
+                          f"which {processes} processes cannot share evenly; use a multiple of micro_batch_size x "
+                          f"processes ({step}, {2 * step}, ...) or another number of processes")
+    return n
+
+
+def make_plan(cfg: Config, data: PreparedData, processes: int = 1) -> Plan:
     n = len(epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, 0))
     micro = micro_batches_per_epoch(n, cfg.micro_batch_size)
-    steps = math.ceil(micro / cfg.grad_accum)
+    per_step = micro_batches_per_step(cfg, processes)
+    steps = math.ceil(micro / per_step)
     total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps))
-    return Plan(n, micro, steps, total)
+    return Plan(n, micro, steps, total, per_step)
 
 
 def seed_everything(seed: int) -> None:
@@ -72,9 +96,11 @@ def seed_everything(seed: int) -> None:
 
 
 def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict, orders: dict) -> list[list[int]]:
-    """Example indices of the micro-batches of the next optimizer step; advances the cursor.
+    """Example indices of the micro-batches of the next optimizer step, over all processes; advances the cursor.
 
-    A step never spans two epochs: the last step of an epoch may have fewer micro-batches.
+    A step never spans two epochs: the last step of an epoch may have fewer micro-batches. The cursor
+    counts micro-batches of the epoch's order, whatever the number of processes, so a checkpoint's data
+    position holds on any number of them.
     """
     if cursor["micro"] >= plan.micro_per_epoch:
         cursor["epoch"] += 1
@@ -85,16 +111,18 @@ def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict,
         orders[epoch] = epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, epoch)
     order = orders[epoch]
     batches = []
-    while len(batches) < cfg.grad_accum and cursor["micro"] < plan.micro_per_epoch:
+    while len(batches) < plan.micro_per_step and cursor["micro"] < plan.micro_per_epoch:
         start = cursor["micro"] * cfg.micro_batch_size
         batches.append(order[start : start + cfg.micro_batch_size])
         cursor["micro"] += 1
     return batches
 
 
-def accumulate_gradients(objective, model, batches: list[dict], device, dtype) -> tuple[float, dict, dict]:
-    """Backward over every micro-batch of a step: (loss, units averaged over, statistics)."""
-    return run_objective(objective, model, batches, device, dtype, backward=True)
+def accumulate_gradients(objective, model, batches: list[dict], device, dtype, world: World = SINGLE,
+                         counted: int | None = None) -> tuple[float, dict, dict]:
+    """Backward over this process's micro-batches of a step: (loss, units averaged over, statistics),
+    each of the global batch."""
+    return run_objective(objective, model, batches, device, dtype, backward=True, world=world, counted=counted)
 
 
 def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
@@ -104,7 +132,10 @@ def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
     signal: the step is skipped, since Adam would otherwise keep moving the weights on stale momentum.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: the norm of sharded gradients, reduced over the processes
+        norm = norm.full_tensor()
+    grad_norm = norm.item()
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ groups run at a multiple of the schedule
     if math.isfinite(grad_norm) and grad_norm > 0:
@@ -127,31 +158,77 @@ def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def _check_same_data(world: World, hashes: dict[str, str]) -> None:
+    """Every process must read the same files: a node with another copy would train on other examples."""
+    for rank, other in enumerate(world.gather_objects(hashes)):
+        if other != hashes:
+            differ = sorted(k for k in set(hashes) | set(other) if hashes.get(k) != other.get(k))
+            raise TrainingError(f"datasets: rank {rank} reads other data than rank {world.rank} ({', '.join(differ)}); "
+                                "every node must see the same files (a shared file system, or identical copies)")
+
+
+def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan) -> None:
+    """A resumed run must take the steps the saved one took, on any number of processes."""
+    saved_mbs, saved_per_step = state.get("micro_batch_size"), state.get("micro_per_step")
+    if saved_mbs is not None and saved_mbs != cfg.micro_batch_size:
+        raise TrainingError(f"--resume: {ckpt} was written with micro_batch_size {saved_mbs}, this run has "
+                            f"{cfg.micro_batch_size}; its data position counts micro-batches of {saved_mbs}, so set it back")
+    if saved_per_step is not None and saved_per_step != plan.micro_per_step:
+        raise TrainingError(
+            f"--resume: {ckpt} took {saved_per_step} micro-batches of {saved_mbs} per step (a global batch of "
+            f"{saved_per_step * saved_mbs}), this run would take {plan.micro_per_step}; set global_batch_size: "
+            f"{saved_per_step * saved_mbs} so that any number of processes takes the same steps")
+
+
+def _quantization_for(cfg: Config, strategy: str):
+    """R-DIST-3: FSDP chosen by `auto` stores 4-bit weights in the compute dtype, as an explicit fsdp does."""
+    q = cfg.quantization
+    if q is None or strategy != "fsdp" or q.storage == "compute":
+        return q
+    if q.storage == "uint8":
+        raise ConfigError("quantization.storage: uint8 cannot be sharded by FSDP (distributed.strategy: auto chose "
+                          "fsdp); remove it or set distributed.strategy: ddp")
+    return q.model_copy(update={"storage": "compute"})
+
+
 def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
-    """Run a whole fine-tune; returns the run.json contents.
+    """Run a whole fine-tune; returns the run.json contents (on rank 0; the other ranks get a short summary).
 
     `stop_after` ends the loop after that step without a final save, as a crash would (tests of resume).
     """
+    world, device = init_world(cfg.distributed, pick_device(cfg.device))
     rep = reporter or Reporter()
+    if not world.main:
+        rep = Reporter(quiet=True)  # one voice: rank 0 prints, the others only raise
+    if world.distributed:
+        try:
+            check_distributable(cfg, f"{world.size} processes")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     started = now()
     run_dir = Path(cfg.output_dir)
     ckpt = _check_output_dir(run_dir, resume)
     require_packages(cfg.track.to)
 
-    # Data first: every check runs before a model is loaded.
-    folder, source = resolve_base_model(cfg.base_model)
-    tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
-    data = prepare_data(cfg, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_rejected(run_dir / "rejected.jsonl", data.rejected)
+    # Data first: every check runs before a model is loaded. Rank 0 prepares it into the cache; the
+    # others wait, then read the cache (R-DIST-4).
+    with world.main_first():
+        folder, source = resolve_base_model(cfg.base_model)
+        tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+        data = prepare_data(cfg, tokenizer)
+    _check_same_data(world, data.file_hashes)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
-    plan = make_plan(cfg, data)
+    plan = make_plan(cfg, data, world.size)
 
-    device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
+    strategy = choose_strategy(cfg, world, device, folder)
     seed_everything(cfg.seed)
     head = "score" if cfg.method == "reward" else "causal_lm"
-    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype), cfg.quantization, head)
+    model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
+                       _quantization_for(cfg, strategy), head)
     if head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
@@ -161,7 +238,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd()}
-    fast = resolve_fast_path(cfg, device.type, model)
+    fast = resolve_fast_path(cfg, device.type, model, distributed=world.distributed)
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
     for note in getattr(objective, "notes", ()):
@@ -174,10 +251,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             before = json.loads(before_path.read_text())
         else:
             rep.note("Evaluating the base model on the validation set...")
-            # Before training the policy is its own reference (no adapter yet, no copy needed).
+            # Before training the policy is its own reference (no adapter yet, no copy needed). Every
+            # process evaluates its whole copy (no collectives yet); rank 0 writes.
             before = _evaluate(cfg, model, tokenizer, data, objective, device, dtype,
                                reference=Reference(model, reference.free) if reference is not None else None)
-            write_json(before_path, before)
+            if world.main:
+                write_json(before_path, before)
 
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg)
@@ -185,6 +264,13 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
+    # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
+    trained = parallelize(model, strategy, world, device, cfg.distributed.fsdp, dtype)
+    if world.distributed:
+        rep.note(f"Training on {world.size} processes ({strategy}): {plan.micro_per_step} micro-batches of "
+                 f"{cfg.micro_batch_size} per step, {plan.micro_per_step // world.size} in each process "
+                 f"(global batch {plan.micro_per_step * cfg.micro_batch_size})")
     optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
     warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
@@ -194,16 +280,22 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         if state.get("data_sha256") != data.file_hashes:
             raise TrainingError(f"--resume: the data files changed since {ckpt} was written, so the saved data "
                                 "position means nothing; restore the files or start a new run")
+        _check_same_batch(state, ckpt, cfg, plan)
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
-    tracking = build_trackers(cfg, run_dir, step if ckpt is not None else None, rep.warn)
+    if world.main:
+        tracking = build_trackers(cfg, run_dir, step if ckpt is not None else None, rep.warn)
+    else:
+        tracking = Trackers([], rep.warn)
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
                                                      base_model=cfg.base_model, started=started))
     watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
+    batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": plan.micro_per_step}
     if ckpt is None:
         watch.before_training()
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
-            save_checkpoint(run_dir, 0, model, optimizer, {"cursor": cursor, "data_sha256": data.file_hashes}, cfg.keep_last)
+            save_checkpoint(run_dir, 0, model, optimizer, {"cursor": cursor, "data_sha256": data.file_hashes,
+                                                           **batch_state}, cfg.keep_last, world)
     else:
         watch.restore(state, read_best(run_dir))
     orders: dict = {}
@@ -211,19 +303,22 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     pad = tokenizer.pad_token_id
     if hasattr(objective, "preflight") and step == 0:
         objective.preflight(model)
+    watchdog = Watchdog(cfg.distributed.watchdog_seconds if world.distributed else None, world.rank)
     rep.start(plan.total_steps, step)
     try:
         while step < plan.total_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
-            batches = [objective.collate(idx) for idx in index_batches]
+            mine, counted = shard_step(index_batches, world.rank, world.size)
+            batches = [objective.collate(idx) for idx in mine]
             data_s = time.perf_counter() - t0
-            loss, totals, stats = accumulate_gradients(objective, model, batches, device, dtype)
+            loss, totals, stats = accumulate_gradients(objective, trained, batches, device, dtype, world, counted)
             lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
                                         kind=cfg.scheduler)
             watch.measure_gradients()
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
+            watchdog.pet("step")
             record = {
                 "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
@@ -247,28 +342,39 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
                 if watch.after_eval(record) == "best":
                     save_best(run_dir, model, step, cfg.early_stopping.metric, record[cfg.early_stopping.metric])
+                watchdog.pet("evaluation")
             tracking.log(record)
             rep.step(record)
             if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
-                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **watch.state()}
-                save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last)
+                loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **batch_state, **watch.state()}
+                save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last, world)
+                watchdog.pet("checkpoint")
             if watch.early_stopped:
                 break
     except BaseException:
         tracking.finish({"steps": step}, "FAILED")
         raise
     finally:
+        watchdog.stop()
         rep.stop()
     if step < plan.total_steps and not watch.early_stopped:
         tracking.finish({"steps": step}, "KILLED")
         return {"stopped_at": step}
 
     best = load_best(run_dir, model) if watch.early_stopped else None
-    final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg))
+    # final/ always holds whole tensors: gathered from the shards under FSDP (every process takes part),
+    # then written by rank 0, which alone goes on to evaluate and write run.json.
+    gathered = gather_for_save(model, adapter=cfg.adapter != "full")
+    if not world.main:
+        return {"rank": world.rank, "steps": step}
+    check_saved_tensors(model, gathered if gathered is not None else dict(trainable_parameters(model)))
+    final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg), state_dict=gathered)
     after = None
     if data.validation and cfg.evaluation.before_after:
         rep.note("Evaluating the tuned model on the validation set...")
-        after = _evaluate(cfg, model, tokenizer, data, objective, device, dtype)
+        # A sharded model cannot run in one process: rank 0 evaluates final/ as export and serve will load it.
+        tuned = model if gathered is None else load_tuned(Run(run_dir, cfg, {}), device, dtype)[0]
+        after = _evaluate(cfg, tuned, tokenizer, data, objective, device, dtype)
         write_json(run_dir / "eval_after.json", after)
     manifest = run_manifest(
         config_to_dict(cfg),
@@ -282,6 +388,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         seed=cfg.seed,
         device=str(device),
         precision=str(dtype).removeprefix("torch."),
+        distributed={"processes": world.size, "strategy": strategy,
+                     "global_batch": plan.micro_per_step * cfg.micro_batch_size},
         started=started,
         finished=now(),
         steps=step,

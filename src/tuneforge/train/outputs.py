@@ -41,17 +41,21 @@ def git_sha() -> str | None:
         return None
 
 
-def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None) -> Path:
+def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None,
+               state_dict: dict | None = None) -> Path:
     """An adapter (PEFT format) or full weights, beside the tokenizer, chat template and stop tokens.
 
     `initial_adapter`: a PiSSA/OLoRA run's adapter as initialised; the saved adapter is then the
     difference, as plain LoRA of twice the rank that applies to the original base weights.
+    `state_dict`: whole tensors gathered from a sharded (FSDP) model, written instead of the model's own.
     """
     from transformers import GenerationConfig
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     convert = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+    if state_dict is not None:
+        convert["state_dict"] = state_dict
     model.save_pretrained(tmp, safe_serialization=True, **convert)
     tokenizer.save_pretrained(tmp)
     gen = GenerationConfig(
