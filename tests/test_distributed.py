@@ -51,7 +51,10 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         "micro_batch_size": 2, "global_batch_size": 8, "max_steps": steps, "adapter": adapter,
         "learning_rate": 5e-3 if adapter == "lora" else 1e-3, "warmup_steps": 1, "output_dir": str(root / out),
         "device": "cpu", "precision": "fp32", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "evaluation": {"before_after": False}, "distributed": {"strategy": strategy}, **extra,
+        "evaluation": {"before_after": False}, "distributed": {"strategy": strategy},
+        # The chunked loss is off on several processes (fast.resolve); the one-process references run
+        # the same arithmetic, since Adam turns last-bit gradient differences into whole steps.
+        "performance": {"chunked_loss": False}, **extra,
     }
 
 
@@ -139,7 +142,7 @@ def test_sharded_checkpoint_loads_bit_for_bit_on_one_and_two_processes(runs):
     root = runs["root"]
     ckpt = root / "cut_one" / "checkpoints" / "step-2"
     dcp_to_torch_save(ckpt / "dcp", root / "saved.pt")
-    saved = torch.load(root / "saved.pt", weights_only=False)["model"]
+    saved = torch.load(root / "saved.pt", weights_only=True)["model"]
     cfg = config_from_dict(raw_config(root, runs["model"], "x"))
     model, _ = attach_adapter(load_model(runs["model"], torch.device("cpu")), cfg)
     state = load_checkpoint(ckpt, model, build_optimizer(model, cfg))
