@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import memorise_records, write_jsonl
+from conftest import chat, memorise_records, write_jsonl
 from safetensors.torch import load_file
 
 from tuneforge.config import config_from_dict, config_to_dict
@@ -188,6 +188,30 @@ def test_each_process_reads_a_disjoint_share_of_every_step():
     assert (a, real_a) == ([[0, 1], [4, 5]], 2)
     assert b[:real_b] == [[2, 3]] and len(b) == 2  # a filler keeps both processes in step
     assert shard_step(step, 0, 1) == (step, 3)
+
+
+def test_other_ranks_wait_for_the_data_cache_without_a_collective(tmp_path, tiny_models):
+    """R-DIST-4: rank 1 polls for the content-hashed cache folder that rank 0 writes (no barrier, so a long
+    preparation outlasts no collective timeout), then reads it; a world without a process group shows
+    that no collective was called."""
+    import threading
+
+    from tuneforge.data.dataset import prepare_data, prepared_marker
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.parallel.world import World
+
+    write_jsonl(tmp_path / "train.jsonl", memorise_records(8) + [chat(f"Which test is this? {time.time()}", "This one.")])
+    cfg = config_from_dict(raw_config(tmp_path, tiny_models["llama"], "x"))
+    tok = load_tokenizer(tiny_models["llama"])
+    ready = prepared_marker(cfg, tok)
+    assert not ready()
+    rank0 = threading.Timer(1.0, prepare_data, (cfg, tok))  # rank 0, preparing a second later
+    rank0.start()
+    t0 = time.monotonic()
+    with World(rank=1, size=2).main_first(ready=ready):
+        data = prepare_data(cfg, tok)
+    rank0.join()
+    assert time.monotonic() - t0 >= 1.0 and data.from_cache and ready()
 
 
 def test_batch_settings_that_do_not_divide_are_config_errors(tmp_path, tiny_models):

@@ -404,6 +404,15 @@ def file_hashes(cfg: Config) -> dict[str, str]:
     return hashes
 
 
+def prepared_marker(cfg: Config, tokenizer):
+    """A check that this config's prepared data is in the cache (its content-hashed folder is complete),
+    or None when caching is off: what other processes wait on while rank 0 prepares."""
+    if not cfg.prepare.cache:
+        return None
+    meta = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg))) / "meta.json"
+    return meta.is_file
+
+
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     """Read, check and encode the training and validation data of a config (or load it from the cache)."""
     hashes = file_hashes(cfg)

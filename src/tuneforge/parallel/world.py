@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 from datetime import timedelta
 
 import torch
@@ -36,13 +38,20 @@ class World:
             torch.distributed.barrier()
 
     @contextlib.contextmanager
-    def main_first(self):
+    def main_first(self, ready: Callable[[], bool] | None = None, patience_s: float = 24 * 3600):
         """Rank 0 runs the block first (preparing data into the cache, converting a model), the others
-        then run it and find the result cached; nothing is prepared twice at the same time (R-DIST-4)."""
+        then run it and find the result cached; nothing is prepared twice at the same time (R-DIST-4).
+
+        With `ready` (has rank 0's result appeared? e.g. the data cache's content-hashed folder), the
+        others poll for it instead of waiting in a collective, so a preparation longer than the
+        collective timeout does not fail the job. Should rank 0 fail, torchrun ends them all."""
         if not self.main:
-            self.barrier()
+            if ready is None:
+                self.barrier()
+            else:
+                wait_until(ready, patience_s)
         yield
-        if self.main:
+        if self.main and ready is None:
             self.barrier()
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
@@ -70,6 +79,14 @@ class World:
 
 
 SINGLE = World()
+
+
+def wait_until(ready: Callable[[], bool], patience_s: float, poll_s: float = 0.5) -> None:
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > patience_s:
+            raise TimeoutError(f"waited {patience_s:.0f} s for rank 0 to prepare the data; it never finished")
+        time.sleep(poll_s)
 
 
 def env_world() -> World:

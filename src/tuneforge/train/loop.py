@@ -22,7 +22,7 @@ import torch
 
 from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
-from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
+from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
@@ -210,11 +210,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     ckpt = _check_output_dir(run_dir, resume)
     require_packages(cfg.track.to)
 
-    # Data first: every check runs before a model is loaded. Rank 0 prepares it into the cache; the
-    # others wait, then read the cache (R-DIST-4).
+    # Data first: every check runs before a model is loaded. Rank 0 resolves the model and prepares
+    # the data into the cache; the others wait for its content-hashed folder, then read it (R-DIST-4).
     with world.main_first():
         folder, source = resolve_base_model(cfg.base_model)
-        tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+    with world.main_first(ready=prepared_marker(cfg, tokenizer)):
         data = prepare_data(cfg, tokenizer)
     _check_same_data(world, data.file_hashes)
     if world.main:
