@@ -52,8 +52,8 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         "learning_rate": 5e-3 if adapter == "lora" else 1e-3, "warmup_steps": 1, "output_dir": str(root / out),
         "device": "cpu", "precision": "fp32", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "evaluation": {"before_after": False}, "distributed": {"strategy": strategy},
-        # The chunked loss is off on several processes (fast.resolve); the one-process references run
-        # the same arithmetic, since Adam turns last-bit gradient differences into whole steps.
+        # The chunked loss is off under FSDP (fast.resolve); the one-process references run the same
+        # arithmetic as the FSDP runs, since Adam turns last-bit gradient differences into whole steps.
         "performance": {"chunked_loss": False}, **extra,
     }
 
@@ -78,6 +78,7 @@ def runs(tmp_path_factory, tiny_models):
             # Saved by FSDP on 2 processes, resumed by DDP on 2.
             {"config": {**cut, "output_dir": str(root / "cut_ddp"), "distributed": {"strategy": "ddp"}},
              "resume": True, "copy_from": str(root / "cut")},
+            {"config": raw_config(root, model, "ddp_fast", "ddp", performance="auto")},  # chunked loss on
         ],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
         "reload": {"config": raw_config(root, model, "reload", "fsdp"),
@@ -90,6 +91,7 @@ def runs(tmp_path_factory, tiny_models):
     launch_s = time.perf_counter() - t0
     for adapter, steps in REFERENCES.items():
         train(config_from_dict(raw_config(root, model, f"ref_{adapter}", adapter=adapter, steps=steps)), reporter=QUIET)
+    train(config_from_dict(raw_config(root, model, "ref_fast", performance="auto")), reporter=QUIET)
     shutil.copytree(root / "cut", root / "cut_one")  # before resuming it, keep the 2-process checkpoint as saved
     train(config_from_dict({**cut, "output_dir": str(root / "cut_one")}), resume=True, reporter=QUIET)
     return {"root": root, "model": model, "launch_s": launch_s}
@@ -122,6 +124,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs, name):
     assert_same_run(runs["root"] / name, runs["root"] / f"ref_{adapter}", adapter)
     manifest = json.loads((runs["root"] / name / "run.json").read_text())
     assert manifest["distributed"] == {"processes": 2, "strategy": SCENARIOS[name][0], "global_batch": 8}
+
+
+def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):
+    """The fast path composes with DDP: the chunked loss goes through the wrapper's own forward."""
+    root = runs["root"]
+    assert_same_run(root / "ddp_fast", root / "ref_fast", "lora")
+    for run in ("ddp_fast", "ref_fast"):
+        assert json.loads((root / run / "run.json").read_text())["performance"]["chunked_loss"]
 
 
 def test_saved_on_two_processes_resumes_on_one_and_on_two(runs):

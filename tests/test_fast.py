@@ -13,7 +13,7 @@ from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath, pair_cost, resolve
-from tuneforge.fast.causal_lm import split_causal_lm
+from tuneforge.fast.causal_lm import output_layer
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
 from tuneforge.methods.sft import SFT
@@ -101,8 +101,8 @@ def test_gemma2_soft_capped_logits_through_the_chunked_loss(tmp_path, tokenizers
                        final_logit_softcapping=3.0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
-    parts = split_causal_lm(model)
-    assert parts is not None and parts.softcap == 3.0
+    out = output_layer(model)
+    assert out is not None and out.softcap == 3.0
     ids = torch.randint(0, len(tok), (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     from tuneforge.methods.sft import sft_loss_sum

@@ -38,11 +38,11 @@ def pair_cost(model) -> float:
     return 4 * config.num_hidden_layers * config.hidden_size / max(2 * weights, 1)
 
 
-def resolve(cfg, device_type: str = "cpu", model=None, distributed: bool = False) -> FastPath:
+def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) -> FastPath:
     """The switches a run uses: each explicit setting, else what its mode implies for this method.
-    `model` (the loaded base) prices attention against the weights for padding-free rows. On several
-    processes the chunked loss is off: it calls the decoder inside the model, around the DDP or FSDP
-    wrapper's forward, whose hooks synchronise gradients and gather sharded weights."""
+    `model` (the loaded base) prices attention against the weights for padding-free rows. Under FSDP
+    (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
+    where FSDP holds only this process's shard of it."""
     perf = cfg.performance
     on = perf.mode != "off"
     sft = cfg.method == "sft"  # the objectives that read padding-free rows and chunked losses so far
@@ -52,7 +52,7 @@ def resolve(cfg, device_type: str = "cpu", model=None, distributed: bool = False
 
     return FastPath(
         padding_free=sft and pick(perf.padding_free),
-        chunked_loss=sft and not distributed and pick(perf.chunked_loss),
+        chunked_loss=sft and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",

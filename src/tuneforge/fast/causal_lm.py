@@ -1,4 +1,9 @@
-"""A causal LM taken apart into its decoder and output layer, so a loss can skip the full logits."""
+"""A causal LM's output layer, taken out so that a loss can skip the full logits.
+
+The model still runs its own forward (through any PEFT, DDP or checkpointing wrapper, whose hooks
+must see it), asked for its last hidden state and the logits of one position only; the loss then
+applies the output layer itself, a chunk of positions at a time.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,32 @@ from dataclasses import dataclass
 
 import torch
 
-# Architectures whose logits are exactly output_layer(last hidden state), soft-capped for Gemma 2/3.
-# Others (logit scaling in Cohere or Granite, say) keep the plain path.
+# Architectures whose logits are exactly output_layer(last hidden state), soft-capped for Gemma 2/3,
+# and whose hidden_states[-1] is that last (normed) state. Others (logit scaling in Cohere or
+# Granite, say) keep the plain path.
 SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
 
 
 @dataclass
-class CausalLMParts:
-    decoder: torch.nn.Module  # input ids -> last hidden states
+class OutputLayer:
     head: torch.nn.Linear
     softcap: float | None
 
 
-def split_causal_lm(model) -> CausalLMParts | None:
-    """The decoder, output layer and final soft-cap of a supported causal LM, under a PEFT wrapper
-    or not; None when the output layer is not a plain linear map (a LoRA or quantized head)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+def output_layer(model) -> OutputLayer | None:
+    """The output layer and final soft-cap of a supported causal LM, under PEFT and DDP wrappers or
+    not; None when it is not a plain linear map (a LoRA or quantized head) or the model is not one."""
+    lm = getattr(model, "module", model)  # DistributedDataParallel
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     config = getattr(lm, "config", None)
     if config is None or config.model_type not in SPLITTABLE:
         return None
     head = lm.get_output_embeddings()
-    decoder = getattr(lm, lm.base_model_prefix, None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None:
+    if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    return CausalLMParts(decoder, head, getattr(config, "final_logit_softcapping", None))
+    return OutputLayer(head, getattr(config, "final_logit_softcapping", None))
+
+
+def last_hidden_state(model, inputs: dict) -> torch.Tensor:
+    """The model's final (normed) hidden states, from its own forward, computing one position's logits."""
+    return model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]

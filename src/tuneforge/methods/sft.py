@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath
-from tuneforge.fast.causal_lm import split_causal_lm
+from tuneforge.fast.causal_lm import last_hidden_state, output_layer
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
 
@@ -28,11 +28,11 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False,
     trained positions only, a chunk at a time (fast/chunked_loss.py), where the model allows it.
     """
     labels = batch["labels"][:, 1:]
-    parts = split_causal_lm(model) if chunked else None
-    if parts is not None:
-        hidden = parts.decoder(**model_inputs(batch)).last_hidden_state[:, :-1]
-        return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), parts.head.weight, labels.reshape(-1),
-                                        chunk, parts.softcap)
+    out = output_layer(model) if chunked else None
+    if out is not None:
+        hidden = last_hidden_state(model, model_inputs(batch))[:, :-1]
+        return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), out.head.weight, labels.reshape(-1),
+                                        chunk, out.softcap)
     logits = model(**model_inputs(batch)).logits
     shift_logits = logits[:, :-1].float()
     return F.cross_entropy(

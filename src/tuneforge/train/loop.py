@@ -239,7 +239,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd()}
-    fast = resolve_fast_path(cfg, device.type, model, distributed=world.distributed)
+    fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp")
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
     for note in getattr(objective, "notes", ()):
