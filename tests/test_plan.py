@@ -426,3 +426,20 @@ def test_preference_methods_plan_two_sequences_per_example(tmp_path):
     assert m_dpo.logits == pytest.approx(2 * m_sft.logits)
     assert m_dpo.activations > m_sft.activations
     assert any("reference model" in n for n in notes)
+
+
+def test_a_gguf_models_tokenizer_is_read_once_then_from_a_folder(tmp_path, monkeypatch):
+    """Reading a GGUF vocabulary takes seconds; plan keeps it as a tokenizer folder, keyed by the file."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.models.resolve import builtin_gguf
+    from tuneforge.plan.data import gguf_tokenizer_folder
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    gguf = builtin_gguf("smollm2-135m-instruct")
+    folder = gguf_tokenizer_folder(gguf)
+    made = (folder / "tokenizer.json").stat().st_mtime_ns
+    assert gguf_tokenizer_folder(gguf) == folder and (folder / "tokenizer.json").stat().st_mtime_ns == made
+    text = "Mei Haddad, 18, lives in Lisbon. <|im_end|> ünïcode"
+    original = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert AutoTokenizer.from_pretrained(str(folder))(text).input_ids == original(text).input_ids

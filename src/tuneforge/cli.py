@@ -454,24 +454,28 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
+def _which_process() -> str:
+    """Under torchrun every process prints its own errors: say which one this is. Read only when an
+    error is printed: the import brings in torch, which `plan` and `data check` never need."""
+    from tuneforge.parallel.world import env_world
+
+    world = env_world()
+    return f" (rank {world.rank} of {world.size})" if world.distributed else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from tuneforge.parallel.world import env_world
-
-    world = env_world()
     try:
         return args.func(args)
     except TuneforgeError as err:
-        # Under torchrun every process prints its own errors: say which one this is.
-        where = f" (rank {world.rank} of {world.size})" if world.distributed else ""
-        print(f"error{where}: {err}", file=sys.stderr)
+        print(f"error{_which_process()}: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        if world.distributed:  # the traceback follows; torchrun's summary names this rank too
-            print(f"error (rank {world.rank} of {world.size}): {type(err).__name__}: {err}", file=sys.stderr)
+        if _which_process():  # the traceback follows; torchrun's summary names this rank too
+            print(f"error{_which_process()}: {type(err).__name__}: {err}", file=sys.stderr)
         raise
     except KeyboardInterrupt:
         print("interrupted; `tuneforge train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)

@@ -227,3 +227,29 @@ def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remo
     if not trust_remote_code and getattr(transformers, name, None) is type(tokenizer):
         _remember_class(key, name)
     return tokenizer
+
+
+def gguf_tokenizer_folder(gguf: Path) -> Path:
+    """A folder holding the tokenizer of a .gguf file, written the first time (reading a GGUF's
+    vocabulary takes seconds: its 50k-150k strings are parsed one by one), then read like any other.
+    Keyed by the file's path, size and time and the transformers version that converted it."""
+    import hashlib
+
+    import transformers
+
+    from tuneforge.models.resolve import cache_root
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    folder = cache_root() / "plan" / "gguf-tokenizers" / key.hexdigest()[:24]
+    if not (folder / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer  # imports torch: only the first time
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # written meanwhile by another process
+            pass
+    return folder

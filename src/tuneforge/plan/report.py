@@ -14,7 +14,7 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.stats import padding_waste
 from tuneforge.plan.advice import candidates, settings_warnings
-from tuneforge.plan.data import DataEstimate, data_estimate, load_tokenizer_quickly
+from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, trainable_params
 from tuneforge.plan.model import ModelInfo, model_info
@@ -147,14 +147,8 @@ def _tokenizer(info: ModelInfo, cfg: Config):
     if info.tokenizer_folder is not None:
         return load_tokenizer_quickly(info.tokenizer_folder, cfg.chat_template, cfg.trust_remote_code), ""
     if info.gguf is not None:
-        from transformers import AutoTokenizer
-
-        from tuneforge.data.template import resolve_chat_template
-
-        tokenizer = AutoTokenizer.from_pretrained(str(info.gguf.parent), gguf_file=info.gguf.name)
-        if cfg.chat_template != "auto" or tokenizer.chat_template:
-            tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
-        return tokenizer, ""
+        folder = gguf_tokenizer_folder(info.gguf)
+        return load_tokenizer_quickly(folder, cfg.chat_template, cfg.trust_remote_code), ""
     from tuneforge.models.resolve import BUILTIN_MODELS
 
     builtin = next(iter(BUILTIN_MODELS))
