@@ -48,6 +48,8 @@ from tuneforge.plan.calibration import Row, cpu_label, predict, to_markdown  # n
 BUILTIN = "smollm2-135m-instruct"
 ROWS = {
     "cpu": [
+        Row(BUILTIN, "lora", 4, 256, False, 0.0, "", chunked_loss=True),
+        Row(BUILTIN, "full", 2, 128, False, 0.0, "", chunked_loss=True),
         Row(BUILTIN, "lora", 2, 128, False, 0.0, ""),
         Row(BUILTIN, "lora", 4, 256, False, 0.0, ""),
         Row(BUILTIN, "lora", 4, 256, True, 0.0, ""),
@@ -61,6 +63,8 @@ ROWS = {
         Row("llama-3.2-1b", "qlora", 4, 2048, False, 0.0, ""),
         Row("llama-3.1-8b", "lora", 4, 2048, False, 0.0, ""),
         Row("llama-3.1-8b", "qlora", 4, 2048, False, 0.0, ""),
+        Row("llama-3.1-8b", "lora", 4, 2048, False, 0.0, "", chunked_loss=True),
+        Row("llama-3.1-8b", "qlora", 4, 2048, True, 0.0, "", chunked_loss=True),  # the 12 GiB goal
     ],
 }
 GPU_NAMES = (("H200", "H200"), ("H100", "H100-80GB"), ("L40S", "L40S"), ("A10G", "A10G"),
@@ -137,16 +141,19 @@ def warm_runtime(cfg, row: Row, device, dtype) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.models.load import attach_adapter
+    from tuneforge.fast import FastPath
+    from tuneforge.methods.sft import SFT
     from tuneforge.train.loop import accumulate_gradients, build_optimizer, optimizer_step
 
     tiny = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256)
-    model = attach_adapter(AutoModelForCausalLM.from_config(tiny).to(device), cfg)
+    model, _ = attach_adapter(AutoModelForCausalLM.from_config(tiny).to(device), cfg)
+    objective = SFT(None, 0, FastPath(chunked_loss=row.chunked_loss))
     if row.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = build_optimizer(model, cfg)
-    accumulate_gradients(model, [batch(replace(row, seq_len=min(row.seq_len, 128)), 256, 99)], device, dtype)
+    accumulate_gradients(objective, model, [batch(replace(row, seq_len=min(row.seq_len, 128)), 256, 99)], device, dtype)
     optimizer_step(optimizer, 1e-4, 1.0)
     del model, optimizer
     gc.collect()
@@ -163,6 +170,8 @@ def measure(row: Row, steps: int, threads: int | None, clock: str) -> dict:
     from tuneforge.config import config_from_dict
     from tuneforge.models.load import attach_adapter, load_model, pick_device, pick_dtype, weights_dtype
     from tuneforge.models.resolve import resolve_base_model
+    from tuneforge.fast import FastPath
+    from tuneforge.methods.sft import SFT
     from tuneforge.train.loop import accumulate_gradients, build_optimizer, optimizer_step
 
     torch.manual_seed(0)
@@ -177,7 +186,8 @@ def measure(row: Row, steps: int, threads: int | None, clock: str) -> dict:
         model = load_model(resolve_base_model(BUILTIN)[0], device, dtype=weights_dtype(cfg.adapter, dtype))
     else:
         model = random_model(row.model, weights_dtype(cfg.adapter, dtype), row.method == "qlora", device)
-    model = attach_adapter(model, cfg)
+    model, _ = attach_adapter(model, cfg)
+    objective = SFT(None, 0, FastPath(chunked_loss=row.chunked_loss))  # batches are collated below
     if row.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -193,7 +203,7 @@ def measure(row: Row, steps: int, threads: int | None, clock: str) -> dict:
     seconds = []
     for b in batches:
         t0 = now()
-        accumulate_gradients(model, [b], device, dtype)
+        accumulate_gradients(objective, model, [b], device, dtype)
         optimizer_step(optimizer, 1e-4, 1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -417,7 +417,7 @@ def test_preference_methods_plan_two_sequences_per_example(tmp_path):
     """A DPO micro-batch of 4 pairs runs 8 sequences: activations and logits double, steps per epoch do not."""
     from tuneforge.plan.report import settings_from_config
 
-    base = {"datasets": [{"path": "p.jsonl"}], "micro_batch_size": 4}
+    base = {"datasets": [{"path": "p.jsonl"}], "micro_batch_size": 4, "performance": "off"}
     sft, _ = settings_from_config(config_from_dict(base, base=tmp_path), 256, True)
     dpo, notes = settings_from_config(config_from_dict({**base, "method": "dpo"}, base=tmp_path), 256, True)
     assert (sft.rows, dpo.rows, dpo.micro_batch) == (1, 2, 4)
@@ -426,6 +426,21 @@ def test_preference_methods_plan_two_sequences_per_example(tmp_path):
     assert m_dpo.logits == pytest.approx(2 * m_sft.logits)
     assert m_dpo.activations > m_sft.activations
     assert any("reference model" in n for n in notes)
+
+
+def test_plan_counts_the_chunked_loss_that_the_run_will_use(tmp_path):
+    """SFT runs the chunked loss by default: one chunk of logits instead of all of them."""
+    from tuneforge.fast import default_chunk
+    from tuneforge.plan.report import settings_from_config
+
+    base = {"datasets": [{"path": "p.jsonl"}], "micro_batch_size": 4}
+    fast, _ = settings_from_config(config_from_dict(base, base=tmp_path), 2048, False)
+    plain, _ = settings_from_config(config_from_dict({**base, "performance": "off"}, base=tmp_path), 2048, False)
+    assert fast.chunked_loss and not plain.chunked_loss
+    shape = model_info("llama-3.1-8b").shape
+    chunk = default_chunk(shape.vocab)
+    assert memory(shape, fast, "bf16").logits == pytest.approx(chunk * shape.vocab * 8 + 4 * 2048 * shape.hidden * 4)
+    assert memory(shape, plain, "bf16").logits == pytest.approx(4 * 2048 * shape.vocab * 12)
 
 
 def test_a_gguf_models_tokenizer_is_read_once_then_from_a_folder(tmp_path, monkeypatch):
@@ -443,3 +458,19 @@ def test_a_gguf_models_tokenizer_is_read_once_then_from_a_folder(tmp_path, monke
     text = "Mei Haddad, 18, lives in Lisbon. <|im_end|> ünïcode"
     original = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     assert AutoTokenizer.from_pretrained(str(folder))(text).input_ids == original(text).input_ids
+
+
+def test_plan_never_imports_torch():
+    """torch's import alone is a second on a small machine: plan answers from shapes and token counts."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; from tuneforge.cli import main; main(['plan', 'examples/quickstart.yaml']); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    # The first run for a model may need transformers' tokenizer-class lookup (which imports torch);
+    # plan remembers its answer, and from the second run on, torch stays out.
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "no torch"

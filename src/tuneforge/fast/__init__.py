@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+
+CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk of the chunked loss
+
+
+def default_chunk(vocab_size: int) -> int:
+    """Positions per chunk of the chunked loss (fast/chunked_loss.py): 256 MiB of fp32 logits."""
+    return max(64, CHUNK_BYTES // (4 * vocab_size))
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class FastPath:
 def pair_cost(model) -> float:
     """Per query-key pair, attention does 4 x layers x hidden multiply-adds (scores and values); per
     token the weights do 2 x their size. The embedding table is a lookup, not a product."""
+    import torch
+
     config = model.config
     embedded = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     weights = sum(p.numel() for p in model.parameters()) - embedded

@@ -12,12 +12,8 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.template import IGNORE_INDEX
+from tuneforge.fast import default_chunk
 
-CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk
-
-
-def default_chunk(vocab_size: int) -> int:
-    return max(64, CHUNK_BYTES // (4 * vocab_size))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

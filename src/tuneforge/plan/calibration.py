@@ -36,6 +36,7 @@ class Row:
     device: str  # a GPU table name, or "CPU {cores}x{flops per cycle}@{GHz}GHz"
     peak_mib: float | None = None
     tokens_per_s: float | None = None
+    chunked_loss: bool = False  # the loss column: "chunked" or "full" (logits)
 
 
 def cpu_label(cores: int, per_cycle: int, ghz: float) -> str:
@@ -62,7 +63,7 @@ def shape_for(model: str) -> ModelShape:
 def settings_for(row: Row) -> Settings:
     """A calibration run trains every linear layer with r=16 LoRA (QLoRA: NF4, double quantised)."""
     return Settings(method=row.method, micro_batch=row.micro_batch, seq_len=row.seq_len,
-                    checkpointing=row.checkpointing, padded=row.padding > 0)
+                    checkpointing=row.checkpointing, padded=row.padding > 0, chunked_loss=row.chunked_loss)
 
 
 def predict(row: Row, shape: ModelShape | None = None) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def predict(row: Row, shape: ModelShape | None = None) -> tuple[float, float]:
     return peak / MIB, speed(shape, s, device, compute, row.seq_len, row.padding).tokens_per_second
 
 
-HEADER = ("model", "method", "micro_batch", "seq_len", "checkpointing", "padding", "device",
+HEADER = ("model", "method", "micro_batch", "seq_len", "checkpointing", "padding", "loss", "device",
           "measured peak MiB", "predicted peak MiB", "measured tokens/s", "predicted tokens/s")
 
 
@@ -85,7 +86,8 @@ def to_markdown(rows: list[Row], predictions: list[tuple[float, float]]) -> str:
         measured_peak = "not yet measured" if row.peak_mib is None else f"{row.peak_mib:.0f}"
         measured_tps = "not yet measured" if row.tokens_per_s is None else f"{row.tokens_per_s:.1f}"
         lines.append(f"| {row.model} | {row.method} | {row.micro_batch} | {row.seq_len} | "
-                     f"{'on' if row.checkpointing else 'off'} | {row.padding:.3f} | {row.device} | "
+                     f"{'on' if row.checkpointing else 'off'} | {row.padding:.3f} | "
+                     f"{'chunked' if row.chunked_loss else 'full'} | {row.device} | "
                      f"{measured_peak} | {peak:.0f} | {measured_tps} | {tps:.1f} |")
     return "\n".join(lines)
 
@@ -111,7 +113,7 @@ def parse_markdown(text: str) -> list[Row]:
             continue
         if set(line.replace("|", "").strip()) <= {"-", ":"}:
             continue
-        model, method, mb, seq, ckpt, padding, device, peak, _, tps, _ = cells
+        model, method, mb, seq, ckpt, padding, loss, device, peak, _, tps, _ = cells
         rows.append(Row(model, method, int(mb), int(seq), ckpt == "on", float(padding), device,
-                        _number(peak), _number(tps)))
+                        _number(peak), _number(tps), loss == "chunked"))
     return rows

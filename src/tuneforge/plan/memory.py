@@ -41,6 +41,7 @@ class Settings:
     checkpointing: bool = False
     precision: str = "auto"  # the config's: auto | bf16 | fp16 | fp32
     padded: bool = True  # batches carry a padding mask (examples differ in length)
+    chunked_loss: bool = False  # performance.chunked_loss: the output layer a chunk of positions at a time
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,14 @@ def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
 
 
 def logits_memory(shape: ModelShape, s: Settings) -> float:
-    return s.micro_batch * s.rows * s.seq_len * shape.vocab * LOGIT_BYTES
+    """The logits and their fp32 loss copies; with the chunked loss, one chunk's fp32 logits and
+    softmax, and the gradient of every position's hidden state, which the chunks leave behind."""
+    positions = s.micro_batch * s.rows * s.seq_len
+    if not s.chunked_loss:
+        return positions * shape.vocab * LOGIT_BYTES
+    from tuneforge.fast import default_chunk
+
+    return min(positions, default_chunk(shape.vocab)) * shape.vocab * 8.0 + positions * shape.hidden * 4.0
 
 
 def memory(shape: ModelShape, s: Settings, compute: str) -> Memory:
