@@ -49,8 +49,11 @@ PREFERENCE = {
     "ddp_dpo_pre": ("ddp", "dpo", {"dpo": {"precompute_reference": True}}),  # rank 0 writes, rank 1 reads
     "fsdp_dpo_stop": ("fsdp", "dpo", {**STOP, "evaluation": {"before_after": True}}),
     "ddp_kto_stop": ("ddp", "kto", STOP),
+    "fsdp_kto": ("fsdp", "kto", {}),
     "ddp_reward": ("ddp", "reward", {}),
+    "fsdp_reward": ("fsdp", "reward", {}),
     "ddp_orpo": ("ddp", "orpo", {}),
+    "fsdp_simpo": ("fsdp", "simpo", {}),
 }
 
 
