@@ -40,6 +40,21 @@ SCENARIOS = {  # name: (strategy, adapter, steps)
     "fsdp_qlora": ("fsdp", "qlora", 2),  # 4-bit weights stored as fp32 and sharded (R-DIST-3)
 }
 REFERENCES = {"lora": 4, "full": 3, "qlora": 2}  # single-process runs: adapter -> steps
+# Preference objectives with LoRA (the reference is the adapter-disabled model, reached through the DDP
+# wrapper or the FSDP root): name -> (strategy, method, extra config). Each is compared with a one-process
+# run of the same config. The *_stop runs evaluate every 2 steps and stop early at step 4 (no improvement
+# of 100 or more), so final/ holds step 2's weights, saved and reloaded by every process.
+STOP = {"validation": {"path": "VAL"}, "eval_every": 2, "early_stopping": {"patience": 1, "min_delta": 100.0}}
+PREFERENCE = {
+    "ddp_dpo_pre": ("ddp", "dpo", {"dpo": {"precompute_reference": True}}),  # rank 0 writes, rank 1 reads
+    "fsdp_dpo_stop": ("fsdp", "dpo", {**STOP, "evaluation": {"before_after": True}}),
+    "ddp_kto_stop": ("ddp", "kto", STOP),
+    "fsdp_kto": ("fsdp", "kto", {}),
+    "ddp_reward": ("ddp", "reward", {}),
+    "fsdp_reward": ("fsdp", "reward", {}),
+    "ddp_orpo": ("ddp", "orpo", {}),
+    "fsdp_simpo": ("fsdp", "simpo", {}),
+}
 
 
 def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapter: str = "lora", steps: int = 4,
@@ -58,6 +73,29 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
     }
 
 
+def preference_config(root: Path, model: Path, name: str, strategy: str = "none") -> dict:
+    _, method, extra = PREFERENCE[name]
+    data = "kto" if method == "kto" else "pairs"
+    # A smaller step than SFT's: Adam moves a weight whose gradient is near zero (keys of a 2-layer model) by
+    # about the learning rate whatever the gradient's last bits, which the order of the sum over processes sets.
+    extra = {**extra, "method": method, "datasets": [{"path": str(root / f"{data}.jsonl")}], "learning_rate": 1e-3}
+    if "validation" in extra:
+        extra["validation"] = {"path": str(root / f"{data}_val.jsonl")}
+    return raw_config(root, model, name if strategy != "none" else f"ref_{name}", strategy, **extra)
+
+
+def write_preference_data(root: Path) -> None:
+    # Answers that share no tokens: near-identical ones (blue/red) give gradients that nearly cancel, whose
+    # last bits Adam's first steps blow up (a single process split into other micro-batches differs by 1e-4).
+    pairs = [{"prompt": f"Which colour is item {i}?", "chosen": "Blue.", "rejected": f"Item {i} might be red or green."}
+             for i in range(26)]
+    kto = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 3 else p["rejected"], "label": bool(i % 3)}
+           for i, p in enumerate(pairs)]
+    for name, records in (("pairs", pairs), ("kto", kto)):
+        write_jsonl(root / f"{name}.jsonl", records[:22])
+        write_jsonl(root / f"{name}_val.jsonl", records[22:])
+
+
 def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
            "HF_HUB_OFFLINE": "1"}
@@ -70,6 +108,7 @@ def runs(tmp_path_factory, tiny_models):
     """Every 2-process scenario in one launch, and the single-process runs they must equal."""
     root = tmp_path_factory.mktemp("dist")
     write_jsonl(root / "train.jsonl", memorise_records(22))
+    write_preference_data(root)
     model = tiny_models["llama"]
     cut = raw_config(root, model, "cut", "fsdp", save_every=2, keep_last=3)
     spec = {
@@ -79,12 +118,15 @@ def runs(tmp_path_factory, tiny_models):
             {"config": {**cut, "output_dir": str(root / "cut_ddp"), "distributed": {"strategy": "ddp"}},
              "resume": True, "copy_from": str(root / "cut")},
             {"config": raw_config(root, model, "ddp_fast", "ddp", performance="auto")},  # chunked loss on
-        ],
+        ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
         "reload": {"config": raw_config(root, model, "reload", "fsdp"),
                    "checkpoint": str(root / "cut" / "checkpoints" / "step-2"), "out": str(root / "reload.safetensors")},
     }
     (root / "spec.json").write_text(json.dumps(spec))
+    # A cache of this launch's own, so rank 0 computes the precomputed reference log-probs (not an earlier run).
+    saved_cache = os.environ.get("TUNEFORGE_CACHE")
+    os.environ["TUNEFORGE_CACHE"] = str(root / "cache")
     t0 = time.perf_counter()
     proc = torchrun([str(ROOT / "tests" / "dist_scenarios.py"), str(root / "spec.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -92,9 +134,15 @@ def runs(tmp_path_factory, tiny_models):
     for adapter, steps in REFERENCES.items():
         train(config_from_dict(raw_config(root, model, f"ref_{adapter}", adapter=adapter, steps=steps)), reporter=QUIET)
     train(config_from_dict(raw_config(root, model, "ref_fast", performance="auto")), reporter=QUIET)
+    for name in PREFERENCE:
+        train(config_from_dict(preference_config(root, model, name)), reporter=QUIET)
     shutil.copytree(root / "cut", root / "cut_one")  # before resuming it, keep the 2-process checkpoint as saved
     train(config_from_dict({**cut, "output_dir": str(root / "cut_one")}), resume=True, reporter=QUIET)
-    return {"root": root, "model": model, "launch_s": launch_s}
+    yield {"root": root, "model": model, "launch_s": launch_s}
+    if saved_cache is None:
+        os.environ.pop("TUNEFORGE_CACHE")
+    else:
+        os.environ["TUNEFORGE_CACHE"] = saved_cache
 
 
 def final_weights(run_dir: Path, adapter: str) -> dict[str, torch.Tensor]:
@@ -124,6 +172,36 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs, name):
     assert_same_run(runs["root"] / name, runs["root"] / f"ref_{adapter}", adapter)
     manifest = json.loads((runs["root"] / name / "run.json").read_text())
     assert manifest["distributed"] == {"processes": 2, "strategy": SCENARIOS[name][0], "global_batch": 8}
+
+
+STATISTICS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds", "val_")
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE))
+def test_preference_objectives_on_two_processes_equal_one(runs, name):
+    """DPO, KTO, ORPO and reward models on 2 processes: per-step losses, gradient norms, final weights and the
+    logged statistics (summed over processes: accuracies, margins, KL) equal the single-process run's."""
+    root = runs["root"]
+    assert_same_run(root / name, root / f"ref_{name}", "lora")
+    got, want = read_metrics(root / name / "metrics.jsonl"), read_metrics(root / f"ref_{name}" / "metrics.jsonl")
+    for a, b in zip(got, want):
+        keys = {k for k in b if k.startswith(STATISTICS)}
+        assert keys and keys == {k for k in a if k.startswith(STATISTICS)}
+        for k in keys:
+            assert abs(a[k] - b[k]) <= TOL * max(1.0, abs(b[k])), (a["step"], k, a[k], b[k])
+    manifest, ref = (json.loads((root / run / "run.json").read_text()) for run in (name, f"ref_{name}"))
+    if name == "ddp_dpo_pre":  # computed once, by rank 0; rank 1 and the one-process run read it
+        [table] = (root / "cache" / "reference_logps").iterdir()
+        assert table.suffix == ".npz"
+    assert manifest["distributed"]["strategy"] == PREFERENCE[name][0]
+    if "early_stopping" in PREFERENCE[name][2]:  # one decision on every process; final/ is step 2's weights
+        assert manifest["early_stopped"]["step"] == ref["early_stopped"]["step"] == 2
+        assert [m["step"] for m in got][-1] == 4
+    for key in ("eval_before", "eval_after"):
+        if ref[key] is not None:
+            assert set(manifest[key]) == set(ref[key])
+            for k, v in ref[key].items():
+                assert manifest[key][k] == pytest.approx(v, abs=TOL), (key, k)
 
 
 def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):
@@ -241,8 +319,22 @@ def test_batch_settings_that_do_not_divide_are_config_errors(tmp_path, tiny_mode
 
 def test_distributed_config_rules(tmp_path, tiny_models):
     raw = raw_config(tmp_path, tiny_models["llama"], "x", "fsdp")
-    with pytest.raises(ConfigError, match="method: dpo does not run on several processes"):
-        config_from_dict({**raw, "method": "dpo"})
+    ddp = {**raw, "distributed": {"strategy": "ddp"}}
+    for method in ("dpo", "orpo", "simpo", "kto", "reward"):  # LoRA: the reference is the adapter-disabled model
+        assert config_from_dict({**raw, "method": method}).method == method
+    assert config_from_dict({**raw, "early_stopping": {"patience": 2}, "validation": {"split": 0.1}, "eval_every": 2})
+    # What is left, each refusal naming its key.
+    with pytest.raises(ConfigError, match="method: grpo does not run on several processes"):
+        config_from_dict({**ddp, "method": "grpo", "grpo": {"rewards": [{"function": "exact_match"}]}})
+    with pytest.raises(ConfigError, match="lora.init: pissa is not supported on several processes"):
+        config_from_dict({**ddp, "lora": {"init": "pissa"}})
+    # A full fine-tune's frozen reference copy is not sharded by FSDP: precompute it, or use DDP.
+    with pytest.raises(ConfigError, match="method: dpo with adapter: full .* set dpo.precompute_reference: true"):
+        config_from_dict({**raw, "method": "dpo", "adapter": "full"})
+    with pytest.raises(ConfigError, match="method: kto with adapter: full .* distributed.strategy: ddp"):
+        config_from_dict({**raw, "method": "kto", "adapter": "full"})
+    assert config_from_dict({**raw, "method": "dpo", "adapter": "full", "dpo": {"precompute_reference": True}})
+    assert config_from_dict({**ddp, "method": "kto", "adapter": "full"})
     # R-DIST-3: QLoRA under FSDP stores the 4-bit weights in the compute dtype, set by validation.
     cfg = config_from_dict({**raw, "adapter": "qlora"})
     assert cfg.quantization.storage == "compute"

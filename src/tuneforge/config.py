@@ -518,7 +518,7 @@ class Config(_Strict):
     def _distributed(self) -> "Config":
         strategy = self.distributed.strategy
         if strategy in ("ddp", "fsdp"):
-            check_distributable(self, f"distributed.strategy: {strategy}")
+            check_distributable(self, f"distributed.strategy: {strategy}", strategy)
         if strategy == "fsdp" and self.adapter == "qlora":
             # R-DIST-3: FSDP shards every weight of a layer as one dtype, so the packed 4-bit weights are
             # stored in the compute dtype instead of uint8, set here rather than failing while loading.
@@ -535,14 +535,28 @@ class Config(_Strict):
         return self
 
 
-def check_distributable(cfg: Config, why: str) -> None:
-    """What several processes cannot train yet; `why` names what asked for them (a key or the launch)."""
-    if cfg.method != "sft":
-        raise ValueError(f"method: {cfg.method} does not run on several processes yet ({why}); only sft does. "
-                         "Train it with one process (distributed.strategy: none, no --nproc)")
-    if cfg.early_stopping is not None:
-        raise ValueError(f"early_stopping is not supported on several processes yet ({why}); remove it or "
-                         "train with one process")
+def frozen_reference(cfg: Config) -> bool:
+    """Whether the method compares against a second, frozen copy of the base model: full fine-tuning
+    of KTO, or of DPO without precomputed or uniform reference log-probs (LoRA switches its adapter off)."""
+    if cfg.adapter != "full":
+        return False
+    if cfg.method == "dpo":
+        return not (cfg.dpo.reference_free or cfg.dpo.precompute_reference)
+    return cfg.method == "kto" or (cfg.method == "grpo" and cfg.grpo.beta > 0)
+
+
+def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
+    """What several processes cannot train yet; `why` names what asked for them (a key or the launch),
+    `strategy` the distributed.strategy chosen (auto: not known yet)."""
+    if cfg.method == "grpo":
+        raise ValueError(f"method: grpo does not run on several processes yet ({why}): its sampling is not "
+                         "shared between them. Train it with one process (distributed.strategy: none, no --nproc)")
+    if strategy == "fsdp" and frozen_reference(cfg):
+        fix = ("set dpo.precompute_reference: true (the reference log-probs are computed once before training), "
+               if cfg.method == "dpo" else "")
+        raise ValueError(f"method: {cfg.method} with adapter: full compares against a frozen copy of the base model, "
+                         f"which distributed.strategy: fsdp does not shard ({why}); {fix}use adapter: lora (the "
+                         "reference is the adapter-disabled model), or distributed.strategy: ddp")
     if cfg.lora.changes_base and cfg.adapter != "full":
         raise ValueError(f"lora.init: {cfg.lora.init} is not supported on several processes yet ({why}); use "
                          "lora.init: default or gaussian, or train with one process")

@@ -40,7 +40,8 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
     head = "score" if cfg.method == "reward" else "causal_lm"
-    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=head)
+    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=head,
+                       pad_token_id=tokenizer.pad_token_id)
     measure = _measure(cfg, model, tokenizer, data, device, dtype)
     before = measure(model, model)
     if run is None:
@@ -50,7 +51,8 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
 
         tuned = PeftModel.from_pretrained(model, str(run.final))
         return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
-    return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=head), model)
+    return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=head,
+                                      pad_token_id=tokenizer.pad_token_id), model)
 
 
 def _measure(cfg, base, tokenizer, data, device, dtype):

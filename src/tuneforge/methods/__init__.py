@@ -113,9 +113,9 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
     masks = [b["attention_mask"] for b in prepared[:counted]]
     totals: dict[str, int] = {"input_tokens": sum(int(m.sum()) for m in masks),
                               "input_positions": sum(m.numel() for m in masks)}
-    for batch in prepared[:counted]:
+    for i, batch in enumerate(prepared):  # fillers count 0, but name the same units on every process
         for unit, n in objective.units(batch).items():
-            totals[unit] = totals.get(unit, 0) + n
+            totals[unit] = totals.get(unit, 0) + (n if i < counted else 0)
     totals = world.sum(totals)
     loss_sum, sums = 0.0, {}
     for i, batch in enumerate(prepared):

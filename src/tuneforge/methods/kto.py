@@ -95,13 +95,13 @@ class KTO:
         good = batch["desirable"]
         losses = kto_losses(ratios[good], ratios[~good], kl, s.beta, s.desirable_weight, s.undesirable_weight)
         c, r = s.beta * ratios[good].detach(), s.beta * ratios[~good].detach()
-        stats = {"kl": (kl.item(), 1.0)}
-        if c.numel():
-            stats["rewards/chosen"] = (c.sum().item(), float(c.numel()))
-            stats["logps/chosen"] = (logps[good].detach().sum().item(), float(c.numel()))
-        if r.numel():
-            stats["rewards/rejected"] = (r.sum().item(), float(r.numel()))
-            stats["logps/rejected"] = (logps[~good].detach().sum().item(), float(r.numel()))
+        # Every key every time (a count of 0 when a micro-batch lacks one kind): the processes sum the
+        # same keys, and a statistic with no examples anywhere is left out of the step's record.
+        stats = {"kl": (kl.item(), 1.0),
+                 "rewards/chosen": (c.sum().item(), float(c.numel())),
+                 "logps/chosen": (logps[good].detach().sum().item(), float(c.numel())),
+                 "rewards/rejected": (r.sum().item(), float(r.numel())),
+                 "logps/rejected": (logps[~good].detach().sum().item(), float(r.numel()))}
         return losses.sum() / totals["examples"], stats
 
 

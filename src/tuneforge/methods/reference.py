@@ -16,6 +16,8 @@ import torch
 from peft import PeftModel
 
 from tuneforge.methods.logps import sequence_logps
+from tuneforge.parallel.apply import unwrap
+from tuneforge.parallel.world import SINGLE, World
 
 
 class Reference:
@@ -29,12 +31,14 @@ class Reference:
 
     @contextlib.contextmanager
     def model(self, policy):
-        """The model that gives reference log-probs, under no_grad."""
+        """The model that gives reference log-probs, under no_grad. The adapter is switched off on the
+        PEFT model inside a DDP wrapper, but the forward still goes through the policy as given: under
+        FSDP that is the sharded root, whose hooks gather each layer's weights."""
         with torch.no_grad():
             if self.frozen is not None:
                 yield self.frozen
-            elif isinstance(policy, PeftModel):
-                with policy.disable_adapter():
+            elif isinstance(unwrap(policy), PeftModel):
+                with unwrap(policy).disable_adapter():
                     yield policy
             else:
                 raise RuntimeError("no reference model: full fine-tuning needs a frozen copy or precomputed log-probs")
@@ -72,7 +76,7 @@ def precompute_cache_path(cache_root: Path, model_hash: str, data_key: str) -> P
     return cache_root / "reference_logps" / f"{key}.npz"
 
 
-def make_reference(cfg, model, folder: Path, data, tokenizer, device, dtype, rep) -> Reference:
+def make_reference(cfg, model, folder: Path, data, tokenizer, device, dtype, rep, world: World = SINGLE) -> Reference:
     """The reference for this run. Called before the adapter is attached, while `model` is still the base."""
     from tuneforge.methods import build_objective
     from tuneforge.models.load import load_model, weights_dtype
@@ -86,26 +90,35 @@ def make_reference(cfg, model, folder: Path, data, tokenizer, device, dtype, rep
     reference = Reference(frozen, free=free)
     if precompute:
         objective = build_objective(cfg, data, tokenizer.pad_token_id)
-        reference.tables = precomputed_reference(model, objective, folder, data, cfg, tokenizer, device, dtype, rep)
+        reference.tables = precomputed_reference(model, objective, folder, data, cfg, tokenizer, device, dtype, rep,
+                                                 world)
     return reference
 
 
 @torch.no_grad()
-def precomputed_reference(model, objective, folder: Path, data, cfg, tokenizer, device, dtype, rep) -> dict[str, np.ndarray]:
+def precomputed_reference(model, objective, folder: Path, data, cfg, tokenizer, device, dtype, rep,
+                          world: World = SINGLE) -> dict[str, np.ndarray]:
     """Reference log-probs of every training and validation pair, computed once with the base model (R-PREF-1).
 
     Cached on disk by (weights hash, prepared-data key, precision), so a second run of the same
-    data on the same model skips the pass.
+    data on the same model skips the pass. On several processes rank 0 computes them and the others
+    wait for its file, then read it, as they do for the prepared data (R-DIST-4): every process
+    trains against the same numbers.
     """
     from tuneforge.data.dataset import cache_key
     from tuneforge.models.resolve import cache_root
 
     path = precompute_cache_path(cache_root(), weights_fingerprint(folder),
                                  f"{cache_key(cfg, tokenizer, data.file_hashes)}:{dtype}")
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as saved:
-            rep.note(f"Reference log-probs: precomputed, read from {path}")
-            return dict(saved)
+    with world.main_first(ready=path.is_file):
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as saved:
+                rep.note(f"Reference log-probs: precomputed, read from {path}")
+                return dict(saved)
+        return _compute_tables(model, objective, data, cfg, device, dtype, rep, path)
+
+
+def _compute_tables(model, objective, data, cfg, device, dtype, rep, path: Path) -> dict[str, np.ndarray]:
     rep.note(f"Reference log-probs: computing them for {len(data.train)} pairs before training...")
     from tuneforge.methods import on_validation
 

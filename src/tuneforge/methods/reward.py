@@ -6,20 +6,28 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.methods.pairs import PairObjective, Stats, halves
+from tuneforge.parallel.apply import unwrap
 
 
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The score head's output at each row's last real token (rows are right-padded).
 
-    Picked by position from the attention mask, not by comparing ids with the pad id, which
-    would misplace the score when the pad token is also the end-of-turn token.
+    Picked by position from the attention mask, not by comparing ids with the pad id (as the model's
+    own pooling does), which would misplace the score when the pad token is also the end-of-turn token.
+    The model runs its own forward, through any DDP wrapper or FSDP root whose hooks must see it; the
+    head's per-position scores are taken from it on the way.
     """
-    seqcls = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(seqcls, seqcls.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    inner = unwrap(model)
+    seqcls = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    scores = []
+    hook = seqcls.score.register_forward_hook(lambda _module, _inputs, out: scores.append(out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        hook.remove()
+    per_position = scores[-1].squeeze(-1)
     last = batch["attention_mask"].sum(-1) - 1
-    picked = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-    return seqcls.score(picked).squeeze(-1).float()
+    return per_position[torch.arange(per_position.size(0), device=per_position.device), last].float()
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, center_coefficient: float | None) -> torch.Tensor:

@@ -67,9 +67,10 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
 
 
 def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: QuantizationConfig | None = None, head: str = "causal_lm"):
+               quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
     """The base in `dtype` (its linear layers quantized for QLoRA), with its language-model head or,
-    for reward models, a one-output score head."""
+    for reward models, a one-output score head; `pad_token_id` (the tokenizer's) fills a config without
+    one, since the score head's own forward refuses batches of several rows otherwise."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if quantization is not None:
@@ -81,6 +82,8 @@ def load_model(folder: Path, device: torch.device, trust_remote_code: bool = Fal
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(folder), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = pad_token_id
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -59,12 +59,15 @@ def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float3
     """(model, tokenizer): the base with the adapter on top (a QLoRA run's base quantized as in training),
     or the fully tuned weights."""
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
+    head = "score" if run.config.method == "reward" else "causal_lm"
     if run.is_adapter:
         from peft import PeftModel
 
-        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype, run.config.quantization)
+        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype, run.config.quantization,
+                          head, tokenizer.pad_token_id)
         model = PeftModel.from_pretrained(base, str(run.final))
     else:
-        model = load_model(run.final, device, run.config.trust_remote_code, dtype)
+        model = load_model(run.final, device, run.config.trust_remote_code, dtype, head=head,
+                           pad_token_id=tokenizer.pad_token_id)
     model.eval()
     return model, tokenizer

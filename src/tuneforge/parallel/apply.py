@@ -54,6 +54,15 @@ def choose_strategy(cfg, world: World, device: torch.device, folder: Path) -> st
     return "fsdp" if peak is not None and peak > FIT_SHARE * total else "ddp"
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper, for its own attributes (disable_adapter,
+    get_base_model, ...); any other model as it is (FSDP2 shards in place, so there is nothing to unwrap).
+    Forward passes that train still go through the wrapper, whose hooks must see them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks (model.layers.N and the like), each of which FSDP shards as one unit."""
     return [m for name, m in model.named_modules() if _DECODER_LAYER.search(name)]

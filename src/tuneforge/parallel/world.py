@@ -71,6 +71,14 @@ class World:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every process (small Python values only): one decision for all of them."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     @property
     def collective_device(self) -> torch.device:
         """Where tensors for collectives live: the GPU under nccl, the CPU under gloo."""

@@ -180,6 +180,14 @@ def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan) -> None:
             f"{saved_per_step * saved_mbs} so that any number of processes takes the same steps")
 
 
+def _check_distributable(cfg: Config, world: World, strategy: str) -> None:
+    if world.distributed:
+        try:
+            check_distributable(cfg, f"{world.size} processes", strategy)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def _quantization_for(cfg: Config, strategy: str):
     """R-DIST-3: FSDP chosen by `auto` stores 4-bit weights in the compute dtype, as an explicit fsdp does."""
     q = cfg.quantization
@@ -200,11 +208,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep = reporter or Reporter()
     if not world.main:
         rep = Reporter(quiet=True)  # one voice: rank 0 prints, the others only raise
-    if world.distributed:
-        try:
-            check_distributable(cfg, f"{world.size} processes")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    _check_distributable(cfg, world, cfg.distributed.strategy)
     started = now()
     run_dir = Path(cfg.output_dir)
     ckpt = _check_output_dir(run_dir, resume)
@@ -226,17 +230,18 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
     dtype = pick_dtype(cfg.precision, device)
     strategy = choose_strategy(cfg, world, device, folder)
+    _check_distributable(cfg, world, strategy)  # what auto chose may refuse what it allows
     seed_everything(cfg.seed)
     head = "score" if cfg.method == "reward" else "causal_lm"
     model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
-                       _quantization_for(cfg, strategy), head)
+                       _quantization_for(cfg, strategy), head, tokenizer.pad_token_id)
     if head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
     loss_info = resolved_loss(cfg)
     rep.note("Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()))
 
-    reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep) if needs_reference(cfg) else None
+    reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep, world) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd()}
     fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp")
@@ -339,10 +344,13 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             step += 1
             last_loss = loss
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
-                last_val = _validation(cfg, model, data, objective, pad, device, dtype)
+                # Every process evaluates (FSDP needs them all for each forward); rank 0's numbers are the
+                # ones all of them act on, so early stopping takes one decision.
+                last_val = world.broadcast(_validation(cfg, model, data, objective, pad, device, dtype))
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
                 if watch.after_eval(record) == "best":
-                    save_best(run_dir, model, step, cfg.early_stopping.metric, record[cfg.early_stopping.metric])
+                    save_best(run_dir, model, step, cfg.early_stopping.metric, record[cfg.early_stopping.metric],
+                              world, adapter=cfg.adapter != "full")
                 watchdog.pet("evaluation")
             tracking.log(record)
             rep.step(record)

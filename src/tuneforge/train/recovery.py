@@ -16,26 +16,39 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneforge.parallel.checkpoint import gather_for_save
+from tuneforge.parallel.world import SINGLE, World
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, trainable_parameters
 
 
-def save_best(run_dir: Path, model, step: int, metric: str, value: float) -> Path:
+def save_best(run_dir: Path, model, step: int, metric: str, value: float, world: World = SINGLE,
+              adapter: bool = True) -> Path:
+    """On several processes every one takes part (FSDP gathers the shards into whole tensors), rank 0
+    writes, and the others wait until it has."""
     folder, tmp = run_dir / "best", run_dir / ".tmp-best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)}, tmp / "trainable.safetensors")
-    (tmp / "best.json").write_text(json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    gathered = gather_for_save(model, adapter)  # None unless sharded
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = gathered if gathered is not None else {n: p.detach() for n, p in trainable_parameters(model)}
+        save_file({n: t.cpu().contiguous() for n, t in tensors.items()}, tmp / "trainable.safetensors")
+        (tmp / "best.json").write_text(json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    world.barrier()
     return folder
 
 
 def load_best(run_dir: Path, model) -> dict:
-    """Put the best weights back into the model; returns best.json (step, metric, value)."""
+    """Put the best weights back into the model (each FSDP process its shard of them); returns
+    best.json (step, metric, value)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     weights = load_file(run_dir / "best" / "trainable.safetensors")
     with torch.no_grad():
         for name, p in trainable_parameters(model):
-            p.copy_(weights[name].to(p.device, p.dtype))
+            whole = weights[name].to(p.device, p.dtype)
+            p.copy_(distribute_tensor(whole, p.device_mesh, p.placements) if isinstance(p, DTensor) else whole)
     return json.loads((run_dir / "best" / "best.json").read_text())
 
 
