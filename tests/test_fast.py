@@ -14,6 +14,7 @@ from tuneforge.data.dataset import prepare_data
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath, pair_cost, resolve
 from tuneforge.fast.causal_lm import output_layer
+from tuneforge.fast.chunked_logps import label_logps
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
 from tuneforge.methods.sft import SFT
@@ -166,4 +167,48 @@ def test_performance_settings():
     assert resolve(config_from_dict({**base, "performance": {"mode": "off", "chunked_loss": True}})) == \
         FastPath(chunked_loss=True)
     dpo = resolve(config_from_dict({**base, "method": "dpo"}))
-    assert not dpo.padding_free and not dpo.chunked_loss  # preference objectives read padded pairs
+    assert not dpo.padding_free and dpo.chunked_loss  # pairs stay padded; their log-probs go through chunks
+    assert not resolve(config_from_dict({**base, "method": "orpo"})).chunked_loss  # its NLL reads whole logits
+    assert not resolve(config_from_dict(base), model=None, sharded=True).chunked_loss  # FSDP
+
+
+@pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (3.0, 0.7)])
+def test_chunked_label_logps_equal_log_softmax_and_its_gradients(softcap, temperature):
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(29, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 29, (13,))
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    full = torch.log_softmax(logits / temperature, -1).gather(1, labels[:, None]).squeeze(1)
+    chunked = label_logps(hidden, weight, labels, 4, softcap, temperature)
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-12)
+    g = torch.randn(13, dtype=torch.float64)  # each position's gradient differs, as in DPO or GRPO
+    for a, b in zip(torch.autograd.grad((g * full).sum(), (hidden, weight)),
+                    torch.autograd.grad((g * chunked).sum(), (hidden, weight))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h, w: label_logps(h, w, labels[:6], 4, softcap, temperature),
+                                    (hidden[:6].detach().requires_grad_(), weight.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_runs_give_the_same_losses_with_chunked_log_probs(tmp_path, tiny_models, method):
+    from conftest import write_jsonl
+    from test_preference import preference_records
+
+    records = preference_records(16)
+    if method == "kto":  # each answer alone, labelled desirable or not
+        records = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 else r["rejected"], "label": bool(i % 2)}
+                   for i, r in enumerate(records)]
+    data_file = write_jsonl(tmp_path / "pref.jsonl", records)
+    logged = {}
+    for mode in ("off", "auto"):
+        cfg = make_cfg(tmp_path, tiny_models["llama"], out=mode, method=method, datasets=[{"path": str(data_file)}],
+                       validation=None, max_steps=3, performance=mode, learning_rate=1e-3,
+                       **{"lora.dropout": 0.0, "evaluation.before_after": False})
+        assert train(cfg, reporter=QUIET)["performance"]["chunked_loss"] == (mode == "auto")
+        logged[mode] = read_metrics(tmp_path / mode / "metrics.jsonl")
+    for off, on in zip(logged["off"], logged["auto"]):
+        assert on["loss"] == pytest.approx(off["loss"], abs=1e-5)
+        assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-4)

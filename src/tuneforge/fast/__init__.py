@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Objectives whose loss reads the output layer in chunks (ORPO's NLL over prompts and the reward
+# model's score head read whole logits or no logits).
+CHUNKED_METHODS = ("sft", "dpo", "simpo", "kto", "grpo")
 CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk of the chunked loss
 
 
@@ -53,14 +56,15 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) ->
     where FSDP holds only this process's shard of it."""
     perf = cfg.performance
     on = perf.mode != "off"
-    sft = cfg.method == "sft"  # the objectives that read padding-free rows and chunked losses so far
+    sft = cfg.method == "sft"  # the one objective that reads padding-free rows
+    chunks = cfg.method in CHUNKED_METHODS
 
     def pick(value: bool | None) -> bool:
         return on if value is None else value
 
     return FastPath(
         padding_free=sft and pick(perf.padding_free),
-        chunked_loss=sft and not sharded and pick(perf.chunked_loss),
+        chunked_loss=chunks and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",

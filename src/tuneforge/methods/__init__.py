@@ -27,7 +27,9 @@ def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online)
     if cfg.method == "grpo":
         from tuneforge.methods.grpo import GRPO
 
-        return GRPO(cfg.grpo, data, pad_id, reference, **online)
+        objective = GRPO(cfg.grpo, data, pad_id, reference, **online)
+        objective.chunked = bool(fast and fast.chunked_loss)
+        return objective
     from tuneforge.methods.dpo import DPO
     from tuneforge.methods.kto import KTO
     from tuneforge.methods.orpo import ORPO
@@ -35,7 +37,9 @@ def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online)
     from tuneforge.methods.simpo import SimPO
 
     kind = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO, "reward": Reward}[cfg.method]
-    return kind(getattr(cfg, cfg.method), data, pad_id, reference)
+    objective = kind(getattr(cfg, cfg.method), data, pad_id, reference)
+    objective.chunked = bool(fast and fast.chunked_loss)
+    return objective
 
 
 def needs_reference(cfg) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.methods.logps import token_logps, forward_logits
+from tuneforge.methods.logps import policy_logps
 from tuneforge.methods.pairs import PairObjective, Stats, halves, reward_stats
 
 
@@ -38,7 +38,7 @@ class DPO(PairObjective):
         return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
-        per_token, mask = token_logps(forward_logits(model, batch), batch["labels"])
+        per_token, mask = policy_logps(model, batch, self.chunked)
         logps, tokens = per_token.sum(-1), mask.sum(-1)
         ratios = logps - batch["ref_logps"]
         (c_ratio, r_ratio), (c_tok, r_tok) = halves(ratios), halves(tokens)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.template import IGNORE_INDEX
+from tuneforge.fast import default_chunk
+from tuneforge.fast.causal_lm import last_hidden_state, output_layer
+from tuneforge.fast.chunked_logps import label_logps
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +28,26 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logps of the model on the batch (logits divided by `temperature`). `chunked`: the output
+    layer runs on trained positions only, a chunk at a time, so the full logits never exist
+    (fast/chunked_logps.py), where the model allows it; the numbers are the same."""
+    out = output_layer(model) if chunked else None
+    if out is None:
+        return token_logps(forward_logits(model, batch) / temperature, batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    hidden = last_hidden_state(model, inputs)[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)
+    picked = label_logps(hidden[rows], out.head.weight, labels[rows], default_chunk(out.head.weight.size(0)),
+                         out.softcap, temperature)
+    per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(rows, picked)
+    return per_token, mask
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's trained tokens and how many there are."""
-    per_token, mask = token_logps(forward_logits(model, batch), batch["labels"])
+    per_token, mask = policy_logps(model, batch, chunked)
     return per_token.sum(-1), mask.sum(-1)

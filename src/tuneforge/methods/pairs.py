@@ -79,6 +79,7 @@ class PairObjective:
     """What DPO, ORPO, SimPO and reward training share: the pair batch and the units it is averaged over."""
 
     name = ""
+    chunked = False  # the log-probs through the chunked output layer (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference=None):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.methods.logps import forward_logits, token_logps
-from tuneforge.methods.pairs import PairObjective, Stats, halves, logsigmoid_smoothed, nll_sum, reward_stats
+from tuneforge.methods.logps import policy_logps
+from tuneforge.methods.pairs import PairObjective, Stats, halves, logsigmoid_smoothed, reward_stats
 
 
 def simpo_losses(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float,
@@ -19,14 +19,13 @@ class SimPO(PairObjective):
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         s = self.spec
-        logits = forward_logits(model, batch)
-        per_token, mask = token_logps(logits, batch["labels"])
+        per_token, mask = policy_logps(model, batch, self.chunked)
         c_avg, r_avg = halves(per_token.sum(-1) / mask.sum(-1))
         loss = simpo_losses(c_avg, r_avg, s.beta, s.gamma, s.label_smoothing).sum() / totals["pairs"]
         stats = reward_stats(s.beta * c_avg, s.beta * r_avg, c_avg, r_avg)
         if s.sft_weight:
             pairs = c_avg.numel()
-            nll = nll_sum(logits[:pairs], batch["labels"][:pairs])
+            nll = -per_token[:pairs].sum()  # the chosen answers' negative log-likelihood
             loss = loss + s.sft_weight * nll / totals["tokens"]
             stats["nll_loss"] = (nll.detach().item(), float((batch["labels"][:pairs, 1:] != -100).sum()))
         return loss, stats

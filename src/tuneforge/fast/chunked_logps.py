@@ -1,0 +1,71 @@
+"""Log-probabilities of chosen labels through the output layer in chunks: the preference losses' input
+without the full logits.
+
+Preference and RL losses are functions of each trained token's log p(label), not a sum, so the
+gradient arriving for each position differs and cannot be formed in the forward pass as the
+chunked cross-entropy does. Instead the forward keeps each position's log-sum-exp, and the backward
+recomputes one chunk of logits at a time to form d log p / d logits = onehot - softmax. The price
+is the output layer's product once more in the backward; the saving is the logits and their fp32
+copies, positions x vocabulary, twice for a preference pair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, temperature: float):
+    """A chunk's fp32 logits as the model gives them (soft-capped), divided by the temperature, and
+    the soft-cap's tanh for the backward."""
+    z = h @ weight.t()
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    capped = None
+    if softcap:
+        capped = torch.tanh(z / softcap)
+        z = softcap * capped
+    return z / temperature, capped
+
+
+class _LabelLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, softcap: float | None, temperature: float):
+        out = torch.empty(labels.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, labels.numel(), chunk):
+            end = start + chunk
+            z, _ = _logits(hidden[start:end], weight, softcap, temperature)
+            lse[start:end] = torch.logsumexp(z, dim=-1)
+            out[start:end] = z.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk, ctx.softcap, ctx.temperature = chunk, softcap, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=wide) if need_w else None
+        for start in range(0, labels.numel(), ctx.chunk):
+            end = start + ctx.chunk
+            h, g = hidden[start:end], grad_out[start:end].to(lse.dtype)
+            z, capped = _logits(h, weight, ctx.softcap, ctx.temperature)
+            grad = -torch.exp(z - lse[start:end, None]) * g[:, None]  # d/dz of g * (z_y - lse) = g * (onehot - p)
+            grad[torch.arange(h.size(0), device=grad.device), labels[start:end]] += g
+            grad = grad / ctx.temperature
+            if capped is not None:
+                grad = grad * (1 - capped * capped)
+            grad = grad.to(h.dtype)
+            if need_h:
+                grad_hidden[start:end] = grad @ weight.to(h.dtype)
+            if need_w:
+                grad_weight += (grad.t() @ h).to(wide)
+        return grad_hidden, grad_weight.to(weight.dtype) if need_w else None, None, None, None, None
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(hidden @ weight.T / temperature)[label] per row (fp32), `chunk` rows at a time;
+    `hidden` is [N, H] and every label a real token id."""
+    return _LabelLogps.apply(hidden, weight, labels, chunk, softcap, temperature)
