@@ -28,7 +28,7 @@ def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online)
         from tuneforge.methods.grpo import GRPO
 
         objective = GRPO(cfg.grpo, data, pad_id, reference, **online)
-        objective.chunked = bool(fast and fast.chunked_loss)
+        objective.fast = fast or objective.fast
         return objective
     from tuneforge.methods.dpo import DPO
     from tuneforge.methods.kto import KTO
@@ -38,7 +38,7 @@ def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online)
 
     kind = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO, "reward": Reward}[cfg.method]
     objective = kind(getattr(cfg, cfg.method), data, pad_id, reference)
-    objective.chunked = bool(fast and fast.chunked_loss)
+    objective.fast = fast or objective.fast
     return objective
 
 

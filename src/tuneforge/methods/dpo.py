@@ -38,7 +38,7 @@ class DPO(PairObjective):
         return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
-        per_token, mask = policy_logps(model, batch, self.chunked)
+        per_token, mask = policy_logps(model, batch, self.fast)
         logps, tokens = per_token.sum(-1), mask.sum(-1)
         ratios = logps - batch["ref_logps"]
         (c_ratio, r_ratio), (c_tok, r_tok) = halves(ratios), halves(tokens)

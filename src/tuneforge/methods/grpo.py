@@ -18,6 +18,7 @@ from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX, conversation_segments, encode_segment_lists
 from tuneforge.data.tokenized import Example
 from tuneforge.eval.evaluate import autocast_for, greedy_generate
+from tuneforge.fast import FastPath
 from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
 from tuneforge.methods.rewards import load_reward, score
 
@@ -49,7 +50,7 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 class GRPO:
     name = "grpo"
-    chunked = False  # the log-probs through the chunked output layer (set by build_objective)
+    fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference, *, tokenizer, stop_ids, end_of_turn, device, dtype,
                  base: Path | None = None):
@@ -91,7 +92,7 @@ class GRPO:
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
         s = self.spec
-        logps, mask = policy_logps(model, batch, self.chunked, s.temperature)
+        logps, mask = policy_logps(model, batch, self.fast, s.temperature)
         per_token = clipped_token_loss(logps, logps.detach(), batch["advantages"], s.epsilon, s.epsilon_high or s.epsilon)
         stats = dict(batch["_stats"])
         if s.beta > 0:
@@ -117,7 +118,7 @@ class GRPO:
         rows = [{"ids": ids, "labels": labels}] * self.spec.generations
         batch = _pad_rows(rows, self.pad_id, self.device)
         with autocast_for(self.device, self.dtype):
-            logps, mask = policy_logps(model, batch, self.chunked, self.spec.temperature)  # as the loss runs
+            logps, mask = policy_logps(model, batch, self.fast, self.spec.temperature)  # as the loss runs
             (logps * mask).sum().backward()
         model.zero_grad(set_to_none=True)
 

@@ -14,6 +14,7 @@ import torch
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.data.tokenized import Example
+from tuneforge.fast import FastPath
 from tuneforge.methods.logps import sequence_logps
 from tuneforge.methods.pairs import Stats
 
@@ -61,7 +62,7 @@ def balance_warning(desirable: int, undesirable: int, desirable_weight: float, u
 
 class KTO:
     name = "kto"
-    chunked = False  # the log-probs through the chunked output layer (set by build_objective)
+    fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
@@ -89,9 +90,9 @@ class KTO:
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         s = self.spec
         with torch.no_grad():
-            kl_logps, _ = sequence_logps(model, _kl_rows(batch), self.chunked)
+            kl_logps, _ = sequence_logps(model, _kl_rows(batch), self.fast)
         kl = (kl_logps - batch["ref_kl_logps"]).mean().clamp(min=0)
-        logps, _ = sequence_logps(model, batch, self.chunked)
+        logps, _ = sequence_logps(model, batch, self.fast)
         ratios = logps - batch["ref_logps"]
         good = batch["desirable"]
         losses = kto_losses(ratios[good], ratios[~good], kl, s.beta, s.desirable_weight, s.undesirable_weight)

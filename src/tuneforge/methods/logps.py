@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.template import IGNORE_INDEX
-from tuneforge.fast import default_chunk
+from tuneforge.fast import FastPath, default_chunk
 from tuneforge.fast.causal_lm import last_hidden_state, output_layer
 from tuneforge.fast.chunked_logps import label_logps
 
@@ -28,12 +28,12 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
-def policy_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False,
+def policy_logps(model, batch: dict[str, torch.Tensor], fast: FastPath | None = None,
                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_logps of the model on the batch (logits divided by `temperature`). `chunked`: the output
-    layer runs on trained positions only, a chunk at a time, so the full logits never exist
-    (fast/chunked_logps.py), where the model allows it; the numbers are the same."""
-    out = output_layer(model) if chunked else None
+    """token_logps of the model on the batch (logits divided by `temperature`). With the fast path's
+    chunked loss, the output layer runs on trained positions only, a chunk at a time, so the full
+    logits never exist (fast/chunked_logps.py), where the model allows it; the numbers are the same."""
+    out = output_layer(model) if fast is not None and fast.chunked_loss else None
     if out is None:
         return token_logps(forward_logits(model, batch) / temperature, batch["labels"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -41,13 +41,14 @@ def policy_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False,
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     rows = mask.nonzero(as_tuple=True)
-    picked = label_logps(hidden[rows], out.head.weight, labels[rows], default_chunk(out.head.weight.size(0)),
-                         out.softcap, temperature)
+    chunk = fast.loss_chunk_tokens or default_chunk(out.head.weight.size(0))
+    picked = label_logps(hidden[rows], out.head.weight, labels[rows], chunk, out.softcap, temperature)
     per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(rows, picked)
     return per_token, mask
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor],
+                   fast: FastPath | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's trained tokens and how many there are."""
-    per_token, mask = policy_logps(model, batch, chunked)
+    per_token, mask = policy_logps(model, batch, fast)
     return per_token.sum(-1), mask.sum(-1)

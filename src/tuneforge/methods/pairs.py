@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.batching import collate
+from tuneforge.fast import FastPath
 from tuneforge.methods.logps import token_logps
 
 Stats = dict[str, tuple[float, float]]
@@ -79,7 +80,7 @@ class PairObjective:
     """What DPO, ORPO, SimPO and reward training share: the pair batch and the units it is averaged over."""
 
     name = ""
-    chunked = False  # the log-probs through the chunked output layer (set by build_objective)
+    fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference=None):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference

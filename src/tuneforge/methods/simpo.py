@@ -19,7 +19,7 @@ class SimPO(PairObjective):
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         s = self.spec
-        per_token, mask = policy_logps(model, batch, self.chunked)
+        per_token, mask = policy_logps(model, batch, self.fast)
         c_avg, r_avg = halves(per_token.sum(-1) / mask.sum(-1))
         loss = simpo_losses(c_avg, r_avg, s.beta, s.gamma, s.label_smoothing).sum() / totals["pairs"]
         stats = reward_stats(s.beta * c_avg, s.beta * r_avg, c_avg, r_avg)
