@@ -109,17 +109,15 @@ def batch(row: Row, vocab: int, seed: int):
 
 
 def random_model(name: str, dtype, quantize: bool, device):
-    """A random-initialised model of a table shape (Llama family), in dtype or NF4 on `device`."""
+    """A random-initialised model of a table shape, in dtype or NF4 on `device`."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tuneforge.plan.architectures import table_shape
+    from tuneforge.plan.model import hf_config_for
 
-    shape = table_shape(name)
-    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.dim,
-                         vocab_size=shape.vocab, tie_word_embeddings=shape.tied)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = hf_config_for(table_shape(name))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec), dtype=dtype)
     if not quantize:
         return model.to(device)
     from transformers import BitsAndBytesConfig

@@ -33,20 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-# The real architectures' shapes (from their published config.json files): no download needed.
-SHAPES = {
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
-    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                         rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072),
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
-                       tie_word_embeddings=False, max_position_embeddings=32768),
-}
+# The real architectures come from plan's table (tuneforge.plan.architectures); "tiny" is for CPU smoke runs.
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
 STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "liger", "unsloth")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -94,11 +83,24 @@ def gpu_peak(device_name: str) -> float | None:
 # ---- one stack, in its own process ------------------------------------------------------------------
 
 
+def shape_spec(name: str) -> dict:
+    """The config.json of a shape name: "tiny", or an architecture of plan's table."""
+    from tuneforge.plan.architectures import table_shape
+    from tuneforge.plan.model import hf_config_for
+
+    if name == "tiny":
+        return dict(TINY)
+    shape = table_shape(name)
+    if shape is None:
+        raise SystemExit(f"--shapes: {name} is not in tuneforge plan's architecture table")
+    return hf_config_for(shape)
+
+
 def build_model(shape_name: str, device: str, dtype, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(SHAPES[shape_name])
+    spec = shape_spec(shape_name)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -136,7 +138,7 @@ def run_hf(args, dtype, liger: bool = False):
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
 
-        {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[SHAPES[args.shape]["model_type"]]()
+        {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[shape_spec(args.shape)["model_type"]]()
     model, _ = build_model(args.shape, args.device, dtype, args.seed)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -211,8 +213,8 @@ def worker(args) -> dict:
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     n = args.warmup + max(args.steps, args.loss_steps)
-    shape = SHAPES[args.shape]
-    batches = make_examples(lengths_for(args.data, n, min(SEQ, shape["max_position_embeddings"])), shape["vocab_size"])
+    shape = shape_spec(args.shape)
+    batches = make_examples(lengths_for(args.data, n, SEQ), shape["vocab_size"])
     if args.stack in ("hf", "liger"):
         model, step = run_hf(args, dtype, liger=args.stack == "liger")
     elif args.stack == "unsloth":

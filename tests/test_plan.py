@@ -474,3 +474,14 @@ def test_plan_never_imports_torch():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "no torch"
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b"])
+def test_a_table_shape_round_trips_through_its_config(name):
+    """Benchmarks build their random models from hf_config_for: plan must read back the very shape."""
+    from tuneforge.plan.architectures import table_shape
+    from tuneforge.plan.model import hf_config_for
+
+    shape = table_shape(name)
+    back, note = shape_from_hf_config(hf_config_for(shape), name=shape.name)
+    assert back == shape and note == ""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge.parallel.apply import unwrap
+from tuneforge.parallel.apply import transformers_model
 
 # Architectures whose logits are exactly output_layer(last hidden state), soft-capped for Gemma 2/3,
 # and whose hidden_states[-1] is that last (normed) state. Others (logit scaling in Cohere or
@@ -28,8 +28,7 @@ class OutputLayer:
 def output_layer(model) -> OutputLayer | None:
     """The output layer and final soft-cap of a supported causal LM, under PEFT and DDP wrappers or
     not; None when it is not a plain linear map (a LoRA or quantized head) or the model is not one."""
-    lm = unwrap(model)
-    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    lm = transformers_model(model)
     config = getattr(lm, "config", None)
     if config is None or config.model_type not in SPLITTABLE:
         return None

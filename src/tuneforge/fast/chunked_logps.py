@@ -13,17 +13,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, temperature: float):
-    """A chunk's fp32 logits as the model gives them (soft-capped), divided by the temperature, and
-    the soft-cap's tanh for the backward."""
-    z = h @ weight.t()
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    capped = None
-    if softcap:
-        capped = torch.tanh(z / softcap)
-        z = softcap * capped
-    return z / temperature, capped
+from tuneforge.fast.chunked_loss import chunk_logits
 
 
 class _LabelLogps(torch.autograd.Function):
@@ -33,7 +23,7 @@ class _LabelLogps(torch.autograd.Function):
         lse = torch.empty_like(out)
         for start in range(0, labels.numel(), chunk):
             end = start + chunk
-            z, _ = _logits(hidden[start:end], weight, softcap, temperature)
+            z, _ = chunk_logits(hidden[start:end], weight, softcap, temperature)
             lse[start:end] = torch.logsumexp(z, dim=-1)
             out[start:end] = z.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -50,7 +40,7 @@ class _LabelLogps(torch.autograd.Function):
         for start in range(0, labels.numel(), ctx.chunk):
             end = start + ctx.chunk
             h, g = hidden[start:end], grad_out[start:end].to(lse.dtype)
-            z, capped = _logits(h, weight, ctx.softcap, ctx.temperature)
+            z, capped = chunk_logits(h, weight, ctx.softcap, ctx.temperature)
             grad = -torch.exp(z - lse[start:end, None]) * g[:, None]  # d/dz of g * (z_y - lse) = g * (onehot - p)
             grad[torch.arange(h.size(0), device=grad.device), labels[start:end]] += g
             grad = grad / ctx.temperature

@@ -16,6 +16,18 @@ from tuneforge.fast import default_chunk
 
 
 
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, temperature: float = 1.0):
+    """One chunk's logits as the model gives them (matmul in the hidden dtype, softmax in at least fp32;
+    soft-capped for Gemma 2/3), divided by `temperature`; and the soft-cap's tanh, for the gradient."""
+    z = h @ weight.t()
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    capped = None
+    if softcap:
+        capped = torch.tanh(z / softcap)
+        z = softcap * capped
+    return z / temperature if temperature != 1.0 else z, capped
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int, softcap: float | None):
@@ -28,18 +40,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start : start + chunk]
             h, y = hidden[idx], labels[idx]
-            logits = h @ weight.t()
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits, fp32 softmax
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = softcap * capped
+            logits, capped = chunk_logits(h, weight, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).double().sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             grad = torch.softmax(logits, dim=-1)  # d(sum of CE)/d(logits) = softmax - one-hot
             grad[torch.arange(idx.numel(), device=grad.device), y] -= 1
-            if softcap:
+            if capped is not None:
                 grad *= 1 - capped * capped
             grad = grad.to(h.dtype)
             if grad_hidden is not None:

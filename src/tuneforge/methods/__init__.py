@@ -17,19 +17,23 @@ import torch
 
 
 def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online):
-    """The objective for `cfg.method`; `fast` the resolved fast path (tuneforge.fast.resolve); `online`
-    carries what GRPO needs to sample (tokenizer, stop ids...)."""
+    """The objective for `cfg.method`, taking the resolved fast path `fast` (tuneforge.fast.resolve;
+    every objective has the plain one by default); `online` carries what GRPO needs to sample."""
+    objective = _objective(cfg, data, pad_id, reference, **online)
+    if fast is not None:
+        objective.fast = fast
+    return objective
+
+
+def _objective(cfg, data, pad_id: int, reference, **online):
     if cfg.method == "sft":
-        from tuneforge.fast import FastPath
         from tuneforge.methods.sft import SFT
 
-        return SFT(data, pad_id, fast or FastPath())
+        return SFT(data, pad_id)
     if cfg.method == "grpo":
         from tuneforge.methods.grpo import GRPO
 
-        objective = GRPO(cfg.grpo, data, pad_id, reference, **online)
-        objective.fast = fast or objective.fast
-        return objective
+        return GRPO(cfg.grpo, data, pad_id, reference, **online)
     from tuneforge.methods.dpo import DPO
     from tuneforge.methods.kto import KTO
     from tuneforge.methods.orpo import ORPO
@@ -37,9 +41,7 @@ def build_objective(cfg, data, pad_id: int, reference=None, fast=None, **online)
     from tuneforge.methods.simpo import SimPO
 
     kind = {"dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO, "reward": Reward}[cfg.method]
-    objective = kind(getattr(cfg, cfg.method), data, pad_id, reference)
-    objective.fast = fast or objective.fast
-    return objective
+    return kind(getattr(cfg, cfg.method), data, pad_id, reference)
 
 
 def needs_reference(cfg) -> bool:

@@ -13,6 +13,7 @@ from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath, default_chunk
 from tuneforge.fast.causal_lm import last_hidden_state, output_layer
 from tuneforge.fast.chunked_logps import label_logps
+from tuneforge.fast.padding_free import model_inputs
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +26,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return model(**model_inputs(batch)).logits
 
 
 def policy_logps(model, batch: dict[str, torch.Tensor], fast: FastPath | None = None,
@@ -36,8 +37,7 @@ def policy_logps(model, batch: dict[str, torch.Tensor], fast: FastPath | None = 
     out = output_layer(model) if fast is not None and fast.chunked_loss else None
     if out is None:
         return token_logps(forward_logits(model, batch) / temperature, batch["labels"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    hidden = last_hidden_state(model, inputs)[:, :-1]
+    hidden = last_hidden_state(model, model_inputs(batch))[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     rows = mask.nonzero(as_tuple=True)

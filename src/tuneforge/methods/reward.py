@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.methods.pairs import PairObjective, Stats, halves
-from tuneforge.parallel.apply import unwrap
+from tuneforge.parallel.apply import transformers_model
 
 
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -17,8 +17,7 @@ def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     The model runs its own forward, through any DDP wrapper or FSDP root whose hooks must see it; the
     head's per-position scores are taken from it on the way.
     """
-    inner = unwrap(model)
-    seqcls = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    seqcls = transformers_model(model)
     scores = []
     hook = seqcls.score.register_forward_hook(lambda _module, _inputs, out: scores.append(out))
     try:

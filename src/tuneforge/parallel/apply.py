@@ -63,6 +63,12 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def transformers_model(model):
+    """The transformers model under DDP and PEFT wrappers (its config, output layer, score head)."""
+    inner = unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks (model.layers.N and the like), each of which FSDP shards as one unit."""
     return [m for name, m in model.named_modules() if _DECODER_LAYER.search(name)]

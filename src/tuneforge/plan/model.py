@@ -57,6 +57,15 @@ def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json
     return shape, note
 
 
+def hf_config_for(shape: ModelShape) -> dict:
+    """A config.json of this shape (the inverse of shape_from_hf_config, for Llama, Qwen2 and Qwen3 shapes):
+    what benchmarks build random-initialised models of the table's architectures from."""
+    model_type = "qwen3" if shape.qk_norm else "qwen2" if shape.qkv_bias else "llama"
+    return {"model_type": model_type, "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
+            "intermediate_size": shape.intermediate, "vocab_size": shape.vocab, "tie_word_embeddings": shape.tied}
+
+
 def shape_from_gguf(header: GGUFHeader, name: str = "", where: str = "GGUF") -> ModelShape:
     """The shape from GGUF metadata; the output head is tied when the file has no output.weight."""
     arch = header.fields.get("general.architecture")
