@@ -31,8 +31,18 @@ from tuneforge.fast.kernels.rms_norm import FusedRmsNorm, rms_norm, rms_norm_ref
 
 NO_TRITON = "triton is not installed (pip install 'tuneforge[kernels]'); its kernels are tested in its CPU interpreter"
 INTERPRETER = triton_importable() and interpreting()  # this process started in Triton's interpreter
-PATHS = [pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRETER, reason="run by test_interpreted_kernels in a process started with TRITON_INTERPRET=1")), "torch"]
+IN_INTERPRETER = pytest.mark.skipif(
+    not INTERPRETER, reason="run by test_interpreted_kernels in a process started with TRITON_INTERPRET=1")
+PATHS = [pytest.param("triton", marks=IN_INTERPRETER), "torch"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every tensor here is tiny: a second thread only waits on the first (and on a busy machine, much longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not triton_importable(), reason=NO_TRITON)
@@ -40,7 +50,7 @@ PATHS = [pytest.param("triton", marks=pytest.mark.skipif(
 def test_interpreted_kernels():
     """The Triton path of every test below, in Triton's CPU interpreter."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parent.parent,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parent.parent,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout + run.stderr
 
@@ -97,11 +107,14 @@ def test_the_hand_written_backward_passes_gradcheck(monkeypatch):
         assert torch.autograd.gradcheck(lambda a, b: gated(a, b, gelu), (x, 2 * x.detach().flip(0).requires_grad_()))
 
 
-def test_the_references_are_what_transformers_computes_in_bf16_too():
+def test_the_references_are_what_transformers_computes_in_bf16_too(monkeypatch):
+    """The references and the PyTorch path round where transformers rounds: equal bit for bit. (Triton's
+    interpreter rounds fp32 to bf16 differently from a GPU, so the Triton path is compared in fp32.)"""
     from transformers.activations import ACT2FN
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 48).to(dtype)
@@ -110,11 +123,11 @@ def test_the_references_are_what_transformers_computes_in_bf16_too():
             torch.nn.init.normal_(norm.weight)
             with torch.no_grad():
                 torch.testing.assert_close(rms_norm_reference(x, norm.weight, 1e-5, gemma), norm(x), rtol=0, atol=0)
-                torch.testing.assert_close(rms_norm(x, norm.weight, 1e-5, gemma), norm(x))  # PyTorch path
+                torch.testing.assert_close(rms_norm(x, norm.weight, 1e-5, gemma), norm(x), rtol=0, atol=0)
         for act, gelu in (("silu", False), ("gelu_pytorch_tanh", True)):
             with torch.no_grad():
                 torch.testing.assert_close(gated_reference(x, 2 * x, gelu), ACT2FN[act](x) * (2 * x), rtol=0, atol=0)
-                torch.testing.assert_close(gated(x, 2 * x, gelu), ACT2FN[act](x) * (2 * x))
+                torch.testing.assert_close(gated(x, 2 * x, gelu), ACT2FN[act](x) * (2 * x), rtol=0, atol=0)
 
 
 # --- whole models ----------------------------------------------------------------------------------
@@ -159,9 +172,13 @@ def _batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("arch", ["llama", "gemma"])
-@pytest.mark.parametrize("order", ["full", "lora-then-kernels", "kernels-then-lora"])
+# The Triton path with full fine-tuning (every gradient through the kernels); the PyTorch path in every order.
+MODEL_CASES = [pytest.param("triton", arch, "full", marks=IN_INTERPRETER, id=f"triton-{arch}-full")
+               for arch in ("llama", "gemma")] + [
+    ("torch", arch, order) for arch in ("llama", "gemma") for order in ("full", "lora-then-kernels", "kernels-then-lora")]
+
+
+@pytest.mark.parametrize("path, arch, order", MODEL_CASES, indirect=["path"])
 def test_a_model_with_kernels_gives_the_same_loss_and_gradients(tmp_path, path, arch, order):
     """What the loop does (LoRA, then kernels), the other order, and full fine-tuning; the swap keeps every
     state-dict key (the plain model's state loads strictly) and the adapter saves the same keys."""
@@ -195,6 +212,33 @@ def test_a_model_with_kernels_gives_the_same_loss_and_gradients(tmp_path, path, 
             with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
                 keys.append(sorted(f.keys()))
         assert keys[0] == keys[1] and any("mlp.gate_proj.lora_A" in k for k in keys[0])
+
+
+@pytest.mark.parametrize("model_type, swaps", [("mistral", 7), ("qwen2", 7), ("qwen3", 11), ("phi3", 5),
+                                               ("gemma2", 11), ("gemma3_text", 15)])
+def test_every_listed_architecture_computes_the_same(monkeypatch, model_type, swaps):
+    """The other classes in swap.py's table (PyTorch path): Qwen3's and Gemma 3's query/key norms, Gemma 2/3's
+    extra norms; Phi-3 keeps its MLP (gate and up are one fused Linear there)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    common = {k: v for k, v in tiny_config("llama", VOCAB).to_dict().items()
+              if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, head_dim=16, pad_token_id=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    fused = copy.deepcopy(model)
+    assert len(apply_kernels(fused)) == swaps
+    batch = _batch()
+    loss, grads = _loss_and_grads(model, batch)
+    fused_loss, fused_grads = _loss_and_grads(fused, batch)
+    assert fused_loss == pytest.approx(loss, abs=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_unknown_forms_are_left_alone():

@@ -26,13 +26,14 @@ def gated_reference(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) ->
 
 
 def _activation(g: torch.Tensor, gelu: bool):
-    """(act(g), act'(g)) in the dtype of `g` (fp32 or fp64)."""
+    """(act(g), act'(g)) in the dtype of `g` (fp32 or fp64); the value from torch's own function, so
+    the forward equals transformers' bit for bit."""
     if gelu:
         k = math.sqrt(2.0 / math.pi)
         t = torch.tanh(k * (g + 0.044715 * g**3))
-        return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g)
+        return F.gelu(g, approximate="tanh"), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g)
     s = torch.sigmoid(g)
-    return g * s, s * (1 + g * (1 - s))
+    return F.silu(g), s * (1 + g * (1 - s))
 
 
 class _Gated(torch.autograd.Function):
