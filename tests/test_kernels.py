@@ -55,6 +55,33 @@ def test_interpreted_kernels():
     assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout + run.stderr
 
 
+@pytest.mark.skipif(not triton_importable(), reason=NO_TRITON)
+@pytest.mark.skipif(INTERPRETER, reason="the interpreter's kernels are not compiled")
+def test_the_kernels_compile_for_a_gpu(monkeypatch, tmp_path):
+    """Triton's compiler for an sm_90 GPU (H100/H200), which needs no GPU: it checks what the interpreter
+    lets pass (a kernel reading a global that is not constexpr, say)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tuneforge.fast.kernels import gated_triton, rms_norm_triton
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    rows = {"n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
+    kernels = [
+        (rms_norm_triton._forward, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", n_cols="i32", eps="fp32"), "GEMMA"),
+        (rms_norm_triton._backward, dict(DY="*bf16", X="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16", DW="*fp32", **rows),
+         "GEMMA"),
+        (gated_triton._forward, dict(G="*bf16", U="*bf16", H="*bf16", n="i32"), "GELU"),
+        (gated_triton._backward, dict(DH="*bf16", G="*bf16", U="*bf16", DG="*bf16", DU="*bf16", n="i32"), "GELU"),
+    ]
+    for fn, signature, switch in kernels:
+        for on in (False, True):
+            constexprs = {switch: on, "BLOCK": 1024}
+            source = ASTSource(fn=fn, signature={**signature, switch: "constexpr", "BLOCK": "constexpr"}, constexprs=constexprs)
+            assert "ld.global" in triton_compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
 @pytest.fixture
 def path(request, monkeypatch):
     """Which path the kernels take in this test: Triton's (interpreted), or PyTorch's."""

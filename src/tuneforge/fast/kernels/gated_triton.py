@@ -8,9 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
-SQRT_2_OVER_PI = 0.7978845608028654
-CUBIC = 0.044715
+PER_PROGRAM = 1024  # elements
+# tanh-gelu's constants, sqrt(2/pi) = 0.7978845608028654 and 0.044715, are written into the kernels:
+# compiled Triton reads only constexpr globals, and its interpreter does not mix those with tensors.
 
 
 @triton.jit
@@ -20,7 +20,7 @@ def _forward(G, U, H, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:  # tanh(z) written as 2 sigmoid(2z) - 1, which every Triton backend has
-        t = 2.0 * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + CUBIC * g * g * g)) - 1.0
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)) - 1.0
         a = 0.5 * g * (1.0 + t)
     else:
         a = g * tl.sigmoid(g)
@@ -36,9 +36,9 @@ def _backward(DH, G, U, DG, DU, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        t = 2.0 * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + CUBIC * g * g * g)) - 1.0
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)) - 1.0
         a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * g * g)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     else:
         s = tl.sigmoid(g)
         a = g * s
@@ -51,12 +51,12 @@ def _backward(DH, G, U, DG, DU, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
 def forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     n = gate.numel()
     h = torch.empty_like(gate)
-    _forward[(triton.cdiv(n, BLOCK),)](gate, up, h, n, GELU=gelu, BLOCK=BLOCK)
+    _forward[(triton.cdiv(n, PER_PROGRAM),)](gate, up, h, n, GELU=gelu, BLOCK=PER_PROGRAM)
     return h
 
 
 def backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool):
     n = gate.numel()
     dg, du = torch.empty_like(gate), torch.empty_like(up)
-    _backward[(triton.cdiv(n, BLOCK),)](dh, gate, up, dg, du, n, GELU=gelu, BLOCK=BLOCK)
+    _backward[(triton.cdiv(n, PER_PROGRAM),)](dh, gate, up, dg, du, n, GELU=gelu, BLOCK=PER_PROGRAM)
     return dg, du

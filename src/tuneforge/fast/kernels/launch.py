@@ -43,6 +43,10 @@ def warps(block: int) -> int:
 def programs(rows: int, device: torch.device) -> int:
     """Programs that share the rows of a backward pass (each sums its own share of a weight's gradient):
     a few per streaming multiprocessor on a GPU, a handful in the interpreter."""
-    if device.type == "cuda":
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(rows, 4))
+    per_device = 4 * _multiprocessors(device.index) if device.type == "cuda" else 4
+    return max(1, min(rows, per_device))
+
+
+@cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count

@@ -73,7 +73,7 @@ class _RMSNorm(torch.autograd.Function):
             y, rstd = _forward_torch(rows, weight, eps, gemma)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.gemma, ctx.shape = gemma, shape
-        return y.view(*shape[:-1], shape[-1])
+        return y.view(shape)
 
     @staticmethod
     def backward(ctx, dy):
