@@ -12,7 +12,9 @@ Setting (the seed table of issue 9): random-initialised weights of the real arch
 r=16 alpha=16 dropout 0 on all seven linear layers, bf16, AdamW, micro-batch 4. Data `fixed`:
 4 x 2048 tokens, every position trained; `variable`: lengths log-normal (median about 250, capped
 at 2048), micro-batches of 4 examples. Each stack runs in its own process (Unsloth and Liger patch
-transformers at import), from the same initial weights and the same batches.
+transformers at import), from the same initial weights and the same batches. `tuneforge` is its
+default (`performance: auto`, which includes the fused RMSNorm/SwiGLU kernels on CUDA);
+`tuneforge-no_kernels` is the same without them, so the pair measures the kernels.
 
 Figures per row: real (non-padding) tokens/s, peak allocated and reserved memory, model FLOP/s
 and MFU against the GPU's dense bf16 peak (LoRA: 4N + 12 * layers * seq * hidden per token;
@@ -36,7 +38,10 @@ from pathlib import Path
 # The real architectures come from plan's table (tuneforge.plan.architectures); "tiny" is for CPU smoke runs.
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
-STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "liger", "unsloth")
+STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-no_kernels", "liger", "unsloth")
+# performance: of each tuneforge stack; no_kernels is the default without the fused RMSNorm/SwiGLU kernels
+PERFORMANCE = {"tuneforge": "auto", "tuneforge-min_memory": "min_memory",
+               "tuneforge-no_kernels": {"mode": "auto", "kernels": False}}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MICRO_BATCH, SEQ = 4, 2048
@@ -165,12 +170,13 @@ def run_unsloth(args, dtype):
     return model, padded_step(model, args)
 
 
-def run_tuneforge(args, dtype, mode: str):
+def run_tuneforge(args, dtype, mode: str | dict):
     """tuneforge's own parts: its adapter, its SFT objective on the fast path, its optimizer step."""
     import torch
 
     from tuneforge.config import config_from_dict
     from tuneforge.fast import resolve
+    from tuneforge.fast.kernels import apply_kernels
     from tuneforge.methods.sft import SFT
     from tuneforge.models.load import attach_adapter, weights_dtype
     from tuneforge.train.loop import accumulate_gradients, optimizer_step
@@ -186,6 +192,8 @@ def run_tuneforge(args, dtype, mode: str):
     torch.manual_seed(args.seed + 1)
     model, _ = attach_adapter(model, cfg)
     fast = resolve(cfg, device.type, model)
+    if fast.kernels:  # where the loop applies them: after the adapter
+        apply_kernels(model)
     if fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -220,7 +228,7 @@ def worker(args) -> dict:
     elif args.stack == "unsloth":
         model, step = run_unsloth(args, dtype)
     else:
-        model, step = run_tuneforge(args, dtype, "min_memory" if args.stack.endswith("min_memory") else "auto")
+        model, step = run_tuneforge(args, dtype, PERFORMANCE[args.stack])
     n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     cuda = args.device == "cuda"
     losses, times = [], []

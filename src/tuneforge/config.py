@@ -175,6 +175,10 @@ class PerformanceSpec(_Strict):
         "full logits never exist. null: on unless mode is off.")
     loss_chunk_tokens: int | None = Field(
         None, ge=16, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
+    kernels: bool | None = Field(
+        None, description="Fused RMSNorm and gated-MLP (SwiGLU/GeGLU) kernels swapped into the model: Triton "
+        "on CUDA, the same arithmetic in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
+        "unless mode is off.")
 
 
 class PrepareSpec(_Strict):

@@ -29,12 +29,14 @@ class FastPath:
     fused_optimizer: bool = False  # torch's fused AdamW, on CUDA
     # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
     pair_cost: float = 0.0
+    kernels: bool = False  # fused RMSNorm and gated-MLP modules (fast/kernels)
 
     def describe(self) -> str:
         parts = [name for name, on in (("padding-free batches", self.padding_free),
                                        ("chunked loss (no full logits)", self.chunked_loss),
                                        ("activation checkpointing", self.gradient_checkpointing),
-                                       ("fused AdamW", self.fused_optimizer)) if on]
+                                       ("fused AdamW", self.fused_optimizer),
+                                       ("fused RMSNorm and gated-MLP kernels", self.kernels)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
 
@@ -69,4 +71,13 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) ->
         gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
         pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
+        kernels=kernels_default(device_type) if perf.kernels is None and on else bool(perf.kernels),
     )
+
+
+def kernels_default(device_type: str) -> bool:
+    """The fused kernels pay where Triton compiles them (CUDA); on CPU their PyTorch path saves
+    memory but no time, so they stay off unless asked for."""
+    from tuneforge.fast.kernels import triton_importable
+
+    return device_type == "cuda" and triton_importable()

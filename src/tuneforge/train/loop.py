@@ -25,6 +25,7 @@ from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
+from tuneforge.fast.kernels import apply_kernels
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -267,6 +268,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
+    if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
+        rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
     if fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -1,0 +1,13 @@
+"""Fused kernels for a decoder's elementwise work: RMSNorm and the gated MLP's activation.
+
+Each is one torch.autograd.Function with a Triton kernel (CUDA, or Triton's CPU interpreter in the
+tests) and the same arithmetic in PyTorch everywhere else. `apply_kernels(model)` swaps them into a
+loaded model; the rest of tuneforge does not know they are there.
+"""
+
+from __future__ import annotations
+
+from tuneforge.fast.kernels.launch import triton_importable
+from tuneforge.fast.kernels.swap import apply_kernels
+
+__all__ = ["apply_kernels", "triton_importable"]
