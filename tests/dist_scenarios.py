@@ -3,7 +3,7 @@
 
 Usage: torchrun --standalone --nproc-per-node 2 tests/dist_scenarios.py SPEC.json
 SPEC: {"runs": [{"config": {...}, "stop_after": int|null, "resume": bool, "copy_from": dir|null}],
-       "gather": {...} | null, "reload": {...} | null}
+       "gather": {...} | null, "reload": {...} | null, "decode": {...} | null}
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuneforge.config import config_from_dict
+from tuneforge.methods.sampling import decode, seeded_generators
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.parallel.apply import apply_fsdp
 from tuneforge.parallel.checkpoint import check_saved_tensors, gather_for_save
@@ -28,15 +29,21 @@ from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import save_final
 
 
-def sharded_lora_model(cfg, world, device):
-    """The tiny model with a LoRA adapter, sharded by FSDP; lora_B made non-zero so nothing is trivially equal."""
+def lora_model(cfg, device):
+    """The tiny model with a LoRA adapter whose lora_B is made non-zero, so nothing is trivially equal; the same
+    in every process."""
+    torch.manual_seed(0)
     model, _ = attach_adapter(load_model(Path(cfg.base_model), device), cfg)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    return apply_fsdp(model, world, device, cfg.distributed.fsdp, torch.float32)
+    return model
+
+
+def sharded_lora_model(cfg, world, device):
+    return apply_fsdp(lora_model(cfg, device), world, device, cfg.distributed.fsdp, torch.float32)
 
 
 def gather_scenario(spec: dict, world, device) -> None:
@@ -63,6 +70,17 @@ def reload_scenario(spec: dict, world, device) -> None:
         save_file({n: t.contiguous() for n, t in gathered.items()}, Path(spec["out"]))
 
 
+def decode_scenario(spec: dict, world, device) -> None:
+    """GRPO's sampling under FSDP where the processes' generations have different lengths (rank r decodes
+    spec["lengths"][r] tokens from its own prompts): the process done first keeps stepping, so none hangs."""
+    cfg = config_from_dict(spec["config"])
+    model = sharded_lora_model(cfg, world, device)
+    prompts, seeds = spec["prompts"][world.rank], spec["seeds"][world.rank]
+    sampling = {"temperature": 1.0, "top_p": 0.9, "generators": seeded_generators(seeds, device)}
+    gens = decode(model, prompts, [], 0, spec["lengths"][world.rank], device, sampling, synced=True)
+    Path(spec["out"], f"decode-{world.rank}.json").write_text(json.dumps([ids for ids, _ in gens]))
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     first = config_from_dict(spec["runs"][0]["config"])
@@ -80,6 +98,8 @@ def main() -> None:
         gather_scenario(spec["gather"], world, device)
     if spec.get("reload"):
         reload_scenario(spec["reload"], world, device)
+    if spec.get("decode"):
+        decode_scenario(spec["decode"], world, device)
     world.barrier()
     shutdown_world()
 

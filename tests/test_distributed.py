@@ -1,5 +1,6 @@
 """Training on 2 CPU processes (gloo) through torchrun: DDP and FSDP give the single-process run's
-losses and weights, checkpoints reshard, final/ is whole (R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
+losses and weights (SFT, the preference methods, GRPO), checkpoints reshard, final/ is whole
+(R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
 
 Starting processes costs most of the time, so one torchrun launch runs every scenario
 (tests/dist_scenarios.py) and the tests below check what it left on disk.
@@ -55,6 +56,17 @@ PREFERENCE = {
     "ddp_orpo": ("ddp", "orpo", {}),
     "fsdp_simpo": ("fsdp", "simpo", {}),
 }
+# GRPO with LoRA; the KL term's reference is the adapter-disabled model (through the DDP wrapper or the FSDP
+# root). The base model often ends its answers (model_that_stops), so completions differ in length within
+# and between processes. Under FSDP an environment answers some completions (prompts whose number is a
+# multiple of 3), so a process may take a second turn while the other steps along with a placeholder, and
+# the validation prompts are answered greedily at step 2, by both processes. name -> (strategy, grpo keys, others)
+GRPO_RUNS = {
+    "ddp_grpo": ("ddp", {}, {}),
+    "fsdp_grpo": ("fsdp", {"max_turns": 2}, {"validation": {"path": "VAL"}, "eval_every": 2}),
+}
+GRPO_STATS = ("reward", "reward_std", "frac_zero_std", "completion_length", "kl", "rewards/")
+MAX_COMPLETION = 6
 
 
 def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapter: str = "lora", steps: int = 4,
@@ -71,6 +83,11 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         # arithmetic as the FSDP runs, since Adam turns last-bit gradient differences into whole steps.
         "performance": {"chunked_loss": False}, **extra,
     }
+
+
+def pissa_config(root: Path, model: Path, out: str, strategy: str = "none") -> dict:
+    """PiSSA under DDP: DDP broadcasts rank 0's initialisation (adapter and base), which rank 0 alone wrote."""
+    return raw_config(root, model, out, strategy, steps=2, lora={"r": 8, "alpha": 16, "dropout": 0.0, "init": "pissa"})
 
 
 def preference_config(root: Path, model: Path, name: str, strategy: str = "none") -> dict:
@@ -96,6 +113,46 @@ def write_preference_data(root: Path) -> None:
         write_jsonl(root / f"{name}_val.jsonl", records[22:])
 
 
+def grpo_config(root: Path, name: str, strategy: str = "none") -> dict:
+    """2 micro-batches of 2 prompts per step (one per process), 3 completions each, 2 steps."""
+    _, keys, extra = GRPO_RUNS[name]
+    grpo = {"generations": 3, "max_completion_tokens": MAX_COMPLETION, "beta": 0.05, "top_p": 0.9,
+            "rewards": [{"function": "length_penalty", "args": {"max_chars": 12}}], **keys}
+    if "max_turns" in keys:
+        grpo["environment"] = f"{root / 'grpo_env.py'}:reply"
+    if "validation" in extra:
+        extra = {**extra, "validation": {"path": str(root / "prompts_val.jsonl")}}
+    return raw_config(root, root / "stops", name if strategy != "none" else f"ref_{name}", strategy, steps=2,
+                      method="grpo", datasets=[{"path": str(root / "prompts.jsonl")}], global_batch_size=4,
+                      learning_rate=1e-3, grpo=grpo, **extra)
+
+
+def write_grpo_data(root: Path, tiny_model: Path) -> None:
+    records = [{"prompt": f"Say yes {'please ' * (i % 3)}{i}", "answer": "yes"} for i in range(14)]
+    write_jsonl(root / "prompts.jsonl", records[:12])
+    write_jsonl(root / "prompts_val.jsonl", records[12:])
+    (root / "grpo_env.py").write_text(
+        "def reply(messages):\n    return 'Once more?' if int(messages[0]['content'].split()[-1]) % 3 == 0 else None\n")
+    model_that_stops(tiny_model, root / "stops")
+
+
+def model_that_stops(src: Path, dst: Path) -> Path:
+    """The tiny model with the end-of-turn row of its output layer turned towards its hidden states, so sampled
+    answers end after 1 to 6 tokens (a random model would almost never draw that one token of 49k)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    text = tok.apply_chat_template([{"role": "user", "content": "Say yes"}], tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0]
+        direction = hidden.mean(0)
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>")] = 3.0 * direction / direction.norm()
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
 def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
            "HF_HUB_OFFLINE": "1"}
@@ -110,6 +167,7 @@ def runs(tmp_path_factory, tiny_models):
     write_jsonl(root / "train.jsonl", memorise_records(22))
     write_preference_data(root)
     model = tiny_models["llama"]
+    write_grpo_data(root, model)
     cut = raw_config(root, model, "cut", "fsdp", save_every=2, keep_last=3)
     spec = {
         "runs": [{"config": raw_config(root, model, name, *s)} for name, s in SCENARIOS.items()] + [
@@ -118,10 +176,15 @@ def runs(tmp_path_factory, tiny_models):
             {"config": {**cut, "output_dir": str(root / "cut_ddp"), "distributed": {"strategy": "ddp"}},
              "resume": True, "copy_from": str(root / "cut")},
             {"config": raw_config(root, model, "ddp_fast", "ddp", performance="auto")},  # chunked loss on
-        ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()],
+            {"config": pissa_config(root, model, "ddp_pissa", "ddp")},
+        ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()]
+          + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
         "reload": {"config": raw_config(root, model, "reload", "fsdp"),
                    "checkpoint": str(root / "cut" / "checkpoints" / "step-2"), "out": str(root / "reload.safetensors")},
+        # Rank 0 decodes 2 tokens of one prompt, rank 1 7 tokens of two: rank 0 must keep stepping.
+        "decode": {"config": raw_config(root, model, "decode", "fsdp"), "out": str(root), "lengths": [2, 7],
+                   "prompts": [[[5, 6, 7]], [[8, 9], [10, 11, 12, 13]]], "seeds": [[1], [2, 3]]},
     }
     (root / "spec.json").write_text(json.dumps(spec))
     # A cache of this launch's own, so rank 0 computes the precomputed reference log-probs (not an earlier run).
@@ -136,6 +199,9 @@ def runs(tmp_path_factory, tiny_models):
     train(config_from_dict(raw_config(root, model, "ref_fast", performance="auto")), reporter=QUIET)
     for name in PREFERENCE:
         train(config_from_dict(preference_config(root, model, name)), reporter=QUIET)
+    for name in GRPO_RUNS:
+        train(config_from_dict(grpo_config(root, name)), reporter=QUIET)
+    train(config_from_dict(pissa_config(root, model, "ref_pissa")), reporter=QUIET)
     shutil.copytree(root / "cut", root / "cut_one")  # before resuming it, keep the 2-process checkpoint as saved
     train(config_from_dict({**cut, "output_dir": str(root / "cut_one")}), resume=True, reporter=QUIET)
     yield {"root": root, "model": model, "launch_s": launch_s}
@@ -202,6 +268,54 @@ def test_preference_objectives_on_two_processes_equal_one(runs, name):
             assert set(manifest[key]) == set(ref[key])
             for k, v in ref[key].items():
                 assert manifest[key][k] == pytest.approx(v, abs=TOL), (key, k)
+
+
+@pytest.mark.parametrize("name", list(GRPO_RUNS))
+def test_grpo_on_two_processes_equals_one(runs, name):
+    """Each process samples the groups of its own prompts, each completion from a generator seeded by (seed,
+    step, place in the global batch): per-step loss, gradient norm, reward statistics (summed over the
+    processes) and final weights equal one process's with the same global batch. Were a completion's draws
+    to depend on the process (one random stream each), rank 1 would sample other answers than the single
+    process does for the same prompts, and rewards and losses would differ."""
+    root = runs["root"]
+    assert_same_run(root / name, root / f"ref_{name}", "lora")
+    got, want = read_metrics(root / name / "metrics.jsonl"), read_metrics(root / f"ref_{name}" / "metrics.jsonl")
+    for a, b in zip(got, want):
+        keys = {k for k in b if k.startswith(GRPO_STATS)}
+        assert {"reward", "reward_std", "frac_zero_std", "completion_length", "kl"} <= keys
+        assert keys == {k for k in a if k.startswith(GRPO_STATS)}
+        for k in keys:
+            assert abs(a[k] - b[k]) <= TOL * max(1.0, abs(b[k])), (a["step"], k, a[k], b[k])
+    # The answers end early and unevenly (so generations differ in length), and they are scored differently.
+    assert min(m["completion_length"] for m in want) < MAX_COMPLETION
+    assert any(m["reward_std"] > 0 for m in want) and any(m["grad_norm"] > 0 for m in want)
+    assert json.loads((root / name / "run.json").read_text())["distributed"]["strategy"] == GRPO_RUNS[name][0]
+
+
+def test_fsdp_sampling_of_uneven_lengths_ends_and_equals_one_process(runs):
+    """Under FSDP each forward needs every process: rank 0, done after 2 tokens, keeps stepping (one all-reduced
+    'all done' flag per token) while rank 1 decodes 7, so neither hangs; and each rank's completions are those one
+    process samples from the same prompts and seeds."""
+    from dist_scenarios import lora_model
+
+    from tuneforge.methods.sampling import decode, seeded_generators
+
+    spec = json.loads((runs["root"] / "spec.json").read_text())["decode"]
+    model = lora_model(config_from_dict(spec["config"]), torch.device("cpu"))
+    for rank, (prompts, length, seeds) in enumerate(zip(spec["prompts"], spec["lengths"], spec["seeds"])):
+        got = json.loads((runs["root"] / f"decode-{rank}.json").read_text())
+        sampling = {"temperature": 1.0, "top_p": 0.9, "generators": seeded_generators(seeds, "cpu")}
+        want = decode(model, prompts, [], 0, length, torch.device("cpu"), sampling)
+        assert got == [ids for ids, _ in want] and {len(ids) for ids in got} == {length}
+
+
+def test_pissa_on_two_ddp_processes_equals_one(runs):
+    """lora.init: pissa under DDP: rank 0 writes the initial adapter, DDP broadcasts its initialisation, and final/
+    (converted back to plain LoRA of rank 2r) equals the single-process run's."""
+    root = runs["root"]
+    assert_same_run(root / "ddp_pissa", root / "ref_pissa", "lora")
+    assert json.loads((root / "ddp_pissa" / "final" / "adapter_config.json").read_text())["r"] == 16
+    assert (root / "ddp_pissa" / "adapter_init" / "adapter_model.safetensors").is_file()
 
 
 def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):
@@ -323,11 +437,17 @@ def test_distributed_config_rules(tmp_path, tiny_models):
     for method in ("dpo", "orpo", "simpo", "kto", "reward"):  # LoRA: the reference is the adapter-disabled model
         assert config_from_dict({**raw, "method": method}).method == method
     assert config_from_dict({**raw, "early_stopping": {"patience": 2}, "validation": {"split": 0.1}, "eval_every": 2})
-    # What is left, each refusal naming its key.
-    with pytest.raises(ConfigError, match="method: grpo does not run on several processes"):
-        config_from_dict({**ddp, "method": "grpo", "grpo": {"rewards": [{"function": "exact_match"}]}})
-    with pytest.raises(ConfigError, match="lora.init: pissa is not supported on several processes"):
-        config_from_dict({**ddp, "lora": {"init": "pissa"}})
+    grpo = {"method": "grpo", "grpo": {"rewards": [{"function": "exact_match"}], "beta": 0.05}}
+    for run in (raw, ddp):
+        assert config_from_dict({**run, **grpo}).method == "grpo"
+    assert config_from_dict({**ddp, "lora": {"init": "pissa"}}).lora.init == "pissa"
+    # What is left, each refusal naming its key and the fix.
+    with pytest.raises(ConfigError, match="lora.init: pissa is not supported with distributed.strategy: fsdp .* use "
+                                          "distributed.strategy: ddp"):
+        config_from_dict({**raw, "lora": {"init": "pissa"}})
+    with pytest.raises(ConfigError, match="method: grpo with adapter: full .* set grpo.beta: 0"):
+        config_from_dict({**raw, **grpo, "adapter": "full"})
+    assert config_from_dict({**raw, "method": "grpo", "adapter": "full", "grpo": {**grpo["grpo"], "beta": 0.0}})
     # A full fine-tune's frozen reference copy is not sharded by FSDP: precompute it, or use DDP.
     with pytest.raises(ConfigError, match="method: dpo with adapter: full .* set dpo.precompute_reference: true"):
         config_from_dict({**raw, "method": "dpo", "adapter": "full"})

@@ -116,7 +116,7 @@ def test_environment_turns_are_context_never_trained(tmp_path, tiny_models):
     obj, data, tok, _ = grpo_objective(tmp_path, tiny_models, environment="env_echo:reply")
     model = load_model(tiny_models["llama"], CPU)
     torch.manual_seed(0)
-    rows, rewards, _ = obj.rollouts(model, [data.train[0]], 3, sampling=True)
+    rows, rewards, _ = obj.rollouts(model, [data.train[0]], 3, seeds=[1, 2, 3])
     assert rewards.shape == (3,)
     prompt_len = len(data.train[0].input_ids)
     stopped_and_answered = [r for r in rows if "TOOL SAYS" in tok.decode(r["ids"])]
@@ -162,6 +162,24 @@ def test_a_step_raises_the_logprob_of_the_better_completions(tmp_path, tiny_mode
     change = after - before
     adv = batch["advantages"]
     assert change[adv > 0].mean() > change[adv < 0].mean()
+
+
+def test_completions_depend_on_step_and_place_not_on_what_the_process_did_before(tmp_path, tiny_models):
+    """What lets 2 processes equal 1: micro-batch 1 of a step draws the same completions whether this process
+    sampled micro-batch 0 first (one process) or not (rank 1 of 2), whatever the global random state; another
+    step or place draws others."""
+    obj, data, tok, _ = grpo_objective(tmp_path, tiny_models)
+    model = load_model(tiny_models["llama"], CPU)
+
+    def completions(indices, place, seed=0):
+        torch.manual_seed(seed)
+        return obj.prepare(model, {**obj.collate(indices), "place": torch.tensor(place)})["input_ids"]
+
+    as_rank_one = completions([2, 3], [0, 1])
+    completions([0, 1], [0, 0], seed=5)  # one process samples micro-batch 0 first
+    assert torch.equal(completions([2, 3], [0, 1], seed=123), as_rank_one)
+    assert not torch.equal(completions([2, 3], [1, 1]), as_rank_one)
+    assert not torch.equal(completions([2, 3], [0, 3]), as_rank_one)
 
 
 def test_zero_spread_groups_are_logged(tmp_path, tiny_models):

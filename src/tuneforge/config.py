@@ -552,18 +552,22 @@ def frozen_reference(cfg: Config) -> bool:
 def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
     """What several processes cannot train yet; `why` names what asked for them (a key or the launch),
     `strategy` the distributed.strategy chosen (auto: not known yet)."""
-    if cfg.method == "grpo":
-        raise ValueError(f"method: grpo does not run on several processes yet ({why}): its sampling is not "
-                         "shared between them. Train it with one process (distributed.strategy: none, no --nproc)")
     if strategy == "fsdp" and frozen_reference(cfg):
-        fix = ("set dpo.precompute_reference: true (the reference log-probs are computed once before training), "
-               if cfg.method == "dpo" else "")
+        if cfg.method == "dpo":
+            fix = "set dpo.precompute_reference: true (the reference log-probs are computed once before training), "
+        elif cfg.method == "grpo":
+            fix = "set grpo.beta: 0 (no KL term, no reference), "
+        else:
+            fix = ""
         raise ValueError(f"method: {cfg.method} with adapter: full compares against a frozen copy of the base model, "
                          f"which distributed.strategy: fsdp does not shard ({why}); {fix}use adapter: lora (the "
                          "reference is the adapter-disabled model), or distributed.strategy: ddp")
-    if cfg.lora.changes_base and cfg.adapter != "full":
-        raise ValueError(f"lora.init: {cfg.lora.init} is not supported on several processes yet ({why}); use "
-                         "lora.init: default or gaussian, or train with one process")
+    if strategy == "fsdp" and cfg.lora.changes_base and cfg.adapter != "full":
+        # final/ is converted back to plain LoRA (PEFT subtracts the initial adapter) inside one PEFT model
+        # holding both adapters whole; a sharded model holds neither.
+        raise ValueError(f"lora.init: {cfg.lora.init} is not supported with distributed.strategy: fsdp yet ({why}): "
+                         "the saved adapter is converted back to plain LoRA, which needs the whole adapter in one "
+                         "process; use distributed.strategy: ddp, or lora.init: default or gaussian")
 
 
 # Keys users bring from other tools, mapped to ours.

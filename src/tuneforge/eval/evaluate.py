@@ -117,16 +117,12 @@ def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tu
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                    device, batch_size: int = 16, sampling: dict | None = None,
-                    keep_stop: bool = False) -> list[tuple[list[int], bool]]:
-    """Continuations, left-padded in batches; each is (new token ids, stopped), the stop token kept if asked.
-
-    Greedy unless `sampling` gives generate()'s sampling settings (temperature, top_p).
-    """
+                    device, batch_size: int = 16) -> list[tuple[list[int], bool]]:
+    """Greedy continuations, left-padded in batches; each is (new token ids, stopped), the stop token dropped.
+    (GRPO samples with methods/sampling.py, whose draws do not depend on the batch or the process.)"""
     was_training = model.training
     model.eval()
     out = []
-    decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         width = max(len(p) for p in chunk)
@@ -137,11 +133,11 @@ def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id
             mask[j, width - len(p) :] = 1
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids, pad_token_id=pad_id, **decoding,
+            eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=False,
         )[:, width:].tolist()
         for row in gen:
             cut = next((k for k, t in enumerate(row) if t in stop_ids), None)
-            out.append((row if cut is None else row[: cut + keep_stop], cut is not None))
+            out.append((row if cut is None else row[:cut], cut is not None))
     model.train(was_training)
     return out
 

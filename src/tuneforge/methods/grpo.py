@@ -6,6 +6,11 @@ method: the loss is then taken on the sampled rows. One optimizer step is taken 
 rollouts, so the probability ratio starts at 1; the clipped form is kept so the objective is
 the standard one. Tokens written by an environment (multi-turn rollouts) are context: their
 labels are IGNORE_INDEX and they are never trained (R-FEAT-2).
+
+On several processes each samples the groups of its own micro-batches (a prompt's whole group stays
+on one process, so advantages need no communication); rewards, statistics and the loss's units are
+summed over the processes by run_objective. Each completion draws from a generator seeded by (seed,
+step, its place in the global batch), so the completions do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import torch
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX, conversation_segments, encode_segment_lists
 from tuneforge.data.tokenized import Example
-from tuneforge.eval.evaluate import autocast_for, greedy_generate
+from tuneforge.eval.evaluate import autocast_for
 from tuneforge.fast import FastPath
 from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
 from tuneforge.methods.rewards import load_reward, score
+from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
+from tuneforge.parallel.apply import forward_is_collective, unwrap
 
 def group_advantages(rewards: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) for rewards shaped [prompts, generations]."""
@@ -53,8 +60,9 @@ class GRPO:
     fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference, *, tokenizer, stop_ids, end_of_turn, device, dtype,
-                 base: Path | None = None):
+                 base: Path | None = None, seed: int = 0):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
+        self.seed = seed  # with the step and place of each prompt, seeds its completions' draws
         self.tokenizer, self.stop_ids, self.end_of_turn = tokenizer, stop_ids, end_of_turn
         self.device, self.dtype = device, dtype
         self.rewards = []  # (metric name, weight, function); names are the functions' own, numbered if repeated
@@ -71,8 +79,11 @@ class GRPO:
 
     def prepare(self, model, batch):
         examples = [self.data.train[i] for i in batch["index"].tolist()]
-        rows, rewards, per_fn = self.rollouts(model, examples, self.spec.generations, sampling=True)
         g = self.spec.generations
+        # The loop gives each micro-batch its place: (step, number in the step's global batch).
+        step, micro = batch["place"].tolist() if "place" in batch else (0, 0)
+        seeds = [draw_seed(self.seed, step, micro, i, k) for i in range(len(examples)) for k in range(g)]
+        rows, rewards, per_fn = self.rollouts(model, examples, g, seeds=seeds)
         advantages, std = group_advantages(rewards.view(-1, g), self.spec.scale_rewards)
         out = _pad_rows(rows, self.pad_id, self.device)
         out["advantages"] = advantages.reshape(-1).to(self.device)
@@ -124,21 +135,32 @@ class GRPO:
 
     # -- rollouts ------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollouts(self, model, examples, n: int, sampling: bool) -> tuple[list[dict], torch.Tensor, dict]:
-        """n completions per example (all turns when an environment answers), scored by every reward function."""
+    def rollouts(self, model, examples, n: int,
+                 seeds: list[int] | None = None) -> tuple[list[dict], torch.Tensor, dict]:
+        """n completions per example (all turns when an environment answers), scored by every reward function.
+
+        Sampled when `seeds` gives one seed per completion, greedy otherwise. Under DDP the wrapped
+        module generates (no collective); under FSDP the sharded model does, in step with the others."""
         s = self.spec
+        policy = unwrap(model)
+        synced = forward_is_collective(policy)
         rows = [{"ids": list(ex.input_ids), "labels": [IGNORE_INDEX] * len(ex.input_ids), "ex": ex,
                  "messages": _messages(ex.record.prompt), "text": "", "completion_tokens": 0, "done": False}
                 for ex in examples for _ in range(n)]
-        decoding = {"temperature": s.temperature, "top_p": s.top_p} if sampling else None
+        if seeds is not None:
+            for row, g in zip(rows, seeded_generators(seeds, self.device)):
+                row["generator"] = g  # kept over turns: a row's draws never depend on the other rows
         for turn in range(s.max_turns):
             active = [r for r in rows if not r["done"]]
-            if not active:
+            # Under FSDP every process takes the same turns; one with nothing left decodes a placeholder.
+            if all_finished(not active, synced, self.device):
                 break
+            prompts = [r["ids"] for r in active] or [[self.pad_id]]
+            sampling = None if seeds is None or not active else {
+                "temperature": s.temperature, "top_p": s.top_p, "generators": [r["generator"] for r in active]}
             with autocast_for(self.device, self.dtype):
-                gens = greedy_generate(model, [r["ids"] for r in active], self.stop_ids, self.pad_id,
-                                       s.max_completion_tokens, self.device, batch_size=len(active),
-                                       sampling=decoding, keep_stop=True)
+                gens = decode(policy, prompts, self.stop_ids, self.pad_id, s.max_completion_tokens, self.device,
+                              sampling, synced)
             for row, (ids, stopped) in zip(active, gens):
                 row["ids"] += ids
                 row["labels"] += ids
@@ -186,7 +208,7 @@ class GRPO:
         examples = list(data.validation)
         if not examples:
             return {}
-        _, rewards, per_fn = self.rollouts(model, examples, 1, sampling=False)
+        _, rewards, per_fn = self.rollouts(model, examples, 1)
         model.train(was_training)
         out = {"mean_reward": rewards.mean().item(), "prompts": len(examples)}
         out.update({f"mean_reward/{name}": sum(v) / len(v) for name, v in per_fn.items()})

@@ -178,9 +178,12 @@ def build_lora_config(cfg: Config, model=None):
     )
 
 
-def attach_adapter(model, cfg: Config):
+def attach_adapter(model, cfg: Config, save_initial: bool = True):
     """(model, report): LoRA through PEFT (its format is what other tools load), or the weights `freeze`
-    leaves trainable; the report lists which linear-like weights train and which were skipped (R-FEAT-4)."""
+    leaves trainable; the report lists which linear-like weights train and which were skipped (R-FEAT-4).
+
+    `save_initial`: write a PiSSA/OLoRA run's initial adapter (rank 0 alone, on several processes: DDP then
+    broadcasts rank 0's initialisation, base and adapter, so every process trains from what was written)."""
     if cfg.adapter == "full":
         apply_freeze(model, cfg.freeze)
         return model, adapted_modules(model, full=True)
@@ -192,7 +195,7 @@ def attach_adapter(model, cfg: Config):
     except (ValueError, TypeError) as err:
         raise ConfigError(f"lora ({cfg.lora.init} init, target_modules {cfg.lora.target_modules}): {err}") from None
     initial = initial_adapter_dir(cfg)
-    if initial is not None:
+    if initial is not None and save_initial:
         save_initial_adapter(model, initial)
     return model, adapted_modules(model)
 

@@ -63,6 +63,14 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def forward_is_collective(model) -> bool:
+    """Whether a forward of `model` needs every process (FSDP gathers each layer's weights from all of
+    them), so that code running forwards on its own (sampling) must keep the processes in step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def transformers_model(model):
     """The transformers model under DDP and PEFT wrappers (its config, output layer, score head)."""
     inner = unwrap(model)

@@ -134,7 +134,7 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _forward_names(model) -> tuple[str, dict]:
+def forward_names(model) -> tuple[str, dict]:
     """The KV-cache argument's name (transformers renamed past_key_values to cache) and, where the
     model allows it, a request for the last position's logits only (a long prompt x vocab is GBs)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -150,7 +150,7 @@ def generate_ids(model, prompt: list[int], max_new_tokens: int, sampling: Sampli
     if sampling.temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-    cache_name, extra = _forward_names(model)
+    cache_name, extra = forward_names(model)
     ids = torch.tensor([prompt], device=device)
     cache = None
     for _ in range(max_new_tokens):

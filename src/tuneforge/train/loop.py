@@ -244,7 +244,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep, world) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
-              "dtype": dtype, "base": Path.cwd()}
+              "dtype": dtype, "base": Path.cwd(), "seed": cfg.seed}
     fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp")
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
@@ -266,7 +266,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 write_json(before_path, before)
 
     seed_everything(cfg.seed)
-    model, adapted = attach_adapter(model, cfg)
+    model, adapted = attach_adapter(model, cfg, save_initial=world.main)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
     if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
         rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
@@ -320,6 +320,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             mine, counted = shard_step(index_batches, world.rank, world.size)
             batches = [objective.collate(idx) for idx in mine]
+            for j, batch in enumerate(batches):  # its place in the run, whatever the number of processes
+                batch["place"] = torch.tensor([step, world.rank + j * world.size])  # (seeds GRPO's sampling)
             data_s = time.perf_counter() - t0
             loss, totals, stats = accumulate_gradients(objective, trained, batches, device, dtype, world, counted)
             lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
