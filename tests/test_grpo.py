@@ -195,7 +195,7 @@ def test_grpo_runs_through_the_loop_and_logs_its_metrics(tmp_path, tiny_models):
     records = [{"prompt": "Say yes " + "please " * (i % 3) + str(i), "answer": "yes"} for i in range(8)]
     data_file = write_jsonl(tmp_path / "prompts.jsonl", records)
     cfg = make_cfg(tmp_path, tiny_models["llama"], method="grpo", datasets=[{"path": str(data_file)}],
-                   validation={"split": 0.25}, max_steps=2, micro_batch_size=2,
+                   validation={"split": 0.25}, max_steps=2, micro_batch_size=2, eval_every=2,
                    grpo={"generations": 2, "max_completion_tokens": 4, "beta": 0.05,
                          "rewards": [{"function": "exact_match"}, {"function": "length_penalty", "args": {"max_chars": 3}}]})
     run = train(cfg, reporter=QUIET)
@@ -204,6 +204,8 @@ def test_grpo_runs_through_the_loop_and_logs_its_metrics(tmp_path, tiny_models):
     assert len(logged) == 2
     for key in ("reward", "reward_std", "frac_zero_std", "kl", "rewards/exact_match", "completion_length"):
         assert all(math.isfinite(r[key]) for r in logged), key
+    # The evaluation during training is logged under val_, where early stopping and `runs` look.
+    assert "val_mean_reward" in logged[1] and "val_mean_reward/exact_match" in logged[1]
     # The padding share is that of the rollouts the model read (prompts of different lengths, left-padded).
     assert all(0 < r["padding_share"] < 1 and r["tokens"] > 0 for r in logged)
 

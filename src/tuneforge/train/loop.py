@@ -430,7 +430,9 @@ def _validation(cfg: Config, model, data: PreparedData, objective, pad: int, dev
     if cfg.method == "sft":
         return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size,
                                hardest=cfg.diagnose.hardest_examples)
-    return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
+    metrics = objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
+    # Every held-out number is logged under val_ (GRPO's mean_reward too), so early stopping can read it.
+    return {k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()}
 
 
 def _evaluate(cfg: Config, model, tokenizer, data: PreparedData, objective, device, dtype, reference=None) -> dict:
