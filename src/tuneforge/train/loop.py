@@ -25,6 +25,8 @@ from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
+from tuneforge.fast.checkpointing import apply_activation_checkpointing
+from tuneforge.fast.compile import apply_compile
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -244,7 +246,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep, world) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd()}
-    fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp")
+    fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp", data=data)
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
     for note in getattr(objective, "notes", ()):
@@ -267,8 +269,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
-    if fast.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
+    if fast.compile:
+        apply_compile(model)
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
