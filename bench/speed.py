@@ -36,7 +36,7 @@ from pathlib import Path
 # The real architectures come from plan's table (tuneforge.plan.architectures); "tiny" is for CPU smoke runs.
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
-STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "liger", "unsloth")
+STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-compile", "liger", "unsloth")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MICRO_BATCH, SEQ = 4, 2048
@@ -165,12 +165,15 @@ def run_unsloth(args, dtype):
     return model, padded_step(model, args)
 
 
-def run_tuneforge(args, dtype, mode: str):
-    """tuneforge's own parts: its adapter, its SFT objective on the fast path, its optimizer step."""
+def run_tuneforge(args, dtype, mode: str, compile: bool = False):
+    """tuneforge's own parts: its adapter, its SFT objective on the fast path, its optimizer step;
+    `compile`: each decoder layer under torch.compile (performance.compile)."""
     import torch
 
     from tuneforge.config import config_from_dict
     from tuneforge.fast import resolve
+    from tuneforge.fast.checkpointing import apply_activation_checkpointing
+    from tuneforge.fast.compile import apply_compile
     from tuneforge.methods.sft import SFT
     from tuneforge.models.load import attach_adapter, weights_dtype
     from tuneforge.train.loop import accumulate_gradients, optimizer_step
@@ -179,15 +182,16 @@ def run_tuneforge(args, dtype, mode: str):
     cfg = config_from_dict({
         "datasets": [{"path": "unused.jsonl"}], "adapter": "lora", "learning_rate": args.lr, "max_grad_norm": None,
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
-        "gradient_checkpointing": args.checkpointing, "performance": mode,
+        "gradient_checkpointing": args.checkpointing, "performance": {"mode": mode, "compile": compile},
     })
     device = torch.device(args.device)
     model, _ = build_model(args.shape, args.device, weights_dtype("lora", dtype), args.seed)
     torch.manual_seed(args.seed + 1)
     model, _ = attach_adapter(model, cfg)
     fast = resolve(cfg, device.type, model)
-    if fast.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
+    if fast.compile:
+        apply_compile(model)
     model.train()
     optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
     Example = type("Example", (), {})
@@ -220,7 +224,8 @@ def worker(args) -> dict:
     elif args.stack == "unsloth":
         model, step = run_unsloth(args, dtype)
     else:
-        model, step = run_tuneforge(args, dtype, "min_memory" if args.stack.endswith("min_memory") else "auto")
+        model, step = run_tuneforge(args, dtype, "min_memory" if args.stack.endswith("min_memory") else "auto",
+                                    compile=args.stack.endswith("compile"))
     n_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     cuda = args.device == "cuda"
     losses, times = [], []
