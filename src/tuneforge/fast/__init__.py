@@ -40,7 +40,7 @@ class FastPath:
     def describe(self) -> str:
         level = self.activation_checkpointing
         checkpointing = f"activation checkpointing {level}" + (
-            f" (every {self.checkpoint_every} layers)" if level == "selective" else "")
+            f" (1 layer in {self.checkpoint_every})" if level == "selective" else "")
         parts = [name for name, on in (("padding-free batches", self.padding_free),
                                        ("chunked loss (no full logits)", self.chunked_loss),
                                        (checkpointing, level != "none"),

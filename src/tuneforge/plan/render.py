@@ -110,7 +110,8 @@ def print_plan(report: PlanReport, console: Console) -> None:
     changed = [r for r in report.fitted.values() if r is not None]
     for r in changed:
         console.print(f"  {r.device.name} fits with: {', '.join(r.changes)} (peak {gib(r.memory.peak)} GiB, "
-                      f"run {duration(r.run_hours)}, {money(r.cost)})")
+                      f"checkpointing {describe_level(m.shape, r.settings)}, run {duration(r.run_hours)}, "
+                      f"{money(r.cost)})")
     rec = report.recommendation
     if rec is not None:
         how = "as configured" if not rec.changes else f"with {', '.join(rec.changes)}"
