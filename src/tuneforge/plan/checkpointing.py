@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tuneforge.plan.memory import FIT_SHARE, Settings, checkpointed_layers, memory
+from tuneforge.plan.memory import FIT_SHARE, Settings, checkpointed_layers, live_layers, memory
 from tuneforge.plan.shapes import ModelShape
 
 LEVELS = ("none", "selective", "full", "offload")
@@ -56,16 +56,16 @@ def from_request(s: Settings, request: str, every: int | None) -> Settings:
 
 def least_first(shape: ModelShape, s: Settings) -> list[Settings]:
     """Every level from the least checkpointing to the most: none, selective with 1, 2, ... checkpointed
-    layers (the largest k for each count), full, offload."""
-    out = [with_level(s, "none")]
-    seen = set()
+    layers, full, offload. Of the k that checkpoint as many layers, the one that keeps the fewest alive
+    (the last layer not among them: it would be recomputed while the others still hold theirs)."""
+    by_count: dict[int, Settings] = {}
     for every in range(shape.layers, 1, -1):
         option = with_level(s, "selective", every)
         count = checkpointed_layers(shape, option)
-        if count not in seen and count < shape.layers:
-            seen.add(count)
-            out.append(option)
-    return out + [with_level(s, "full"), with_level(s, "offload")]
+        if count not in by_count or live_layers(shape, option) < live_layers(shape, by_count[count]):
+            by_count[count] = option
+    selective = [by_count[count] for count in sorted(by_count)]
+    return [with_level(s, "none"), *selective, with_level(s, "full"), with_level(s, "offload")]
 
 
 def for_device(shape: ModelShape, s: Settings, memory_bytes: float, is_cpu: bool, compute: str) -> Settings:
