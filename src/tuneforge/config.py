@@ -448,8 +448,8 @@ class Config(_Strict):
         "auto", description="auto: bf16 on GPUs that support it, else fp32."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: the same as "
-                                         "performance.activation_checkpointing: full, which wins when both are set.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: true means "
+                                         "performance.activation_checkpointing: full (a level set there wins).")
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     seed: int = 42
     output_dir: str = Field("runs/run", description="Relative to the config file.")
