@@ -1,6 +1,7 @@
 """The fast path against the plain path on CPU: the built-in model, LoRA, real tokens/s and peak memory.
 
     python bench/fast_path_cpu.py --steps 12 --repeats 2
+    python bench/fast_path_cpu.py --modes auto selective full --data variable-length   # checkpointing
 
 Two datasets: the quickstart data (lengths 64-96 tokens, little padding) and a variable-length set
 whose answer lengths follow an instruction-tuning distribution (log-normal, median about 120 tokens,
@@ -8,7 +9,8 @@ capped at 512). Each (dataset, mode) runs in a fresh process, alternating modes,
 the best median step time of each is kept (a shared machine only ever slows a run down). Peak
 memory is the process's peak RSS during the training steps (the model and data included, the
 loading peak not). Modes: off (padded batches, full
-logits), padding_free, chunked_loss, auto (both).
+logits), padding_free, chunked_loss, auto (both, no activation checkpointing on a CPU); selective
+and full are auto with every second decoder layer, or every layer, checkpointed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ MODES = {
     "padding_free": {"mode": "off", "padding_free": True},
     "chunked_loss": {"mode": "off", "chunked_loss": True},
     "auto": {"mode": "auto"},
+    "selective": {"mode": "auto", "activation_checkpointing": "selective"},
+    "full": {"mode": "auto", "activation_checkpointing": "full"},
 }
+DEFAULT_MODES = ("off", "padding_free", "chunked_loss", "auto")
 # Peak memory of the training steps alone: the kernel's high-water mark (VmHWM) is reset when the
 # loop starts, after the model was loaded (reading the GGUF peaks higher than a training step).
 ONE_RUN = """
@@ -86,6 +91,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(DEFAULT_MODES))
+    p.add_argument("--data", nargs="+", choices=["quickstart", "variable-length"],
+                   default=["quickstart", "variable-length"])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -94,9 +102,11 @@ def main() -> None:
         print(f"| data | mode | real tokens/s | median step s | peak RSS GiB | loss at step {args.steps} |")
         print("|---|---|---|---|---|---|")
         for name, data in sets.items():
+            if name not in args.data:
+                continue
             best: dict[str, dict] = {}
             for r in range(args.repeats):
-                for mode in MODES:
+                for mode in args.modes:
                     result = run(data, tmp / f"{name}-{mode}-{r}", args.steps, mode, args.micro_batch)
                     if mode not in best or result["step_s"] < best[mode]["step_s"]:
                         best[mode] = result

@@ -19,7 +19,6 @@ the difference is the kernels' alone.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 

@@ -38,10 +38,12 @@ from pathlib import Path
 # The real architectures come from plan's table (tuneforge.plan.architectures); "tiny" is for CPU smoke runs.
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
-STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-no_kernels", "liger", "unsloth")
-# performance: of each tuneforge stack; no_kernels is the default without the fused RMSNorm/SwiGLU kernels
+STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-no_kernels", "tuneforge-compile", "liger", "unsloth")
+# performance: of each tuneforge stack; no_kernels is the default without the fused RMSNorm/SwiGLU kernels,
+# compile the default with each decoder layer under torch.compile
 PERFORMANCE = {"tuneforge": "auto", "tuneforge-min_memory": "min_memory",
-               "tuneforge-no_kernels": {"mode": "auto", "kernels": False}}
+               "tuneforge-no_kernels": {"mode": "auto", "kernels": False},
+               "tuneforge-compile": {"mode": "auto", "compile": True}}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MICRO_BATCH, SEQ = 4, 2048
@@ -177,6 +179,8 @@ def run_tuneforge(args, dtype, mode: str | dict):
     from tuneforge.config import config_from_dict
     from tuneforge.fast import resolve
     from tuneforge.fast.kernels import apply_kernels
+    from tuneforge.fast.checkpointing import apply_activation_checkpointing
+    from tuneforge.fast.compile import apply_compile
     from tuneforge.methods.sft import SFT
     from tuneforge.models.load import attach_adapter, weights_dtype
     from tuneforge.train.loop import accumulate_gradients, optimizer_step
@@ -194,8 +198,9 @@ def run_tuneforge(args, dtype, mode: str | dict):
     fast = resolve(cfg, device.type, model)
     if fast.kernels:  # where the loop applies them: after the adapter
         apply_kernels(model)
-    if fast.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
+    if fast.compile:
+        apply_compile(model)
     model.train()
     optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
     Example = type("Example", (), {})

@@ -41,6 +41,12 @@ SCENARIOS = {  # name: (strategy, adapter, steps)
     "fsdp_qlora": ("fsdp", "qlora", 2),  # 4-bit weights stored as fp32 and sharded (R-DIST-3)
 }
 REFERENCES = {"lora": 4, "full": 3, "qlora": 2}  # single-process runs: adapter -> steps
+# LoRA with activation checkpointing, against the plain one-process LoRA run: name -> (strategy, performance,
+# the level run.json records). Offload is full on a CPU; selective every 2nd layer checkpoints layer 0 of 2.
+CHECKPOINTED = {
+    "ddp_offload": ("ddp", {"activation_checkpointing": "offload"}, "full"),
+    "fsdp_selective": ("fsdp", {"activation_checkpointing": "selective", "checkpoint_every": 2}, "selective"),
+}
 # Preference objectives with LoRA (the reference is the adapter-disabled model, reached through the DDP
 # wrapper or the FSDP root): name -> (strategy, method, extra config). Each is compared with a one-process
 # run of the same config. The *_stop runs evaluate every 2 steps and stop early at step 4 (no improvement
@@ -177,6 +183,9 @@ def runs(tmp_path_factory, tiny_models):
              "resume": True, "copy_from": str(root / "cut")},
             {"config": raw_config(root, model, "ddp_fast", "ddp", performance="auto")},  # chunked loss on
             {"config": pissa_config(root, model, "ddp_pissa", "ddp")},
+        ] + [
+            {"config": raw_config(root, model, name, strategy, performance={"chunked_loss": False, **perf})}
+            for name, (strategy, perf, _) in CHECKPOINTED.items()
         ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()]
           + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
@@ -324,6 +333,14 @@ def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):
     assert_same_run(root / "ddp_fast", root / "ref_fast", "lora")
     for run in ("ddp_fast", "ref_fast"):
         assert json.loads((root / run / "run.json").read_text())["performance"]["chunked_loss"]
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_activation_checkpointing_under_ddp_and_fsdp_equals_one_process(runs, name):
+    """Checkpointed layers inside DDP's and FSDP's hooks: the plain one-process run's losses and weights."""
+    assert_same_run(runs["root"] / name, runs["root"] / "ref_lora", "lora")
+    performance = json.loads((runs["root"] / name / "run.json").read_text())["performance"]
+    assert performance["activation_checkpointing"] == CHECKPOINTED[name][2]
 
 
 def test_saved_on_two_processes_resumes_on_one_and_on_two(runs):

@@ -179,6 +179,26 @@ class PerformanceSpec(_Strict):
         None, description="Fused RMSNorm and gated-MLP (SwiGLU/GeGLU) kernels swapped into the model: Triton "
         "on CUDA, the same arithmetic in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
         "unless mode is off.")
+    activation_checkpointing: Literal["auto", "none", "selective", "full", "offload"] = Field(
+        "auto", description="Recompute decoder layers in the backward pass instead of keeping their activations: "
+        "selective (every checkpoint_every-th layer), full (every layer), offload (every layer, their inputs kept in "
+        "pinned CPU memory; on a CPU the same as full). auto: on a GPU the least of these whose predicted peak fits "
+        "0.9 of its memory (mode auto), full or else offload (min_memory), none (off); none on a CPU unless "
+        "min_memory. The top-level gradient_checkpointing: true means full.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="selective: checkpoint every k-th decoder layer (layers 0, k, 2k, ...). null: on a "
+        "GPU the largest k that fits the memory budget, 2 on a CPU.")
+    compile: bool | None = Field(
+        None, description="Regional torch.compile: each decoder layer compiled on its own (one compilation serves "
+        "them all). null: off until the GPU benchmark has measured it.")
+
+    @model_validator(mode="after")
+    def _checkpoint_every(self) -> "PerformanceSpec":
+        if self.checkpoint_every is not None and self.activation_checkpointing != "selective":
+            raise ValueError(f"checkpoint_every applies to activation_checkpointing: selective (it is "
+                             f"{self.activation_checkpointing}); set activation_checkpointing: selective too, or "
+                             "remove checkpoint_every")
+        return self
 
 
 class PrepareSpec(_Strict):
@@ -432,8 +452,8 @@ class Config(_Strict):
         "auto", description="auto: bf16 on GPUs that support it, else fp32."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (performance: "
-                                         "min_memory turns it on too).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: true means "
+                                         "performance.activation_checkpointing: full (a level set there wins).")
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     seed: int = 42
     output_dir: str = Field("runs/run", description="Relative to the config file.")

@@ -2,6 +2,8 @@
 
 `performance.mode` picks the defaults: auto (everything that helps), min_memory (also activation
 checkpointing) or off (the plain path, for comparison). Each switch can be set on its own.
+Activation checkpointing and regional compilation are applied to the model by functions
+(fast/checkpointing.py, fast/compile.py); the level auto picks comes from plan's memory model.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ class FastPath:
     # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
     pair_cost: float = 0.0
     kernels: bool = False  # fused RMSNorm and gated-MLP modules (fast/kernels)
+    # none | selective (layers 0, k, 2k, ... with k = checkpoint_every) | full | offload (fast/checkpointing.py);
+    # gradient_checkpointing above is True whenever a layer is checkpointed, for readers of older run.json files.
+    activation_checkpointing: str = "none"
+    checkpoint_every: int = 1
+    compile: bool = False  # regional torch.compile of each decoder layer (fast/compile.py)
 
     def describe(self) -> str:
+        level = self.activation_checkpointing
+        checkpointing = f"activation checkpointing {level}" + (
+            f" (1 layer in {self.checkpoint_every})" if level == "selective" else "")
         parts = [name for name, on in (("padding-free batches", self.padding_free),
                                        ("chunked loss (no full logits)", self.chunked_loss),
-                                       ("activation checkpointing", self.gradient_checkpointing),
+                                       (checkpointing, level != "none"),
+                                       ("regional compile", self.compile),
                                        ("fused AdamW", self.fused_optimizer),
                                        ("fused RMSNorm and gated-MLP kernels", self.kernels)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
@@ -51,11 +62,17 @@ def pair_cost(model) -> float:
     return 4 * config.num_hidden_layers * config.hidden_size / max(2 * weights, 1)
 
 
-def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) -> FastPath:
+def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, device_memory: float | None = None,
+            data=None) -> FastPath:
     """The switches a run uses: each explicit setting, else what its mode implies for this method.
     `model` (the loaded base) prices attention against the weights for padding-free rows. Under FSDP
     (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
-    where FSDP holds only this process's shard of it."""
+    where FSDP holds only this process's shard of it. Activation checkpointing on a GPU is sized by
+    plan's memory model for the model, the prepared `data` and the GPU's `device_memory` (bytes;
+    default: the current CUDA device's)."""
+    from tuneforge.fast.checkpointing import choose_level
+
+    level, every = choose_level(cfg, device_type, model, device_memory, data)
     perf = cfg.performance
     on = perf.mode != "off"
     sft = cfg.method == "sft"  # the one objective that reads padding-free rows
@@ -68,10 +85,13 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) ->
         padding_free=sft and pick(perf.padding_free),
         chunked_loss=chunks and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
-        gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
+        gradient_checkpointing=level != "none",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
         pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
         kernels=kernels_default(device_type) if perf.kernels is None and on else bool(perf.kernels),
+        activation_checkpointing=level,
+        checkpoint_every=every,
+        compile=bool(perf.compile),
     )
 
 

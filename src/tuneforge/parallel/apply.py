@@ -16,10 +16,9 @@ import torch
 
 from tuneforge.errors import ConfigError
 from tuneforge.parallel.world import World
+from tuneforge.plan.memory import FIT_SHARE  # auto picks ddp when the estimated peak fits this share of one GPU
 
 _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|block|blocks|layer)\.\d+$")
-# auto picks ddp when the estimated peak fits this share of one GPU's memory.
-FIT_SHARE = 0.9
 
 
 def estimated_peak_bytes(cfg, folder: Path) -> float | None:

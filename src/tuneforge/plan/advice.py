@@ -1,14 +1,17 @@
 """What to change when a run does not fit, and settings known to train badly.
 
 The search tries the changes practitioners reach for, cheapest first: a smaller micro-batch with
-more accumulation (same effective batch, same maths), then gradient checkpointing (a third more
-compute), then a quantised base (QLoRA) or an 8-bit optimizer for full fine-tuning.
+more accumulation (same effective batch, same maths), then activation checkpointing (full: a third
+more compute; offload: also copies to CPU memory), then a quantised base (QLoRA) or an 8-bit
+optimizer for full fine-tuning. Where the run lets each device choose its checkpointing
+(activation_checkpointing auto), that choice is already made for every candidate.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from tuneforge.plan.checkpointing import LEVELS, level, with_level
 from tuneforge.plan.memory import Settings
 
 MIN_EXAMPLES = 500
@@ -40,21 +43,29 @@ def _method_variants(s: Settings) -> list[tuple[Settings, list[str]]]:
     return out
 
 
+def _checkpointing_variants(s: Settings) -> list[tuple[Settings, list[str]]]:
+    """The run's checkpointing, then the leaner levels; none where each device chooses it anyway."""
+    out = [(s, [])]
+    if s.checkpoint_choice == "given":
+        for name in LEVELS[LEVELS.index(level(s)) + 1:]:
+            if name != "selective":
+                out.append((with_level(s, name), [f"performance.activation_checkpointing: {name}"]))
+    return out
+
+
 def candidates(s: Settings) -> list[tuple[Settings, list[str]]]:
     """Settings to try, in the order to prefer them, each with the config changes it takes.
     The effective batch (micro_batch x grad_accum) is kept."""
     batch = s.micro_batch * s.grad_accum
     out = []
     for base, method_changes in _method_variants(s):
-        for checkpointing in dict.fromkeys((s.checkpointing, True)):
+        for checkpointed, checkpoint_changes in _checkpointing_variants(base):
             for mb in _halvings(s.micro_batch):
                 ga = -(-batch // mb)
-                changes = list(method_changes)
-                if checkpointing != s.checkpointing:
-                    changes.append("gradient_checkpointing: true")
+                changes = method_changes + checkpoint_changes
                 if mb != s.micro_batch:
                     changes += [f"micro_batch_size: {mb}", f"grad_accum: {ga}"]
-                out.append((replace(base, checkpointing=checkpointing, micro_batch=mb, grad_accum=ga), changes))
+                out.append((replace(checkpointed, micro_batch=mb, grad_accum=ga), changes))
     return out
 
 

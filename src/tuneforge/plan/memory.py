@@ -21,6 +21,9 @@ LOGIT_BYTES = 12
 NF4_BLOCK = 64  # weights per absmax constant in bitsandbytes' 4-bit formats
 DOUBLE_QUANT_BLOCK = 256  # absmax constants per fp32 constant when they are themselves quantised
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
+# Where tuneforge chooses by a predicted peak (distributed.strategy auto, activation checkpointing auto), the
+# peak may take this share of a GPU's total memory; the rest is the plan's margin for what it does not model.
+FIT_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,12 @@ class Settings:
     rows: int = 1  # sequences per example: 2 for a preference pair, the group size for GRPO
     grad_accum: int = 1
     seq_len: int = 2048  # width of the longest micro-batch, in tokens
-    checkpointing: bool = False
+    checkpointing: bool = False  # activation checkpointing of decoder layers (full, unless the two below)
+    checkpoint_every: int = 1  # with checkpointing: layers 0, k, 2k, ... (1: every layer; more: selective)
+    offload: bool = False  # with checkpointing: the checkpointed layers' inputs wait in pinned CPU memory
+    # "given": the three above are the run's; "budget" (auto) and "lean" (min_memory): each device chooses
+    # them (plan.checkpointing.for_device), as the loop does on the GPU it runs on.
+    checkpoint_choice: str = "given"
     precision: str = "auto"  # the config's: auto | bf16 | fp16 | fp32
     padded: bool = True  # batches carry a padding mask (examples differ in length)
     chunked_loss: bool = False  # performance.chunked_loss: the output layer a chunk of positions at a time
@@ -141,9 +149,30 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
     if s.method == "qlora":
         return largest * cb
     if weight_bytes(s.method, compute) == 4 and compute in HALF:
-        blocks = shape.layer_linear_params() // (shape.layers if s.checkpointing else 1)
+        blocks = shape.layer_linear_params() * live_layers(shape, s) // shape.layers
         return cb * (blocks + shape.vocab * shape.hidden)
     return 0.0
+
+
+def checkpointed_layers(shape: ModelShape, s: Settings) -> int:
+    """Decoder layers that keep only their input: layers 0, k, 2k, ... (fast/checkpointing.py picks the same)."""
+    return -(-shape.layers // s.checkpoint_every) if s.checkpointing else 0
+
+
+def live_layers(shape: ModelShape, s: Settings) -> int:
+    """Layers whose activations are alive at the start of the backward pass: those not checkpointed, and the
+    last layer when it is checkpointed (recomputed first, while the others still hold theirs)."""
+    every = s.checkpoint_every
+    recomputed = 1 if s.checkpointing and (shape.layers - 1) % every == 0 else 0
+    return shape.layers - checkpointed_layers(shape, s) + recomputed
+
+
+def offloaded_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
+    """Pinned CPU memory that offload fills: every checkpointed layer's input, in the residual dtype."""
+    if not (s.checkpointing and s.offload):
+        return 0.0
+    tokens = s.micro_batch * s.rows * s.seq_len
+    return tokens * checkpointed_layers(shape, s) * residual_bytes(s, compute) * shape.hidden
 
 
 def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
@@ -152,12 +181,11 @@ def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     tokens = s.micro_batch * s.rows * s.seq_len
     per_layer = layer_token_bytes(shape, s, compute)
     final_norm = _norm_bytes(shape.hidden, cb, s.method == "full")
-    if s.checkpointing:  # each block keeps only its input; one block is recomputed at a time
-        per_token = shape.layers * residual_bytes(s, compute) * shape.hidden + per_layer + final_norm
-        masked_layers = 1
-    else:
-        per_token = shape.layers * per_layer + final_norm
-        masked_layers = shape.layers
+    # A checkpointed block keeps only its input, one block is recomputed at a time; offload moves the inputs
+    # to CPU memory and brings back one at a time.
+    inputs = min(1, checkpointed_layers(shape, s)) if s.offload else checkpointed_layers(shape, s)
+    masked_layers = live_layers(shape, s)
+    per_token = masked_layers * per_layer + inputs * residual_bytes(s, compute) * shape.hidden + final_norm
     # A padding mask is one bool (b, 1, s, s) tensor, which SDPA turns into an additive mask in the
     # compute dtype and keeps for backward in every block.
     mask = s.micro_batch * s.rows * s.seq_len**2 * (1 + cb * masked_layers) if s.padded else 0

@@ -7,8 +7,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.plan.hardware import GIB
+from tuneforge.plan.checkpointing import describe as describe_level
 from tuneforge.plan.memory import Settings
 from tuneforge.plan.report import PlanReport
+from tuneforge.plan.shapes import ModelShape
 
 BREAKDOWN = ("weights", "adapter", "optimizer", "gradients", "activations", "logits")
 SHORT = ("weights", "adapter", "optim", "grads", "activ", "logits")
@@ -43,12 +45,21 @@ def rate(tokens_per_second: float) -> str:
     return f"{tokens_per_second:,.0f}" if tokens_per_second >= 10 else f"{tokens_per_second:.2g}"
 
 
-def settings_line(s: Settings) -> str:
+def checkpointing_words(s: Settings, shape: ModelShape) -> str:
+    """The activation checkpointing of settings: a level, or who chooses it."""
+    if s.checkpoint_choice in ("budget", "lean"):
+        return f"auto ({'least that fits' if s.checkpoint_choice == 'budget' else 'min_memory'}, chosen per device)"
+    if s.checkpoint_choice == "selective":
+        return "selective (layers chosen per device)"
+    return describe_level(shape, s)
+
+
+def settings_line(s: Settings, shape: ModelShape) -> str:
     method = {"full": "full fine-tuning", "lora": f"LoRA r={s.lora_r}",
               "qlora": f"QLoRA r={s.lora_r} ({'NF4' if s.bits == 4 else 'int8'} base"
                        f"{', double quant' if s.bits == 4 and s.double_quant else ''})"}[s.method]
     return (f"{method}, {s.optimizer}, micro_batch_size {s.micro_batch} x grad_accum {s.grad_accum}, "
-            f"gradient_checkpointing {'on' if s.checkpointing else 'off'}")
+            f"activation checkpointing {checkpointing_words(s, shape)}")
 
 
 def set_flags(changes: list[str]) -> str:
@@ -74,10 +85,11 @@ def memory_table(report: PlanReport) -> Table:
 
 def speed_table(report: PlanReport) -> Table:
     table = Table(title="Speed, time and cost", title_justify="left", **TABLE_STYLE)
-    for name in ("device", "dtype", "tokens/s", "epoch", "run", "$/hour", "cost"):
+    for name in ("device", "dtype", "checkpointing", "tokens/s", "epoch", "run", "$/hour", "cost"):
         table.add_column(name, justify="left" if name == "device" else "right", no_wrap=True)
     for r in report.rows:
-        table.add_row(r.device.name, r.compute, rate(r.speed.tokens_per_second), duration(r.epoch_hours),
+        table.add_row(r.device.name, r.compute, describe_level(report.model.shape, r.settings),
+                      rate(r.speed.tokens_per_second), duration(r.epoch_hours),
                       duration(r.run_hours), money(r.device.price), money(r.cost))
     return table
 
@@ -90,7 +102,7 @@ def print_plan(report: PlanReport, console: Console) -> None:
     console.print(f"[bold]Data[/bold] {d.train_examples:,.0f} training examples, {d.examples_per_epoch:,.0f} per "
                   f"epoch, {d.tokens_per_epoch:,.0f} tokens per epoch ({d.trained_tokens_per_epoch:,.0f} trained), "
                   f"longest micro-batch {s.seq_len} tokens; counted from {d.how}")
-    console.print(f"[bold]Settings[/bold] {settings_line(report.settings)}")
+    console.print(f"[bold]Settings[/bold] {settings_line(report.settings, m.shape)}")
     console.print()
     console.print(memory_table(report))
     console.print()
@@ -98,11 +110,12 @@ def print_plan(report: PlanReport, console: Console) -> None:
     changed = [r for r in report.fitted.values() if r is not None]
     for r in changed:
         console.print(f"  {r.device.name} fits with: {', '.join(r.changes)} (peak {gib(r.memory.peak)} GiB, "
-                      f"run {duration(r.run_hours)}, {money(r.cost)})")
+                      f"checkpointing {describe_level(m.shape, r.settings)}, run {duration(r.run_hours)}, "
+                      f"{money(r.cost)})")
     rec = report.recommendation
     if rec is not None:
         how = "as configured" if not rec.changes else f"with {', '.join(rec.changes)}"
-        console.print(f"\n[bold green]Recommended:[/bold green] {rec.device.name} {how}: {settings_line(rec.settings)}, {rec.compute}; "
+        console.print(f"\n[bold green]Recommended:[/bold green] {rec.device.name} {how}: {settings_line(rec.settings, m.shape)}, {rec.compute}; "
                       f"peak {gib(rec.memory.peak)} of {rec.device.memory_gib:.0f} GiB, "
                       f"{rate(rec.speed.tokens_per_second)} tokens/s, run {duration(rec.run_hours)}, {money(rec.cost)}")
         if rec.changes:

@@ -14,10 +14,12 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.stats import padding_waste
 from tuneforge.plan.advice import candidates, settings_warnings
+from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
 from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
-from tuneforge.plan.memory import OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, trainable_params
+from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
+                                   trainable_params)
 from tuneforge.plan.model import ModelInfo, model_info
 from tuneforge.plan.shapes import ModelShape
 from tuneforge.plan.throughput import Speed, speed
@@ -77,8 +79,10 @@ class DeviceResult:
 
 
 def evaluate(shape: ModelShape, s: Settings, device: Device, work: Workload, changes: list[str] | None = None) -> DeviceResult:
-    """Memory, fit, speed, time and cost of these settings on this device."""
+    """Memory, fit, speed, time and cost of these settings on this device, with the activation
+    checkpointing the run would choose there."""
     compute = compute_dtype(s.precision, device.is_cpu)
+    s = for_device(shape, s, device.memory_gib * GIB, device.is_cpu, compute)
     mem = memory(shape, s, compute)
     width, padding = work.batch_shape(s)
     sp = speed(shape, s, device, compute, width, padding)
@@ -133,10 +137,9 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
-        checkpointing=fast.gradient_checkpointing, precision=cfg.precision, padded=padded,
-        chunked_loss=fast.chunked_loss,
+        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss,
     )
-    return s, notes
+    return from_request(s, *requested(cfg)), notes
 
 
 def _accumulation(cfg: Config) -> int:
@@ -248,10 +251,15 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     cpu = next((r for r in rows if r.device.is_cpu), None)
     cpu_alternative = cpu if cpu and cpu.fits and cpu.run_hours <= QUICK_CPU_HOURS else None
     notes += _notes(info, tokenizer_note, s, rows, bool(lengths.size))
+    if recommendation is not None and recommendation.settings.offload:
+        host = offloaded_bytes(shape, recommendation.settings, recommendation.compute)
+        notes.append(f"activation checkpointing offload keeps {host / GIB:.1f} GiB of layer inputs in pinned CPU "
+                     "memory, and copies them to and from the GPU every step (not in the time estimate)")
     warnings = settings_warnings(s, cfg.learning_rate, data.train_examples, data.trained_tokens_per_epoch,
                                  data.over_max_seq_len, cfg.max_seq_len, cfg.truncation)
     if recommendation is None and gpu_rows:
-        least = min(memory(shape, o, compute_dtype(s.precision, False)).peak for o, _ in candidates(s))
+        least = min(memory(shape, with_level(o, "offload"), compute_dtype(s.precision, False)).peak
+                    for o, _ in candidates(s))
         warnings.append(f"no GPU in the table fits this run, even with checkpointing, micro-batch 1 and a "
                         f"quantised base ({least / GIB:.0f} GiB at the least); use several GPUs (FSDP) or a smaller model")
     return PlanReport(config_path, info, s, data, rows, fitted, recommendation, cpu_alternative, warnings, notes)

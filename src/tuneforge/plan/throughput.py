@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuneforge.plan.hardware import Device
-from tuneforge.plan.memory import Settings, trainable_params
+from tuneforge.plan.memory import Settings, checkpointed_layers, trainable_params
 from tuneforge.plan.shapes import ModelShape
 
 # Speed of LoRA on a quantised base relative to a bf16 base: bitsandbytes dequantises every
@@ -38,13 +38,14 @@ def forward_flops(shape: ModelShape, width: float) -> float:
 def flops_per_token(shape: ModelShape, s: Settings, width: float) -> float:
     """Training FLOPs per position: the backward pass costs two forwards when weight gradients are
     computed (full) and one when only activation gradients flow (LoRA, QLoRA), plus the adapter's
-    own; checkpointing recomputes the forward once more."""
+    own; checkpointing recomputes the forward of the checkpointed layers once more (offload's copies
+    to and from CPU memory are not counted)."""
     forward = forward_flops(shape, width)
     if s.method == "full":
         total = 3 * forward
     else:
         total = 2 * forward + 6 * shape.lora_params(s.lora_r, s.lora_targets)
-    return total + (forward if s.checkpointing else 0)
+    return total + forward * checkpointed_layers(shape, s) / shape.layers
 
 
 def speed(shape: ModelShape, s: Settings, device: Device, compute: str, width: float, padding: float) -> Speed:

@@ -26,6 +26,8 @@ from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, 
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.fast.kernels import apply_kernels
+from tuneforge.fast.checkpointing import apply_activation_checkpointing
+from tuneforge.fast.compile import apply_compile
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -245,7 +247,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep, world) if needs_reference(cfg) else None
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd(), "seed": cfg.seed}
-    fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp")
+    fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp", data=data)
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
     for note in getattr(objective, "notes", ()):
@@ -270,8 +272,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
     if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
         rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
-    if fast.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
+    if fast.compile:
+        apply_compile(model)
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
