@@ -98,6 +98,8 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
 def kernels_default(device_type: str) -> bool:
     """The fused kernels pay where Triton compiles them (CUDA); on CPU their PyTorch path saves
     memory but no time, so they stay off unless asked for."""
+    if device_type != "cuda":
+        return False  # plan resolves the switches for a CPU and must not import torch
     from tuneforge.fast.kernels import triton_importable
 
-    return device_type == "cuda" and triton_importable()
+    return triton_importable()
