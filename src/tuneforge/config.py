@@ -175,6 +175,10 @@ class PerformanceSpec(_Strict):
         "full logits never exist. null: on unless mode is off.")
     loss_chunk_tokens: int | None = Field(
         None, ge=16, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
+    varlen_attention: bool | None = Field(
+        None, description="SFT padding-free rows: attention within each example alone, so a row costs the sum of "
+        "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
+        "sdpa per example). null: on whenever padding_free is on.")
 
 
 class PrepareSpec(_Strict):

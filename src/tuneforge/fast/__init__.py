@@ -29,12 +29,14 @@ class FastPath:
     fused_optimizer: bool = False  # torch's fused AdamW, on CUDA
     # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
     pair_cost: float = 0.0
+    varlen_attention: bool = False  # per-example attention on padding-free rows (fast/varlen.py)
 
     def describe(self) -> str:
         parts = [name for name, on in (("padding-free batches", self.padding_free),
                                        ("chunked loss (no full logits)", self.chunked_loss),
                                        ("activation checkpointing", self.gradient_checkpointing),
-                                       ("fused AdamW", self.fused_optimizer)) if on]
+                                       ("fused AdamW", self.fused_optimizer),
+                                       ("per-example attention", self.varlen_attention)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
 
@@ -51,9 +53,12 @@ def pair_cost(model) -> float:
 
 def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) -> FastPath:
     """The switches a run uses: each explicit setting, else what its mode implies for this method.
-    `model` (the loaded base) prices attention against the weights for padding-free rows. Under FSDP
+    `model` (the loaded base) prices attention against the weights for padding-free rows, and
+    says whether its attention can run per example (fast/varlen.py). Under FSDP
     (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
     where FSDP holds only this process's shard of it."""
+    from tuneforge.fast.varlen import supports as varlen_supported
+
     perf = cfg.performance
     on = perf.mode != "off"
     sft = cfg.method == "sft"  # the one objective that reads padding-free rows
@@ -62,11 +67,14 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False) ->
     def pick(value: bool | None) -> bool:
         return on if value is None else value
 
+    padding_free = sft and pick(perf.padding_free)
     return FastPath(
-        padding_free=sft and pick(perf.padding_free),
+        padding_free=padding_free,
         chunked_loss=chunks and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing or perf.mode == "min_memory",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
         pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
+        varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
+        and varlen_supported(model),
     )

@@ -25,6 +25,7 @@ from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import resolve as resolve_fast_path
+from tuneforge.fast.varlen import apply_varlen_attention
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -269,6 +270,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
     if fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fast.varlen_attention:
+        apply_varlen_attention(model)  # only padding-free rows change; config.json never carries it
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
