@@ -1,6 +1,7 @@
 """The fast path against the plain path on CPU: the built-in model, LoRA, real tokens/s and peak memory.
 
     python bench/fast_path_cpu.py --steps 12 --repeats 2
+    python bench/fast_path_cpu.py --data variable-length --modes padding_free_masked,padding_free,auto_masked,auto
 
 Two datasets: the quickstart data (lengths 64-96 tokens, little padding) and a variable-length set
 whose answer lengths follow an instruction-tuning distribution (log-normal, median about 120 tokens,
@@ -8,7 +9,9 @@ capped at 512). Each (dataset, mode) runs in a fresh process, alternating modes,
 the best median step time of each is kept (a shared machine only ever slows a run down). Peak
 memory is the process's peak RSS during the training steps (the model and data included, the
 loading peak not). Modes: off (padded batches, full
-logits), padding_free, chunked_loss, auto (both).
+logits), padding_free (with per-example attention, fast/varlen.py), chunked_loss, auto (all three);
+padding_free_masked and auto_masked are the same without per-example attention: the row's attention
+over all its T^2 pairs under transformers' block-diagonal mask, as before fast/varlen.py.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ MODES = {
     "padding_free": {"mode": "off", "padding_free": True},
     "chunked_loss": {"mode": "off", "chunked_loss": True},
     "auto": {"mode": "auto"},
+    "padding_free_masked": {"mode": "off", "padding_free": True, "varlen_attention": False},
+    "auto_masked": {"mode": "auto", "varlen_attention": False},
 }
+DEFAULT_MODES = ("off", "padding_free", "chunked_loss", "auto")
 # Peak memory of the training steps alone: the kernel's high-water mark (VmHWM) is reset when the
 # loop starts, after the model was loaded (reading the GGUF peaks higher than a training step).
 ONE_RUN = """
@@ -86,17 +92,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--data", default="quickstart,variable-length", help="comma-separated: quickstart, variable-length")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = p.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {"quickstart": EXAMPLES / "data" / "quickstart_train.jsonl",
                 "variable-length": variable_length_data(tmp / "variable.jsonl")}
+        sets = {name: sets[name] for name in args.data.split(",")}
         print(f"| data | mode | real tokens/s | median step s | peak RSS GiB | loss at step {args.steps} |")
         print("|---|---|---|---|---|---|")
         for name, data in sets.items():
             best: dict[str, dict] = {}
             for r in range(args.repeats):
-                for mode in MODES:
+                for mode in modes:
                     result = run(data, tmp / f"{name}-{mode}-{r}", args.steps, mode, args.micro_batch)
                     if mode not in best or result["step_s"] < best[mode]["step_s"]:
                         best[mode] = result
