@@ -73,7 +73,7 @@ GROUPS = [  # (arch, tokenizer style, adapter, config overrides)
     ("llama", "smol", "lora", {}),
     ("qwen2", "qwen", "full", {}),
     ("mistral", "smol", "lora", {"sliding_window": 24}),  # shorter than every example, longer than half a prompt
-    ("gemma2", "llama3", "full", {"sliding_window": 24, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0}),
+    ("gemma2", "llama3", "full", {"sliding_window": 12, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0}),
 ]
 
 
