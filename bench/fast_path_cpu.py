@@ -2,6 +2,7 @@
 
     python bench/fast_path_cpu.py --steps 12 --repeats 2
     python bench/fast_path_cpu.py --modes auto selective full --data variable-length   # checkpointing
+    python bench/fast_path_cpu.py --data variable-length --modes padding_free_masked padding_free auto_masked auto
 
 Two datasets: the quickstart data (lengths 64-96 tokens, little padding) and a variable-length set
 whose answer lengths follow an instruction-tuning distribution (log-normal, median about 120 tokens,
@@ -9,8 +10,11 @@ capped at 512). Each (dataset, mode) runs in a fresh process, alternating modes,
 the best median step time of each is kept (a shared machine only ever slows a run down). Peak
 memory is the process's peak RSS during the training steps (the model and data included, the
 loading peak not). Modes: off (padded batches, full
-logits), padding_free, chunked_loss, auto (both, no activation checkpointing on a CPU); selective
-and full are auto with every second decoder layer, or every layer, checkpointed.
+logits), padding_free (with per-example attention, fast/varlen.py), chunked_loss, auto (all three,
+no activation checkpointing on a CPU); selective and full are auto with every second decoder layer,
+or every layer, checkpointed; padding_free_masked and auto_masked are padding_free and auto without
+per-example attention: the row's attention over all its T^2 pairs under transformers'
+block-diagonal mask, as before fast/varlen.py.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ MODES = {
     "auto": {"mode": "auto"},
     "selective": {"mode": "auto", "activation_checkpointing": "selective"},
     "full": {"mode": "auto", "activation_checkpointing": "full"},
+    "padding_free_masked": {"mode": "off", "padding_free": True, "varlen_attention": False},
+    "auto_masked": {"mode": "auto", "varlen_attention": False},
 }
 DEFAULT_MODES = ("off", "padding_free", "chunked_loss", "auto")
 # Peak memory of the training steps alone: the kernel's high-water mark (VmHWM) is reset when the
@@ -99,6 +105,7 @@ def main() -> None:
         tmp = Path(tmp)
         sets = {"quickstart": EXAMPLES / "data" / "quickstart_train.jsonl",
                 "variable-length": variable_length_data(tmp / "variable.jsonl")}
+        sets = {name: sets[name] for name in args.data.split(",")}
         print(f"| data | mode | real tokens/s | median step s | peak RSS GiB | loss at step {args.steps} |")
         print("|---|---|---|---|---|---|")
         for name, data in sets.items():

@@ -199,6 +199,10 @@ class PerformanceSpec(_Strict):
                              f"{self.activation_checkpointing}); set activation_checkpointing: selective too, or "
                              "remove checkpoint_every")
         return self
+    varlen_attention: bool | None = Field(
+        None, description="SFT padding-free rows: attention within each example alone, so a row costs the sum of "
+        "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
+        "sdpa per example). null: on whenever padding_free is on.")
 
 
 class PrepareSpec(_Strict):

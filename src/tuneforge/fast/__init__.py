@@ -37,6 +37,7 @@ class FastPath:
     activation_checkpointing: str = "none"
     checkpoint_every: int = 1
     compile: bool = False  # regional torch.compile of each decoder layer (fast/compile.py)
+    varlen_attention: bool = False  # per-example attention on padding-free rows (fast/varlen.py)
 
     def describe(self) -> str:
         level = self.activation_checkpointing
@@ -47,7 +48,8 @@ class FastPath:
                                        (checkpointing, level != "none"),
                                        ("regional compile", self.compile),
                                        ("fused AdamW", self.fused_optimizer),
-                                       ("fused RMSNorm and gated-MLP kernels", self.kernels)) if on]
+                                       ("fused RMSNorm and gated-MLP kernels", self.kernels),
+                                       ("per-example attention", self.varlen_attention)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
 
@@ -65,7 +67,8 @@ def pair_cost(model) -> float:
 def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, device_memory: float | None = None,
             data=None) -> FastPath:
     """The switches a run uses: each explicit setting, else what its mode implies for this method.
-    `model` (the loaded base) prices attention against the weights for padding-free rows. Under FSDP
+    `model` (the loaded base) prices attention against the weights for padding-free rows, and
+    says whether its attention can run per example (fast/varlen.py). Under FSDP
     (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
     where FSDP holds only this process's shard of it. Activation checkpointing on a GPU is sized by
     plan's memory model for the model, the prepared `data` and the GPU's `device_memory` (bytes;
@@ -81,8 +84,9 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
     def pick(value: bool | None) -> bool:
         return on if value is None else value
 
+    padding_free = sft and pick(perf.padding_free)
     return FastPath(
-        padding_free=sft and pick(perf.padding_free),
+        padding_free=padding_free,
         chunked_loss=chunks and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=level != "none",
@@ -92,7 +96,16 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
         activation_checkpointing=level,
         checkpoint_every=every,
         compile=bool(perf.compile),
+        varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
+        and varlen_supported(model),
     )
+
+
+def varlen_supported(model) -> bool:
+    """Whether fast/varlen.py covers this model's attention (imported here: plan passes no model and no torch)."""
+    from tuneforge.fast.varlen import supports
+
+    return supports(model)
 
 
 def kernels_default(device_type: str) -> bool:

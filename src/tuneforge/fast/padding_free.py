@@ -2,7 +2,7 @@
 
 Positions restart at 0 for each example, which is how transformers recognises a packed row: its
 attention mask then keeps every example to itself (FlashAttention reads the same positions as
-variable-length sequences). A step holds the same examples as the padded path, so the loss and the
+variable-length sequences, and so does fast/varlen.py, which skips the pairs across examples). A step holds the same examples as the padded path, so the loss and the
 data position of a checkpoint are unchanged; only the compute spent on padding goes.
 """
 
@@ -30,16 +30,19 @@ def collate_flat(examples: list) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
 
 
-def flat_pays(lengths: list[int], pair_cost: float) -> bool:
+def flat_pays(lengths: list[int], pair_cost: float, varlen: bool = False) -> bool:
     """Whether one padding-free row costs less than the padded batch of these examples.
 
-    The padded batch runs every example to the longest, B x L positions; the row runs only the T
-    real ones. But its attention, without a variable-length kernel, scores all T^2 pairs of the row
-    (masked) against B x L^2 for the padded batch. `pair_cost` weighs a pair against a position
-    (fast.pair_cost): equal lengths never pay, many short examples beside a long one always do.
+    The padded batch runs every example to the longest, B x L positions and B x L^2 query-key pairs;
+    the row runs only the T real positions. Its attention scores all T^2 pairs of the row (masked)
+    unless `varlen` (fast/varlen.py) attends within each example, the sum of L_i^2. `pair_cost`
+    weighs a pair against a position (fast.pair_cost). With `varlen` the row never costs more, so
+    any padding saved pays; without it equal lengths never pay, and many short examples beside a
+    long one always do.
     """
     total, longest, n = sum(lengths), max(lengths), len(lengths)
-    return total + pair_cost * total * total < n * longest + pair_cost * n * longest * longest
+    pairs = sum(length * length for length in lengths) if varlen else total * total
+    return total + pair_cost * pairs < n * longest + pair_cost * n * longest * longest
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:

@@ -51,7 +51,8 @@ class SFT:
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]
-        if self.fast.padding_free and flat_pays([len(e.input_ids) for e in examples], self.fast.pair_cost):
+        if self.fast.padding_free and flat_pays([len(e.input_ids) for e in examples], self.fast.pair_cost,
+                                                 self.fast.varlen_attention):
             return collate_flat(examples)
         return collate(examples, self.pad_id)
 

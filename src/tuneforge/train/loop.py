@@ -28,6 +28,7 @@ from tuneforge.fast import resolve as resolve_fast_path
 from tuneforge.fast.kernels import apply_kernels
 from tuneforge.fast.checkpointing import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
+from tuneforge.fast.varlen import apply_varlen_attention
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -272,8 +273,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
     if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
         rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
+    if fast.varlen_attention:
+        apply_varlen_attention(model)  # only padding-free rows change; config.json never carries it
     apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
-    if fast.compile:
+    if fast.compile:  # last: it traces the layers as the others left them
         apply_compile(model)
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
