@@ -190,11 +190,10 @@ def _one_example(q, k, v, scaling, dropout, window, softcap):
 
 def _cuda_kernel(q, k, dropout, window, softcap):
     """The fastest variable-length kernel that covers this call, or None (the loop then runs)."""
-    gqa = q.shape[1] != k.shape[1]
     torch_varlen = _torch_varlen()
     if torch_varlen is not None and dropout == 0.0 and softcap is None:
         params = inspect.signature(torch_varlen).parameters
-        if "scale" in params and (window is None or "window_size" in params) and (not gqa or "enable_gqa" in params):
+        if "scale" in params and (window is None or "window_size" in params):
             return _run_torch_varlen
     if _flash_attn_varlen() is not None:
         return _run_flash_attn
@@ -227,7 +226,11 @@ def _run_torch_varlen(q, k, v, cu, longest, scaling, dropout, window, softcap):
     if "is_causal" in params:
         extra["is_causal"] = True  # causal, in the older signature
     if q.shape[1] != k.shape[1]:
-        extra["enable_gqa"] = True
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # an older torch: each key-value head repeated for its group of query heads
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return _torch_varlen()(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
 
 
