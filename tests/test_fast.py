@@ -212,3 +212,16 @@ def test_preference_runs_give_the_same_losses_with_chunked_log_probs(tmp_path, t
     for off, on in zip(logged["off"], logged["auto"]):
         assert on["loss"] == pytest.approx(off["loss"], abs=1e-5)
         assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-4)
+
+
+def test_performance_off_as_yaml_writes_it(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: `performance: off` and `mode: off` still mean the plain path."""
+    import yaml
+
+    from tuneforge.config import config_from_dict
+
+    base = {"datasets": [{"path": "x.jsonl"}]}
+    for text in ("performance: off", "performance: {mode: off}", "performance: {mode: off, chunked_loss: on}"):
+        cfg = config_from_dict({**base, **yaml.safe_load(text)})
+        assert cfg.performance.mode == "off", text
+    assert config_from_dict({**base, **yaml.safe_load("performance: on")}).performance.mode == "auto"

@@ -188,6 +188,11 @@ class PerformanceSpec(_Strict):
     checkpoint_every: int | None = Field(
         None, ge=1, description="selective: checkpoint every k-th decoder layer (layers 0, k, 2k, ...). null: on a "
         "GPU the largest k that fits the memory budget, 2 on a CPU.")
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _bare_off(cls, value):
+        return "off" if value is False else value  # YAML reads `mode: off` as false
+
     compile: bool | None = Field(
         None, description="Regional torch.compile: each decoder layer compiled on its own (one compilation serves "
         "them all). null: off until the GPU benchmark has measured it.")
@@ -482,6 +487,8 @@ class Config(_Strict):
     @field_validator("performance", mode="before")
     @classmethod
     def _performance_mode(cls, value):
+        if isinstance(value, bool):  # YAML reads a bare off/on as a boolean
+            value = "auto" if value else "off"
         return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
