@@ -105,12 +105,10 @@ def main() -> None:
         tmp = Path(tmp)
         sets = {"quickstart": EXAMPLES / "data" / "quickstart_train.jsonl",
                 "variable-length": variable_length_data(tmp / "variable.jsonl")}
-        sets = {name: sets[name] for name in args.data.split(",")}
+        sets = {name: sets[name] for name in args.data}
         print(f"| data | mode | real tokens/s | median step s | peak RSS GiB | loss at step {args.steps} |")
         print("|---|---|---|---|---|---|")
         for name, data in sets.items():
-            if name not in args.data:
-                continue
             best: dict[str, dict] = {}
             for r in range(args.repeats):
                 for mode in args.modes:
