@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_config
-from test_fast import _step
+from test_fast import _step, assert_same_step
 from test_train import CPU, QUIET, make_cfg
 
 from tuneforge.data.batching import collate
@@ -96,11 +96,7 @@ def test_per_example_attention_gives_the_padded_plain_paths_loss_and_gradients(t
     for size in (6, 3):
         batch = SFT(data, pad, fast).collate(list(range(size)))
         assert "position_ids" in batch  # padding-free rows, through per-example attention
-        loss, tokens, grads = _step(model, SFT(data, pad, fast), examples, size)
-        assert tokens == plain[1]
-        assert loss == pytest.approx(plain[0], abs=1e-5)
-        for name, g in plain[2].items():
-            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        assert_same_step(_step(model, SFT(data, pad, fast), examples, size), plain)
 
 
 def test_padded_batches_and_generation_run_exactly_as_before(tmp_path, tiny_models):
