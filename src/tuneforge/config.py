@@ -175,6 +175,10 @@ class PerformanceSpec(_Strict):
         "full logits never exist. null: on unless mode is off.")
     loss_chunk_tokens: int | None = Field(
         None, ge=16, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
+    varlen_attention: bool | None = Field(
+        None, description="SFT padding-free rows: attention within each example alone, so a row costs the sum of "
+        "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
+        "sdpa per example). null: on whenever padding_free is on.")
     kernels: bool | None = Field(
         None, description="Fused RMSNorm and gated-MLP (SwiGLU/GeGLU) kernels swapped into the model: Triton "
         "on CUDA, the same arithmetic in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
@@ -188,14 +192,14 @@ class PerformanceSpec(_Strict):
     checkpoint_every: int | None = Field(
         None, ge=1, description="selective: checkpoint every k-th decoder layer (layers 0, k, 2k, ...). null: on a "
         "GPU the largest k that fits the memory budget, 2 on a CPU.")
+    compile: bool | None = Field(
+        None, description="Regional torch.compile: each decoder layer compiled on its own (one compilation serves "
+        "them all). null: off until the GPU benchmark has measured it.")
+
     @field_validator("mode", mode="before")
     @classmethod
     def _bare_off(cls, value):
         return "off" if value is False else value  # YAML reads `mode: off` as false
-
-    compile: bool | None = Field(
-        None, description="Regional torch.compile: each decoder layer compiled on its own (one compilation serves "
-        "them all). null: off until the GPU benchmark has measured it.")
 
     @model_validator(mode="after")
     def _checkpoint_every(self) -> "PerformanceSpec":
@@ -204,10 +208,6 @@ class PerformanceSpec(_Strict):
                              f"{self.activation_checkpointing}); set activation_checkpointing: selective too, or "
                              "remove checkpoint_every")
         return self
-    varlen_attention: bool | None = Field(
-        None, description="SFT padding-free rows: attention within each example alone, so a row costs the sum of "
-        "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
-        "sdpa per example). null: on whenever padding_free is on.")
 
 
 class PrepareSpec(_Strict):
