@@ -172,3 +172,14 @@ def test_varlen_setting(tiny_models):
     assert not resolve(config_from_dict({**base, "performance": {"varlen_attention": False}}), model=model).varlen_attention
     assert not resolve(config_from_dict({**base, "performance": {"padding_free": False}}), model=model).varlen_attention
     assert not resolve(config_from_dict({**base, "method": "dpo"}), model=model).varlen_attention
+
+
+def test_example_lengths_are_read_once_per_positions_tensor():
+    """Every layer of a forward reads the same position_ids: the lengths are computed once, and a new or
+    changed tensor is read anew."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    first = example_lengths(positions, 1, 9)
+    assert first == [3, 2, 4] and example_lengths(positions, 1, 9) is first
+    positions[0, 3:5] = torch.tensor([3, 4])  # written in place: examples 1 and 2 merge
+    assert example_lengths(positions, 1, 9) == [5, 4]
+    assert example_lengths(torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5, 6]]), 1, 9) == [2, 7]

@@ -127,16 +127,27 @@ def _base_attention(base: str, module):
     return eager
 
 
+# The last position_ids read and their lengths. Every layer of a forward (and its recomputation under
+# checkpointing) gets the same tensor: reading it once spares a device-to-host copy per layer. The tensor
+# is held, so its identity cannot pass to another; its version counter catches a write in place.
+_last: list = [None, None, None]
+
+
 def example_lengths(position_ids: torch.Tensor | None, batch: int, length: int) -> list[int]:
     """Lengths of the examples of the flattened (batch x length) tokens: one starts at every row and
     wherever the position does not follow the one before (transformers' own packed-row rule)."""
     if position_ids is None:
         return [length] * batch
+    key = (batch, length, position_ids._version)
+    if _last[0] is position_ids and _last[1] == key:
+        return _last[2]
     positions = position_ids.expand(batch, -1)
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
     first = torch.nonzero(starts.reshape(-1)).flatten().tolist()
-    return [b - a for a, b in zip(first, first[1:] + [batch * length])]
+    lengths = [b - a for a, b in zip(first, first[1:] + [batch * length])]
+    _last[:] = [position_ids, key, lengths]
+    return lengths
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scaling: float,
