@@ -31,15 +31,14 @@ def seeded_generators(seeds: list[int], device) -> list[torch.Generator]:
 
 def sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
                 generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row, from softmax(logits / temperature) cut to the top-p nucleus, row i drawing from
-    generators[i] (as generate()'s temperature and top-p warpers would shape the distribution)."""
-    from transformers import TopPLogitsWarper
+    """One token per row, row i drawing from generators[i], with the server's own temperature and
+    top-p draw (serve.engine.pick_token), so training samples as serving does."""
+    from tuneforge.serve.engine import pick_token
+    from tuneforge.serve.protocol import Sampling
 
-    scores = logits.float() / temperature
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    sampling = Sampling(temperature=temperature, top_p=top_p)
+    return torch.tensor([pick_token(row, sampling, g) for row, g in zip(logits, generators)],
+                        device=logits.device)
 
 
 def all_finished(finished: bool, synced: bool, device) -> bool:
