@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,7 @@ def _cuda_kernel(q, k, dropout, window, softcap):
     """The fastest variable-length kernel that covers this call, or None (the loop then runs)."""
     torch_varlen = _torch_varlen()
     if torch_varlen is not None and dropout == 0.0 and softcap is None:
-        params = inspect.signature(torch_varlen).parameters
+        params = _torch_varlen_params()
         if "scale" in params and (window is None or "window_size" in params):
             return _run_torch_varlen
     if _flash_attn_varlen() is not None:
@@ -211,6 +212,14 @@ def _cuda_kernel(q, k, dropout, window, softcap):
     return None
 
 
+@cache
+def _torch_varlen_params():
+    """The keyword arguments this torch's varlen_attn takes (its signature changed between releases);
+    read once, not in every layer of every forward."""
+    return inspect.signature(_torch_varlen()).parameters
+
+
+@cache
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -219,6 +228,7 @@ def _torch_varlen():
     return varlen_attn
 
 
+@cache
 def _flash_attn_varlen():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -228,7 +238,7 @@ def _flash_attn_varlen():
 
 
 def _run_torch_varlen(q, k, v, cu, longest, scaling, dropout, window, softcap):
-    params = inspect.signature(_torch_varlen()).parameters
+    params = _torch_varlen_params()
     extra = {}
     if window is not None:
         extra["window_size"] = (window - 1, 0)
