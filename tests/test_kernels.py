@@ -1,8 +1,9 @@
 """The fused kernels compute what transformers computes.
 
 Each kernel against its PyTorch reference, forward and gradients, down both of its paths: the Triton
-kernel, run on CPU by Triton's interpreter, and the PyTorch path. Then tiny Llama and Gemma models
-with the kernels swapped in, against the same models without.
+kernel, run on CPU by Triton's interpreter, and the PyTorch path; the cross-entropy kernel through the
+chunked loss and the chunked log-probs, against the full logits. Then tiny Llama and Gemma models with
+the kernels swapped in and the chunked loss on, against the same models without.
 
 Triton fixes interpreter or compiler when it is first imported, and the rest of the suite must not
 run in its interpreter; so the tests of the Triton path run in a pytest process of their own, started
@@ -23,11 +24,15 @@ from conftest import tiny_config
 from safetensors import safe_open
 
 from tuneforge.config import config_from_dict
+from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath, resolve
+from tuneforge.fast.chunked_logps import label_logps
+from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.kernels import apply_kernels, triton_importable
 from tuneforge.fast.kernels.gated_mlp import FusedGatedMLP, gated, gated_reference
 from tuneforge.fast.kernels.launch import interpreting, triton_runs
 from tuneforge.fast.kernels.rms_norm import FusedRmsNorm, rms_norm, rms_norm_reference
+from tuneforge.methods.sft import SFT, count_trained
 
 NO_TRITON = "triton is not installed (pip install 'tuneforge[kernels]'); its kernels are tested in its CPU interpreter"
 INTERPRETER = triton_importable() and interpreting()  # this process started in Triton's interpreter
@@ -64,21 +69,32 @@ def test_the_kernels_compile_for_a_gpu(monkeypatch, tmp_path):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tuneforge.fast.kernels import gated_triton, rms_norm_triton
+    from tuneforge.fast.kernels import cross_entropy_triton, gated_triton, rms_norm_triton
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     rows = {"n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"}
-    kernels = [
-        (rms_norm_triton._forward, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", n_cols="i32", eps="fp32"), "GEMMA"),
+    logits = dict(Z="*bf16", LABELS="*i64", SCALE="*fp32", LSE="*fp32", TARGET="*fp32", n_cols="i32", softcap="fp32",
+                  temperature="fp32")
+    def both(switch: str) -> list[dict]:
+        return [{switch: False}, {switch: True}]
+
+    kernels = [  # each with the constexpr settings it is compiled for
+        (rms_norm_triton._forward, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", n_cols="i32", eps="fp32"),
+         both("GEMMA")),
         (rms_norm_triton._backward, dict(DY="*bf16", X="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16", DW="*fp32", **rows),
-         "GEMMA"),
-        (gated_triton._forward, dict(G="*bf16", U="*bf16", H="*bf16", n="i32"), "GELU"),
-        (gated_triton._backward, dict(DH="*bf16", G="*bf16", U="*bf16", DG="*bf16", DU="*bf16", n="i32"), "GELU"),
+         both("GEMMA")),
+        (gated_triton._forward, dict(G="*bf16", U="*bf16", H="*bf16", n="i32"), both("GELU")),
+        (gated_triton._backward, dict(DH="*bf16", G="*bf16", U="*bf16", DG="*bf16", DU="*bf16", n="i32"),
+         both("GELU")),
+        # the log-probs' forward (no gradient, no row factor), and their backward (soft-capped, each row scaled)
+        (cross_entropy_triton._cross_entropy, logits, [{"SOFTCAP": False, "GRAD": False, "SCALE": None},
+                                                       {"SOFTCAP": True, "GRAD": True}]),
     ]
-    for fn, signature, switch in kernels:
-        for on in (False, True):
-            constexprs = {switch: on, "BLOCK": 1024}
-            source = ASTSource(fn=fn, signature={**signature, switch: "constexpr", "BLOCK": "constexpr"}, constexprs=constexprs)
+    for fn, signature, settings in kernels:
+        for constexprs in settings:
+            constexprs = {**constexprs, "BLOCK": 1024}
+            types = {**signature, **{name: "constexpr" for name in constexprs}}  # SCALE=None: a constexpr too
+            source = ASTSource(fn=fn, signature=types, constexprs=constexprs)
             assert "ld.global" in triton_compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
 
@@ -119,6 +135,67 @@ def test_gated_activation_equals_the_reference_forward_and_gradients(path, gelu,
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     for a, b, name in zip(_grads(fused, (gate, up)), _grads(plain, (gate, up)), ("gate", "up")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _full_logits(hidden, weight, softcap, temperature=1.0):
+    """The plain path's logits in fp64: the yardstick of both paths of the chunked losses."""
+    logits = hidden.double() @ weight.double().t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+def _assert_same(fused, grads, expected, expected_grads, **tol):
+    torch.testing.assert_close(fused.double(), expected.double(), **tol)
+    for a, b, name in zip(grads, expected_grads, ("hidden", "weight")):
+        torch.testing.assert_close(a.double(), b.double(), **tol, msg=name)
+
+
+# (vocabulary, dtype, soft-cap): one partial block; several blocks and a 7-entry one, capped; bf16
+CROSS_ENTROPY_CASES = [(1000, torch.float32, None), (1000, torch.float32, 5.0), (49152 + 7, torch.float32, 5.0),
+                       (1000, torch.bfloat16, 5.0)]
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+# the full logits' gradients sum ~50k products in another order: fp32 rounding, 1e-5 of the largest
+FP32_VS_FULL = {"rtol": 1e-5, "atol": 2e-5}
+BF16 = {"rtol": 1.6e-2, "atol": 2e-2}
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("vocab, dtype, softcap", CROSS_ENTROPY_CASES,
+                         ids=["1000", "1000-capped", "49159-capped", "bf16-capped"])
+def test_the_chunked_loss_with_kernels_on_equals_the_pytorch_path_and_the_full_logits(path, vocab, dtype, softcap):
+    """Ignored positions, chunks of 3 rows; the loss and both gradients. Against the PyTorch path (the
+    same products, so fp32 to 1e-5) and the full logits in fp64 (the yardstick of both paths)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, 16) / 2).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (9,))
+    labels[::4] = IGNORE_INDEX
+    inputs = (hidden, weight)
+    fused = linear_cross_entropy_sum(hidden, weight, labels, chunk=3, softcap=softcap, kernel=True)
+    plain = linear_cross_entropy_sum(hidden, weight, labels, chunk=3, softcap=softcap, kernel=False)
+    full = torch.nn.functional.cross_entropy(_full_logits(hidden, weight, softcap), labels, reduction="sum")
+    fp32 = dtype == torch.float32
+    grads = _grads(fused, inputs)
+    _assert_same(fused, grads, plain, _grads(plain, inputs), **(FP32 if fp32 else BF16))
+    _assert_same(fused, grads, full, _grads(full, inputs), **(FP32_VS_FULL if fp32 else BF16))
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (5.0, 0.7)])
+def test_the_chunked_log_probs_with_kernels_on_equal_the_pytorch_path_and_log_softmax(path, softcap, temperature):
+    """GRPO's temperature and Gemma's soft-cap; each position's gradient differs, as in DPO or GRPO."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = (torch.randn(1000, 16) / 2).requires_grad_()
+    labels = torch.randint(0, 1000, (7,))
+    inputs = (hidden, weight)
+    fused = label_logps(hidden, weight, labels, 3, softcap, temperature, kernel=True)
+    plain = label_logps(hidden, weight, labels, 3, softcap, temperature, kernel=False)
+    full = torch.log_softmax(_full_logits(hidden, weight, softcap, temperature), -1).gather(1, labels[:, None]).squeeze(1)
+    grads = _grads(fused, inputs)
+    _assert_same(fused, grads, plain, _grads(plain, inputs), **FP32)
+    _assert_same(fused, grads, full, _grads(full, inputs), **FP32_VS_FULL)
 
 
 def test_the_hand_written_backward_passes_gradcheck(monkeypatch):

@@ -42,7 +42,7 @@ def policy_logps(model, batch: dict[str, torch.Tensor], fast: FastPath | None = 
     mask = labels != IGNORE_INDEX
     rows = mask.nonzero(as_tuple=True)
     chunk = fast.loss_chunk_tokens or default_chunk(out.head.weight.size(0))
-    picked = label_logps(hidden[rows], out.head.weight, labels[rows], chunk, out.softcap, temperature)
+    picked = label_logps(hidden[rows], out.head.weight, labels[rows], chunk, out.softcap, temperature, fast.kernels)
     per_token = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(rows, picked)
     return per_token, mask
 

@@ -19,20 +19,21 @@ def count_trained(batch: dict[str, torch.Tensor]) -> int:
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False,
-                 chunk: int | None = None) -> torch.Tensor:
+                 chunk: int | None = None, kernel: bool = False) -> torch.Tensor:
     """Summed (not averaged) cross-entropy: fp32 per token, summed in fp64.
 
     The caller divides by the trained-token count of the whole accumulated batch, so a step's
     loss and gradients do not depend on how the batch was split into micro-batches; the fp64
     sum keeps the logged loss independent of that split too. `chunked`: the output layer runs on
-    trained positions only, a chunk at a time (fast/chunked_loss.py), where the model allows it.
+    trained positions only, a chunk at a time (fast/chunked_loss.py), where the model allows it;
+    `kernel` (the fast path's kernels switch) does each chunk's softmax in its Triton kernel where that runs.
     """
     labels = batch["labels"][:, 1:]
     out = output_layer(model) if chunked else None
     if out is not None:
         hidden = last_hidden_state(model, model_inputs(batch))[:, :-1]
         return linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), out.head.weight, labels.reshape(-1),
-                                        chunk, out.softcap)
+                                        chunk, out.softcap, kernel)
     logits = model(**model_inputs(batch)).logits
     shift_logits = logits[:, :-1].float()
     return F.cross_entropy(
@@ -63,5 +64,5 @@ class SFT:
         return batch
 
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
-        loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens)
+        loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens, self.fast.kernels)
         return loss_sum / totals["tokens"], {}
