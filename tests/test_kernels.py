@@ -27,7 +27,7 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.fast import FastPath, resolve
 from tuneforge.fast.chunked_logps import label_logps
-from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
+from tuneforge.fast.chunked_loss import kernel_runs, linear_cross_entropy_sum
 from tuneforge.fast.kernels import apply_kernels, triton_importable
 from tuneforge.fast.kernels.gated_mlp import FusedGatedMLP, gated, gated_reference
 from tuneforge.fast.kernels.launch import interpreting, triton_runs
@@ -172,6 +172,7 @@ def test_the_chunked_loss_with_kernels_on_equals_the_pytorch_path_and_the_full_l
     labels = torch.randint(0, vocab, (9,))
     labels[::4] = IGNORE_INDEX
     inputs = (hidden, weight)
+    assert kernel_runs(hidden @ weight.t(), kernel=True) == (path == "triton")
     fused = linear_cross_entropy_sum(hidden, weight, labels, chunk=3, softcap=softcap, kernel=True)
     plain = linear_cross_entropy_sum(hidden, weight, labels, chunk=3, softcap=softcap, kernel=False)
     full = torch.nn.functional.cross_entropy(_full_logits(hidden, weight, softcap), labels, reduction="sum")
@@ -263,9 +264,13 @@ def _lora(model):
                                             init_lora_weights=False))
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, fast: FastPath | None = None):
+    """The mean token loss, the model's own or SFT's on the fast path `fast`, and its gradients."""
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    if fast is None:
+        loss = model(**batch).loss
+    else:
+        loss, _ = SFT(None, 0, fast).loss(model, batch, {"tokens": count_trained(batch)})
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -283,9 +288,10 @@ MODEL_CASES = [pytest.param("triton", arch, "full", marks=IN_INTERPRETER, id=f"t
 
 
 @pytest.mark.parametrize("path, arch, order", MODEL_CASES, indirect=["path"])
-def test_a_model_with_kernels_gives_the_same_loss_and_gradients(tmp_path, path, arch, order):
+def test_a_model_with_kernels_gives_the_same_loss_and_gradients(tmp_path, monkeypatch, path, arch, order):
     """What the loop does (LoRA, then kernels), the other order, and full fine-tuning; the swap keeps every
-    state-dict key (the plain model's state loads strictly) and the adapter saves the same keys."""
+    state-dict key (the plain model's state loads strictly) and the adapter saves the same keys. The fused
+    model's loss is SFT's with the chunked loss and its cross-entropy kernel, in chunks of 7 of 20 positions."""
     base = _tiny(arch)
     fused = copy.deepcopy(base)
     plain = base if order == "full" else _lora(base)
@@ -304,7 +310,14 @@ def test_a_model_with_kernels_gives_the_same_loss_and_gradients(tmp_path, path, 
     fused.load_state_dict(plain.state_dict())  # strict: the same keys, and now the same weights
     batch = _batch()
     loss, grads = _loss_and_grads(plain, batch)
-    fused_loss, fused_grads = _loss_and_grads(fused, batch)
+    launches = []
+    if path == "triton":  # SFT must pass the switch down to the kernel, or this compares PyTorch with PyTorch
+        from tuneforge.fast.kernels import cross_entropy_triton
+
+        rows = cross_entropy_triton.rows
+        monkeypatch.setattr(cross_entropy_triton, "rows", lambda *args, **kw: launches.append(1) or rows(*args, **kw))
+    fused_loss, fused_grads = _loss_and_grads(fused, batch, FastPath(chunked_loss=True, loss_chunk_tokens=7, kernels=True))
+    assert len(launches) == (3 if path == "triton" else 0)  # 20 positions in chunks of 7
     assert fused_loss == pytest.approx(loss, abs=1e-5)
     assert fused_grads.keys() == grads.keys()
     for name, g in grads.items():
