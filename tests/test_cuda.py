@@ -1,5 +1,5 @@
-"""The GPU paths no CPU can run: Triton kernels compiled for the GPU, the variable-length attention
-kernels, and a training step of the whole fast path against the plain path.
+"""The GPU paths no CPU can run: Triton kernels compiled for the GPU (RMSNorm, gated MLP, cross-entropy),
+the variable-length attention kernels, and a training step of the whole fast path against the plain path.
 
 Skipped without CUDA (CI has none). The first session with a GPU runs them with the one command in
 bench/RESULTS.md before it trusts any speed figure.
@@ -48,6 +48,34 @@ def test_gated_kernel_on_the_gpu(dtype, tol, gelu):
     torch.testing.assert_close(fused.float(), reference.float(), atol=tol, rtol=tol)
     dh = torch.randn_like(fused)
     for got, want in zip(torch.autograd.grad(fused, (gate, up), dh), torch.autograd.grad(reference, (gate, up), dh)):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_cross_entropy_kernel_on_the_gpu(dtype, tol, softcap):
+    """The chunked loss and log-probs with the kernel against their PyTorch path, at Llama 3's vocabulary
+    (128,256: 16 blocks, the last partial) in chunks of 96 of 300 rows."""
+    from tuneforge.fast.chunked_logps import label_logps
+    from tuneforge.fast.chunked_loss import kernel_runs, linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 512, device=CUDA, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(128256, 512, device=CUDA) / 8).to(dtype).requires_grad_()
+    labels = torch.randint(0, 128256, (300,), device=CUDA)
+    assert kernel_runs(hidden, kernel=True)
+    labels[::5] = -100
+    losses = [linear_cross_entropy_sum(hidden, weight, labels, 96, softcap, kernel=k) for k in (True, False)]
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=tol)
+    grads = [torch.autograd.grad(loss, (hidden, weight)) for loss in losses]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    labels[::5] = 0
+    g = torch.randn(300, device=CUDA)
+    logps = [label_logps(hidden, weight, labels, 96, softcap, 0.7, kernel=k) for k in (True, False)]
+    torch.testing.assert_close(logps[0], logps[1], atol=tol, rtol=tol)
+    grads = [torch.autograd.grad((g * lp).sum(), (hidden, weight)) for lp in logps]
+    for got, want in zip(*grads):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 

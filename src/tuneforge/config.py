@@ -180,8 +180,9 @@ class PerformanceSpec(_Strict):
         "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
         "sdpa per example). null: on whenever padding_free is on.")
     kernels: bool | None = Field(
-        None, description="Fused RMSNorm and gated-MLP (SwiGLU/GeGLU) kernels swapped into the model: Triton "
-        "on CUDA, the same arithmetic in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
+        None, description="Fused RMSNorm and gated-MLP (SwiGLU/GeGLU) kernels swapped into the model, and a "
+        "cross-entropy kernel for each chunk of the chunked loss and log-probs: Triton on CUDA, the same arithmetic "
+        "in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
         "unless mode is off.")
     activation_checkpointing: Literal["auto", "none", "selective", "full", "offload"] = Field(
         "auto", description="Recompute decoder layers in the backward pass instead of keeping their activations: "

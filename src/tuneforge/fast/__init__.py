@@ -31,7 +31,7 @@ class FastPath:
     fused_optimizer: bool = False  # torch's fused AdamW, on CUDA
     # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
     pair_cost: float = 0.0
-    kernels: bool = False  # fused RMSNorm and gated-MLP modules (fast/kernels)
+    kernels: bool = False  # fused RMSNorm and gated-MLP modules, and the chunked losses' cross-entropy (fast/kernels)
     # none | selective (layers 0, k, 2k, ... with k = checkpoint_every) | full | offload (fast/checkpointing.py);
     # gradient_checkpointing above is True whenever a layer is checkpointed, for readers of older run.json files.
     activation_checkpointing: str = "none"
@@ -48,7 +48,7 @@ class FastPath:
                                        (checkpointing, level != "none"),
                                        ("regional compile", self.compile),
                                        ("fused AdamW", self.fused_optimizer),
-                                       ("fused RMSNorm and gated-MLP kernels", self.kernels),
+                                       ("fused RMSNorm, gated-MLP and cross-entropy kernels", self.kernels),
                                        ("per-example attention", self.varlen_attention)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 

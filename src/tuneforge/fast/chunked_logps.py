@@ -28,14 +28,14 @@ class _LabelLogps(torch.autograd.Function):
         lse = torch.empty_like(out)
         for start in range(0, labels.numel(), chunk):
             end = start + chunk
-            z = hidden[start:end] @ weight.t()
-            if kernel_runs(z, kernel):
+            h = hidden[start:end]
+            if kernel_runs(h, kernel):
                 from tuneforge.fast.kernels import cross_entropy_triton
 
-                lse[start:end], target = cross_entropy_triton.rows(z, labels[start:end], softcap, temperature)
+                lse[start:end], target = cross_entropy_triton.rows(h @ weight.t(), labels[start:end], softcap, temperature)
                 out[start:end] = target - lse[start:end]
                 continue
-            z, _ = chunk_logits(z, softcap, temperature)
+            z, _ = chunk_logits(h, weight, softcap, temperature)
             lse[start:end] = torch.logsumexp(z, dim=-1)
             out[start:end] = z.gather(1, labels[start:end, None]).squeeze(1) - lse[start:end]
         ctx.save_for_backward(hidden, weight, labels, lse)
@@ -52,15 +52,15 @@ class _LabelLogps(torch.autograd.Function):
         for start in range(0, labels.numel(), ctx.chunk):
             end = start + ctx.chunk
             h, g = hidden[start:end], grad_out[start:end].to(lse.dtype)
-            z = h @ weight.t()
-            if kernel_runs(z, ctx.kernel):
+            if kernel_runs(h, ctx.kernel):
                 from tuneforge.fast.kernels import cross_entropy_triton
 
                 # d/dz of g * (z_y - lse) is -g times the cross-entropy's gradient, written over z
+                z = h @ weight.t()
                 cross_entropy_triton.rows(z, labels[start:end], ctx.softcap, ctx.temperature, grad=True, scale=-g)
                 grad = z.to(h.dtype)
             else:
-                z, capped = chunk_logits(z, ctx.softcap, ctx.temperature)
+                z, capped = chunk_logits(h, weight, ctx.softcap, ctx.temperature)
                 grad = -torch.exp(z - lse[start:end, None]) * g[:, None]  # d/dz of g * (z_y - lse) = g * (onehot - p)
                 grad[torch.arange(h.size(0), device=grad.device), labels[start:end]] += g
                 grad = grad / ctx.temperature

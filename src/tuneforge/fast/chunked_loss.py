@@ -20,10 +20,10 @@ from tuneforge.fast.kernels.launch import triton_runs
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in fp32
 
 
-def chunk_logits(z: torch.Tensor, softcap: float | None, temperature: float = 1.0):
-    """One chunk's logits as the model gives them from the output layer's products `z = h @ W.T` (the
-    matmul in the hidden dtype, softmax in at least fp32; soft-capped for Gemma 2/3), divided by
-    `temperature`; and the soft-cap's tanh, for the gradient."""
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, temperature: float = 1.0):
+    """One chunk's logits as the model gives them (matmul in the hidden dtype, softmax in at least fp32;
+    soft-capped for Gemma 2/3), divided by `temperature`; and the soft-cap's tanh, for the gradient."""
+    z = h @ weight.t()
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     capped = None
     if softcap:
@@ -32,23 +32,24 @@ def chunk_logits(z: torch.Tensor, softcap: float | None, temperature: float = 1.
     return z / temperature if temperature != 1.0 else z, capped
 
 
-def kernel_runs(z: torch.Tensor, kernel: bool) -> bool:
-    """Whether a chunk of products `z` goes through the Triton cross-entropy kernel: asked for, where
-    Triton runs, and not in fp64 (the tests' exact checks, which the PyTorch path keeps exact)."""
-    return kernel and z.dtype in KERNEL_DTYPES and triton_runs(z)
+def kernel_runs(h: torch.Tensor, kernel: bool) -> bool:
+    """Whether a chunk of hidden states `h` goes through the Triton cross-entropy kernel: asked for, where
+    Triton runs, and not in fp64 (the tests' exact checks, which the PyTorch path keeps exact; autocast
+    leaves fp64 alone, so the products are fp64 exactly when `h` is)."""
+    return kernel and h.dtype in KERNEL_DTYPES and triton_runs(h)
 
 
 def chunk_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None,
                         grad: bool, kernel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's summed cross-entropy (fp64) and, with `grad`, its gradient with respect to the products
     `h @ weight.T` in h's dtype: in the Triton kernel (`kernel`, where it runs), or in PyTorch."""
-    z = h @ weight.t()
-    if kernel_runs(z, kernel):
+    if kernel_runs(h, kernel):
         from tuneforge.fast.kernels import cross_entropy_triton
 
+        z = h @ weight.t()  # bf16 under autocast: no fp32 copy is made
         lse, target = cross_entropy_triton.rows(z, y, softcap, grad=grad)  # z now holds the gradient
         return (lse - target).double().sum(), z.to(h.dtype) if grad else None
-    logits, capped = chunk_logits(z, softcap)
+    logits, capped = chunk_logits(h, weight, softcap)
     lse = torch.logsumexp(logits, dim=-1)
     total = (lse - logits.gather(1, y[:, None]).squeeze(1)).double().sum()
     if not grad:
