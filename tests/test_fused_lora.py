@@ -204,18 +204,24 @@ def _batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-@pytest.mark.parametrize("arch, kernels", [("llama", False), ("gemma", False), ("llama", True), ("gemma", True)])
-def test_a_lora_model_with_fused_layers_gives_the_same_step(fused_calls, arch, kernels):
-    """Every adapted linear of a tiny Llama and Gemma fused, alone and under the fused RMSNorm and gated-MLP
-    kernels (whose MLP calls the fused gate and up projections): the plain model's loss and gradients."""
+@pytest.mark.parametrize("arch, also", [("llama", None), ("gemma", None), ("llama", "kernels"), ("gemma", "kernels"),
+                                        ("llama", "checkpointing")])
+def test_a_lora_model_with_fused_layers_gives_the_same_step(fused_calls, arch, also):
+    """Every adapted linear of a tiny Llama and Gemma fused, alone, under the fused RMSNorm and gated-MLP
+    kernels (whose MLP calls the fused gate and up projections) and under activation checkpointing (each
+    layer run again in the backward): the plain model's loss and gradients."""
+    from tuneforge.fast.checkpointing import apply_activation_checkpointing
+
     plain = _tiny_lora(arch)
     fused = copy.deepcopy(plain)
     assert len(apply_fused_lora(fused)) == 2 * len(TARGETS)
-    if kernels:
+    if also == "kernels":
         assert len(apply_kernels(fused)) == 7
+    elif also == "checkpointing":
+        apply_activation_checkpointing(fused, "full", 1, "cpu")
     batch = _batch()
-    assert_same_step(_step(fused, batch), _step(plain, batch))
-    assert len(fused_calls) == 2 * len(TARGETS)
+    assert_same_step(_step(fused.train(), batch), _step(plain.train(), batch))
+    assert len(fused_calls) == 2 * len(TARGETS) * (2 if also == "checkpointing" else 1)
 
 
 def test_save_merge_and_reference_are_those_of_the_plain_adapter(tmp_path):
