@@ -249,14 +249,14 @@ def test_save_merge_and_reference_are_those_of_the_plain_adapter(tmp_path):
         assert torch.equal(fused_state[key], tensor), key
 
 
-def test_fused_lora_is_on_by_default_only_on_cuda_and_where_it_applies():
+def test_fused_lora_is_on_by_default_where_it_applies():
     base = {"datasets": [{"path": "x.jsonl"}], "lora": {"dropout": 0.0}}
-    assert not resolve(config_from_dict(base)).fused_lora  # CPU: measured no faster
-    assert resolve(config_from_dict(base), "cuda").fused_lora
-    assert resolve(config_from_dict({**base, "performance": {"fused_lora": True}})).fused_lora
-    assert not resolve(config_from_dict({**base, "performance": "off"}), "cuda").fused_lora
-    assert not resolve(config_from_dict({**base, "performance": {"fused_lora": False}}), "cuda").fused_lora
-    assert not resolve(config_from_dict(base), "cuda", sharded=True).fused_lora  # FSDP: not tested
+    assert resolve(config_from_dict(base)).fused_lora and resolve(config_from_dict(base), "cuda").fused_lora
+    assert resolve(config_from_dict({**base, "performance": "min_memory"})).fused_lora
+    assert resolve(config_from_dict({**base, "performance": {"mode": "off", "fused_lora": True}})).fused_lora
+    assert not resolve(config_from_dict({**base, "performance": "off"})).fused_lora
+    assert not resolve(config_from_dict({**base, "performance": {"fused_lora": False}})).fused_lora
+    assert not resolve(config_from_dict(base), sharded=True).fused_lora  # FSDP: not tested
     for other in ({"lora": {"dropout": 0.1}}, {"lora": {"dropout": 0.0, "use_dora": True}}, {"adapter": "full"},
                   {"adapter": "qlora"}):
         assert not resolve(config_from_dict({**base, **other}), "cuda").fused_lora, other

@@ -184,11 +184,10 @@ class PerformanceSpec(_Strict):
         "on CUDA, the same arithmetic in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
         "unless mode is off.")
     fused_lora: bool | None = Field(
-        None, description="LoRA: each adapted linear layer (base + scale x B A x) as one autograd function of "
-        "matmuls, its adapter product accumulated into the base product's output, forward and backward, instead "
-        "of PEFT's separate scale and add passes; saves are PEFT's; the adapter stays a PEFT model. Applies with "
-        "lora.dropout 0, without DoRA, over unquantized bases, not under FSDP. null: on when the device is CUDA, "
-        "unless mode is off (on CPU it measured no faster: bench/RESULTS.md).")
+        None, description="LoRA: each adapted linear layer as one autograd function of matmuls (the adapter's "
+        "product accumulated into the base product's output, forward and backward) instead of PEFT's separate "
+        "scale and add passes; the adapter stays a PEFT adapter. Applies with lora.dropout 0, without DoRA, over "
+        "unquantized bases, not under FSDP. null: on where it applies, unless mode is off.")
     activation_checkpointing: Literal["auto", "none", "selective", "full", "offload"] = Field(
         "auto", description="Recompute decoder layers in the backward pass instead of keeping their activations: "
         "selective (every checkpoint_every-th layer), full (every layer), offload (every layer, their inputs kept in "

@@ -100,8 +100,7 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
         compile=bool(perf.compile),
         varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
         and varlen_supported(model),
-        fused_lora=fused_lora_blocker(cfg, sharded) is None
-        and (device_type == "cuda" if perf.fused_lora is None and on else bool(perf.fused_lora)),
+        fused_lora=fused_lora_blocker(cfg, sharded) is None and pick(perf.fused_lora),
     )
 
 
