@@ -16,7 +16,7 @@ no activation checkpointing on a CPU); selective and full are auto with every se
 or every layer, checkpointed; padding_free_masked and auto_masked are padding_free and auto without
 per-example attention: the row's attention over all its T^2 pairs under transformers'
 block-diagonal mask, as before fast/varlen.py. fused_lora and auto_fused_lora are off and auto with
-`performance.fused_lora: true` (fast/fused_lora.py; off by default on a CPU).
+`performance.fused_lora: true` (fast/fused_lora.py), against off and auto with it set false.
 """
 
 from __future__ import annotations
