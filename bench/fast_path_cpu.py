@@ -3,6 +3,7 @@
     python bench/fast_path_cpu.py --steps 12 --repeats 2
     python bench/fast_path_cpu.py --modes auto selective full --data variable-length   # checkpointing
     python bench/fast_path_cpu.py --data variable-length --modes padding_free_masked padding_free auto_masked auto
+    python bench/fast_path_cpu.py --data quickstart --steps 6 --repeats 2 --modes off fused_lora auto auto_fused_lora
 
 Two datasets: the quickstart data (lengths 64-96 tokens, little padding) and a variable-length set
 whose answer lengths follow an instruction-tuning distribution (log-normal, median about 120 tokens,
@@ -14,7 +15,8 @@ logits), padding_free (with per-example attention, fast/varlen.py), chunked_loss
 no activation checkpointing on a CPU); selective and full are auto with every second decoder layer,
 or every layer, checkpointed; padding_free_masked and auto_masked are padding_free and auto without
 per-example attention: the row's attention over all its T^2 pairs under transformers'
-block-diagonal mask, as before fast/varlen.py.
+block-diagonal mask, as before fast/varlen.py. fused_lora and auto_fused_lora are off and auto with
+`performance.fused_lora: true` (fast/fused_lora.py), against off and auto with it set false.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ MODES = {
     "full": {"mode": "auto", "activation_checkpointing": "full"},
     "padding_free_masked": {"mode": "off", "padding_free": True, "varlen_attention": False},
     "auto_masked": {"mode": "auto", "varlen_attention": False},
+    "fused_lora": {"mode": "off", "fused_lora": True},
+    "auto_fused_lora": {"mode": "auto", "fused_lora": True},
 }
 DEFAULT_MODES = ("off", "padding_free", "chunked_loss", "auto")
 # Peak memory of the training steps alone: the kernel's high-water mark (VmHWM) is reset when the

@@ -13,8 +13,9 @@ r=16 alpha=16 dropout 0 on all seven linear layers, bf16, AdamW, micro-batch 4. 
 4 x 2048 tokens, every position trained; `variable`: lengths log-normal (median about 250, capped
 at 2048), micro-batches of 4 examples. Each stack runs in its own process (Unsloth and Liger patch
 transformers at import), from the same initial weights and the same batches. `tuneforge` is its
-default (`performance: auto`, which includes the fused RMSNorm/SwiGLU kernels on CUDA);
-`tuneforge-no_kernels` is the same without them, so the pair measures the kernels.
+default (`performance: auto`, which includes the fused RMSNorm/SwiGLU kernels and the fused LoRA
+layers on CUDA); `tuneforge-no_kernels` and `tuneforge-no_fused_lora` are the same without the one or
+the other, so each pair measures one of them.
 
 Figures per row: real (non-padding) tokens/s, peak allocated and reserved memory, model FLOP/s
 and MFU against the GPU's dense bf16 peak (LoRA: 4N + 12 * layers * seq * hidden per token;
@@ -38,11 +39,14 @@ from pathlib import Path
 # The real architectures come from plan's table (tuneforge.plan.architectures); "tiny" is for CPU smoke runs.
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
-STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-no_kernels", "tuneforge-compile", "liger", "unsloth")
+STACKS = ("hf", "tuneforge", "tuneforge-min_memory", "tuneforge-no_kernels", "tuneforge-no_fused_lora",
+          "tuneforge-compile", "liger", "unsloth")
 # performance: of each tuneforge stack; no_kernels is the default without the fused RMSNorm/SwiGLU kernels,
+# no_fused_lora the default with PEFT's own LoRA forward,
 # compile the default with each decoder layer under torch.compile
 PERFORMANCE = {"tuneforge": "auto", "tuneforge-min_memory": "min_memory",
                "tuneforge-no_kernels": {"mode": "auto", "kernels": False},
+               "tuneforge-no_fused_lora": {"mode": "auto", "fused_lora": False},
                "tuneforge-compile": {"mode": "auto", "compile": True}}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,6 +183,7 @@ def run_tuneforge(args, dtype, mode: str | dict):
     from tuneforge.config import config_from_dict
     from tuneforge.fast import resolve
     from tuneforge.fast.kernels import apply_kernels
+    from tuneforge.fast.fused_lora import apply_fused_lora
     from tuneforge.fast.checkpointing import apply_activation_checkpointing
     from tuneforge.fast.compile import apply_compile
     from tuneforge.methods.sft import SFT
@@ -196,7 +201,9 @@ def run_tuneforge(args, dtype, mode: str | dict):
     torch.manual_seed(args.seed + 1)
     model, _ = attach_adapter(model, cfg)
     fast = resolve(cfg, device.type, model)
-    if fast.kernels:  # where the loop applies them: after the adapter
+    if fast.fused_lora:  # where the loop applies them: after the adapter, before the kernels
+        apply_fused_lora(model)
+    if fast.kernels:
         apply_kernels(model)
     apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
     if fast.compile:

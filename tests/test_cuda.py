@@ -79,6 +79,33 @@ def test_cross_entropy_kernel_on_the_gpu(dtype, tol, softcap):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+def test_fused_lora_layer_under_bf16_autocast_on_the_gpu():
+    """fast/fused_lora.py as the loop runs it on a GPU (bf16 base, fp32 adapter, bf16 autocast) against PEFT's forward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.fast.fused_lora import apply_fused_lora
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(1024, 2816, bias=False)).to(CUDA, torch.bfloat16)
+    peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["0"], init_lora_weights=False))
+    fused = copy.deepcopy(peft)
+    assert apply_fused_lora(fused)
+    x = torch.randn(4, 513, 1024, device=CUDA, dtype=torch.bfloat16)
+    dy = torch.randn(4, 513, 2816, device=CUDA, dtype=torch.bfloat16)
+    results = []
+    for model in (peft, fused):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(xi)
+            out.backward(dy)
+        results.append([out, xi.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for want, got in zip(*results):  # bf16 rounds each path's products differently: compared as a whole
+        assert got.dtype == want.dtype
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_variable_length_kernel_equals_the_loop_per_example(window, kv_heads):
@@ -105,8 +132,8 @@ def test_variable_length_kernel_equals_the_loop_per_example(window, kv_heads):
 
 
 def test_fast_path_step_equals_the_plain_step_on_the_gpu(tmp_path, tiny_models):
-    """A whole LoRA step in bf16 with every default switch on (kernels, per-example attention, chunked
-    loss, fused AdamW) against performance: off: the same losses to bf16 rounding."""
+    """A whole LoRA step in bf16 with every default switch on (kernels, fused LoRA layers, per-example
+    attention, chunked loss, fused AdamW) against performance: off: the same losses to bf16 rounding."""
     from test_train import QUIET, make_cfg
 
     from tuneforge.track.metrics import read_metrics
@@ -119,5 +146,6 @@ def test_fast_path_step_equals_the_plain_step_on_the_gpu(tmp_path, tiny_models):
         run = train(cfg, reporter=QUIET)
         if mode == "auto":
             assert run["performance"]["kernels"] and run["performance"]["varlen_attention"], run["performance"]
+            assert run["performance"]["fused_lora"], run["performance"]
         losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode / "run" / "metrics.jsonl")]
     assert losses["auto"] == pytest.approx(losses["off"], rel=2e-2)

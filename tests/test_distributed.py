@@ -34,6 +34,7 @@ from tuneforge.train.optim import build_optimizer
 
 QUIET = Reporter(quiet=True)
 TOL = 1e-5
+PLAIN_ARITHMETIC = {"chunked_loss": False, "fused_lora": False}  # what FSDP runs (see raw_config)
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {  # name: (strategy, adapter, steps)
     "ddp_lora": ("ddp", "lora", 4), "fsdp_lora": ("fsdp", "lora", 4),
@@ -85,9 +86,10 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         "learning_rate": 5e-3 if adapter == "lora" else 1e-3, "warmup_steps": 1, "output_dir": str(root / out),
         "device": "cpu", "precision": "fp32", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "evaluation": {"before_after": False}, "distributed": {"strategy": strategy},
-        # The chunked loss is off under FSDP (fast.resolve); the one-process references run the same
-        # arithmetic as the FSDP runs, since Adam turns last-bit gradient differences into whole steps.
-        "performance": {"chunked_loss": False}, **extra,
+        # The chunked loss and the fused LoRA layers are off under FSDP (fast.resolve); the one-process
+        # references run the same arithmetic as the FSDP runs, since Adam turns last-bit gradient differences
+        # into whole steps.
+        "performance": PLAIN_ARITHMETIC, **extra,
     }
 
 
@@ -184,7 +186,7 @@ def runs(tmp_path_factory, tiny_models):
             {"config": raw_config(root, model, "ddp_fast", "ddp", performance="auto")},  # chunked loss on
             {"config": pissa_config(root, model, "ddp_pissa", "ddp")},
         ] + [
-            {"config": raw_config(root, model, name, strategy, performance={"chunked_loss": False, **perf})}
+            {"config": raw_config(root, model, name, strategy, performance={**PLAIN_ARITHMETIC, **perf})}
             for name, (strategy, perf, _) in CHECKPOINTED.items()
         ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()]
           + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()],
@@ -328,11 +330,13 @@ def test_pissa_on_two_ddp_processes_equals_one(runs):
 
 
 def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):
-    """The fast path composes with DDP: the chunked loss goes through the wrapper's own forward."""
+    """The fast path composes with DDP: the chunked loss goes through the wrapper's own forward, and the fused
+    LoRA layers' gradients reach DDP's reducer."""
     root = runs["root"]
     assert_same_run(root / "ddp_fast", root / "ref_fast", "lora")
     for run in ("ddp_fast", "ref_fast"):
-        assert json.loads((root / run / "run.json").read_text())["performance"]["chunked_loss"]
+        performance = json.loads((root / run / "run.json").read_text())["performance"]
+        assert performance["chunked_loss"] and performance["fused_lora"]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTED))

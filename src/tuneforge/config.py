@@ -184,6 +184,11 @@ class PerformanceSpec(_Strict):
         "cross-entropy kernel for each chunk of the chunked loss and log-probs: Triton on CUDA, the same arithmetic "
         "in PyTorch elsewhere. null: on when the device is CUDA and Triton imports, "
         "unless mode is off.")
+    fused_lora: bool | None = Field(
+        None, description="LoRA: each adapted linear layer as one autograd function of matmuls (the adapter's "
+        "product accumulated into the base product's output, forward and backward) instead of PEFT's separate "
+        "scale and add passes; the adapter stays a PEFT adapter. Applies with lora.dropout 0, without DoRA, over "
+        "unquantized bases, not under FSDP. null: on where it applies, unless mode is off.")
     activation_checkpointing: Literal["auto", "none", "selective", "full", "offload"] = Field(
         "auto", description="Recompute decoder layers in the backward pass instead of keeping their activations: "
         "selective (every checkpoint_every-th layer), full (every layer), offload (every layer, their inputs kept in "

@@ -38,6 +38,7 @@ class FastPath:
     checkpoint_every: int = 1
     compile: bool = False  # regional torch.compile of each decoder layer (fast/compile.py)
     varlen_attention: bool = False  # per-example attention on padding-free rows (fast/varlen.py)
+    fused_lora: bool = False  # each LoRA linear as one autograd function of matmuls (fast/fused_lora.py)
 
     def describe(self) -> str:
         level = self.activation_checkpointing
@@ -49,6 +50,7 @@ class FastPath:
                                        ("regional compile", self.compile),
                                        ("fused AdamW", self.fused_optimizer),
                                        ("fused RMSNorm, gated-MLP and cross-entropy kernels", self.kernels),
+                                       ("fused LoRA layers", self.fused_lora),
                                        ("per-example attention", self.varlen_attention)) if on]
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
@@ -72,7 +74,7 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
     (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
     where FSDP holds only this process's shard of it. Activation checkpointing on a GPU is sized by
     plan's memory model for the model, the prepared `data` and the GPU's `device_memory` (bytes;
-    default: the current CUDA device's)."""
+    default: the current CUDA device's). The fused LoRA layers are off under FSDP too (not tested there)."""
     from tuneforge.fast.checkpointing import choose_level
 
     level, every = choose_level(cfg, device_type, model, device_memory, data)
@@ -98,7 +100,21 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
         compile=bool(perf.compile),
         varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
         and varlen_supported(model),
+        fused_lora=fused_lora_blocker(cfg, sharded) is None and pick(perf.fused_lora),
     )
+
+
+def fused_lora_blocker(cfg, sharded: bool = False) -> str | None:
+    """Why fast/fused_lora.py cannot serve this run's adapter, or None when it can."""
+    if cfg.adapter != "lora":
+        return f"adapter is {cfg.adapter} (only lora over unquantized weights is fused)"
+    if cfg.lora.use_dora:
+        return "lora.use_dora is on (DoRA keeps PEFT's forward)"
+    if cfg.lora.dropout:
+        return f"lora.dropout is {cfg.lora.dropout} (only dropout 0 is fused; set lora.dropout: 0)"
+    if sharded:
+        return "FSDP shards the weights (not tested with fused LoRA layers)"
+    return None
 
 
 def varlen_supported(model) -> bool:

@@ -24,7 +24,7 @@ from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.fast import resolve as resolve_fast_path
+from tuneforge.fast import fused_lora_blocker, resolve as resolve_fast_path
 from tuneforge.fast.kernels import apply_kernels
 from tuneforge.fast.checkpointing import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
@@ -271,6 +271,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg, save_initial=world.main)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
+    if fast.fused_lora:  # in place, so the kernels' gated MLP below calls the fused layers
+        from tuneforge.fast.fused_lora import apply_fused_lora
+
+        rep.note(f"Fused LoRA: {len(apply_fused_lora(model))} LoRA linear layers run as one autograd function each")
+    elif cfg.performance.fused_lora:
+        rep.warn(f"performance.fused_lora: not applied, since {fused_lora_blocker(cfg, strategy == 'fsdp')}")
     if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
         rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
     if fast.varlen_attention:
