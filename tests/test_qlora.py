@@ -149,11 +149,16 @@ def test_qlora_resume_restores_the_adapter_bit_for_bit(tmp_path, tiny_models):
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-def test_merge_report_dequantized_target_reproduces_the_trained_model(qlora_run):
+@pytest.fixture(scope="module")
+def qlora_report(qlora_run):
+    """The merge report of the QLoRA run, computed once: it generates for 32 prompts on three models."""
+    return merge_report(open_run(qlora_run[1]))
+
+
+def test_merge_report_dequantized_target_reproduces_the_trained_model(qlora_report):
     """R-MRG-1/R-MRG-2: on 32 held-out prompts the dequantized merge has mean KL <= epsilon and >= 95%
     identical greedy outputs against the adapter on the 4-bit base; the original-weights merge is reported too."""
-    run = open_run(qlora_run[1])
-    report = merge_report(run)
+    report = qlora_report
     assert report["prompts"] == 32 and report["source"] == "validation set" and report["default"] == "dequantized"
     deq, orig = report["targets"]["dequantized"], report["targets"]["original"]
     assert deq["mean_kl"] <= KL_EPSILON and deq["mean_kl"] <= 1e-6
@@ -162,8 +167,14 @@ def test_merge_report_dequantized_target_reproduces_the_trained_model(qlora_run)
     assert orig["mean_kl"] > 100 * max(deq["mean_kl"], 1e-9)
 
 
-def test_merge_cli_report_prints_both_targets(qlora_run, capsys):
+def test_merge_cli_report_prints_both_targets(qlora_run, qlora_report, capsys, monkeypatch):
+    """`tuneforge merge RUN --report` prints the report of that run (computed by the fixture above)."""
+    import tuneforge.export.merge_report as module
+
+    asked = []
+    monkeypatch.setattr(module, "merge_report", lambda run, *a, **k: asked.append(run.dir) or qlora_report)
     assert main(["merge", str(qlora_run[1]), "--report"]) == 0
+    assert asked == [qlora_run[1]]
     out = capsys.readouterr().out
     assert "dequantized (default)" in out and "original" in out and "mean KL" in out and "identical" in out
 
