@@ -26,8 +26,10 @@ demo: setup
 	$(VENV)/bin/tuneforge train examples/quickstart.yaml
 
 # pytest exits 5 when it collected no test: that is a failure, not a green run.
+# Two workers, each test file whole on one of them (module fixtures are built once); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests were run' >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests were run' >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs

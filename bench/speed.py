@@ -169,7 +169,7 @@ def run_unsloth(args, dtype):
     folder = Path(tempfile.mkdtemp()) / "model"
     model.save_pretrained(folder)
     del model
-    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=SEQ, dtype=dtype, load_in_4bit=False)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=args.seq_len, dtype=dtype, load_in_4bit=False)
     torch.manual_seed(args.seed + 1)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth" if args.checkpointing else False)
@@ -234,7 +234,7 @@ def worker(args) -> dict:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     n = args.warmup + max(args.steps, args.loss_steps)
     shape = shape_spec(args.shape)
-    batches = make_examples(lengths_for(args.data, n, SEQ), shape["vocab_size"])
+    batches = make_examples(lengths_for(args.data, n, args.seq_len), shape["vocab_size"])
     if args.stack in ("hf", "liger"):
         model, step = run_hf(args, dtype, liger=args.stack == "liger")
     elif args.stack == "unsloth":
@@ -318,6 +318,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=SEQ, help="tokens per row (fixed data; the cap of variable data)")
     p.add_argument("--loss-steps", type=int, default=50, help="steps compared with the reference's losses")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -340,7 +341,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--shape", shape, "--data", data,
                        "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--loss-steps", str(args.loss_steps), "--lr", str(args.lr), "--seed", str(args.seed),
+                       "--loss-steps", str(args.loss_steps), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
                        "--checkpointing" if args.checkpointing else "--no-checkpointing"]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:

@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Trackers never reach the network in tests: W&B offline, no MLflow telemetry.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs two workers) each worker computes on one thread: two workers
+# with two threads each on CI's two cores would wait on each other's spinning threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 # A Qwen2.5-style template: default system prompt, tool results as a user turn with tags.
 QWEN_TEMPLATE = (

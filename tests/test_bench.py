@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_speed_harness_compares_stacks_with_equal_losses():
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "speed.py"), "--shapes", "tiny", "--data", "fixed,variable",
-         "--stacks", "hf,tuneforge,unsloth", "--device", "cpu", "--steps", "2", "--loss-steps", "3", "--warmup", "1"],
+         "--stacks", "hf,tuneforge,unsloth", "--device", "cpu", "--steps", "2", "--loss-steps", "3", "--warmup", "1",
+         "--seq-len", "256"],
         capture_output=True, text=True, timeout=600, check=True)
     rows = [ln.split("|")[1:-1] for ln in done.stdout.splitlines() if ln.startswith("| tiny")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [("fixed", "hf"), ("fixed", "tuneforge"),

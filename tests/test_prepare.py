@@ -105,13 +105,14 @@ def test_ratios_must_leave_room():
 
 
 def test_preview_marks_trained_text_and_the_cut(tmp_path, cache, capsys):
-    write_jsonl(tmp_path / "d.jsonl", [chat("Short question?", "Short answer."), chat("Long one", "word " * 200)])
-    cfg = tmp_path / "c.yaml"
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 4)  # a file:line wider than the 80 columns of a pipe
+    data = write_jsonl(folder / "d.jsonl", [chat("Short question?", "Short answer."), chat("Long one", "word " * 200)])
+    cfg = folder / "c.yaml"
     cfg.write_text("datasets: [{path: d.jsonl}]\nmax_seq_len: 64\ntruncation: truncate_right\n")
     assert main(["data", "preview", str(cfg), "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert "[[Short answer.<|im_end|>]]" in out
-    assert "d.jsonl:1:" in out and "tokens" in out and "trained" in out
+    assert f"{data}:1: " in out and "tokens" in out and "trained" in out
     assert "cut at max_seq_len 64: the model never sees what follows" in out
     assert "Short question?" in out and "[[Short question?" not in out
 

@@ -265,7 +265,8 @@ def cmd_data_preview(args) -> int:
     console.print(f"First {args.n} examples as the model receives them ({legend}):\n")
     for ex in first_examples(cfg, tokenizer, args.n):
         out = render_preview(tokenizer, ex, color, cfg.max_seq_len, cfg.truncation)
-        console.print(out, markup=False, highlight=False) if not color else console.print(out)
+        # Piped or redirected: lines as they are, so a long path's file:line is never split by wrapping.
+        console.print(out, markup=False, highlight=False, soft_wrap=True) if not color else console.print(out)
         console.print()
     return 0
 
