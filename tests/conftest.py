@@ -44,6 +44,15 @@ LLAMA3_TEMPLATE = (
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: a second thread only waits on the first (on a busy machine, much longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def builtin_folder() -> Path:
     from tuneforge.models.resolve import resolve_base_model

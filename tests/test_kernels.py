@@ -41,13 +41,7 @@ IN_INTERPRETER = pytest.mark.skipif(
 PATHS = [pytest.param("triton", marks=IN_INTERPRETER), "torch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every tensor here is tiny: a second thread only waits on the first (and on a busy machine, much longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 @pytest.mark.skipif(not triton_importable(), reason=NO_TRITON)
