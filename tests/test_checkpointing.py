@@ -153,9 +153,11 @@ class _Stand:
 
 
 @pytest.mark.parametrize("perf, gpu_gb, expected", [
-    ({}, 80, ("selective", 32)),  # SFT's chunked loss: checkpointing one layer of 32 is enough
+    ({}, 80, ("none", 1)),  # the chunked loss, and the fused kernels (on by default on a GPU): all fits
+    ({"kernels": False}, 80, ("selective", 32)),  # without the kernels, one layer of 32 checkpointed
     ({}, 24, ("full", 1)),
-    ({"chunked_loss": False}, 80, ("selective", 4)),  # full logits: 8 of 32 layers
+    ({"chunked_loss": False}, 80, ("selective", 32)),
+    ({"chunked_loss": False, "kernels": False}, 80, ("selective", 4)),  # full logits, no kernels: 8 of 32 layers
     ({"chunked_loss": False}, 24, ("offload", 1)),  # full does not fit 0.9 x 24 GB; offload does
     ({"mode": "min_memory"}, 80, ("full", 1)),
     ({"mode": "min_memory", "chunked_loss": False}, 24, ("offload", 1)),

@@ -485,3 +485,29 @@ def test_a_table_shape_round_trips_through_its_config(name):
     shape = table_shape(name)
     back, note = shape_from_hf_config(hf_config_for(shape), name=shape.name)
     assert back == shape and note == ""
+
+
+@pytest.mark.parametrize("method,measured", [("lora", 117_096 - 92_520), ("full", 129_160 - 96_392)])
+def test_plan_counts_what_the_fused_kernels_save(method, measured):
+    """The bytes a decoder layer of llama-3.2-1b keeps per token with the fused kernels, less than without, as
+    measured by bench/kernels_memory.py (docs/performance.md); and plan's default has them on a GPU only."""
+    from tuneforge.plan.architectures import table_shape
+    from tuneforge.plan.checkpointing import for_device
+    from tuneforge.plan.memory import layer_token_bytes
+
+    shape = table_shape("llama-3.2-1b")
+    plain = Settings(method=method, padded=False)
+    saved = layer_token_bytes(shape, plain, "bf16") - layer_token_bytes(shape, replace(plain, kernels=True), "bf16")
+    assert abs(saved - measured) <= 16, (saved, measured)
+    default = replace(plain, kernels=None)
+    assert for_device(shape, default, 80 * GIB, False, "bf16").kernels is True
+    assert for_device(shape, default, 80 * GIB, True, "fp32").kernels is False
+    cfg = config_from_dict({"datasets": [{"path": "d.jsonl"}]})
+    assert plan_settings(cfg).kernels is None
+    assert plan_settings(config_from_dict({"datasets": [{"path": "d.jsonl"}], "performance": "off"})).kernels is False
+
+
+def plan_settings(cfg):
+    from tuneforge.plan.report import settings_from_config
+
+    return settings_from_config(cfg, 512, True)[0]

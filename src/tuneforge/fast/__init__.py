@@ -77,9 +77,10 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
     default: the current CUDA device's). The fused LoRA layers are off under FSDP too (not tested there)."""
     from tuneforge.fast.checkpointing import choose_level
 
-    level, every = choose_level(cfg, device_type, model, device_memory, data)
     perf = cfg.performance
     on = perf.mode != "off"
+    kernels = kernels_default(device_type) if perf.kernels is None and on else bool(perf.kernels)
+    level, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
     sft = cfg.method == "sft"  # the one objective that reads padding-free rows
     chunks = cfg.method in CHUNKED_METHODS
 
@@ -94,7 +95,7 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
         gradient_checkpointing=level != "none",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
         pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
-        kernels=kernels_default(device_type) if perf.kernels is None and on else bool(perf.kernels),
+        kernels=kernels,
         activation_checkpointing=level,
         checkpoint_every=every,
         compile=bool(perf.compile),

@@ -11,6 +11,8 @@ from plan's memory model (plan.checkpointing), so `tuneforge plan` shows the sam
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from functools import partial
 
 from tuneforge.errors import ConfigError
@@ -26,10 +28,11 @@ def run_shape(cfg, data) -> tuple[int, bool]:
 
 
 def choose_level(cfg, device_type: str, model=None, device_memory: float | None = None,
-                 data=None) -> tuple[str, int]:
+                 data=None, kernels: bool | None = None) -> tuple[str, int]:
     """(level, k) a run uses: what the config sets, or on a GPU the level its memory allows (plan's
-    prediction for this model, these settings and the data's longest example); on other devices
-    none for auto, full for min_memory, and offload is full (there is no device memory to free)."""
+    prediction for this model, these settings, the data's longest example and whether the fused
+    `kernels` run; None: plan's default); on other devices none for auto, full for min_memory, and
+    offload is full (there is no device memory to free)."""
     from tuneforge.plan.checkpointing import CPU_EVERY, for_device, level, requested
 
     request, every = requested(cfg)
@@ -48,6 +51,8 @@ def choose_level(cfg, device_type: str, model=None, device_memory: float | None 
     from tuneforge.plan.report import settings_from_config
 
     settings, _ = settings_from_config(cfg, *run_shape(cfg, data))
+    if kernels is not None:
+        settings = replace(settings, kernels=kernels)
     if device_memory is None:
         import torch
 

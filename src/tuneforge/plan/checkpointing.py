@@ -69,7 +69,10 @@ def least_first(shape: ModelShape, s: Settings) -> list[Settings]:
 
 
 def for_device(shape: ModelShape, s: Settings, memory_bytes: float, is_cpu: bool, compute: str) -> Settings:
-    """The checkpointing a run of these settings uses on a device with this much memory (its total)."""
+    """The checkpointing a run of these settings uses on a device with this much memory (its total), with
+    the kernels it runs there (by default on a GPU only: fast.kernels_default), which change what fits."""
+    if s.kernels is None:
+        s = replace(s, kernels=not is_cpu)
     choice = s.checkpoint_choice
     if is_cpu:  # nothing to offload to; no budget
         if choice == "given":

@@ -50,6 +50,9 @@ class Settings:
     precision: str = "auto"  # the config's: auto | bf16 | fp16 | fp32
     padded: bool = True  # batches carry a padding mask (examples differ in length)
     chunked_loss: bool = False  # performance.chunked_loss: the output layer a chunk of positions at a time
+    # performance.kernels: the fused RMSNorm and gated MLP keep less for the backward (fast/kernels);
+    # None: the default, on for a GPU (Triton compiles them there), off for a CPU (plan.checkpointing.for_device).
+    kernels: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,12 @@ def _norm_bytes(h: int, cb: int, full: bool) -> int:
     return 4 * h + (4 * h if full else 0) + cb * h
 
 
+def _fused_norm_bytes(h: int, rb: int) -> int:
+    """The fused RMSNorm keeps its input (in the residual stream's dtype) and one fp32 number a token;
+    its weight's gradient is recomputed from them."""
+    return rb * h + 4
+
+
 def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     """Bytes one block saves for backward, per token, without checkpointing."""
     cb = compute_bytes(compute)
@@ -123,11 +132,16 @@ def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     h, q = shape.hidden, shape.heads * shape.dim
     # With a padding mask, transformers repeats k and v to every head before SDPA (repeat_kv).
     kv = (shape.heads if s.padded else shape.kv_heads) * shape.dim
-    norms = 2 * _norm_bytes(h, cb, full) + (shape.norms_per_layer - 2) * (4 * h + (4 * h if full else 0))
+    if s.kernels:  # the two norms before a linear layer: that layer keeps their output (cb * h) too
+        rb = residual_bytes(s, compute)
+        norms = 2 * (_fused_norm_bytes(h, rb) + cb * h) + (shape.norms_per_layer - 2) * _fused_norm_bytes(h, rb)
+    else:
+        norms = 2 * _norm_bytes(h, cb, full) + (shape.norms_per_layer - 2) * (4 * h + (4 * h if full else 0))
     attention = cb * (3 * q + 2 * kv)  # rotated q, k, v for SDPA, its output, and o_proj's contiguous input
     if shape.qk_norm:
         attention += 4 * (q + shape.kv_heads * shape.dim) * (2 if full else 1)
-    mlp = 4 * cb * shape.intermediate  # gate, act(gate), up, act(gate) * up
+    # gate, act(gate), up, act(gate) * up; the fused activation recomputes act(gate) in its backward
+    mlp = (3 if s.kernels else 4) * cb * shape.intermediate
     lora = 0.0
     if s.method != "full":
         for in_features, _ in shape.lora_modules(s.lora_targets).values():

@@ -137,9 +137,16 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
-        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss,
+        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss, kernels=_kernels(cfg),
     )
     return from_request(s, *requested(cfg)), notes
+
+
+def _kernels(cfg: Config) -> bool | None:
+    """performance.kernels as set, or None for the default: on where the run's device is a GPU."""
+    perf = cfg.performance
+    kernels = getattr(perf, "kernels", None)
+    return (None if perf.mode != "off" else False) if kernels is None else kernels
 
 
 def _accumulation(cfg: Config) -> int:
