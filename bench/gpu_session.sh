@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh speed-1b   # speed table, Llama-3.2-1B, fixed and variable lengths
 #   bash bench/gpu_session.sh speed-8b   # speed table, Llama-3.1-8B, fixed length
 #   bash bench/gpu_session.sh plan       # plan's GPU calibration rows (bench/PLAN_CALIBRATION.md)
+#   bash bench/gpu_session.sh context [TOKENS]  # Llama-3.1-8B LoRA, one row of TOKENS (default 131072), min_memory
 #
 # Run `check` first: a failing kernel there makes every speed figure after it meaningless.
 set -euo pipefail
@@ -25,6 +26,9 @@ case "${1:-check}" in
     python bench/speed.py --shapes llama-3.1-8b --data fixed --loss-steps 20 2>&1 | tee "$OUT/speed-8b.txt" ;;
   plan)
     python bench/plan_calibrate.py --rows gpu --out "$OUT/plan_calibration.md" 2>&1 | tee "$OUT/plan.txt" ;;
+  context)  # the longest-context goal: a row that fails is listed as failed, with its error
+    python bench/speed.py --shapes llama-3.1-8b --data fixed --stacks tuneforge-min_memory --micro-batch 1 \
+      --seq-len "${2:-131072}" --steps 1 --warmup 1 --loss-steps 1 2>&1 | tee "$OUT/context-${2:-131072}.txt" ;;
   *)
-    echo "usage: bash bench/gpu_session.sh check|speed-1b|speed-8b|plan" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh check|speed-1b|speed-8b|plan|context [TOKENS]" >&2; exit 2 ;;
 esac

@@ -56,14 +56,14 @@ MICRO_BATCH, SEQ = 4, 2048
 # ---- data: the same batches for every stack -------------------------------------------------------
 
 
-def lengths_for(data: str, n_batches: int, seq: int, seed: int = 0) -> list[list[int]]:
+def lengths_for(data: str, n_batches: int, seq: int, seed: int = 0, rows: int = MICRO_BATCH) -> list[list[int]]:
     import random
 
     if data == "fixed":
-        return [[seq] * MICRO_BATCH for _ in range(n_batches)]
+        return [[seq] * rows for _ in range(n_batches)]
     rng = random.Random(seed)
     median = min(250, seq // 4)
-    return [[max(8, min(seq, int(rng.lognormvariate(math.log(median), 0.9)))) for _ in range(MICRO_BATCH)]
+    return [[max(8, min(seq, int(rng.lognormvariate(math.log(median), 0.9)))) for _ in range(rows)]
             for _ in range(n_batches)]
 
 
@@ -234,7 +234,7 @@ def worker(args) -> dict:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     n = args.warmup + max(args.steps, args.loss_steps)
     shape = shape_spec(args.shape)
-    batches = make_examples(lengths_for(args.data, n, args.seq_len), shape["vocab_size"])
+    batches = make_examples(lengths_for(args.data, n, args.seq_len, rows=args.micro_batch), shape["vocab_size"])
     if args.stack in ("hf", "liger"):
         model, step = run_hf(args, dtype, liger=args.stack == "liger")
     elif args.stack == "unsloth":
@@ -319,6 +319,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=SEQ, help="tokens per row (fixed data; the cap of variable data)")
+    p.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="rows per step (1 for the longest context)")
     p.add_argument("--loss-steps", type=int, default=50, help="steps compared with the reference's losses")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -341,7 +342,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--shape", shape, "--data", data,
                        "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--loss-steps", str(args.loss_steps), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+                       "--loss-steps", str(args.loss_steps), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--seed", str(args.seed),
                        "--checkpointing" if args.checkpointing else "--no-checkpointing"]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
