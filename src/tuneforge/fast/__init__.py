@@ -79,7 +79,8 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
 
     perf = cfg.performance
     on = perf.mode != "off"
-    kernels = kernels_default(device_type) if perf.kernels is None and on else bool(perf.kernels)
+    kernels = kernels_requested(perf)
+    kernels = kernels_default(device_type) if kernels is None else kernels
     level, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
     sft = cfg.method == "sft"  # the one objective that reads padding-free rows
     chunks = cfg.method in CHUNKED_METHODS
@@ -123,6 +124,14 @@ def varlen_supported(model) -> bool:
     from tuneforge.fast.varlen import supports
 
     return supports(model)
+
+
+def kernels_requested(perf) -> bool | None:
+    """performance.kernels as the config sets it, or None where the device decides (kernels_default)."""
+    kernels = getattr(perf, "kernels", None)  # a run.json of an older version may lack the key
+    if kernels is None:
+        return None if perf.mode != "off" else False
+    return bool(kernels)
 
 
 def kernels_default(device_type: str) -> bool:

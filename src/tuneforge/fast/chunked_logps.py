@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.fast.chunked_loss import chunk_logits, kernel_runs
+from tuneforge.fast.chunked_loss import chunk_logits, kernel_rows, kernel_runs
 
 
 class _LabelLogps(torch.autograd.Function):
@@ -30,9 +30,7 @@ class _LabelLogps(torch.autograd.Function):
             end = start + chunk
             h = hidden[start:end]
             if kernel_runs(h, kernel):
-                from tuneforge.fast.kernels import cross_entropy_triton
-
-                lse[start:end], target = cross_entropy_triton.rows(h @ weight.t(), labels[start:end], softcap, temperature)
+                lse[start:end], target, _ = kernel_rows(h, weight, labels[start:end], softcap, temperature)
                 out[start:end] = target - lse[start:end]
                 continue
             z, _ = chunk_logits(h, weight, softcap, temperature)
@@ -53,11 +51,8 @@ class _LabelLogps(torch.autograd.Function):
             end = start + ctx.chunk
             h, g = hidden[start:end], grad_out[start:end].to(lse.dtype)
             if kernel_runs(h, ctx.kernel):
-                from tuneforge.fast.kernels import cross_entropy_triton
-
                 # d/dz of g * (z_y - lse) is -g times the cross-entropy's gradient, written over z
-                z = h @ weight.t()
-                cross_entropy_triton.rows(z, labels[start:end], ctx.softcap, ctx.temperature, grad=True, scale=-g)
+                *_, z = kernel_rows(h, weight, labels[start:end], ctx.softcap, ctx.temperature, grad=True, scale=-g)
                 grad = z.to(h.dtype)
             else:
                 z, capped = chunk_logits(h, weight, ctx.softcap, ctx.temperature)

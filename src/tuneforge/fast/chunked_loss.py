@@ -39,15 +39,24 @@ def kernel_runs(h: torch.Tensor, kernel: bool) -> bool:
     return kernel and h.dtype in KERNEL_DTYPES and triton_runs(h)
 
 
+def kernel_rows(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                temperature: float = 1.0, grad: bool = False, scale: torch.Tensor | None = None):
+    """The Triton cross-entropy kernel over one chunk's products `h @ weight.T` (in h's dtype: under
+    autocast no fp32 copy is made): (lse, label logit) per row, and the products, which with `grad`
+    now hold the gradient (fast/kernels/cross_entropy_triton.py)."""
+    from tuneforge.fast.kernels import cross_entropy_triton
+
+    z = h @ weight.t()
+    lse, target = cross_entropy_triton.rows(z, labels, softcap, temperature, grad, scale)
+    return lse, target, z
+
+
 def chunk_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None,
                         grad: bool, kernel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk's summed cross-entropy (fp64) and, with `grad`, its gradient with respect to the products
     `h @ weight.T` in h's dtype: in the Triton kernel (`kernel`, where it runs), or in PyTorch."""
     if kernel_runs(h, kernel):
-        from tuneforge.fast.kernels import cross_entropy_triton
-
-        z = h @ weight.t()  # bf16 under autocast: no fp32 copy is made
-        lse, target = cross_entropy_triton.rows(z, y, softcap, grad=grad)  # z now holds the gradient
+        lse, target, z = kernel_rows(h, weight, y, softcap, grad=grad)
         return (lse - target).double().sum(), z.to(h.dtype) if grad else None
     logits, capped = chunk_logits(h, weight, softcap)
     lse = torch.logsumexp(logits, dim=-1)

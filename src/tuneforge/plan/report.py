@@ -15,7 +15,7 @@ from tuneforge.config import Config
 from tuneforge.data.stats import padding_waste
 from tuneforge.plan.advice import candidates, settings_warnings
 from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
-from tuneforge.fast import resolve as resolve_fast_path
+from tuneforge.fast import kernels_requested, resolve as resolve_fast_path
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
@@ -137,16 +137,9 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
-        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss, kernels=_kernels(cfg),
+        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss, kernels=kernels_requested(cfg.performance),
     )
     return from_request(s, *requested(cfg)), notes
-
-
-def _kernels(cfg: Config) -> bool | None:
-    """performance.kernels as set, or None for the default: on where the run's device is a GPU."""
-    perf = cfg.performance
-    kernels = getattr(perf, "kernels", None)
-    return (None if perf.mode != "off" else False) if kernels is None else kernels
 
 
 def _accumulation(cfg: Config) -> int:
