@@ -24,7 +24,8 @@ def measure(method: str, pairs: int, steps: int, chunked: bool) -> dict:
     from tuneforge.config import load_config
     from tuneforge.data.batching import collate
     from tuneforge.data.dataset import prepare_data
-    from tuneforge.methods import build_objective, run_objective
+    from tuneforge.methods.build import build_objective
+    from tuneforge.methods.run import run_objective
     from tuneforge.methods.reference import Reference
     from tuneforge.methods.sft import SFT
     from tuneforge.models.load import attach_adapter, load_model, load_tokenizer, pick_device

@@ -19,7 +19,7 @@ from conftest import make_tiny_model
 from tuneforge.config import DPOSpec, KTOSpec, ORPOSpec, SimPOSpec
 from tuneforge.data.template import IGNORE_INDEX
 from tuneforge.data.tokenized import Example
-from tuneforge.methods import run_objective
+from tuneforge.methods.run import run_objective
 from tuneforge.methods.dpo import DPO
 from tuneforge.methods.kto import KTO
 from tuneforge.methods.orpo import ORPO

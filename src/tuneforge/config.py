@@ -386,9 +386,6 @@ class DistributedSpec(_Strict):
 
 
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
-# The record kind each method trains on.
-METHOD_DATA = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "orpo": ("preference",),
-               "simpo": ("preference",), "reward": ("preference",), "kto": ("kto",), "grpo": ("prompt",)}
 
 
 class Config(_Strict):

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from jinja2 import TemplateError
 
-from tuneforge.config import METHOD_DATA, Config
+from tuneforge.config import Config
 from tuneforge.data.formats import Record, read_records
 from tuneforge.data.template import (
     IGNORE_INDEX,
@@ -38,6 +38,7 @@ from tuneforge.data.template import (
 )
 from tuneforge.data.tokenized import TokenizedBuilder, TokenizedSet
 from tuneforge.errors import DataError
+from tuneforge.methods.facts import method_facts
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
@@ -128,6 +129,7 @@ class _Encoder:
 
     def __init__(self, tokenizer, cfg: Config, summary: DataSummary):
         self.tokenizer, self.cfg, self.summary = tokenizer, cfg, summary
+        self.facts = method_facts(cfg)
         self.left_out: list[Rejected] = []  # by policy: duplicates, too long, too short, nothing to train
         self.too_long: list[Rejected] = []
         self.unrenderable: list[Rejected] = []
@@ -137,9 +139,9 @@ class _Encoder:
 
     def _parts(self, rec: Record) -> list[list[tuple[str, bool]]]:
         """The sequences a record becomes: one, or chosen and rejected for a preference pair."""
-        if rec.kind not in METHOD_DATA[self.cfg.method]:
-            raise DataError(f"a {rec.kind} record, but method {self.cfg.method} trains on "
-                            f"{' / '.join(METHOD_DATA[self.cfg.method])} records; give a file of that format "
+        if rec.kind not in self.facts.records:
+            raise DataError(f"a {rec.kind} record, but method {self.facts.name} trains on "
+                            f"{' / '.join(self.facts.records)} records; give a file of that format "
                             "or choose the method that fits the data")
         if self.end_of_turn is None and self.tokenizer.chat_template and rec.kind in ("chat", "preference", "kto", "prompt"):
             self.end_of_turn = find_end_of_turn(self.tokenizer)
@@ -424,10 +426,10 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     summary = DataSummary()
     encoder = _Encoder(tokenizer, cfg, summary)
     split = cfg.validation.split if cfg.validation else None
-    n_parts = 2 if METHOD_DATA[cfg.method] == ("preference",) else 1
-    online = cfg.method == "grpo"  # rewards read the records' other fields
-    train = [TokenizedBuilder(keep_records=online) for _ in range(n_parts)]
-    validation = [TokenizedBuilder(keep_records=True) for _ in range(n_parts)]
+    facts = method_facts(cfg)
+    # An online method's rewards read the records' other fields.
+    train = [TokenizedBuilder(keep_records=facts.online) for _ in range(facts.parts)]
+    validation = [TokenizedBuilder(keep_records=True) for _ in range(facts.parts)]
     sizes = []
     for k, ds in enumerate(cfg.datasets):
         before = len(train[0])

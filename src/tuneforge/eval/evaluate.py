@@ -63,33 +63,6 @@ def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, 
     return out
 
 
-@torch.no_grad()
-def objective_metrics(objective, model, data, batch_size: int, device, dtype, final: bool = False,
-                      reference=None) -> dict:
-    """The method's loss and statistics over the validation split, as val_* keys.
-
-    `preference_accuracy` counts a pair whose chosen answer gets the higher implicit reward; a tie
-    counts half, so a policy equal to its reference scores chance (0.5), not 0.
-    """
-    from tuneforge.methods import on_validation, run_objective
-
-    if hasattr(objective, "held_out"):
-        return objective.held_out(model, data, final)
-    view = on_validation(objective, data, reference)
-    was_training = model.training
-    model.eval()
-    n = len(data.validation)
-    batches = [view.collate(list(range(i, min(n, i + batch_size)))) for i in range(0, n, batch_size)]
-    loss, _, stats = run_objective(view, model, batches, device, dtype, backward=False)
-    model.train(was_training)
-    out = {"val_loss": loss, **{f"val_{k}": v for k, v in stats.items()}}
-    if "rewards/accuracies" in stats:
-        out["preference_accuracy"] = stats["rewards/accuracies"] + stats.get("rewards/ties", 0.0) / 2
-    if "logps/accuracies" in stats:  # the model's own likelihood: does it make the chosen answer the likelier?
-        out["likelihood_accuracy"] = stats["logps/accuracies"]
-    return out
-
-
 def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
     """Every id that ends an answer: the template's end-of-turn and the tokenizer's EOS."""
     ids = []

@@ -8,7 +8,10 @@ from pathlib import Path
 from tuneforge.config import load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.evaluate import evaluate
+from tuneforge.eval.evaluate import stop_token_ids
+from tuneforge.methods.build import build_objective
+from tuneforge.methods.facts import method_facts
+from tuneforge.methods.reference import Reference
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder, open_run
@@ -39,7 +42,7 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
     data = prepare_data(cfg, tokenizer)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    head = "score" if cfg.method == "reward" else "causal_lm"
+    head = method_facts(cfg).model_head
     model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=head,
                        pad_token_id=tokenizer.pad_token_id)
     measure = _measure(cfg, model, tokenizer, data, device, dtype)
@@ -57,19 +60,13 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> t
 
 def _measure(cfg, base, tokenizer, data, device, dtype):
     """measure(model, reference_model) -> the numbers `train` reports before and after, for the run's method."""
-    if cfg.method == "sft":
-        return lambda model, _: evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
-    from tuneforge.eval.evaluate import objective_metrics, stop_token_ids
-    from tuneforge.methods import build_objective, needs_reference
-    from tuneforge.methods.reference import Reference
-
-    online = {"tokenizer": tokenizer, "stop_ids": stop_token_ids(tokenizer, data.end_of_turn),
-              "end_of_turn": data.end_of_turn, "device": device, "dtype": dtype, "base": Path.cwd()}
-    free = cfg.method == "dpo" and cfg.dpo.reference_free
-    objective = build_objective(cfg, data, tokenizer.pad_token_id, Reference(free=free), **online)
+    run = {"tokenizer": tokenizer, "stop_ids": stop_token_ids(tokenizer, data.end_of_turn),
+           "end_of_turn": data.end_of_turn, "device": device, "dtype": dtype, "base": Path.cwd()}
+    reference = method_facts(cfg).reference
+    free = reference == "uniform"
+    objective = build_objective(cfg, data, tokenizer.pad_token_id, Reference(free=free), **run)
 
     def measure(model, reference_model):
-        reference = Reference(reference_model, free) if needs_reference(cfg) else None
-        return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype, final=True,
-                                 reference=reference)
+        return objective.held_out(model, data, final=True,
+                                  reference=Reference(reference_model, free) if reference else None)
     return measure

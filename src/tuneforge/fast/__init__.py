@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneforge.methods.facts import method_facts
 
-# Objectives whose loss reads the output layer in chunks (ORPO's NLL over prompts and the reward
-# model's score head read whole logits or no logits).
-CHUNKED_METHODS = ("sft", "dpo", "simpo", "kto", "grpo")
+
 CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk of the chunked loss
 
 
@@ -82,16 +81,15 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
     kernels = kernels_requested(perf)
     kernels = kernels_default(device_type) if kernels is None else kernels
     level, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
-    sft = cfg.method == "sft"  # the one objective that reads padding-free rows
-    chunks = cfg.method in CHUNKED_METHODS
+    facts = method_facts(cfg)
 
     def pick(value: bool | None) -> bool:
         return on if value is None else value
 
-    padding_free = sft and pick(perf.padding_free)
+    padding_free = facts.padding_free and pick(perf.padding_free)
     return FastPath(
         padding_free=padding_free,
-        chunked_loss=chunks and not sharded and pick(perf.chunked_loss),
+        chunked_loss=facts.chunked_loss and not sharded and pick(perf.chunked_loss),
         loss_chunk_tokens=perf.loss_chunk_tokens,
         gradient_checkpointing=level != "none",
         fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",

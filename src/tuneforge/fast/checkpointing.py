@@ -16,12 +16,13 @@ from dataclasses import replace
 from functools import partial
 
 from tuneforge.errors import ConfigError
+from tuneforge.methods.facts import method_facts
 
 
 def run_shape(cfg, data) -> tuple[int, bool]:
     """(widest micro-batch, whether batches are padded) of the prepared data, as plan reads them: the
     longest SFT example, else max_seq_len (a preference pair's rows are not known here)."""
-    lengths = getattr(getattr(data, "train", None), "lengths", None) if cfg.method == "sft" else None
+    lengths = getattr(getattr(data, "train", None), "lengths", None) if method_facts(cfg).example_rows else None
     if lengths is None or not len(lengths):
         return cfg.max_seq_len, True
     return int(max(lengths)), bool(min(lengths) != max(lengths))

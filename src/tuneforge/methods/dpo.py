@@ -33,6 +33,11 @@ def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
 class DPO(PairObjective):
     name = "dpo"
 
+    def describe(self) -> dict:
+        logps = "per-token mean" if self.spec.loss == "ipo" else "sum over the answer's tokens"
+        return {"method": self.name, **self.spec.model_dump(), "logps": logps,
+                "normalised_by": "pairs of the accumulated batch"}
+
     def prepare(self, model, batch):
         batch["ref_logps"] = self.reference.logps(model, batch)
         return batch

@@ -25,7 +25,9 @@ from tuneforge.data.tokenized import Example
 from tuneforge.eval.evaluate import autocast_for
 from tuneforge.fast import FastPath
 from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
+from tuneforge.methods.objective import Runtime
 from tuneforge.methods.rewards import load_reward, score
+from tuneforge.methods.run import as_validation
 from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
 from tuneforge.parallel.apply import forward_is_collective, unwrap
 
@@ -57,6 +59,7 @@ def kl_per_token(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 class GRPO:
     name = "grpo"
+    notes = ()
     fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
     def __init__(self, spec, data, pad_id: int, reference, *, tokenizer, stop_ids, end_of_turn, device, dtype,
@@ -72,6 +75,18 @@ class GRPO:
             taken = [n for n, _, _ in self.rewards]
             self.rewards.append((name if name not in taken else f"{name}_{len(taken) + 1}", r.weight, fn))
         self.environment = load_reward(spec.environment, {}, base) if spec.environment else None
+
+    @classmethod
+    def build(cls, spec, data, pad_id: int, reference, run: Runtime) -> "GRPO":
+        return cls(spec, data, pad_id, reference, tokenizer=run.tokenizer, stop_ids=run.stop_ids,
+                   end_of_turn=run.end_of_turn, device=run.device, dtype=run.dtype, base=run.base, seed=run.seed)
+
+    def describe(self) -> dict:
+        g = self.spec
+        return {"method": self.name, "loss": g.loss, "scale_rewards": g.scale_rewards, "beta": g.beta,
+                "epsilon": g.epsilon, "epsilon_high": g.epsilon_high or g.epsilon, "generations": g.generations,
+                "normalised_by": {"grpo": "completions, then tokens of each", "dapo": "completion tokens of the batch",
+                                  "dr_grpo": "completions x max_completion_tokens"}[g.loss]}
 
     # -- the objective's four calls -------------------------------------------------------------
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -202,7 +217,7 @@ class GRPO:
         row["done"] = False
 
     # -- before/after ----------------------------------------------------------------------------
-    def held_out(self, model, data, final: bool = False) -> dict:
+    def held_out(self, model, data, final: bool = False, reference=None) -> dict:
         """Mean reward of greedy answers to the validation prompts (one answer each: reproducible)."""
         was_training = model.training
         examples = list(data.validation)
@@ -212,7 +227,7 @@ class GRPO:
         model.train(was_training)
         out = {"mean_reward": rewards.mean().item(), "prompts": len(examples)}
         out.update({f"mean_reward/{name}": sum(v) / len(v) for name, v in per_fn.items()})
-        return out
+        return out if final else as_validation(out)
 
 
 def _messages(prompt) -> list[dict]:

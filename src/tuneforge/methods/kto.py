@@ -17,6 +17,7 @@ from tuneforge.data.tokenized import Example
 from tuneforge.fast import FastPath
 from tuneforge.methods.logps import sequence_logps
 from tuneforge.methods.pairs import Stats
+from tuneforge.methods.run import LossOnValidation
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def balance_warning(desirable: int, undesirable: int, desirable_weight: float, u
             f"[{low:.2f}, {high:.2f}]")
 
 
-class KTO:
+class KTO(LossOnValidation):
     name = "kto"
     fast = FastPath()  # the fast path the log-probs take (set by build_objective)
 
@@ -70,6 +71,10 @@ class KTO:
         desirable = int(tags.sum()) if tags is not None else sum(e.tag for e in data.train if isinstance(e, Example))
         warning = balance_warning(desirable, len(data.train) - desirable, spec.desirable_weight, spec.undesirable_weight)
         self.notes = [warning] if warning else []  # shown by the loop at the start (R-PREF-3)
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.spec.model_dump(), "logps": "sum over the answer's tokens",
+                "kl": "per micro-batch, mismatched pairs", "normalised_by": "examples of the accumulated batch"}
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tuneforge.data.batching import collate
 from tuneforge.fast import FastPath
 from tuneforge.methods.logps import token_logps
+from tuneforge.methods.run import LossOnValidation
 
 Stats = dict[str, tuple[float, float]]
 
@@ -76,7 +77,7 @@ def logsigmoid_smoothed(z: torch.Tensor, label_smoothing: float) -> torch.Tensor
     return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
 
 
-class PairObjective:
+class PairObjective(LossOnValidation):
     """What DPO, ORPO, SimPO and reward training share: the pair batch and the units it is averaged over."""
 
     name = ""
@@ -93,3 +94,7 @@ class PairObjective:
 
     def prepare(self, model, batch):
         return batch
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.spec.model_dump(), "logps": "per-token mean",
+                "normalised_by": "pairs (odds/margin term), chosen tokens (NLL)"}

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from tuneforge.methods.facts import MethodFacts
 from tuneforge.methods.logps import sequence_logps
+from tuneforge.methods.pairs import PairObjective
+from tuneforge.methods.run import on_validation
 from tuneforge.parallel.apply import unwrap
 from tuneforge.parallel.world import SINGLE, World
 
@@ -76,20 +79,22 @@ def precompute_cache_path(cache_root: Path, model_hash: str, data_key: str) -> P
     return cache_root / "reference_logps" / f"{key}.npz"
 
 
-def make_reference(cfg, model, folder: Path, data, tokenizer, device, dtype, rep, world: World = SINGLE) -> Reference:
-    """The reference for this run. Called before the adapter is attached, while `model` is still the base."""
-    from tuneforge.methods import build_objective
+def make_reference(cfg, facts: MethodFacts, model, folder: Path, data, tokenizer, device, dtype, rep,
+                   world: World = SINGLE) -> Reference | None:
+    """The reference for this run (None if its method has none). Called before the adapter is attached,
+    while `model` is still the base."""
     from tuneforge.models.load import load_model, weights_dtype
 
-    free = cfg.method == "dpo" and cfg.dpo.reference_free
-    precompute = cfg.method == "dpo" and cfg.dpo.precompute_reference and not free
+    if not facts.reference:
+        return None
+    free, precompute = facts.reference == "uniform", facts.reference == "precomputed"
     frozen = None
     if cfg.adapter == "full" and not precompute and not free:
         frozen = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype)).eval()
         frozen.requires_grad_(False)
     reference = Reference(frozen, free=free)
     if precompute:
-        objective = build_objective(cfg, data, tokenizer.pad_token_id)
+        objective = PairObjective(None, data, tokenizer.pad_token_id)  # precomputed tables hold pairs
         reference.tables = precomputed_reference(model, objective, folder, data, cfg, tokenizer, device, dtype, rep,
                                                  world)
     return reference
@@ -120,8 +125,6 @@ def precomputed_reference(model, objective, folder: Path, data, cfg, tokenizer, 
 
 def _compute_tables(model, objective, data, cfg, device, dtype, rep, path: Path) -> dict[str, np.ndarray]:
     rep.note(f"Reference log-probs: computing them for {len(data.train)} pairs before training...")
-    from tuneforge.methods import on_validation
-
     tables = {"train": _logps_table(model, objective, len(data.train), cfg.micro_batch_size, device, dtype)}
     if len(data.validation):
         tables["validation"] = _logps_table(model, on_validation(objective, data), len(data.validation),

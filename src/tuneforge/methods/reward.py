@@ -39,6 +39,10 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, center_co
 class Reward(PairObjective):
     name = "reward"
 
+    def describe(self) -> dict:
+        return {"method": self.name, **self.spec.model_dump(), "loss": "bradley-terry",
+                "normalised_by": "pairs of the accumulated batch"}
+
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, Stats]:
         chosen, rejected = halves(sequence_scores(model, batch))
         losses = bradley_terry_losses(chosen, rejected, self.spec.center_coefficient)

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX
+from tuneforge.eval.evaluate import evaluate, validation_loss
 from tuneforge.fast import FastPath
 from tuneforge.fast.causal_lm import last_hidden_state, output_layer
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
+from tuneforge.methods.objective import Runtime
 
 
 def count_trained(batch: dict[str, torch.Tensor]) -> int:
@@ -46,9 +48,14 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False,
 
 class SFT:
     name = "sft"
+    notes = ()
 
-    def __init__(self, data, pad_id: int, fast: FastPath = FastPath()):
-        self.data, self.pad_id, self.fast = data, pad_id, fast
+    def __init__(self, data, pad_id: int, fast: FastPath = FastPath(), run: Runtime = Runtime()):
+        self.data, self.pad_id, self.fast, self.run = data, pad_id, fast, run
+
+    @classmethod
+    def build(cls, spec, data, pad_id: int, reference, run: Runtime) -> "SFT":
+        return cls(data, pad_id, run=run)
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]
@@ -66,3 +73,17 @@ class SFT:
     def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
         loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens, self.fast.kernels)
         return loss_sum / totals["tokens"], {}
+
+    def held_out(self, model, data, final: bool = False, reference=None) -> dict:
+        """Validation loss during training; before/after, generation quality too (eval/evaluate.py)."""
+        run, cfg = self.run, self.run.cfg
+        if final:
+            return evaluate(model, run.tokenizer, data.validation, data.end_of_turn, run.device, run.dtype, cfg)
+        return validation_loss(model, data.validation, self.pad_id, run.device, run.dtype, cfg.micro_batch_size,
+                               hardest=cfg.diagnose.hardest_examples)
+
+    def preflight(self, model) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"method": self.name, "loss": "cross-entropy", "normalised_by": "trained tokens of the accumulated batch"}

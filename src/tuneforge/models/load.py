@@ -10,6 +10,7 @@ import torch
 from tuneforge.config import Config, QuantizationConfig
 from tuneforge.data.template import resolve_chat_template
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.adapters import (
     adapted_modules,
     apply_freeze,
@@ -174,7 +175,7 @@ def build_lora_config(cfg: Config, model=None):
         use_dora=lora.use_dora,
         init_lora_weights=peft_init(lora.init),
         layers_to_transform=lora.layers,
-        task_type="SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM",  # SEQ_CLS also trains and saves the score head
+        task_type=method_facts(cfg).peft_task,
     )
 
 

@@ -10,6 +10,7 @@ import torch
 
 from tuneforge.config import Config, config_from_dict
 from tuneforge.errors import TuneforgeError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.resolve import resolve_base_model
 
@@ -59,7 +60,7 @@ def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float3
     """(model, tokenizer): the base with the adapter on top (a QLoRA run's base quantized as in training),
     or the fully tuned weights."""
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
-    head = "score" if run.config.method == "reward" else "causal_lm"
+    head = method_facts(run.config).model_head
     if run.is_adapter:
         from peft import PeftModel
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from tuneforge.config import Config
 from tuneforge.data.formats import Record
+from tuneforge.methods.facts import method_facts
 
 SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache
 HASH_LIMIT = 256 * 1024**2  # hashing more data than this (to find the cache) costs more than sampling
@@ -127,7 +128,6 @@ def _head(spec, limit: int) -> tuple[list[Record], int, int, bool]:
 
 def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:
     """Encode the first `limit` records of each dataset as prepare does and scale to the whole file."""
-    from tuneforge.config import METHOD_DATA
     from tuneforge.data.dataset import DataSummary, _Encoder
     from tuneforge.data.tokenized import TokenizedBuilder
 
@@ -137,7 +137,7 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
     sizes, per_set, trained, read_total, partial = [], [], 0.0, 0, []
     for ds in cfg.datasets:
         records, read, last, whole = _head(ds, limit)
-        sides = [TokenizedBuilder() for _ in range(2 if METHOD_DATA[cfg.method] == ("preference",) else 1)]
+        sides = [TokenizedBuilder() for _ in range(method_facts(cfg).parts)]
         encoder.encode(records, sides)
         part = sides[0].build()  # a pair's rejected side is about as long; rows per example are in the settings
         scale = 1.0 if whole or not read else _records_in(Path(ds.path), read, last) / read

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from tuneforge.data.preview import preview_plain
+from tuneforge.methods.facts import METHODS, method_facts
 from tuneforge.track.gradients import LayerNorms
 
 # The usual learning rates (lowest, highest) by objective family and adapter; "far outside" is
@@ -79,12 +80,8 @@ def check_end_of_turn(chat: list, eot_id: int, eot: str, truncation: str, max_se
         f"answering. Likely cause: {cause}."))
 
 
-def lr_family(method: str) -> str:
-    return method if method in ("sft", "grpo") else "preference"
-
-
 def check_learning_rate(lr: float, method: str, adapter: str) -> Finding | None:
-    family, kind = lr_family(method), "full" if adapter == "full" else "lora"
+    family, kind = METHODS[method].lr_family, "full" if adapter == "full" else "lora"
     low, high = USUAL_LR[(family, kind)]
     if low / LR_FACTOR <= lr <= high * LR_FACTOR:
         return None
@@ -192,8 +189,9 @@ class Watch:
         if not self.enabled:
             return
         eot = self.data.end_of_turn
-        checks = [check_learning_rate(self.cfg.learning_rate, self.cfg.method, self.cfg.adapter)]
-        if self.cfg.method == "sft" and eot:  # chat data: the template's end-of-turn token was found
+        facts = method_facts(self.cfg)
+        checks = [check_learning_rate(self.cfg.learning_rate, facts.name, self.cfg.adapter)]
+        if facts.label_checks and eot:  # chat data: the template's end-of-turn token was found
             eot_id = self.tokenizer.convert_tokens_to_ids(eot)
             chat = [e for e in self.data.train[:200] if eot_id in e.input_ids]  # rendered by the template
             checks += [check_masking(chat), check_end_of_turn(chat, eot_id, eot, self.cfg.truncation, self.cfg.max_seq_len)]

@@ -29,8 +29,10 @@ from tuneforge.fast.kernels import apply_kernels
 from tuneforge.fast.checkpointing import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
 from tuneforge.fast.varlen import apply_varlen_attention
-from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
-from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
+from tuneforge.eval.evaluate import stop_token_ids
+from tuneforge.methods.build import build_objective
+from tuneforge.methods.facts import method_facts
+from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
 from tuneforge.models.adapters import describe_adapted, initial_adapter_dir
 from tuneforge.models.load import (
@@ -236,22 +238,21 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     strategy = choose_strategy(cfg, world, device, folder)
     _check_distributable(cfg, world, strategy)  # what auto chose may refuse what it allows
     seed_everything(cfg.seed)
-    head = "score" if cfg.method == "reward" else "causal_lm"
+    facts = method_facts(cfg)
     model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
-                       _quantization_for(cfg, strategy), head, tokenizer.pad_token_id)
-    if head == "causal_lm":
+                       _quantization_for(cfg, strategy), facts.model_head, tokenizer.pad_token_id)
+    if facts.model_head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
-    loss_info = resolved_loss(cfg)
-    rep.note("Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()))
 
-    reference = make_reference(cfg, model, folder, data, tokenizer, device, dtype, rep, world) if needs_reference(cfg) else None
+    reference = make_reference(cfg, facts, model, folder, data, tokenizer, device, dtype, rep, world)
     online = {"tokenizer": tokenizer, "stop_ids": stops, "end_of_turn": data.end_of_turn, "device": device,
               "dtype": dtype, "base": Path.cwd(), "seed": cfg.seed}
     fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp", data=data)
     rep.note(fast.describe())
     objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
-    for note in getattr(objective, "notes", ()):
+    loss_info = objective.describe()
+    for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes]:
         rep.note(note)
 
     before_path = run_dir / "eval_before.json"
@@ -263,8 +264,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             rep.note("Evaluating the base model on the validation set...")
             # Before training the policy is its own reference (no adapter yet, no copy needed). Every
             # process evaluates its whole copy (no collectives yet); rank 0 writes.
-            before = _evaluate(cfg, model, tokenizer, data, objective, device, dtype,
-                               reference=Reference(model, reference.free) if reference is not None else None)
+            before = objective.held_out(model, data, final=True,
+                                        reference=Reference(model, reference.free) if reference is not None else None)
             if world.main:
                 write_json(before_path, before)
 
@@ -321,8 +322,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         watch.restore(state, read_best(run_dir))
     orders: dict = {}
     last_val, last_loss = None, None
-    pad = tokenizer.pad_token_id
-    if hasattr(objective, "preflight") and step == 0:
+    if step == 0:
         objective.preflight(model)
     watchdog = Watchdog(cfg.distributed.watchdog_seconds if world.distributed else None, world.rank)
     rep.start(plan.total_steps, step)
@@ -363,7 +363,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             if cfg.eval_every and data.validation and step % cfg.eval_every == 0:
                 # Every process evaluates (FSDP needs them all for each forward); rank 0's numbers are the
                 # ones all of them act on, so early stopping takes one decision.
-                last_val = world.broadcast(_validation(cfg, model, data, objective, pad, device, dtype))
+                last_val = world.broadcast(objective.held_out(model, data))
                 record.update({k: v for k, v in last_val.items() if k.startswith("val_")})
                 if watch.after_eval(record) == "best":
                     save_best(run_dir, model, step, cfg.early_stopping.metric, record[cfg.early_stopping.metric],
@@ -400,7 +400,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         rep.note("Evaluating the tuned model on the validation set...")
         # A sharded model cannot run in one process: rank 0 evaluates final/ as export and serve will load it.
         tuned = model if gathered is None else load_tuned(Run(run_dir, cfg, {}), device, dtype)[0]
-        after = _evaluate(cfg, tuned, tokenizer, data, objective, device, dtype)
+        after = objective.held_out(tuned, data, final=True)
         write_json(run_dir / "eval_after.json", after)
     manifest = run_manifest(
         config_to_dict(cfg),
@@ -436,23 +436,6 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
     rep.before_after(before, after)
     return manifest
-
-
-def _validation(cfg: Config, model, data: PreparedData, objective, pad: int, device, dtype) -> dict:
-    if cfg.method == "sft":
-        return validation_loss(model, data.validation, pad, device, dtype, cfg.micro_batch_size,
-                               hardest=cfg.diagnose.hardest_examples)
-    metrics = objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype)
-    # Every held-out number is logged under val_ (GRPO's mean_reward too), so early stopping can read it.
-    return {k if k.startswith("val_") else f"val_{k}": v for k, v in metrics.items()}
-
-
-def _evaluate(cfg: Config, model, tokenizer, data: PreparedData, objective, device, dtype, reference=None) -> dict:
-    """The before/after numbers: generation quality for SFT, the method's own held-out metrics otherwise."""
-    if cfg.method == "sft":
-        return evaluate(model, tokenizer, data.validation, data.end_of_turn, device, dtype, cfg)
-    return objective_metrics(objective, model, data, cfg.micro_batch_size, device, dtype, final=True,
-                             reference=reference)
 
 
 def _headline(result: dict | None) -> dict | None:

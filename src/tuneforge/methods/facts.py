@@ -1,0 +1,64 @@
+"""What the rest of tuneforge knows about a training method, as data: one row per method, no torch.
+
+data/, plan/, fast/, track/, eval/ and the loop read a method's row instead of its name, so adding
+a method is its module, its config spec and one row here. `method_facts` is the one place outside
+the schema that reads `cfg.method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    name: str
+    objective: str  # "module:Class" of its Objective (methods/objective.py), built by methods/build.py
+    records: tuple[str, ...]  # record kinds it trains on (data/formats.py)
+    parts: int = 1  # sequences one record encodes to: a preference pair's chosen and rejected answers
+    rows: int = 1  # sequences the model runs per example (plan's memory and time)
+    model_head: str = "causal_lm"  # the transformers head loaded: causal_lm (next token) | score (one number)
+    lr_family: str = "preference"  # which usual learning-rate range applies (track/diagnose.py)
+    chunked_loss: bool = False  # its loss can read the output layer in chunks (fast/chunked_loss.py)
+    padding_free: bool = False  # its batches may be padding-free rows (fast/padding_free.py)
+    example_rows: bool = False  # a batch is its examples, one row each: their lengths are the batch's
+    label_checks: bool = False  # its labels mark chat answers: masking and end-of-turn are checked
+    online: bool = False  # samples answers while training, scored from the records' other fields
+    # The reference it compares against: "" none, "model" (adapter off or a frozen copy),
+    # "uniform" (log-probs of 0), "precomputed" (a table computed before training).
+    reference: str = ""
+    spec: Callable[[Any], dict] | None = None  # the facts its config section changes (rows, reference)
+
+    @property
+    def peft_task(self) -> str:
+        """PEFT's task type: SEQ_CLS also trains and saves a score head."""
+        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}[self.model_head]
+
+
+def _dpo(spec) -> dict:
+    return {"reference": "uniform" if spec.reference_free else "precomputed" if spec.precompute_reference else "model"}
+
+
+def _grpo(spec) -> dict:
+    return {"rows": spec.generations, "reference": "model" if spec.beta > 0 else ""}
+
+
+_PAIRS = {"records": ("preference",), "parts": 2, "rows": 2}
+METHODS = {m.name: m for m in (
+    MethodFacts("sft", "tuneforge.methods.sft:SFT", ("chat", "completion", "text"), lr_family="sft",
+                chunked_loss=True, padding_free=True, example_rows=True, label_checks=True),
+    MethodFacts("dpo", "tuneforge.methods.dpo:DPO", **_PAIRS, chunked_loss=True, spec=_dpo),
+    MethodFacts("orpo", "tuneforge.methods.orpo:ORPO", **_PAIRS),  # its NLL may cover the prompt: whole logits
+    MethodFacts("simpo", "tuneforge.methods.simpo:SimPO", **_PAIRS, chunked_loss=True),
+    MethodFacts("reward", "tuneforge.methods.reward:Reward", **_PAIRS, model_head="score"),
+    MethodFacts("kto", "tuneforge.methods.kto:KTO", ("kto",), chunked_loss=True, reference="model"),
+    MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
+                online=True, spec=_grpo),
+)}
+
+
+def method_facts(cfg) -> MethodFacts:
+    """The row of `cfg.method`, with what its config section changes."""
+    facts = METHODS[cfg.method]
+    return replace(facts, **facts.spec(getattr(cfg, cfg.method))) if facts.spec else facts
