@@ -455,8 +455,8 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
     train_sets, validation_sets = [b.build() for b in train], [b.build() for b in validation]
     data = PreparedData(train_sets[0], validation_sets[0], sizes, weights, rejected, summary, encoder.end_of_turn,
-                        hashes, train_rejected=train_sets[1] if n_parts == 2 else None,
-                        validation_rejected=validation_sets[1] if n_parts == 2 else None)
+                        hashes, train_rejected=train_sets[1] if facts.parts == 2 else None,
+                        validation_rejected=validation_sets[1] if facts.parts == 2 else None)
     if folder is not None:
         _save_cache(folder, data)
     return data
