@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.config import Method, config_from_dict
+from tuneforge.errors import ConfigError
 from tuneforge.methods.facts import METHODS, method_facts
 from tuneforge.methods.objective import Objective
 
@@ -70,3 +71,25 @@ def test_a_methods_config_section_sets_its_rows_and_reference(tmp_path, keys, ro
 def test_the_reward_model_trains_a_score_head(tmp_path):
     facts = method_facts(_config(tmp_path, method="reward"))
     assert (facts.model_head, facts.peft_task, facts.records) == ("score", "SEQ_CLS", ("preference",))
+
+
+EXACT = {"rewards": [{"function": "exact_match"}]}
+
+
+@pytest.mark.parametrize("keys, refused", [
+    ({"method": "dpo"}, True),
+    ({"method": "dpo", "dpo": {"precompute_reference": True}}, False),
+    ({"method": "dpo", "dpo": {"reference_free": True}}, False),
+    ({"method": "kto"}, True),
+    ({"method": "grpo", "grpo": {"beta": 0.05, **EXACT}}, True),
+    ({"method": "grpo", "grpo": EXACT}, False),
+    ({"method": "sft"}, False),
+])
+def test_fsdp_refuses_full_fine_tuning_against_a_frozen_reference(tmp_path, keys, refused):
+    """A frozen copy of the base is not sharded: the config says so before any model is loaded."""
+    full = {"adapter": "full", "micro_batch_size": 2, "distributed": {"strategy": "fsdp"}}
+    if refused:
+        with pytest.raises(ConfigError, match="frozen copy of the base model"):
+            _config(tmp_path, **full, **keys)
+    else:
+        _config(tmp_path, **full, **keys)

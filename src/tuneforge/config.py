@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tuneforge.errors import ConfigError
+from tuneforge.methods.facts import method_facts
 
 DataFormat = Literal[
     "auto", "messages", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "triplet", "prompt"
@@ -576,11 +577,7 @@ class Config(_Strict):
 def frozen_reference(cfg: Config) -> bool:
     """Whether the method compares against a second, frozen copy of the base model: full fine-tuning
     of KTO, or of DPO without precomputed or uniform reference log-probs (LoRA switches its adapter off)."""
-    if cfg.adapter != "full":
-        return False
-    if cfg.method == "dpo":
-        return not (cfg.dpo.reference_free or cfg.dpo.precompute_reference)
-    return cfg.method == "kto" or (cfg.method == "grpo" and cfg.grpo.beta > 0)
+    return cfg.adapter == "full" and method_facts(cfg).reference == "model"
 
 
 def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from tuneforge.methods.facts import method_facts
 
-
 CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk of the chunked loss
 
 

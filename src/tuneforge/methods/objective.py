@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Runtime:
 
 @runtime_checkable
 class Objective(Protocol):
-    notes: list[str]  # shown once at the start of training (e.g. KTO's class balance, R-PREF-3)
+    notes: Sequence[str]  # shown once at the start of training (e.g. KTO's class balance, R-PREF-3)
 
     def collate(self, indices: list[int]) -> dict:
         """The batch of those training examples."""
