@@ -89,14 +89,13 @@ class GRPO:
                                   "dr_grpo": "completions x max_completion_tokens"}[g.loss]}
 
     # -- the objective's four calls -------------------------------------------------------------
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return {"index": torch.tensor(indices)}
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(indices), "place": torch.tensor(place)}
 
     def prepare(self, model, batch):
         examples = [self.data.train[i] for i in batch["index"].tolist()]
         g = self.spec.generations
-        # The loop gives each micro-batch its place: (step, number in the step's global batch).
-        step, micro = batch["place"].tolist() if "place" in batch else (0, 0)
+        step, micro = batch["place"].tolist()  # the micro-batch's place in the run (Objective.collate)
         seeds = [draw_seed(self.seed, step, micro, i, k) for i in range(len(examples)) for k in range(g)]
         rows, rewards, per_fn = self.rollouts(model, examples, g, seeds=seeds)
         advantages, std = group_advantages(rewards.view(-1, g), self.spec.scale_rewards)

@@ -76,7 +76,7 @@ class KTO(LossOnValidation):
         return {"method": self.name, **self.spec.model_dump(), "logps": "sum over the answer's tokens",
                 "kl": "per micro-batch, mismatched pairs", "normalised_by": "examples of the accumulated batch"}
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]
         batch = collate(examples, self.pad_id)
         batch["desirable"] = torch.tensor([bool(e.tag) for e in examples])

@@ -30,8 +30,9 @@ class Runtime:
 class Objective(Protocol):
     notes: Sequence[str]  # shown once at the start of training (e.g. KTO's class balance, R-PREF-3)
 
-    def collate(self, indices: list[int]) -> dict:
-        """The batch of those training examples."""
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict:
+        """The batch of those training examples. `place` (step, number of the micro-batch in the step's
+        global batch) is where it sits in the run, whatever the number of processes: GRPO seeds its sampling with it."""
 
     def prepare(self, model, batch: dict) -> dict:
         """Work done without gradients before the loss: reference log-probs, rollouts."""

@@ -86,7 +86,7 @@ class PairObjective(LossOnValidation):
     def __init__(self, spec, data, pad_id: int, reference=None):
         self.spec, self.data, self.pad_id, self.reference = spec, data, pad_id, reference
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
         return collate_pairs(self.data, indices, self.pad_id, len(self.data.train))
 
     def units(self, batch) -> dict[str, int]:

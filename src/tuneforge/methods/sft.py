@@ -57,7 +57,7 @@ class SFT:
     def build(cls, spec, data, pad_id: int, reference, run: Runtime) -> "SFT":
         return cls(data, pad_id, run=run)
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
         examples = [self.data.train[i] for i in indices]
         if self.fast.padding_free and flat_pays([len(e.input_ids) for e in examples], self.fast.pair_cost,
                                                  self.fast.varlen_attention):

@@ -331,9 +331,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             t0 = time.perf_counter()
             index_batches = next_step_batches(cfg, data, plan, cursor, orders)
             mine, counted = shard_step(index_batches, world.rank, world.size)
-            batches = [objective.collate(idx) for idx in mine]
-            for j, batch in enumerate(batches):  # its place in the run, whatever the number of processes
-                batch["place"] = torch.tensor([step, world.rank + j * world.size])  # (seeds GRPO's sampling)
+            batches = [objective.collate(idx, (step, world.rank + j * world.size)) for j, idx in enumerate(mine)]
             data_s = time.perf_counter() - t0
             loss, totals, stats = accumulate_gradients(objective, trained, batches, device, dtype, world, counted)
             lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
