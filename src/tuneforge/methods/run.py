@@ -19,7 +19,7 @@ def on_validation(objective, data, reference=None):
     view.data = SimpleNamespace(train=data.validation, train_rejected=data.validation_rejected)
     if reference is not None:
         view.reference = reference
-    elif getattr(objective, "reference", None) is not None:
+    elif objective.reference is not None:
         view.reference = copy.copy(objective.reference)
         view.reference.split = "validation"
     return view
