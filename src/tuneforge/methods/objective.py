@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,6 @@ class Runtime:
     seed: int = 0
 
 
-@runtime_checkable
 class Objective(Protocol):
     notes: Sequence[str]  # shown once at the start of training (e.g. KTO's class balance, R-PREF-3)
 
