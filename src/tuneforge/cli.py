@@ -24,18 +24,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args) -> int:
     from tuneforge.config import load_config
+    from tuneforge.validate import path_problems
 
     cfg = load_config(args.config, args.overrides)
     if cfg.adapter == "qlora" or cfg.optimizer != "adamw":
         from tuneforge.models.quantize import require_bitsandbytes
 
         require_bitsandbytes("adapter: qlora" if cfg.adapter == "qlora" else f"optimizer: {cfg.optimizer}")
-    paths = [("datasets[%d].path" % i, ds.path) for i, ds in enumerate(cfg.datasets)]
-    if cfg.validation and cfg.validation.path:
-        paths.append(("validation.path", cfg.validation.path))
-    missing = [f"  {key}: {path} not found" for key, path in paths if not Path(path).exists()]
-    if missing:
-        raise TuneforgeError(f"{args.config}: data files are missing\n" + "\n".join(missing))
+    problems = path_problems(cfg)
+    if problems:
+        raise TuneforgeError(f"{args.config}: paths that cannot be used\n" + "\n".join(f"  {p}" for p in problems))
     console.print(f"[green]{args.config}: valid[/green] ({cfg.adapter}, {len(cfg.datasets)} dataset(s), output_dir {cfg.output_dir})")
     return 0
 
