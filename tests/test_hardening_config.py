@@ -231,3 +231,30 @@ def test_an_empty_data_file_stops_prepare_before_any_model(project, smol_tokeniz
     cfg = config_from_dict({"datasets": [{"path": "train.jsonl"}, {"path": "extra.jsonl"}]}, base=project)
     with pytest.raises(DataError, match=r"extra\.jsonl: no records"):
         prepare_data(cfg, smol_tokenizer)
+
+
+# --- a micro-batch that cannot fit -----------------------------------------------------------
+
+
+def test_a_micro_batch_larger_than_the_device_is_refused_naming_the_key(project, tiny_models, smol_tokenizer,
+                                                                       monkeypatch):
+    """micro_batch_size: 1e12 put every example in one micro-batch and grew until the kernel killed train."""
+    import torch
+
+    from tuneforge.data.dataset import prepare_data
+    from tuneforge.train.fits import check_micro_batch_fits
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(project / "cache"))
+    write_jsonl(project / "many.jsonl", [chat(f"Repeat the number {i} twice", f"{i} {i}") for i in range(64)])
+    cfg = config_from_dict({"datasets": [{"path": "many.jsonl"}], "micro_batch_size": 4096}, base=project)
+    data = prepare_data(cfg, smol_tokenizer)
+    cpu, budget = torch.device("cpu"), 64 * 2**20
+    with pytest.raises(ConfigError) as err:
+        check_micro_batch_fits(cfg, tiny_models["llama"], data, cpu, total=budget)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("micro_batch_size: 4096 puts 64 examples of up to ")
+    suggested = int(message.split("set micro_batch_size: ")[1].split()[0])
+    assert 1 <= suggested < 64
+    check_micro_batch_fits(cfg.model_copy(update={"micro_batch_size": suggested}), tiny_models["llama"], data, cpu,
+                           total=budget)
+    check_micro_batch_fits(cfg, tiny_models["llama"], data, cpu, total=64 * 2**30)

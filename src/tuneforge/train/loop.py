@@ -52,6 +52,7 @@ from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.fits import check_micro_batch_fits
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
@@ -231,6 +232,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
     plan = make_plan(cfg, data, world.size)
+    check_micro_batch_fits(cfg, folder, data, device)
 
     dtype = pick_dtype(cfg.precision, device)
     strategy = choose_strategy(cfg, world, device, folder)
