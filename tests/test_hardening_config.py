@@ -258,3 +258,13 @@ def test_a_micro_batch_larger_than_the_device_is_refused_naming_the_key(project,
     check_micro_batch_fits(cfg.model_copy(update={"micro_batch_size": suggested}), tiny_models["llama"], data, cpu,
                            total=budget)
     check_micro_batch_fits(cfg, tiny_models["llama"], data, cpu, total=64 * 2**30)
+
+
+def test_set_overrides_of_a_bare_data_file_are_checked_too(project, capsys):
+    """`data check FILE --set ...` ignored every override, so a typo or a bad value passed unseen."""
+    data = project / "train.jsonl"
+    err = cli_error(["data", "check", str(data), "--set", "max_seq_lenn=512", "--set", "max_grad_norm=.inf"], capsys)
+    assert f"--set for {data}: invalid config" in err
+    assert "max_seq_lenn: unknown key; did you mean max_seq_len?" in err and "max_grad_norm: Input should be a finite" in err
+    assert main(["data", "check", str(data), "--set", "max_seq_len=512", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["max_seq_len"] == 512

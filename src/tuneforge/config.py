@@ -804,12 +804,17 @@ def read_yaml(path: str | Path, what: str = "config file") -> object:
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
-    raw = read_yaml(path)
+def apply_overrides(raw: object, overrides: list[str] | None) -> object:
+    """`--set KEY=VALUE` pairs laid over a raw config, before it is validated like the rest."""
     if isinstance(raw, dict):
         for key, value in parse_overrides(overrides).items():
             _set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
     return config_from_dict(raw, str(path), path.resolve().parent)
 
 
