@@ -268,3 +268,11 @@ def test_set_overrides_of_a_bare_data_file_are_checked_too(project, capsys):
     assert "max_seq_lenn: unknown key; did you mean max_seq_len?" in err and "max_grad_norm: Input should be a finite" in err
     assert main(["data", "check", str(data), "--set", "max_seq_len=512", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["max_seq_len"] == 512
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_and_a_repeated_key_inside_it_is_refused(project, capsys):
+    path = write(project / "run.yaml", "datasets:\n  - path: train.jsonl\n")
+    err = cli_error(["validate", str(path), "--set", "lora.target_modules=[q_proj"], capsys)
+    assert err.count("\n") == 1 and "--set 'lora.target_modules=[q_proj': the value is not valid YAML" in err
+    err = cli_error(["validate", str(path), "--set", "lora={r: 8, r: 16}"], capsys)
+    assert "--set 'lora={r: 8, r: 16}'" in err and "'r' is set twice" in err

@@ -711,7 +711,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=32")
         key, _, value = item.partition("=")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {getattr(err, 'problem', err)}; "
+                              "quote it, e.g. --set 'lora.target_modules=[q_proj, v_proj]'") from None
     return out
 
 
@@ -771,12 +775,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
-                earlier = first.setdefault(key, line)
+                earlier = first.get(key)
             except TypeError:  # an unhashable key: PyYAML's own error follows
                 continue
-            if earlier != line:
+            if earlier is not None:
+                lines = f"lines {earlier} and {line}" if earlier != line else f"line {line}"
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is set twice (lines {earlier} and {line}); keep one", key_node.start_mark)
+                    None, None, f"key {key!r} is set twice ({lines}); keep one", key_node.start_mark)
+            first[key] = line
         return super().construct_mapping(node, deep)
 
 

@@ -15,16 +15,21 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.models.resolve import locate_base_model
 
 
-def named_files(cfg: Config) -> list[tuple[str, str]]:
-    """(key, path) of every data file and reward or environment file.py a config names."""
+def data_files(cfg: Config) -> list[tuple[str, str]]:
+    """(key, path) of every training and validation file a config names."""
     paths = [(f"datasets[{i}].path", ds.path) for i, ds in enumerate(cfg.datasets)]
     if cfg.validation and cfg.validation.path:
         paths.append(("validation.path", cfg.validation.path))
-    if cfg.grpo is not None:
-        functions = [(f"grpo.rewards[{i}].function", r.function) for i, r in enumerate(cfg.grpo.rewards)]
-        functions += [("grpo.environment", cfg.grpo.environment)] if cfg.grpo.environment else []
-        paths += [(key, name.rpartition(":")[0]) for key, name in functions if ".py:" in name]
     return paths
+
+
+def code_files(cfg: Config) -> list[tuple[str, str]]:
+    """(key, path) of every file.py a GRPO reward or environment names (module:function names none)."""
+    if cfg.grpo is None:
+        return []
+    functions = [(f"grpo.rewards[{i}].function", r.function) for i, r in enumerate(cfg.grpo.rewards)]
+    functions += [("grpo.environment", cfg.grpo.environment)] if cfg.grpo.environment else []
+    return [(key, name.rpartition(":")[0]) for key, name in functions if ".py:" in name]
 
 
 def _open_data(path: str) -> None:
@@ -47,9 +52,10 @@ def path_problems(cfg: Config) -> list[str]:
     attempt("", locate_base_model, cfg.base_model)
     if cfg.chat_template != "auto":  # the model's own template is checked with its tokenizer, by train
         attempt("", resolve_chat_template, None, cfg.chat_template)
-    for key, path in named_files(cfg):
-        if not Path(path).exists():
-            problems.append(f"{key}: {path} not found")
-        elif not key.startswith("grpo"):
+    for key, path in data_files(cfg):
+        if Path(path).exists():
             attempt(f"{key}: ", _open_data, path)
+        else:
+            problems.append(f"{key}: {path} not found")
+    problems += [f"{key}: {path} not found" for key, path in code_files(cfg) if not Path(path).is_file()]
     return problems
