@@ -25,7 +25,7 @@ def write(path: Path, text: str | bytes) -> Path:
 
 
 def cli_error(argv: list[str], capsys) -> str:
-    """The CLI's message for argv: exit status 2 and one line on stderr (the first problem), no traceback."""
+    """The CLI's message for argv: exit status 2 and an error on stderr, no traceback (main would raise one)."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -144,8 +144,7 @@ def test_validate_names_a_missing_base_model_folder(project, capsys):
     assert "base_model" in err and "models/missing" in err and "not found" in err
 
 
-def test_validate_names_a_hub_id_that_is_not_on_this_machine(project, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(project / "empty-hub-cache"))
+def test_validate_names_a_hub_id_that_is_not_on_this_machine(project, capsys):
     err = validate_error(project, capsys, base_model="someorg/some-model")
     assert "base_model: someorg/some-model is not on this machine" in err
 
@@ -236,8 +235,9 @@ def test_an_empty_data_file_stops_prepare_before_any_model(project, smol_tokeniz
 # --- a micro-batch that cannot fit -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # on a GPU, after checkpointing has chosen what fits
 def test_a_micro_batch_larger_than_the_device_is_refused_naming_the_key(project, tiny_models, smol_tokenizer,
-                                                                       monkeypatch):
+                                                                       monkeypatch, device):
     """micro_batch_size: 1e12 put every example in one micro-batch and grew until the kernel killed train."""
     import torch
 
@@ -248,16 +248,16 @@ def test_a_micro_batch_larger_than_the_device_is_refused_naming_the_key(project,
     write_jsonl(project / "many.jsonl", [chat(f"Repeat the number {i} twice", f"{i} {i}") for i in range(64)])
     cfg = config_from_dict({"datasets": [{"path": "many.jsonl"}], "micro_batch_size": 4096}, base=project)
     data = prepare_data(cfg, smol_tokenizer)
-    cpu, budget = torch.device("cpu"), 64 * 2**20
+    dev, budget = torch.device(device), 64 * 2**20
     with pytest.raises(ConfigError) as err:
-        check_micro_batch_fits(cfg, tiny_models["llama"], data, cpu, total=budget)
+        check_micro_batch_fits(cfg, tiny_models["llama"], data, dev, total=budget)
     message = str(err.value)
     assert "\n" not in message and message.startswith("micro_batch_size: 4096 puts 64 examples of up to ")
     suggested = int(message.split("set micro_batch_size: ")[1].split()[0])
     assert 1 <= suggested < 64
-    check_micro_batch_fits(cfg.model_copy(update={"micro_batch_size": suggested}), tiny_models["llama"], data, cpu,
+    check_micro_batch_fits(cfg.model_copy(update={"micro_batch_size": suggested}), tiny_models["llama"], data, dev,
                            total=budget)
-    check_micro_batch_fits(cfg, tiny_models["llama"], data, cpu, total=64 * 2**30)
+    check_micro_batch_fits(cfg, tiny_models["llama"], data, dev, total=64 * 2**30)
 
 
 def test_set_overrides_of_a_bare_data_file_are_checked_too(project, capsys):
