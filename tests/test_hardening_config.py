@@ -276,3 +276,14 @@ def test_a_set_value_that_is_not_yaml_is_one_line_and_a_repeated_key_inside_it_i
     assert err.count("\n") == 1 and "--set 'lora.target_modules=[q_proj': the value is not valid YAML" in err
     err = cli_error(["validate", str(path), "--set", "lora={r: 8, r: 16}"], capsys)
     assert "--set 'lora={r: 8, r: 16}'" in err and "'r' is set twice" in err
+
+
+def test_train_refuses_an_empty_data_file_before_it_reads_any_model(project):
+    """The model named here does not exist: an empty data file must be found first, not after a model load."""
+    from tuneforge.train.loop import train
+
+    write(project / "empty.jsonl", "\n\n")
+    cfg = config_from_dict({"datasets": [{"path": "empty.jsonl"}], "base_model": "./no-such-model",
+                            "output_dir": "out"}, base=project)
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records"):
+        train(cfg)

@@ -23,6 +23,13 @@ def data_files(cfg: Config) -> list[tuple[str, str]]:
     return paths
 
 
+def check_data_files(cfg: Config) -> None:
+    """The first missing, unreadable or empty data file as a DataError, from at most its first record:
+    train asks before it reads (or converts) a model."""
+    for _, path in data_files(cfg):
+        next(iter_rows(path), None)
+
+
 def code_files(cfg: Config) -> list[tuple[str, str]]:
     """(key, path) of every file.py a GRPO reward or environment names (module:function names none)."""
     if cfg.grpo is None:

@@ -58,6 +58,7 @@ from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
+from tuneforge.validate import check_data_files
 
 
 class TrainingError(TuneforgeError):
@@ -221,6 +222,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
     # Data first: every check runs before a model is loaded. Rank 0 resolves the model and prepares
     # the data into the cache; the others wait for its content-hashed folder, then read it (R-DIST-4).
+    check_data_files(cfg)
     with world.main_first():
         folder, source = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
