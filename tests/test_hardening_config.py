@@ -12,6 +12,7 @@ from conftest import chat, write_jsonl
 
 from tuneforge.cli import main
 from tuneforge.config import config_from_dict, load_config, read_yaml
+from tuneforge.data.batching import epoch_order
 from tuneforge.data.check import check_data
 from tuneforge.data.stats import padding_waste
 from tuneforge.errors import ConfigError, DataError
@@ -112,8 +113,6 @@ def test_grpo_sizes_have_upper_bounds(project):
 
 def test_the_largest_seed_torch_and_the_data_order_take_is_accepted(project):
     cfg = config_from_dict({"datasets": [{"path": "train.jsonl"}], "seed": 2**32 - 1}, base=project)
-    from tuneforge.data.batching import epoch_order
-
     assert sorted(epoch_order([5], [1.0], cfg.seed, 3)) == list(range(5))
 
 
