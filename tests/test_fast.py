@@ -12,7 +12,8 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.template import IGNORE_INDEX
-from tuneforge.fast import FastPath, pair_cost, resolve
+from tuneforge.fast import FastPath
+from tuneforge.fast.switches import pair_cost, resolve
 from tuneforge.fast.causal_lm import output_layer
 from tuneforge.fast.chunked_logps import label_logps
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
