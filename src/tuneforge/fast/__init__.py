@@ -94,7 +94,7 @@ def kernels_default(device_type: str) -> bool:
     """The fused kernels pay where Triton compiles them (CUDA); on CPU their PyTorch path saves
     memory but no time, so they stay off unless asked for."""
     if device_type != "cuda":
-        return False  # plan asks for a CPU and must not import torch
+        return False  # and no torch imported: the choice of switches stays torch-free on a CPU
     from tuneforge.fast.kernels import triton_importable
 
     return triton_importable()

@@ -28,17 +28,17 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
     perf = cfg.performance
     kernels = kernels_requested(perf)
     kernels = kernels_default(device_type) if kernels is None else kernels
-    level, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
+    checkpointing, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
     padding_free = cfg.method == "sft" and switch_on(perf, perf.padding_free)  # the one objective of padding-free rows
     return FastPath(
         padding_free=padding_free,
         chunked_loss=chunked_loss_requested(cfg, sharded),
         loss_chunk_tokens=perf.loss_chunk_tokens,
-        gradient_checkpointing=level != "none",
+        gradient_checkpointing=checkpointing != "none",
         fused_optimizer=perf.mode != "off" and device_type == "cuda" and cfg.optimizer == "adamw",
         pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
         kernels=kernels,
-        activation_checkpointing=level,
+        activation_checkpointing=checkpointing,
         checkpoint_every=every,
         compile=bool(perf.compile),
         varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
