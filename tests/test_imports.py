@@ -13,8 +13,8 @@ edge from a module M for each module whose body must have run for M's import sta
   name from its parent package (`from tuneforge.fast import default_chunk`) only as long as the
   parent does not import that submodule back: that would be a real cycle, and it is reported.
 
-A cycle is a strongly connected component of more than one module (or a module importing itself);
-each is printed as one path through it.
+A cycle's modules are grouped as they reach each other (a strongly connected component); each group
+is printed as one path through it, through a module no known cycle holds where there is one.
 """
 
 from __future__ import annotations
@@ -58,11 +58,9 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = node.module or ""
+            if node.level:  # relative: from M's package, one package up per extra dot
+                source = ".".join(filter(None, [package.rsplit(".", node.level - 1)[0], source]))
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
                 targets.add(submodule if submodule in modules else source)
@@ -80,67 +78,35 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module an import of `start` runs, at any depth (itself only if on a cycle)."""
+    seen, todo = set(), [start]
+    while todo:
+        for child in graph[todo.pop()] - seen:
+            seen.add(child)
+            todo.append(child)
+    return seen
+
+
 def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
-    """The strongly connected components with a cycle in them (Tarjan's algorithm, iteratively)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found = []
-    for root in sorted(graph):
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                component = set()
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.add(member)
-                    if member == node:
-                        break
-                if len(component) > 1 or node in graph[node]:
-                    found.append(frozenset(component))
-    return found
+    """The modules on import cycles, grouped: each group is a set of modules that all reach each other."""
+    reach = {m: reachable(graph, m) for m in graph}
+    groups = {frozenset(n for n in reach[m] if m in reach[n]) for m in graph if m in reach[m]}
+    return sorted(groups, key=min)
 
 
-def cycle_path(graph: dict[str, set[str]], component: frozenset[str], start: str | None = None) -> list[str]:
-    """One shortest cycle through `start` (default: the component's first module), as a path that ends
+def cycle_path(graph: dict[str, set[str]], group: frozenset[str], start: str | None = None) -> list[str]:
+    """One shortest cycle through `start` (default: the group's first module), as a path that ends
     where it starts."""
-    start = start or min(component)
-    came_from: dict[str, str] = {}
-    frontier = [start]
-    while frontier:
-        following = []
-        for node in frontier:
-            for child in sorted(graph[node] & component):
-                if child == start:
-                    path = [node]
-                    while path[-1] != start:
-                        path.append(came_from[path[-1]])
-                    return [start, *reversed(path[:-1]), start] if node != start else [start, start]
-                if child not in came_from:
-                    came_from[child] = node
-                    following.append(child)
-        frontier = following
+    start = start or min(group)
+    paths, queue = {start: [start]}, [start]
+    for node in queue:  # breadth first, so the first way back is a shortest one
+        for child in sorted(graph[node] & group):
+            if child == start:
+                return paths[node] + [start]
+            if child not in paths:
+                paths[child] = paths[node] + [child]
+                queue.append(child)
     return [start]
 
 
