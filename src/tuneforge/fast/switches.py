@@ -20,11 +20,10 @@ def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, de
             data=None) -> FastPath:
     """The switches a run uses: each explicit setting, else what its mode implies for this method.
     `model` (the loaded base) prices attention against the weights for padding-free rows, and
-    says whether its attention can run per example (fast/varlen.py). Under FSDP
-    (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
-    where FSDP holds only this process's shard of it. Activation checkpointing on a GPU is sized by
-    plan's memory model for the model, the prepared `data` and the GPU's `device_memory` (bytes;
-    default: the current CUDA device's). The fused LoRA layers are off under FSDP too (not tested there)."""
+    says whether its attention can run per example (fast/varlen.py). Under FSDP (`sharded`) the
+    chunked loss and the fused LoRA layers are off (fast/__init__.py says why). Activation
+    checkpointing on a GPU is sized by plan's memory model for the model, the prepared `data` and
+    the GPU's `device_memory` (bytes; default: the current CUDA device's)."""
     perf = cfg.performance
     kernels = kernels_requested(perf)
     kernels = kernels_default(device_type) if kernels is None else kernels
