@@ -27,7 +27,8 @@ from tuneforge.fast import FastPath
 from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
 from tuneforge.methods.rewards import load_reward, score
 from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
-from tuneforge.parallel.apply import forward_is_collective, unwrap
+from tuneforge.models.layers import unwrap
+from tuneforge.parallel.apply import forward_is_collective
 
 def group_advantages(rewards: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) for rewards shaped [prompts, generations]."""

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 
 from tuneforge.methods.logps import sequence_logps
-from tuneforge.parallel.apply import unwrap
+from tuneforge.models.layers import unwrap
 from tuneforge.parallel.world import SINGLE, World
 
 

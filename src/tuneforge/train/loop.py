@@ -24,11 +24,9 @@ from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.fast import fused_lora_blocker, resolve as resolve_fast_path
-from tuneforge.fast.kernels import apply_kernels
-from tuneforge.fast.checkpointing import apply_activation_checkpointing
-from tuneforge.fast.compile import apply_compile
-from tuneforge.fast.varlen import apply_varlen_attention
+from tuneforge.fast import fused_lora_blocker
+from tuneforge.fast.apply import apply_fast_path
+from tuneforge.fast.switches import resolve as resolve_fast_path
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -275,19 +273,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg, save_initial=world.main)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
-    if fast.fused_lora:  # in place, so the kernels' gated MLP below calls the fused layers
-        from tuneforge.fast.fused_lora import apply_fused_lora
-
-        rep.note(f"Fused LoRA: {len(apply_fused_lora(model))} LoRA linear layers run as one autograd function each")
-    elif cfg.performance.fused_lora:
+    if cfg.performance.fused_lora and not fast.fused_lora:
         rep.warn(f"performance.fused_lora: not applied, since {fused_lora_blocker(cfg, strategy == 'fsdp')}")
-    if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
-        rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
-    if fast.varlen_attention:
-        apply_varlen_attention(model)  # only padding-free rows change; config.json never carries it
-    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
-    if fast.compile:  # last: it traces the layers as the others left them
-        apply_compile(model)
+    for note in apply_fast_path(model, fast, device).notes():
+        rep.note(note)
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
