@@ -18,7 +18,7 @@ import torch
 from tuneforge.config import Config
 from tuneforge.data.dataset import PreparedData
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.fast.checkpointing import run_shape
+from tuneforge.fast.switches import run_shape
 from tuneforge.plan.checkpointing import for_device
 from tuneforge.plan.hardware import GIB
 from tuneforge.plan.memory import Settings, compute_dtype, memory
