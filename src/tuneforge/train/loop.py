@@ -29,6 +29,7 @@ from tuneforge.fast.kernels import apply_kernels
 from tuneforge.fast.checkpointing import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
 from tuneforge.fast.varlen import apply_varlen_attention
+from tuneforge.folders import is_empty, mark, marked_kind
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -159,6 +160,9 @@ def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
             f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
             "or set another output_dir (e.g. --set output_dir=runs/new)."
         )
+    if not is_empty(run_dir) and marked_kind(run_dir) != "run":
+        raise TrainingError(f"output_dir: {run_dir} is not empty and no tuneforge run was started there; a run never "
+                            "writes into a folder it did not create: set another output_dir (e.g. --set output_dir=runs/new)")
     return None
 
 
@@ -228,6 +232,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir, "run")
         write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
     plan = make_plan(cfg, data, world.size)
