@@ -29,7 +29,7 @@ from tuneforge.fast.kernels import apply_kernels
 from tuneforge.fast.checkpointing import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
 from tuneforge.fast.varlen import apply_varlen_attention
-from tuneforge.folders import is_empty, mark, marked_kind
+from tuneforge.folders import mark, marked_kind
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -54,7 +54,7 @@ from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.outputs import now, run_manifest, save_final, write_json
+from tuneforge.train.outputs import RUN_ENTRIES, now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
@@ -160,9 +160,11 @@ def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
             f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
             "or set another output_dir (e.g. --set output_dir=runs/new)."
         )
-    if not is_empty(run_dir) and marked_kind(run_dir) != "run":
-        raise TrainingError(f"output_dir: {run_dir} is not empty and no tuneforge run was started there; a run never "
-                            "writes into a folder it did not create: set another output_dir (e.g. --set output_dir=runs/new)")
+    clash = [] if marked_kind(run_dir) == "run" else [n for n in RUN_ENTRIES if (run_dir / n).exists()]
+    if clash:
+        raise TrainingError(f"output_dir: {run_dir} already holds {', '.join(clash)}, which no tuneforge run wrote there, "
+                            "and a run never replaces files it did not write: set another output_dir "
+                            "(e.g. --set output_dir=runs/new)")
     return None
 
 

@@ -14,6 +14,11 @@ import torch
 
 from tuneforge.folders import output_folder
 
+# What a run writes at the top of its output_dir: a new run refuses a folder that has any of them
+# and is not marked as a run's, since it would replace them.
+RUN_ENTRIES = ("run.json", "run_started.json", "metrics.jsonl", "diagnosis.jsonl", "rejected.jsonl", "eval_before.json",
+               "eval_after.json", "trackers.json", "checkpoints", "final", "best", "tensorboard", "wandb")
+
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
