@@ -108,6 +108,21 @@ def test_out_overlapping_the_run_being_read_is_refused(command, where, run, trai
     assert contents(run) == before
 
 
+def test_report_replaces_only_its_own_page_and_pictures(run, tmp_path, capsys):
+    """`report --out` is a file, and its PNGs go in a folder beside it: neither may be someone else's."""
+    assert main(["report", str(run), "--out", str(run / "run.json")]) == 2
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    assert main(["report", str(run), "--out", str(mine)]) == 2
+    assert "not a tuneforge report" in capsys.readouterr().err and mine.read_text() == "<p>my notes</p>"
+    pictures = foreign_folder(tmp_path / "page")
+    before = contents(pictures)
+    assert main(["report", str(run), "--out", str(tmp_path / "page.html")]) == 2
+    assert contents(pictures) == before
+    assert main(["report", str(run)]) == 0 and main(["report", str(run)]) == 0  # its own page, again
+    assert json.loads((run / "run.json").read_text())["steps"] == 2
+
+
 def test_a_failed_merge_leaves_no_folder_and_the_earlier_output_intact(run, tmp_path, monkeypatch):
     import tuneforge.export.merge as merge
 
@@ -205,6 +220,12 @@ def remote_code_run(run, tiny_models, tmp_path):
     return run, marker
 
 
+def no_serving(monkeypatch):
+    """chat and serve return once the model is loaded, instead of waiting for input or requests."""
+    monkeypatch.setattr("builtins.input", lambda *_: "")
+    monkeypatch.setattr("tuneforge.serve.server.Server.serve_forever", lambda self, *_: None)
+
+
 @pytest.mark.parametrize("argv", [
     ["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "2"],
     ["chat", "{run}"],
@@ -215,11 +236,12 @@ def remote_code_run(run, tiny_models, tmp_path):
 ], ids=lambda a: a[0])
 def test_run_json_alone_never_runs_model_code(argv, remote_code_run, capsys, monkeypatch):
     run, marker = remote_code_run
-    monkeypatch.setattr("builtins.input", lambda *_: "")  # chat, should it get as far as asking
-    assert main([a.format(run=run) for a in argv]) == 2
+    no_serving(monkeypatch)
+    code = main([a.format(run=run) for a in argv])
+    assert not marker.exists(), "the model folder's code ran"
+    assert code == 2
     err = capsys.readouterr().err
     assert "--trust-remote-code" in err and "run.json" in err
-    assert not marker.exists()
 
 
 def test_the_flag_runs_model_code(remote_code_run, tmp_path, monkeypatch):
@@ -257,7 +279,8 @@ def test_serve_refuses_a_pickle_adapter(run, trained, tmp_path):
     ["export", "{run}", "--to", "adapter", "--no-verify"],
     ["serve", "{run}", "--port", "0"],
 ], ids=lambda a: a[0])
-def test_a_run_with_a_pickle_adapter_is_refused(argv, run, capsys):
+def test_a_run_with_a_pickle_adapter_is_refused(argv, run, capsys, monkeypatch):
+    no_serving(monkeypatch)
     pickle_adapter(run / "final")
     assert main([a.format(run=run) for a in argv]) == 2
     err = capsys.readouterr().err
