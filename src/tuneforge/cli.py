@@ -139,7 +139,7 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _out_beside(args, run, default: str) -> Path:
+def _out_folder(args, run, default: str) -> Path:
     """An explicit --out must lie outside the run it reads; the default is a new folder inside it."""
     from tuneforge.folders import check_apart
 
@@ -161,7 +161,7 @@ def cmd_merge(args) -> int:
         base = f"{q.bits}-bit base" if q is not None else "base"
         console.print(describe_report(merge_report(run), base), highlight=False)
         return 0
-    out = _out_beside(args, run, "merged")
+    out = _out_folder(args, run, "merged")
     target = check_target(run, args.merge_target)
     merge_run(run, out, target=target, overwrite=args.overwrite)
     console.print(f"Merged onto the {target} base weights; written to {out} "
@@ -174,7 +174,7 @@ def cmd_export(args) -> int:
     from tuneforge.models.run import open_run
 
     run = open_run(args.run, args.trust_remote_code)
-    out = _out_beside(args, run, f"export-{args.to}")
+    out = _out_folder(args, run, f"export-{args.to}")
     path = export_run(run, args.to, out, args.quant, args.dtype, args.system, args.merge_target, args.overwrite)
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and run.manifest.get("eval_after"):

@@ -114,7 +114,8 @@ def _is_report(page: Path) -> bool:
 def check_page(page: Path) -> None:
     """A report replaces only an earlier report and its PNGs: never another file, nor a folder it did not write."""
     if page.is_dir() or page.suffix.lower() not in (".html", ".htm"):
-        raise TuneforgeError(f"--out {page}: give the HTML file's path, e.g. {page / 'report.html'}")
+        raise TuneforgeError(f"--out {page}: give the path of an .html file (its PNGs go in a folder of the same "
+                             "name beside it)")
     if page.exists() and not _is_report(page):
         raise TuneforgeError(f"--out {page}: the file exists and is not a tuneforge report; choose another path")
     pngs = page.with_suffix("")
