@@ -27,6 +27,7 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
+from tuneforge.folders import mark, marked_kind
 from tuneforge.eval.evaluate import evaluate, objective_metrics, stop_token_ids, validation_loss
 from tuneforge.methods import build_objective, needs_reference, resolved_loss, run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -52,7 +53,7 @@ from tuneforge.track.trackers import Trackers, artefacts, build_trackers, requir
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
 from tuneforge.train.fits import check_micro_batch_fits
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.outputs import now, run_manifest, save_final, write_json
+from tuneforge.train.outputs import RUN_ENTRIES, now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
@@ -159,6 +160,11 @@ def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
             f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
             "or set another output_dir (e.g. --set output_dir=runs/new)."
         )
+    clash = [] if marked_kind(run_dir) == "run" else [n for n in RUN_ENTRIES if (run_dir / n).exists()]
+    if clash:
+        raise TrainingError(f"output_dir: {run_dir} already holds {', '.join(clash)}, which no tuneforge run wrote there, "
+                            "and a run never replaces files it did not write: set another output_dir "
+                            "(e.g. --set output_dir=runs/new)")
     return None
 
 
@@ -229,6 +235,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir, "run")
         write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
     plan = make_plan(cfg, data, world.size)

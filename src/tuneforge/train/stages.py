@@ -52,7 +52,7 @@ def stage_result(run_dir: Path, cfg: Config) -> Path:
         from tuneforge.export.merge import merge_run
         from tuneforge.models.run import open_run
 
-        merge_run(open_run(run_dir), merged, torch.float32)
+        merge_run(open_run(run_dir, cfg.trust_remote_code), merged, torch.float32)  # the user's own config
     return merged
 
 
