@@ -45,13 +45,13 @@ from tuneforge.models.load import (
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
-from tuneforge.parallel.checkpoint import check_saved_tensors, gather_for_save
 from tuneforge.parallel.watchdog import Watchdog
 from tuneforge.parallel.world import SINGLE, World, init_world
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints.gather import check_saved_tensors, gather_for_save
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
