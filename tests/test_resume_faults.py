@@ -251,3 +251,28 @@ def test_twenty_kills_at_random_points_resume_to_the_uninterrupted_run(tmp_path,
     train(cfg, resume=True, reporter=QUIET)
     assert_same_run(run, reference)
 
+
+
+def test_the_checkpoint_package_and_parallel_import_no_cycle():
+    """Issue 17: one package holds both checkpoint kinds; it needs only parallel.world, and nothing in
+    parallel/ imports train/ (imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    import tuneforge
+
+    src = Path(tuneforge.__file__).parent
+
+    def imported(folder: str) -> set[str]:
+        names = set()
+        for path in (src / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.add(node.module)
+                elif isinstance(node, ast.Import):
+                    names.update(a.name for a in node.names)
+        return {n for n in names if n.startswith("tuneforge.")}
+
+    assert not {n for n in imported("parallel") if n.startswith("tuneforge.train")}
+    outside = {n for n in imported("train/checkpoints") if not n.startswith("tuneforge.train.checkpoints.")}
+    assert outside <= {"tuneforge.errors", "tuneforge.parallel.world"}, outside

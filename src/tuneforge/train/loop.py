@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -156,7 +157,7 @@ def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
     return grad_norm
 
 
-def _check_output_dir(run_dir: Path, resume: bool, world: World, warn) -> Path | None:
+def _check_output_dir(run_dir: Path, resume: bool, world: World, warn: Callable[[str], None]) -> Path | None:
     """The checkpoint to resume from: the newest that verifies; a damaged newer one is set aside, saying why."""
     if not resume:
         if list_checkpoints(run_dir) or (run_dir / "final").exists():
@@ -201,7 +202,7 @@ def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan, processe
             f"{saved_per_step * saved_mbs}), this run would take {plan.micro_per_step}; {advice}")
 
 
-def adapter_facts(cfg: Config) -> dict:
+def _adapter_facts(cfg: Config) -> dict:
     """What fixes the shape and scale of the trained tensors: saved with each checkpoint, compared on resume."""
     facts = {"adapter": cfg.adapter}
     if cfg.adapter != "full":
@@ -211,7 +212,7 @@ def adapter_facts(cfg: Config) -> dict:
 
 def _check_same_adapter(state: dict, ckpt: Path, cfg: Config) -> None:
     """Refused before any tensor is loaded: the saved weights only fit the adapter they were trained as."""
-    saved, now = state.get("adapter_facts", {}), adapter_facts(cfg)
+    saved, now = state.get("adapter_facts", {}), _adapter_facts(cfg)
     for key in sorted(set(saved) & set(now)):
         if saved[key] != now[key]:
             raise TrainingError(f"--resume: {ckpt} was written with {key}: {json.dumps(saved[key])}, this run has "
@@ -349,7 +350,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                                                      base_model=cfg.base_model, started=started))
     watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
     batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": plan.micro_per_step,
-                   "adapter_facts": adapter_facts(cfg)}
+                   "adapter_facts": _adapter_facts(cfg)}
     if ckpt is None:
         watch.before_training()
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
