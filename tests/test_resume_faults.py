@@ -18,7 +18,7 @@ from tuneforge.config import config_from_dict
 from tuneforge.errors import TuneforgeError
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import MetricsLog, read_metrics
-from tuneforge.train.checkpoints import damage, list_checkpoints
+from tuneforge.train.checkpoints import damage, list_checkpoints, save_checkpoint
 from tuneforge.train.loop import train
 
 QUIET = Reporter(quiet=True)
@@ -166,6 +166,19 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-2"]
     assert not (tmp_path / "run" / "checkpoints" / ".tmp-step-4").exists()
     assert damage(tmp_path / "run" / "checkpoints" / "step-2") is None
+
+
+def test_checkpoints_marked_before_manifests_are_only_parsed(tmp_path):
+    """A checkpoint whose COMPLETE says "ok" (written before manifests) still resumes; a bad file in it is found."""
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    ckpt = save_checkpoint(tmp_path, 1, model, optimizer, {"cursor": {}}, keep_last=1)
+    (ckpt / "COMPLETE").write_text("ok\n")
+    assert damage(ckpt) is None
+    (ckpt / "rng.safetensors").write_bytes(b"\xff" * 16)
+    assert damage(ckpt).startswith("rng.safetensors does not parse")
 
 
 class Killed(BaseException):
