@@ -8,11 +8,10 @@ files. Either kind is written aside and published with a manifest (folders, mani
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tuneforge.parallel.world import World, env_world
-from tuneforge.train.checkpoints.folders import DiskFullError, list_checkpoints, newest_verified, set_aside
+from tuneforge.train.checkpoints.folders import DiskFullError, list_checkpoints, newest_verified, read_state, set_aside
 from tuneforge.train.checkpoints.manifest import damage
 from tuneforge.train.checkpoints.sharded import is_sharded, load_sharded, save_sharded
 from tuneforge.train.checkpoints.single import CheckpointMismatch, load_single, save_single
@@ -41,7 +40,3 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
         return load_sharded(ckpt, model, optimizer, env_world())
     return load_single(ckpt, model, optimizer)
 
-
-def read_state(ckpt: Path) -> dict:
-    """The loop state saved with a checkpoint (step, data position, what the run was), without loading tensors."""
-    return json.loads((ckpt / "state.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -61,14 +62,24 @@ def disk_full_removes(tmp: Path, step: int, needed_bytes: int) -> Iterator[None]
             "some space (or lower keep_last) and continue with --resume") from None
 
 
-def start_folder(run_dir: Path, step: int) -> tuple[Path, Path]:
-    """(temporary folder, final folder) of checkpoint step-N; the temporary one is created empty."""
+def step_folders(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final folder) of checkpoint step-N."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}"
+    return root / f".tmp-step-{step}", root / f"step-{step}"
+
+
+def start_folder(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """step_folders, the temporary one created empty."""
+    tmp, final = step_folders(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return tmp, root / f"step-{step}"
+    return tmp, final
+
+
+def read_state(ckpt: Path) -> dict:
+    """The loop state saved with a checkpoint (step, data position, what the run was), without loading tensors."""
+    return json.loads((ckpt / "state.json").read_text())
 
 
 def publish(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> None:

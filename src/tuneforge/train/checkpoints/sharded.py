@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.parallel.world import SINGLE, World
-from tuneforge.train.checkpoints.folders import disk_full_removes, publish, start_folder
+from tuneforge.train.checkpoints.folders import disk_full_removes, publish, read_state, start_folder, step_folders
 from tuneforge.train.checkpoints.rng import restore_rng, rng_state
 from tuneforge.train.checkpoints.trainable import trainable_parameters
 
@@ -41,8 +41,7 @@ def save_sharded(run_dir: Path, step: int, model, optimizer, state: dict, keep_l
     """checkpoints/step-N written by every process at once; complete only once all have written."""
     import torch.distributed.checkpoint as dcp
 
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    tmp, final = step_folders(run_dir, step)
     if world.main:
         start_folder(run_dir, step)
     world.barrier()
@@ -75,7 +74,7 @@ def load_sharded(ckpt: Path, model, optimizer, world: World = SINGLE) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_state(ckpt)
     target = _state(model, optimizer)
     dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.train.checkpoints.folders import disk_full_removes, publish, start_folder
+from tuneforge.train.checkpoints.folders import disk_full_removes, publish, read_state, start_folder
 from tuneforge.train.checkpoints.rng import restore_rng, rng_state
 from tuneforge.train.checkpoints.trainable import trainable_parameters
 
@@ -80,7 +80,7 @@ def load_single(ckpt: Path, model, optimizer) -> dict:
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise CheckpointMismatch(f"{ckpt} was written by a single process; resume it with one process or "
                                  "distributed.strategy: ddp, then FSDP runs can follow from its sharded checkpoints")
-    state = json.loads((ckpt / "state.json").read_text())
+    state = read_state(ckpt)
     weights = load_file(ckpt / "trainable.safetensors")
     params = dict(trainable_parameters(model))
     if set(weights) != set(params):
