@@ -30,8 +30,6 @@ KNOWN_CYCLES: list[frozenset[str]] = [
     # serve-decode: eval, serve and GRPO sampling decode through each other (one decoding module in models/)
     frozenset({"tuneforge.eval.evaluate", "tuneforge.methods", "tuneforge.methods.grpo", "tuneforge.methods.sampling",
                "tuneforge.serve", "tuneforge.serve.engine", "tuneforge.serve.server"}),
-    # checkpoints: one checkpoint package for single-process and sharded state
-    frozenset({"tuneforge.train.checkpoint", "tuneforge.parallel.checkpoint"}),
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.config import Config, config_from_dict, config_to_dict
 from tuneforge.errors import ConfigError
-from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.checkpoints import list_checkpoints
 from tuneforge.train.outputs import now, run_manifest, write_json
 
 
