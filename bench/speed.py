@@ -181,11 +181,8 @@ def run_tuneforge(args, dtype, mode: str | dict):
     import torch
 
     from tuneforge.config import config_from_dict
-    from tuneforge.fast import resolve
-    from tuneforge.fast.kernels import apply_kernels
-    from tuneforge.fast.fused_lora import apply_fused_lora
-    from tuneforge.fast.checkpointing import apply_activation_checkpointing
-    from tuneforge.fast.compile import apply_compile
+    from tuneforge.fast.apply import apply_fast_path
+    from tuneforge.fast.switches import resolve
     from tuneforge.methods.sft import SFT
     from tuneforge.models.load import attach_adapter, weights_dtype
     from tuneforge.train.loop import accumulate_gradients, optimizer_step
@@ -201,13 +198,7 @@ def run_tuneforge(args, dtype, mode: str | dict):
     torch.manual_seed(args.seed + 1)
     model, _ = attach_adapter(model, cfg)
     fast = resolve(cfg, device.type, model)
-    if fast.fused_lora:  # where the loop applies them: after the adapter, before the kernels
-        apply_fused_lora(model)
-    if fast.kernels:
-        apply_kernels(model)
-    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
-    if fast.compile:
-        apply_compile(model)
+    apply_fast_path(model, fast, device)  # as the loop does: after the adapter
     model.train()
     optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
     Example = type("Example", (), {})

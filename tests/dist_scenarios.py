@@ -20,10 +20,10 @@ from tuneforge.config import config_from_dict
 from tuneforge.methods.sampling import decode, seeded_generators
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.parallel.apply import apply_fsdp
-from tuneforge.parallel.checkpoint import check_saved_tensors, gather_for_save
+from tuneforge.train.checkpoints.gather import check_saved_tensors, gather_for_save
 from tuneforge.parallel.world import init_world, shutdown_world
 from tuneforge.track.console import Reporter
-from tuneforge.train.checkpoint import load_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints import load_checkpoint, trainable_parameters
 from tuneforge.train.loop import train
 from tuneforge.train.optim import build_optimizer
 from tuneforge.train.outputs import save_final

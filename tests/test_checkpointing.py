@@ -16,8 +16,9 @@ from test_train import CPU, QUIET, make_cfg
 from tuneforge.config import config_from_dict
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import ConfigError
-from tuneforge.fast import FastPath, resolve
-from tuneforge.fast.checkpointing import apply_activation_checkpointing, choose_level
+from tuneforge.fast import FastPath
+from tuneforge.fast.checkpointing import apply_activation_checkpointing
+from tuneforge.fast.switches import choose_level, resolve
 from tuneforge.fast.compile import apply_compile
 from tuneforge.methods.sft import SFT
 from tuneforge.models.load import attach_adapter, load_tokenizer
@@ -84,7 +85,7 @@ def test_every_level_trains_the_same_losses_and_gradients(tmp_path, tiny_models,
 def _forward_counts(model) -> list[int]:
     """Per decoder layer, how often its MLP started during one training step (2: recomputed). A pre-hook:
     the recompute stops once the last tensor backward needs is back, which may be before the MLP returns."""
-    from tuneforge.parallel.apply import decoder_layers
+    from tuneforge.models.layers import decoder_layers
 
     counts = [0] * LAYERS
     for i, layer in enumerate(decoder_layers(model)):

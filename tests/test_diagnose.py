@@ -14,7 +14,7 @@ from test_train import QUIET, make_cfg
 from tuneforge.config import config_from_dict
 from tuneforge.track.diagnose import Watch, check_learning_rate, divergence
 from tuneforge.track.metrics import read_metrics
-from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.checkpoints import list_checkpoints
 from tuneforge.train.loop import TrainingError, train
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]

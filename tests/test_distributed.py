@@ -25,10 +25,10 @@ from tuneforge.config import config_from_dict, config_to_dict
 from tuneforge.data.batching import shard_step
 from tuneforge.errors import ConfigError
 from tuneforge.models.load import attach_adapter, load_model
-from tuneforge.parallel.checkpoint import SaveError, check_saved_tensors
+from tuneforge.train.checkpoints.gather import SaveError, check_saved_tensors
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
-from tuneforge.train.checkpoint import load_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints import load_checkpoint, trainable_parameters
 from tuneforge.train.loop import micro_batches_per_step, train
 from tuneforge.train.optim import build_optimizer
 

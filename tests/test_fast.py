@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +16,13 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
 from tuneforge.data.template import IGNORE_INDEX
-from tuneforge.fast import FastPath, pair_cost, resolve
+from tuneforge.fast import FastPath
+from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.causal_lm import output_layer
 from tuneforge.fast.chunked_logps import label_logps
 from tuneforge.fast.chunked_loss import linear_cross_entropy_sum
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
+from tuneforge.fast.switches import pair_cost, resolve
 from tuneforge.methods.sft import SFT
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.track.metrics import read_metrics
@@ -89,6 +95,33 @@ def test_fast_path_gives_the_plain_paths_loss_and_gradients(tmp_path, tokenizers
     plain = _step(model, SFT(data, pad), examples, 6)
     for size in (6, 3, 2):
         assert_same_step(_step(model, SFT(data, pad, FAST), examples, size), plain)
+
+
+def test_apply_fast_path_applies_every_switch_and_the_step_is_unchanged(tmp_path, tokenizers):
+    """One call applies fused LoRA, the kernels (whose MLP calls the fused projections) and selective
+    checkpointing to a LoRA model, says what it changed, and the step computes what the plain one does."""
+    folder, plain = _model(tmp_path, "llama", tokenizers["smol"], "lora")
+    fast = copy.deepcopy(plain)
+    switches = FastPath(fused_lora=True, kernels=True, activation_checkpointing="selective", checkpoint_every=2)
+    applied = apply_fast_path(fast, switches, CPU)
+    lora = [n for n, m in plain.named_modules() if hasattr(m, "lora_A") and n.endswith("proj")]
+    assert len(applied.fused_lora) == len(lora) > 0
+    layers = plain.config.num_hidden_layers
+    assert {n.rsplit(".", 1)[-1] for n in applied.kernels} == {"input_layernorm", "post_attention_layernorm", "mlp",
+                                                               "norm"}
+    assert applied.checkpointed == tuple(range(0, layers, 2)) and applied.compiled == 0
+    assert [line.split(":")[0] for line in applied.notes()] == ["Fused LoRA", "Kernels"]
+    examples = prepare_data(make_cfg(tmp_path, folder), load_tokenizer(folder)).train[:4]
+    data, pad = type("Data", (), {"train": examples}), load_tokenizer(folder).pad_token_id
+    fast.train(), plain.train()
+    assert_same_step(_step(fast, SFT(data, pad), examples, 2), _step(plain, SFT(data, pad), examples, 2))
+
+
+def test_the_switches_a_run_uses_are_chosen_without_importing_torch():
+    """plan reads the same switches the loop runs, and never imports torch (fast/__init__, fast/switches)."""
+    code = "import sys, tuneforge.fast.switches; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 def assert_same_step(step, plain) -> None:

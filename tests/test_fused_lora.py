@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from test_fast import assert_same_step
 
 from tuneforge.config import config_from_dict
-from tuneforge.fast import FastPath, resolve
+from tuneforge.fast import FastPath
 from tuneforge.fast import fused_lora
 from tuneforge.fast.fused_lora import FusedLoraLinear, apply_fused_lora, fused_lora_linear
 from tuneforge.fast.kernels import apply_kernels
+from tuneforge.fast.switches import resolve
 
 VOCAB = 97
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -25,13 +25,14 @@ from safetensors import safe_open
 
 from tuneforge.config import config_from_dict
 from tuneforge.data.template import IGNORE_INDEX
-from tuneforge.fast import FastPath, resolve
+from tuneforge.fast import FastPath
 from tuneforge.fast.chunked_logps import label_logps
 from tuneforge.fast.chunked_loss import kernel_runs, linear_cross_entropy_sum
 from tuneforge.fast.kernels import apply_kernels, triton_importable
 from tuneforge.fast.kernels.gated_mlp import FusedGatedMLP, gated, gated_reference
 from tuneforge.fast.kernels.launch import interpreting, triton_runs
 from tuneforge.fast.kernels.rms_norm import FusedRmsNorm, rms_norm, rms_norm_reference
+from tuneforge.fast.switches import resolve
 from tuneforge.methods.sft import SFT, count_trained
 
 NO_TRITON = "triton is not installed (pip install 'tuneforge[kernels]'); its kernels are tested in its CPU interpreter"

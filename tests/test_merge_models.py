@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tuneforge import __version__
-from tuneforge.errors import ConfigError, ModelError
+from tuneforge.errors import ConfigError, ModelError, TuneforgeError
 from tuneforge.merge import methods
 from tuneforge.merge.config import load_merge_config
 from tuneforge.merge.run import merge_models, tensor_seed
@@ -186,13 +186,13 @@ def test_rerun_replaces_an_earlier_merge_but_never_a_foreign_folder(zoo, tmp_pat
     path = write_config(tmp_path, cfg)
     out = merge_models(path, tmp_path / "out")
     (out / "stale.txt").write_text("x")
-    merge_models(path, out)
+    merge_models(path, out, overwrite=True)
     assert not (out / "stale.txt").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ModelError, match="not a tuneforge merge output"):
-        merge_models(path, foreign)
+    with pytest.raises(TuneforgeError, match="not a tuneforge merge output"):
+        merge_models(path, foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -13,7 +13,7 @@ from tuneforge.cli import main
 from tuneforge.export.merge import merge_run
 from tuneforge.models.load import attach_adapter, build_lora_config, load_model
 from tuneforge.models.run import open_run
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
 from tuneforge.train.loop import train
 from tuneforge.train.optim import build_optimizer
 

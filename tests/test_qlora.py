@@ -22,7 +22,7 @@ from tuneforge.models.load import attach_adapter, load_model
 from tuneforge.models.quantize import dequantized_model
 from tuneforge.models.run import open_run
 from tuneforge.track.metrics import read_metrics
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
 from tuneforge.train.loop import train
 from tuneforge.train.optim import build_optimizer
 

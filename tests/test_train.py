@@ -18,7 +18,7 @@ from tuneforge.data.dataset import prepare_data
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
 from tuneforge.methods.sft import SFT
 from tuneforge.train.loop import accumulate_gradients, train
 from tuneforge.train.optim import build_optimizer
@@ -145,7 +145,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path, tiny_models):
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
     script = textwrap.dedent(f"""
         import json, os
-        import tuneforge.train.checkpoint as ck
+        import tuneforge.train.checkpoints.folders as ck
         from tuneforge.config import config_from_dict
         from tuneforge.track.console import Reporter
         from tuneforge.train.loop import train

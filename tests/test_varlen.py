@@ -13,8 +13,9 @@ from test_train import CPU, QUIET, make_cfg
 
 from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
-from tuneforge.fast import FastPath, resolve
+from tuneforge.fast import FastPath
 from tuneforge.fast.padding_free import collate_flat, flat_pays, model_inputs
+from tuneforge.fast.switches import resolve
 from tuneforge.fast.varlen import NAMES, apply_varlen_attention, example_lengths
 from tuneforge.methods.sft import SFT
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer

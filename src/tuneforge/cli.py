@@ -24,18 +24,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args) -> int:
     from tuneforge.config import load_config
+    from tuneforge.validate import path_problems
 
     cfg = load_config(args.config, args.overrides)
     if cfg.adapter == "qlora" or cfg.optimizer != "adamw":
         from tuneforge.models.quantize import require_bitsandbytes
 
         require_bitsandbytes("adapter: qlora" if cfg.adapter == "qlora" else f"optimizer: {cfg.optimizer}")
-    paths = [("datasets[%d].path" % i, ds.path) for i, ds in enumerate(cfg.datasets)]
-    if cfg.validation and cfg.validation.path:
-        paths.append(("validation.path", cfg.validation.path))
-    missing = [f"  {key}: {path} not found" for key, path in paths if not Path(path).exists()]
-    if missing:
-        raise TuneforgeError(f"{args.config}: data files are missing\n" + "\n".join(missing))
+    problems = path_problems(cfg)
+    if problems:
+        raise TuneforgeError(f"{args.config}: paths that cannot be used\n" + "\n".join(f"  {p}" for p in problems))
     console.print(f"[green]{args.config}: valid[/green] ({cfg.adapter}, {len(cfg.datasets)} dataset(s), output_dir {cfg.output_dir})")
     return 0
 
@@ -87,18 +85,18 @@ def cmd_eval(args) -> int:
     from tuneforge.eval.run_eval import evaluate_target
     from tuneforge.track.console import before_after_table
 
-    before, after = evaluate_target(args.target, args.overrides)
+    before, after = evaluate_target(args.target, args.overrides, args.trust_remote_code)
     if after is None:
         console.print("The run has not finished; the base model only:")
     console.print(before_after_table(None if after is None else before, after or before))
     return 0
 
 
-def _load_for_chat(run_path: str):
+def _load_for_chat(run_path: str, trust_remote_code: bool):
     from tuneforge.models.load import pick_device
     from tuneforge.models.run import inference_dtype, load_tuned, open_run
 
-    run = open_run(run_path)
+    run = open_run(run_path, trust_remote_code)
     device = pick_device(run.config.device)
     model, tokenizer = load_tuned(run, device, inference_dtype(device))
     return run, model, tokenizer, device
@@ -107,7 +105,7 @@ def _load_for_chat(run_path: str):
 def cmd_generate(args) -> int:
     from tuneforge.eval.generate import answer
 
-    run, model, tokenizer, device = _load_for_chat(args.run)
+    run, model, tokenizer, device = _load_for_chat(args.run, args.trust_remote_code)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     text, stopped = answer(model, tokenizer, messages, run.stop_ids, args.max_new_tokens, device)
     print(text)
@@ -119,7 +117,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from tuneforge.eval.generate import answer
 
-    run, model, tokenizer, device = _load_for_chat(args.run)
+    run, model, tokenizer, device = _load_for_chat(args.run, args.trust_remote_code)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     console.print("Chat with the tuned model. Empty line or Ctrl-D to quit, /reset to start over.")
     while True:
@@ -139,11 +137,21 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _out_folder(args, run, default: str) -> Path:
+    """An explicit --out must lie outside the run it reads; the default is a new folder inside it."""
+    from tuneforge.folders import check_apart
+
+    if not args.out:
+        return run.dir / default
+    check_apart(Path(args.out), run.dir)
+    return Path(args.out)
+
+
 def cmd_merge(args) -> int:
     from tuneforge.export.merge import check_target, merge_run
     from tuneforge.models.run import open_run
 
-    run = open_run(args.run)
+    run = open_run(args.run, args.trust_remote_code)
     if args.report:
         from tuneforge.export.merge_report import describe_report, merge_report
 
@@ -151,9 +159,9 @@ def cmd_merge(args) -> int:
         base = f"{q.bits}-bit base" if q is not None else "base"
         console.print(describe_report(merge_report(run), base), highlight=False)
         return 0
-    out = Path(args.out) if args.out else run.dir / "merged"
+    out = _out_folder(args, run, "merged")
     target = check_target(run, args.merge_target)
-    merge_run(run, out, target=target)
+    merge_run(run, out, target=target, overwrite=args.overwrite)
     console.print(f"Merged onto the {target} base weights; written to {out} "
                   "(load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -163,9 +171,9 @@ def cmd_export(args) -> int:
     from tuneforge.export.run_export import export_run, verify_run_export
     from tuneforge.models.run import open_run
 
-    run = open_run(args.run)
-    out = Path(args.out) if args.out else run.dir / f"export-{args.to}"
-    path = export_run(run, args.to, out, args.quant, args.dtype, args.system, args.merge_target)
+    run = open_run(args.run, args.trust_remote_code)
+    out = _out_folder(args, run, f"export-{args.to}")
+    path = export_run(run, args.to, out, args.quant, args.dtype, args.system, args.merge_target, args.overwrite)
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and run.manifest.get("eval_after"):
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
@@ -179,7 +187,7 @@ def cmd_export(args) -> int:
 def cmd_merge_models(args) -> int:
     from tuneforge.merge.run import merge_models
 
-    out = merge_models(args.config, Path(args.out) if args.out else None)
+    out = merge_models(args.config, Path(args.out) if args.out else None, overwrite=args.overwrite)
     console.print(f"Merged model written to {out} (config and inputs in merge.json)")
     return 0
 
@@ -187,7 +195,7 @@ def cmd_merge_models(args) -> int:
 def cmd_serve(args) -> int:
     from tuneforge.serve import serve
 
-    serve(args.target, args.host, args.port, args.adapter, args.api_key)
+    serve(args.target, args.host, args.port, args.adapter, args.api_key, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -299,7 +307,8 @@ def cmd_data_prepare(args) -> int:
     from tuneforge.data.describe import prepare_to_folder
 
     cfg, _, tokenizer = _data_config(args.config, args.overrides)
-    report = prepare_to_folder(cfg, tokenizer, Path(args.out) if args.out else Path(cfg.output_dir) / "data")
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "data"
+    report = prepare_to_folder(cfg, tokenizer, out, args.overwrite)
     console.print(f"Prepared data written to {report['folder']}: {report['train_examples']} training and "
                   f"{report['validation_examples']} validation examples, {report['rejected']} left out "
                   f"(each with its reason in rejected.jsonl){' (from the cache)' if report['from_cache'] else ''}")
@@ -339,7 +348,8 @@ def _data_parser(sub) -> None:
 
     c = dsub.add_parser("prepare", help="filter, dedupe, split, tokenize and cache as the config says; write the result")
     c.add_argument("config")
-    c.add_argument("--out", help="folder for the result (default <output_dir>/data)")
+    c.add_argument("--out", help="folder for the result (default <output_dir>/data); must be new or empty")
+    _overwrite_arg(c, "prepared data")
     c.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     c.set_defaults(func=cmd_data_prepare)
 
@@ -348,6 +358,17 @@ def _merge_target_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-target", choices=["dequantized", "original"], default=None,
                    help="base weights the adapter is added to: dequantized (a QLoRA run's quantized base, dequantized "
                         "with its training config; the default for QLoRA) or original (the 16-bit checkpoint)")
+
+
+def _overwrite_arg(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace --out when it holds earlier {kind} that tuneforge wrote (never any other folder)")
+
+
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the model's folder (a run's run.json never turns this on); "
+                        "only for code you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, perplexity and exact match, base vs tuned")
     p.add_argument("target", help="a config file or a run folder")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    _trust_arg(p)
     p.set_defaults(func=cmd_eval)
 
     for name, fn, text in (("generate", cmd_generate, "answer one prompt"), ("chat", cmd_chat, "chat in the terminal")):
@@ -387,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", required=True)
         p.add_argument("--system", help="a system prompt")
         p.add_argument("--max-new-tokens", type=int, default=256)
+        _trust_arg(p)
         p.set_defaults(func=fn)
 
     _data_parser(sub)
@@ -399,17 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve another LoRA adapter (a PEFT folder or a run) on the same base, as model NAME")
     p.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
                    help="require this Bearer key (default: $TUNEFORGE_API_KEY; none means no key)")
+    _trust_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge-models", help="merge fine-tuned models: linear, slerp, task arithmetic, TIES, DARE, Model Stock")
     p.add_argument("config", help="the merge YAML (mergekit-style: merge_method, base_model, models, parameters, dtype)")
-    p.add_argument("--out", help="output folder (default: output_dir in the YAML, else <yaml stem>-merged beside it)")
+    p.add_argument("--out", help="output folder (default: output_dir in the YAML, else <yaml stem>-merged beside it); "
+                   "must be new or empty")
+    _overwrite_arg(p, "merge output")
     p.set_defaults(func=cmd_merge_models)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face folder, PEFT adapter, GGUF file or Ollama model")
     p.add_argument("run", help="the run folder (output_dir)")
     p.add_argument("--to", required=True, choices=["hf", "adapter", "gguf", "ollama"])
-    p.add_argument("--out", help="target folder (default RUN/export-TO)")
+    p.add_argument("--out", help="target folder (default RUN/export-TO); must be new or empty, and outside RUN")
+    _overwrite_arg(p, "export output")
+    _trust_arg(p)
     p.add_argument("--quant", default="q8_0", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_k_m (default q8_0)")
     p.add_argument("--dtype", default="bfloat16", help="weights of a merged hf export: float32, float16, bfloat16")
     p.add_argument("--system", help="an Ollama SYSTEM prompt to write into the Modelfile")
@@ -432,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")
-    p.add_argument("--out", help="target folder (default RUN/merged)")
+    p.add_argument("--out", help="target folder (default RUN/merged); must be new or empty, and outside RUN")
+    _overwrite_arg(p, "merge output")
+    _trust_arg(p)
     _merge_target_arg(p)
     p.add_argument("--report", action="store_true",
                    help="write nothing; print, for each merge target, the mean KL of the next-token distribution and "

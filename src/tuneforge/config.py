@@ -24,7 +24,16 @@ DataFormat = Literal[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `.inf` or `.nan` is never a meaningful rate, weight or threshold (and passes `gt=0`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds of the integers that size memory: far above any real run, far below what exhausts a machine
+# (a micro-batch's fit is checked against the data and the device before training: train/fits.py).
+MAX_MICRO_BATCH = 4096
+MAX_SEQ_LEN = 1 << 20
+MAX_TOKENS_GENERATED = 1 << 17
+MAX_SEED = 2**32 - 1  # the data order seeds torch with seed x 1,000,003 + epoch, which must stay in 64 bits
 
 
 # LoRA initialisations PEFT 0.21 offers without extra data or configs (eva, corda and loftq need them).
@@ -126,7 +135,8 @@ class DatasetSpec(_Strict):
         "relative to the config file."
     )
     format: DataFormat = Field("auto", description="Record format; auto detects it from the first record.")
-    weight: float = Field(1.0, gt=0, description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
+    weight: float = Field(1.0, gt=0, le=1000,
+                          description="Examples drawn per epoch = weight x size (2 repeats, 0.5 halves).")
     columns: dict[str, str] = Field(
         default_factory=dict, description='Our field name -> the file\'s column, e.g. {messages: dialog, instruction: question}.'
     )
@@ -157,9 +167,10 @@ class EvaluationSpec(_Strict):
     before_after: bool = Field(True, description="Evaluate the base model before and the tuned model after training.")
     max_examples: int = Field(200, ge=1, description="At most this many validation examples are generated for exact match.")
     max_new_tokens: int | None = Field(
-        None, ge=1, description="Generation budget; default twice the longest reference answer in tokens."
+        None, ge=1, le=MAX_TOKENS_GENERATED,
+        description="Generation budget; default twice the longest reference answer in tokens."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: int = Field(16, ge=1, le=MAX_MICRO_BATCH, description="Prompts generated together.")
 
 
 class PerformanceSpec(_Strict):
@@ -175,7 +186,7 @@ class PerformanceSpec(_Strict):
         None, description="SFT: the output layer and cross-entropy on trained positions only, in chunks, so the "
         "full logits never exist. null: on unless mode is off.")
     loss_chunk_tokens: int | None = Field(
-        None, ge=16, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
+        None, ge=16, le=MAX_SEQ_LEN, description="Positions per chunk of the chunked loss; default: 256 MiB of fp32 logits.")
     varlen_attention: bool | None = Field(
         None, description="SFT padding-free rows: attention within each example alone, so a row costs the sum of "
         "its examples' squared lengths, not the square of its length (CUDA: a variable-length kernel; elsewhere "
@@ -272,8 +283,8 @@ class RewardFunctionSpec(_Strict):
 
 
 class GRPOSpec(_Strict):
-    generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
-    max_completion_tokens: int = Field(128, ge=1, description="Longest completion sampled.")
+    generations: int = Field(4, ge=2, le=1024, description="Completions sampled per prompt (the group).")
+    max_completion_tokens: int = Field(128, ge=1, le=MAX_TOKENS_GENERATED, description="Longest completion sampled.")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference model; 0: no reference pass.")
@@ -290,7 +301,7 @@ class GRPOSpec(_Strict):
         None, description="module:function for multi-turn rollouts: given the conversation so far, "
         "returns the next user/tool turn or None to end; its tokens are never trained."
     )
-    max_turns: int = Field(1, ge=1, description="Model turns per rollout when an environment is given.")
+    max_turns: int = Field(1, ge=1, le=1024, description="Model turns per rollout when an environment is given.")
     zero_std_warn_steps: int = Field(10, ge=1, description="Warn after this many steps in a row where every group's rewards were equal.")
 
 
@@ -431,7 +442,7 @@ class Config(_Strict):
     )
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training files.")
     validation: ValidationSpec | None = Field(None, description="Held-out data for val loss and before/after eval.")
-    max_seq_len: int = Field(2048, ge=8, description="Longest tokenized example.")
+    max_seq_len: int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Longest tokenized example.")
     truncation: Literal["drop", "truncate_right", "truncate_left", "error"] = Field(
         "drop", description="What happens to an example longer than max_seq_len; every case is counted."
     )
@@ -442,10 +453,10 @@ class Config(_Strict):
     max_bad_fraction: float = Field(
         0.1, ge=0, le=1, description="With on_bad_record: skip, stop if more than this share of records is bad."
     )
-    micro_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step, in each process.")
+    micro_batch_size: int = Field(4, ge=1, le=MAX_MICRO_BATCH, description="Examples run through the model together.")
+    grad_accum: int = Field(1, ge=1, le=1 << 16, description="Micro-batches per optimizer step, in each process.")
     global_batch_size: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=1 << 24,
         description="Examples per optimizer step over all processes; grad_accum is then derived as global_batch_size "
         "/ (micro_batch_size x processes), so the same steps are taken on any number of processes (and a run "
         "can resume on another number). Give this or grad_accum, not both.",
@@ -468,7 +479,7 @@ class Config(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: true means "
                                          "performance.activation_checkpointing: full (a level set there wins).")
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seeds the data order, the split and the adapter's init.")
     output_dir: str = Field("runs/run", description="Relative to the config file.")
     eval_every: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations.")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end).")
@@ -694,7 +705,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=32")
         key, _, value = item.partition("=")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {getattr(err, 'problem', err)}; "
+                              "quote it, e.g. --set 'lora.target_modules=[q_proj, v_proj]'") from None
     return out
 
 
@@ -743,25 +758,63 @@ def config_from_dict(raw: dict, source: str = "<config>", base: Path | None = No
     return resolve_paths(cfg, base or Path.cwd())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a config that sets a key twice is refused instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                earlier = first.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if earlier is not None:
+                lines = f"lines {earlier} and {line}" if earlier != line else f"line {line}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice ({lines}); keep one", key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> object:
-    """A YAML file's contents; a missing file or a syntax error is a ConfigError naming the file and line."""
+    """A YAML file's contents; a missing file, a file that is not UTF-8 text, a key set twice or a syntax
+    error is a ConfigError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
+    raw = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: not a UTF-8 text file (byte {err.start + 1} of the file); "
+                          f"give a YAML {what} saved as UTF-8") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"{path}:{line}: not a text file (it holds NUL bytes); give a YAML {what}")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
-    raw = read_yaml(path)
+def apply_overrides(raw: object, overrides: list[str] | None) -> object:
+    """`--set KEY=VALUE` pairs laid over a raw config, before it is validated like the rest."""
     if isinstance(raw, dict):
         for key, value in parse_overrides(overrides).items():
             _set_dotted(raw, key, value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
     return config_from_dict(raw, str(path), path.resolve().parent)
 
 

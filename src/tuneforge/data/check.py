@@ -230,11 +230,12 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
 
 def load_check_target(target: str | Path, overrides: list[str] | None = None) -> Config:
     """A config file as it is, or a bare data file with the built-in model and max_seq_len 2048."""
-    from tuneforge.config import config_from_dict, load_config
+    from tuneforge.config import apply_overrides, config_from_dict, load_config
 
     path = Path(target)
     if path.suffix in (".yaml", ".yml"):
         return load_config(path, overrides)
     if not path.exists():
         raise ConfigError(f"{path}: no such config or data file")
-    return config_from_dict({"datasets": [{"path": str(path.resolve())}], "max_seq_len": 2048})
+    raw = apply_overrides({"datasets": [{"path": str(path.resolve())}], "max_seq_len": 2048}, overrides)
+    return config_from_dict(raw, f"--set for {path}")

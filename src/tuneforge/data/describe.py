@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 from tuneforge.config import Config
 from tuneforge.data import stats
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
+from tuneforge.folders import check_out, output_folder
 
 
 def turns_per_conversation(data: PreparedData) -> dict[int, int]:
@@ -61,15 +61,12 @@ def _tokens_per_dataset(data: PreparedData) -> list[float]:
     return out
 
 
-def prepare_to_folder(cfg: Config, tokenizer, folder: Path) -> dict:
-    """Prepare (or take from the cache) and write the result with a report of what was left out and why."""
+def prepare_to_folder(cfg: Config, tokenizer, folder: Path, overwrite: bool = False) -> dict:
+    """Prepare (or take from the cache) and write the result with a report of what was left out and why.
+
+    `folder` must be new or empty; `overwrite` replaces earlier prepared data there (never another folder)."""
+    check_out(folder, "data", overwrite)
     data = prepare_data(cfg, tokenizer)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    data.train.save(folder, "train")
-    data.validation.save(folder, "validation")
-    write_rejected(folder / "rejected.jsonl", data.rejected)
     reasons = Counter(r.reason.split(":")[0] for r in data.rejected)
     report = {
         "folder": str(folder),
@@ -84,5 +81,9 @@ def prepare_to_folder(cfg: Config, tokenizer, folder: Path) -> dict:
         "end_of_turn": data.end_of_turn,
         "from_cache": data.from_cache,
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    with output_folder(folder, "data", overwrite) as tmp:
+        data.train.save(tmp, "train")
+        data.validation.save(tmp, "validation")
+        write_rejected(tmp / "rejected.jsonl", data.rejected)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

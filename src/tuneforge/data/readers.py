@@ -36,22 +36,62 @@ class BadRecord(ValueError):
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, object | BadRecord]]:
-    """(line or row number, parsed object) for every record of a data file or dataset folder."""
+    """(line or row number, parsed object) for every record of a data file or dataset folder.
+
+    A file or folder with no record at all is a DataError once it has been read: an empty training
+    file is a mistake, not a run on nothing.
+    """
     path = Path(path)
     if path.is_dir():
-        return _hf_folder(path)
+        return _checked(path, _hf_folder(path))
     if not path.is_file():
         raise DataError(f"{path}: data file not found (supported: {KINDS})")
     suffix = path.suffix.lower()
     if suffix in NOT_JSONL:
         raise DataError(f"{path}: cannot read {suffix} files; supported: {KINDS}")
     if suffix == ".json":
-        return _json(path)
-    if suffix in (".csv", ".tsv"):
-        return _csv(path, "\t" if suffix == ".tsv" else ",")
-    if suffix == ".parquet":
-        return _parquet(path)
-    return _jsonl(path)
+        rows = _json(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _csv(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".parquet":
+        rows = _parquet(path)
+    else:
+        rows = _jsonl(path)
+    return _checked(path, rows)
+
+
+def _checked(path: Path, rows: Iterator[tuple[int, object]]) -> Iterator[tuple[int, object | BadRecord]]:
+    """The rows, with a string that is not text (a lone surrogate) made a BadRecord; none at all is an error."""
+    empty = True
+    for n, obj in rows:
+        empty = False
+        where = None if isinstance(obj, BadRecord) else lone_surrogate(obj)
+        if where is not None:
+            obj = BadRecord(f"{where or 'the record'} holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                            "without its pair), which is not text; remove it, or fix the program that wrote the file")
+        yield n, obj
+    if empty:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines); "
+                        "point the config at the file with the data")
+
+
+def lone_surrogate(value: object, where: str = "") -> str | None:
+    """Where in a parsed record (e.g. messages[0].content) a string holds half a surrogate pair, or None:
+    valid JSON, never valid Unicode, and a TypeError in the tokenizer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items = [(f"a key of {where or 'the record'}", k) for k in value]
+        items += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    return next((found for place, v in items if (found := lone_surrogate(v, place)) is not None), None)
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, object | BadRecord]]:

@@ -79,6 +79,7 @@ def padding_waste(lengths: Sequence[int] | np.ndarray, micro_batch_size: int, se
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if seed is not None:
         x = x[np.random.default_rng(seed).permutation(x.size)]
+    micro_batch_size = min(micro_batch_size, max(x.size, 1))  # one batch of everything: no room for more rows
     n_batches = -(-x.size // micro_batch_size)
     padded = np.zeros(n_batches * micro_batch_size, dtype=np.int64)
     padded[: x.size] = x

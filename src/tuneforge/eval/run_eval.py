@@ -17,17 +17,23 @@ from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder, open_run
 
 
-def evaluate_target(target: str | Path, overrides: list[str] | None = None) -> tuple[dict | None, dict | None]:
-    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet."""
+def evaluate_target(target: str | Path, overrides: list[str] | None = None,
+                    trust_remote_code: bool = False) -> tuple[dict | None, dict | None]:
+    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet.
+
+    Model code runs with `trust_remote_code` (the command line's flag) or, for a config file, the config's own key;
+    never because a run folder's run.json says so."""
     target = Path(target)
     run: Run | None = None
     if target.is_dir():
-        run = open_run(target)
+        run = open_run(target, trust_remote_code)
         cfg = run.config
     else:
         cfg = load_config(target, overrides)
+        if trust_remote_code:
+            cfg.trust_remote_code = True
         if (Path(cfg.output_dir) / "run.json").is_file():
-            run = open_run(cfg.output_dir)
+            run = open_run(cfg.output_dir, cfg.trust_remote_code)
             if run.config.chat_template != cfg.chat_template:
                 warnings.warn(
                     f"chat_template: {target} says {cfg.chat_template!r} but the run was trained with "

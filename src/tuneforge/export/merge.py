@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.folders import check_out, output_folder
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.run import Run, base_folder
-from tuneforge.train.outputs import save_final, write_json
+from tuneforge.train.outputs import write_final, write_json
 
 MERGE_TARGETS = ("dequantized", "original")
 
@@ -67,14 +68,18 @@ def merge_facts(run: Run, target: str, dtype: torch.dtype) -> dict:
             "base_quantization": q.model_dump() if q is not None and target == "dequantized" else None}
 
 
-def merge_run(run: Run, out: Path, dtype: torch.dtype = torch.float32, target: str | None = None) -> Path:
-    """Merged weights (merged in fp32, saved in `dtype`), tokenizer, chat template and stop tokens, plus run.json."""
+def merge_run(run: Run, out: Path, dtype: torch.dtype = torch.float32, target: str | None = None,
+              overwrite: bool = False) -> Path:
+    """Merged weights (merged in fp32, saved in `dtype`), tokenizer, chat template and stop tokens, plus run.json.
+
+    `out` must be new or empty; `overwrite` replaces an earlier merge output there (never another folder)."""
     if not run.is_adapter:
         raise TuneforgeError(f"{run.dir}: the run trained all weights; {run.final} is already a full model folder")
     target = check_target(run, target)
+    check_out(out, "merge", overwrite)
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
     merged = merged_model(run, target).to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_final(merged, tokenizer, out, run.stop_ids)
-    write_json(out / "run.json", {**run.manifest, "merged_from": str(run.final), "merge": merge_facts(run, target, dtype)})
+    with output_folder(out, "merge", overwrite) as tmp:
+        write_final(merged, tokenizer, tmp, run.stop_ids)
+        write_json(tmp / "run.json", {**run.manifest, "merged_from": str(run.final), "merge": merge_facts(run, target, dtype)})
     return out

@@ -15,6 +15,7 @@ import yaml
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
+from tuneforge.folders import output_folder
 from tuneforge.models.run import Run
 from tuneforge.train.outputs import write_json
 
@@ -129,19 +130,22 @@ def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None =
 
 
 def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "bfloat16",
-               system: str | None = None, merge_target: str | None = None) -> Path:
-    """`merge_target` (hf, gguf, ollama): dequantized or original base; default dequantized for QLoRA runs."""
+               system: str | None = None, merge_target: str | None = None, overwrite: bool = False) -> Path:
+    """`merge_target` (hf, gguf, ollama): dequantized or original base; default dequantized for QLoRA runs.
+
+    `out` must be new or empty; `overwrite` replaces an earlier export there (never another folder)."""
     if to not in TARGETS:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
-    if out.exists() and any(out.iterdir()):
-        raise TuneforgeError(f"--out {out}: the folder is not empty; choose a new one")
-    if to == "hf":
-        return export_hf(run, out, dtype, merge_target)
-    if to == "adapter":
-        return export_adapter(run, out)
-    if to == "gguf":
-        return export_gguf(run, out, quant, merge_target)
-    return export_ollama(run, out, quant, system, merge_target)
+    with output_folder(out, "export", overwrite) as tmp:
+        if to == "hf":
+            path = export_hf(run, tmp, dtype, merge_target)
+        elif to == "adapter":
+            path = export_adapter(run, tmp)
+        elif to == "gguf":
+            path = export_gguf(run, tmp, quant, merge_target)
+        else:
+            path = export_ollama(run, tmp, quant, system, merge_target)
+    return out / path.relative_to(tmp)
 
 
 def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:

@@ -2,8 +2,10 @@
 
 `performance.mode` picks the defaults: auto (everything that helps), min_memory (also activation
 checkpointing) or off (the plain path, for comparison). Each switch can be set on its own.
-Activation checkpointing and regional compilation are applied to the model by functions
-(fast/checkpointing.py, fast/compile.py); the level auto picks comes from plan's memory model.
+This module is what a config asks for, torch-free and without plan, so that plan reads the same
+switches the loop runs: the switches a run uses (sized for its model, data and device by plan's
+memory model) are fast/switches.py's `resolve`, and one `apply_fast_path` (fast/apply.py) applies
+them to the model.
 """
 
 from __future__ import annotations
@@ -53,54 +55,16 @@ class FastPath:
         return "Performance: " + (", ".join(parts) if parts else "plain path")
 
 
-def pair_cost(model) -> float:
-    """Per query-key pair, attention does 4 x layers x hidden multiply-adds (scores and values); per
-    token the weights do 2 x their size. The embedding table is a lookup, not a product."""
-    import torch
-
-    config = model.config
-    embedded = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    weights = sum(p.numel() for p in model.parameters()) - embedded
-    return 4 * config.num_hidden_layers * config.hidden_size / max(2 * weights, 1)
+def chunked_loss_requested(cfg, sharded: bool = False) -> bool:
+    """Whether the loss reads the output layer in chunks: for an objective that can, unless the config
+    turns it off, and never under FSDP (`sharded`), which holds only this process's shard of the output
+    layer's weight outside the forward, where the chunks read it."""
+    return method_facts(cfg).chunked_loss and not sharded and switch_on(cfg.performance, cfg.performance.chunked_loss)
 
 
-def resolve(cfg, device_type: str = "cpu", model=None, sharded: bool = False, device_memory: float | None = None,
-            data=None) -> FastPath:
-    """The switches a run uses: each explicit setting, else what its mode implies for this method.
-    `model` (the loaded base) prices attention against the weights for padding-free rows, and
-    says whether its attention can run per example (fast/varlen.py). Under FSDP
-    (`sharded`) the chunked loss is off: it reads the output layer's weight outside the forward,
-    where FSDP holds only this process's shard of it. Activation checkpointing on a GPU is sized by
-    plan's memory model for the model, the prepared `data` and the GPU's `device_memory` (bytes;
-    default: the current CUDA device's). The fused LoRA layers are off under FSDP too (not tested there)."""
-    from tuneforge.fast.checkpointing import choose_level
-
-    perf = cfg.performance
-    on = perf.mode != "off"
-    kernels = kernels_requested(perf)
-    kernels = kernels_default(device_type) if kernels is None else kernels
-    level, every = choose_level(cfg, device_type, model, device_memory, data, kernels)
-    facts = method_facts(cfg)
-
-    def pick(value: bool | None) -> bool:
-        return on if value is None else value
-
-    padding_free = facts.padding_free and pick(perf.padding_free)
-    return FastPath(
-        padding_free=padding_free,
-        chunked_loss=facts.chunked_loss and not sharded and pick(perf.chunked_loss),
-        loss_chunk_tokens=perf.loss_chunk_tokens,
-        gradient_checkpointing=level != "none",
-        fused_optimizer=on and device_type == "cuda" and cfg.optimizer == "adamw",
-        pair_cost=pair_cost(model) if model is not None and hasattr(model.config, "num_hidden_layers") else 0.0,
-        kernels=kernels,
-        activation_checkpointing=level,
-        checkpoint_every=every,
-        compile=bool(perf.compile),
-        varlen_attention=padding_free and perf.varlen_attention is not False and model is not None
-        and varlen_supported(model),
-        fused_lora=fused_lora_blocker(cfg, sharded) is None and pick(perf.fused_lora),
-    )
+def switch_on(perf, value: bool | None) -> bool:
+    """A switch as set, or where unset (None) what performance.mode implies: on unless mode is off."""
+    return perf.mode != "off" if value is None else value
 
 
 def fused_lora_blocker(cfg, sharded: bool = False) -> str | None:
@@ -116,13 +80,6 @@ def fused_lora_blocker(cfg, sharded: bool = False) -> str | None:
     return None
 
 
-def varlen_supported(model) -> bool:
-    """Whether fast/varlen.py covers this model's attention (imported here: plan passes no model and no torch)."""
-    from tuneforge.fast.varlen import supports
-
-    return supports(model)
-
-
 def kernels_requested(perf) -> bool | None:
     """performance.kernels as the config sets it, or None where the device decides (kernels_default)."""
     kernels = getattr(perf, "kernels", None)  # a run.json of an older version may lack the key
@@ -135,7 +92,7 @@ def kernels_default(device_type: str) -> bool:
     """The fused kernels pay where Triton compiles them (CUDA); on CPU their PyTorch path saves
     memory but no time, so they stay off unless asked for."""
     if device_type != "cuda":
-        return False  # plan resolves the switches for a CPU and must not import torch
+        return False  # and no torch imported: the choice of switches stays torch-free on a CPU
     from tuneforge.fast.kernels import triton_importable
 
     return triton_importable()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge.parallel.apply import transformers_model
+from tuneforge.models.layers import transformers_model
 
 # Architectures whose logits are exactly output_layer(last hidden state), soft-capped for Gemma 2/3,
 # and whose hidden_states[-1] is that last (normed) state. Others (logit scaling in Cohere or

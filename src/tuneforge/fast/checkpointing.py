@@ -5,73 +5,16 @@ backward pass; `offload` also parks that input in pinned CPU memory until the ba
 The layers are switched with transformers' own per-layer mechanism (GradientCheckpointingLayer: a
 `gradient_checkpointing` flag and a `_gradient_checkpointing_func` on each layer instance). It
 checkpoints the layer's `forward` inside the module's hooks, so FSDP's gathers and PEFT's adapters
-work unchanged and nothing is wrapped or patched. Which level a run uses is `choose_level`'s answer,
-from plan's memory model (plan.checkpointing), so `tuneforge plan` shows the same choice.
+work unchanged and nothing is wrapped or patched. Which level a run uses is fast.switches.choose_level's
+answer, from plan's memory model (plan.checkpointing), so `tuneforge plan` shows the same choice.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from functools import partial
 
 from tuneforge.errors import ConfigError
-from tuneforge.methods.facts import method_facts
-
-
-def run_shape(cfg, data) -> tuple[int, bool]:
-    """(widest micro-batch, whether batches are padded) of the prepared data, as plan reads them: the
-    longest SFT example, else max_seq_len (a preference pair's rows are not known here)."""
-    lengths = getattr(getattr(data, "train", None), "lengths", None) if method_facts(cfg).example_rows else None
-    if lengths is None or not len(lengths):
-        return cfg.max_seq_len, True
-    return int(max(lengths)), bool(min(lengths) != max(lengths))
-
-
-def choose_level(cfg, device_type: str, model=None, device_memory: float | None = None,
-                 data=None, kernels: bool | None = None) -> tuple[str, int]:
-    """(level, k) a run uses: what the config sets, or on a GPU the level its memory allows (plan's
-    prediction for this model, these settings, the data's longest example and whether the fused
-    `kernels` run; None: plan's default); on other devices none for auto, full for min_memory, and
-    offload is full (there is no device memory to free)."""
-    from tuneforge.plan.checkpointing import CPU_EVERY, for_device, level, requested
-
-    request, every = requested(cfg)
-    if device_type != "cuda":
-        if request in ("budget", "lean"):
-            return ("none", 1) if request == "budget" else ("full", 1)
-        if request == "selective":
-            return "selective", every or CPU_EVERY
-        return ("full" if request == "offload" else request), 1
-    if request not in ("budget", "lean") and not (request == "selective" and every is None):
-        return request, every or 1
-    shape = _shape(model)
-    if shape is None:  # an architecture plan cannot size: behave as before budgets existed
-        return {"budget": ("none", 1), "lean": ("full", 1)}.get(request, ("selective", CPU_EVERY))
-    from tuneforge.plan.memory import compute_dtype
-    from tuneforge.plan.report import settings_from_config
-
-    settings, _ = settings_from_config(cfg, *run_shape(cfg, data))
-    if kernels is not None:
-        settings = replace(settings, kernels=kernels)
-    if device_memory is None:
-        import torch
-
-        device_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    chosen = for_device(shape, settings, device_memory, False, compute_dtype(cfg.precision, is_cpu=False))
-    name = level(chosen)
-    return ("selective", 1) if request == "selective" and name == "full" else (name, chosen.checkpoint_every)
-
-
-def _shape(model):
-    """plan's ModelShape of a loaded model, or None for one it cannot describe."""
-    from tuneforge.plan.model import shape_from_hf_config
-
-    config = getattr(model, "config", None)
-    try:
-        return shape_from_hf_config(config.to_dict())[0]
-    except Exception:  # no config, a mixture of experts, missing keys
-        return None
+from tuneforge.models.layers import decoder_layers
 
 
 def _checkpoint(function, *args, **kwargs):
@@ -104,8 +47,6 @@ def apply_activation_checkpointing(model, level: str, every: int = 1, device_typ
     if level == "none":
         return []
     from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from tuneforge.parallel.apply import decoder_layers
 
     layers = decoder_layers(model)
     odd = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, GradientCheckpointingLayer)})

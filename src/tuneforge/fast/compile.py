@@ -13,6 +13,8 @@ compiled function.
 
 from __future__ import annotations
 
+from tuneforge.models.layers import decoder_layers
+
 
 def _run(function, *args):
     return function(*args)
@@ -22,8 +24,6 @@ def apply_compile(model, backend: str = "inductor") -> int:
     """Compile every decoder layer (after activation checkpointing, before DDP or FSDP); returns how many.
     `backend`: torch.compile's; tests use aot_eager, which traces the same graphs without generating code."""
     import torch
-
-    from tuneforge.parallel.apply import decoder_layers
 
     layers = decoder_layers(model)
     compiled_run = torch.compile(_run, backend=backend)  # one compiled region shared by checkpointed layers

@@ -36,7 +36,7 @@ def flat_pays(lengths: list[int], pair_cost: float, varlen: bool = False) -> boo
     The padded batch runs every example to the longest, B x L positions and B x L^2 query-key pairs;
     the row runs only the T real positions. Its attention scores all T^2 pairs of the row (masked)
     unless `varlen` (fast/varlen.py) attends within each example, the sum of L_i^2. `pair_cost`
-    weighs a pair against a position (fast.pair_cost). With `varlen` the row never costs more, so
+    weighs a pair against a position (fast.switches.pair_cost). With `varlen` the row never costs more, so
     any padding saved pays; without it equal lengths never pay, and many short examples beside a
     long one always do.
     """

@@ -25,7 +25,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from tuneforge.parallel.apply import transformers_model
+from tuneforge.models.layers import transformers_model
 
 # Our implementation's name for each implementation it stands in for. Neither contains "sdpa",
 # "flash" or "flex": transformers would run its own checks for those on set_attn_implementation.

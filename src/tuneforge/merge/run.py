@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,10 @@ import torch
 
 from tuneforge import __version__
 from tuneforge.errors import ModelError
+from tuneforge.folders import check_apart, check_out, output_folder
 from tuneforge.merge import methods
 from tuneforge.merge.config import NEEDS_BASE, MergeConfig, config_to_dict, load_merge_config
+from tuneforge.models.adapter_files import adapter_weights
 
 # Output shards hold at most this many bytes (a tensor larger than that gets a shard of its own).
 SHARD_BYTES = 5 * 2**30
@@ -159,9 +160,7 @@ def merge_adapter(inp: Input, dest: Path) -> Path:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    weights = inp.adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ModelError(f"{inp.label}: no adapter_model.safetensors (pickle .bin adapters are never loaded); re-save the adapter as safetensors")
+    weights = adapter_weights(inp.adapter_dir, inp.label)
     with safe_open(str(weights), framework="pt") as f:
         lora_b = [f.get_tensor(n) for n in f.keys() if "lora_B" in n]
     if lora_b and all(not t.any() for t in lora_b):
@@ -344,34 +343,17 @@ def manifest(cfg: MergeConfig, config_path: Path, inputs: list[Input], ref: Inpu
     }
 
 
-def check_out(out: Path) -> None:
-    """Refuse to overwrite a folder that is not an earlier merge output (one with merge.json)."""
-    if out.exists() and not (out / "merge.json").is_file() and any(out.iterdir()):
-        raise ModelError(f"{out}: the folder exists and is not a tuneforge merge output; remove it or choose another --out")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an earlier merge output there is moved aside first and then deleted."""
-    check_out(out)
-    if out.exists():
-        old = out.with_name(f".old-{out.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def merge_models(config_path: str | Path, out: Path | None = None, *, shard_bytes: int = SHARD_BYTES) -> Path:
+def merge_models(config_path: str | Path, out: Path | None = None, *, shard_bytes: int = SHARD_BYTES,
+                 overwrite: bool = False) -> Path:
     """Merge the models a merge YAML names into a Hugging Face folder; returns the folder.
 
-    out defaults to the YAML's output_dir, else <yaml stem>-merged beside the YAML.
+    out defaults to the YAML's output_dir, else <yaml stem>-merged beside the YAML; it must be new or empty,
+    or with `overwrite` an earlier merge output, and apart from every folder the merge reads.
     """
     config_path = Path(config_path)
     cfg = load_merge_config(config_path)
     out = Path(out or cfg.output_dir or config_path.parent / f"{config_path.stem}-merged").resolve()
-    check_out(out)
+    check_out(out, "merge", overwrite)
 
     models = [open_input(f"models[{i}].model", m.model) for i, m in enumerate(cfg.models)]
     base = None
@@ -380,9 +362,10 @@ def merge_models(config_path: str | Path, out: Path | None = None, *, shard_byte
     ref = base or models[0]
     inputs = ([base] if base and base not in models else []) + models
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    for inp in inputs:
+        for folder in _support_dirs(inp):
+            check_apart(out, folder)
+    with output_folder(out, "merge", overwrite) as tmp:
         with ExitStack() as stack:
             # Checked on the headers before any adapter is merged; an adapter's base stands in for it.
             headers = {i.key: Weights(i.weights_dir or i.config_dir, i.label, stack) for i in inputs}
@@ -397,7 +380,4 @@ def merge_models(config_path: str | Path, out: Path | None = None, *, shard_byte
         write_support_files(cfg, models, ref, tmp)
         shutil.rmtree(tmp / ".adapters", ignore_errors=True)
         (tmp / "merge.json").write_text(json.dumps(manifest(cfg, config_path, inputs, ref), indent=2) + "\n")
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

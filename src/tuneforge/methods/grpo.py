@@ -29,7 +29,8 @@ from tuneforge.methods.objective import Runtime
 from tuneforge.methods.rewards import load_reward, score
 from tuneforge.methods.run import as_validation
 from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
-from tuneforge.parallel.apply import forward_is_collective, unwrap
+from tuneforge.models.layers import unwrap
+from tuneforge.parallel.apply import forward_is_collective
 
 def group_advantages(rewards: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) for rewards shaped [prompts, generations]."""

@@ -19,7 +19,7 @@ from tuneforge.methods.facts import MethodFacts
 from tuneforge.methods.logps import sequence_logps
 from tuneforge.methods.pairs import PairObjective
 from tuneforge.methods.run import on_validation
-from tuneforge.parallel.apply import unwrap
+from tuneforge.models.layers import unwrap
 from tuneforge.parallel.world import SINGLE, World
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.methods.pairs import PairObjective, Stats, halves
-from tuneforge.parallel.apply import transformers_model
+from tuneforge.models.layers import transformers_model
 
 
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -107,12 +107,19 @@ def check_hf_folder(folder: Path) -> Path:
 
 def resolve_base_model(name: str) -> tuple[Path, str]:
     """(Hugging Face folder to load, description of the source) for a built-in name, folder, .gguf or cached hub id."""
+    path, source = locate_base_model(name)
+    return (gguf_to_hf_folder(path) if path.is_file() else path), source
+
+
+def locate_base_model(name: str) -> tuple[Path, str]:
+    """(the .gguf file or Hugging Face folder `base_model` names, description of the source), reading no
+    weights: `validate` gives the error `train` would."""
     if name.lower() in BUILTIN_MODELS:
         gguf = builtin_gguf(name.lower())
-        return gguf_to_hf_folder(gguf), f"built-in {name.lower()} ({gguf.name})"
+        return gguf, f"built-in {name.lower()} ({gguf.name})"
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return gguf_to_hf_folder(path), f"gguf {path}"
+        return path, f"gguf {path}"
     if path.is_dir():
         return check_hf_folder(path), f"folder {path}"
     if path.exists():

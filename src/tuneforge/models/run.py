@@ -11,6 +11,7 @@ import torch
 from tuneforge.config import Config, config_from_dict
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.facts import method_facts
+from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.resolve import resolve_base_model
 
@@ -34,7 +35,12 @@ class Run:
         return self.manifest.get("stop_token_ids") or []
 
 
-def open_run(path: str | Path) -> Run:
+def open_run(path: str | Path, trust_remote_code: bool = False) -> Run:
+    """A finished run, with its adapter checked to be safetensors.
+
+    A run folder is data (it may have come from anyone), so its run.json never switches on code execution:
+    `trust_remote_code` comes from the command line alone, and a run trained with remote code refuses without it.
+    """
     run_dir = Path(path)
     manifest_path = run_dir / "run.json"
     if not manifest_path.is_file():
@@ -43,7 +49,13 @@ def open_run(path: str | Path) -> Run:
     if not (run_dir / "final").is_dir():
         raise TuneforgeError(f"{run_dir}: the run has no final/ folder; resume it with `tuneforge train CONFIG --resume`")
     cfg = config_from_dict(manifest["config"], str(manifest_path), run_dir)
-    return Run(run_dir, cfg, manifest)
+    if cfg.trust_remote_code and not trust_remote_code:
+        raise TuneforgeError(f"{manifest_path}: the run was trained with trust_remote_code, so loading it runs Python "
+                             "code from its model folder; pass --trust-remote-code if you trust that code")
+    run = Run(run_dir, cfg.model_copy(update={"trust_remote_code": trust_remote_code}), manifest)
+    if run.is_adapter:
+        adapter_weights(run.final, str(run_dir))
+    return run
 
 
 def base_folder(run: Run) -> Path:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from tuneforge.errors import ConfigError
+from tuneforge.models.layers import decoder_layers
 from tuneforge.parallel.world import World
 from tuneforge.plan.memory import FIT_SHARE  # auto picks ddp when the estimated peak fits this share of one GPU
-
-_DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|h|block|blocks|layer)\.\d+$")
 
 
 def estimated_peak_bytes(cfg, folder: Path) -> float | None:
@@ -53,32 +51,12 @@ def choose_strategy(cfg, world: World, device: torch.device, folder: Path) -> st
     return "fsdp" if peak is not None and peak > FIT_SHARE * total else "ddp"
 
 
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper, for its own attributes (disable_adapter,
-    get_base_model, ...); any other model as it is (FSDP2 shards in place, so there is nothing to unwrap).
-    Forward passes that train still go through the wrapper, whose hooks must see them."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def forward_is_collective(model) -> bool:
     """Whether a forward of `model` needs every process (FSDP gathers each layer's weights from all of
     them), so that code running forwards on its own (sampling) must keep the processes in step."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-def transformers_model(model):
-    """The transformers model under DDP and PEFT wrappers (its config, output layer, score head)."""
-    inner = unwrap(model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks (model.layers.N and the like), each of which FSDP shards as one unit."""
-    return [m for name, m in model.named_modules() if _DECODER_LAYER.search(name)]
 
 
 def apply_ddp(model, device: torch.device):

@@ -1,6 +1,6 @@
 """Activation checkpointing levels, and the level a device's memory allows.
 
-The loop (fast.resolve) and `tuneforge plan` choose with the same functions, so plan shows the peak
+The loop (fast.switches.resolve) and `tuneforge plan` choose with the same functions, so plan shows the peak
 of what a run will do. auto takes the least checkpointing whose predicted peak (plan.memory) fits
 FIT_SHARE of the GPU: none, then selective with as few layers as fit, then full, then offload.
 min_memory takes full, and offload only where full does not fit: offload copies every layer input to

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneforge.fast import default_chunk
 from tuneforge.plan.shapes import ModelShape
 
 HALF = ("bf16", "fp16")
@@ -212,8 +213,6 @@ def logits_memory(shape: ModelShape, s: Settings) -> float:
     positions = s.micro_batch * s.rows * s.seq_len
     if not s.chunked_loss:
         return positions * shape.vocab * LOGIT_BYTES
-    from tuneforge.fast import default_chunk
-
     return min(positions, default_chunk(shape.vocab)) * shape.vocab * 8.0 + positions * shape.hidden * 4.0
 
 

@@ -13,10 +13,10 @@ import numpy as np
 
 from tuneforge.config import Config
 from tuneforge.data.stats import padding_waste
+from tuneforge.fast import chunked_loss_requested, kernels_requested
 from tuneforge.plan.advice import candidates, settings_warnings
-from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
-from tuneforge.fast import kernels_requested, resolve as resolve_fast_path
 from tuneforge.methods.facts import method_facts
+from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
@@ -131,12 +131,12 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         notes.append(f"{facts.name}: sampling time is not in the estimate (training on the sampled answers is)")
     if facts.reference:
         notes.append(f"{facts.name}: the reference model's forward pass is not in the time estimate")
-    fast = resolve_fast_path(cfg)  # the switches the run will use (plan assumes one process)
     s = Settings(
         method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=facts.rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
-        precision=cfg.precision, padded=padded, chunked_loss=fast.chunked_loss, kernels=kernels_requested(cfg.performance),
+        precision=cfg.precision, padded=padded, kernels=kernels_requested(cfg.performance),
+        chunked_loss=chunked_loss_requested(cfg),  # as the run will (plan assumes one process, so no FSDP)
     )
     return from_request(s, *requested(cfg)), notes
 

@@ -15,6 +15,7 @@ import torch
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
 from tuneforge.eval.evaluate import stop_token_ids
+from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.protocol import ApiError, Sampling
@@ -179,9 +180,10 @@ def parse_adapters(adapters: Mapping[str, str | Path] | Sequence[str] | None) ->
 
 
 def adapter_folder(name: str, path: Path) -> Path:
-    """A PEFT adapter folder, or a LoRA run folder (its final/)."""
+    """A PEFT adapter folder (safetensors only), or a LoRA run folder (its final/)."""
     for folder in (path, path / "final"):
         if (folder / "adapter_config.json").is_file():
+            adapter_weights(folder, f"--adapter {name}={path}")
             return folder
     raise ModelError(f"--adapter {name}={path}: no adapter_config.json there or in {path / 'final'}; give a PEFT "
                      "adapter folder or the folder of a LoRA run")
@@ -197,21 +199,22 @@ def _base_name(run) -> str:
 
 
 def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequence[str] | None = None,
-                device: str = "auto") -> Engine:
-    """Load a run folder (run.json + final/) or a Hugging Face model folder, and every extra adapter."""
+                device: str = "auto", trust_remote_code: bool = False) -> Engine:
+    """Load a run folder (run.json + final/) or a Hugging Face model folder, and every extra adapter;
+    code shipped with the model runs only with `trust_remote_code` (--trust-remote-code)."""
     target = Path(target)
     extra = {name: adapter_folder(name, path) for name, path in parse_adapters(adapters).items()}
     dev = pick_device(device)
     if (target / "run.json").is_file():
-        run = open_run(target)
+        run = open_run(target, trust_remote_code)
         model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
         default_id = _served_name(target)
         base_id = _base_name(run) if run.is_adapter else None
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
-        tokenizer = load_tokenizer(target)
-        model = load_model(target, dev, dtype=inference_dtype(dev))
+        tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
+        model = load_model(target, dev, trust_remote_code, inference_dtype(dev))
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
         stops = _folder_stops(model, tokenizer, end_of_turn)

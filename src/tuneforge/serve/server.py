@@ -262,20 +262,22 @@ def internal_error(err: Exception) -> p.ApiError:
 
 def make_server(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
                 adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
-                device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False) -> Server:
+                device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False,
+                trust_remote_code: bool = False) -> Server:
     """Load the model and bind the socket; call .serve_forever() (e.g. in a thread) and later .shutdown().
 
     port=0 picks a free port; read it back from .port.
     """
-    engine = load_engine(target, adapters, device)
+    engine = load_engine(target, adapters, device, trust_remote_code)
     return Server(engine, host, port, api_key, max_body_bytes, quiet)
 
 
 def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
           adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
-          device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False) -> None:
+          device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False,
+          trust_remote_code: bool = False) -> None:
     """`tuneforge serve`: answer OpenAI requests until Ctrl-C."""
-    server = make_server(target, host, port, adapters, api_key, device, max_body_bytes, quiet)
+    server = make_server(target, host, port, adapters, api_key, device, max_body_bytes, quiet, trust_remote_code)
     print(f"Serving {', '.join(server.engine.model_ids())} at {server.url} on {server.engine.device} "
           "(Ctrl-C to stop)", file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -7,7 +7,7 @@ from collections import deque
 
 import torch
 
-from tuneforge.train.checkpoint import trainable_parameters
+from tuneforge.train.checkpoints import trainable_parameters
 
 
 class LayerNorms:

@@ -12,6 +12,8 @@ import html
 import json
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
+from tuneforge.folders import is_empty, mark, marked_kind
 from tuneforge.track.plots import run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
@@ -105,11 +107,30 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
     return "\n".join(parts)
 
 
+def _is_report(page: Path) -> bool:
+    return page.is_file() and "<title>tuneforge run " in page.read_text(errors="replace")[:500]
+
+
+def check_page(page: Path) -> None:
+    """A report replaces only an earlier report and its PNGs: never another file, nor a folder it did not write."""
+    if page.is_dir() or page.suffix.lower() not in (".html", ".htm"):
+        raise TuneforgeError(f"--out {page}: give the path of an .html file (its PNGs go in a folder of the same "
+                             "name beside it)")
+    if page.exists() and not _is_report(page):
+        raise TuneforgeError(f"--out {page}: the file exists and is not a tuneforge report; choose another path")
+    pngs = page.with_suffix("")
+    if not (is_empty(pngs) or marked_kind(pngs) == "report" or _is_report(page)):
+        raise TuneforgeError(f"--out {page}: {pngs}, where its PNGs go, holds files tuneforge did not write; "
+                             "choose another path")
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN/report.html (or `out`) with its PNGs in a folder beside it; returns the page's path."""
     run = read_run(run_dir)
     page = Path(out) if out else run.dir / "report.html"
+    check_page(page)
     pngs = run_pngs(run.steps, page.with_suffix(""))
+    mark(page.with_suffix(""), "report")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_html(run, pngs), encoding="utf-8")
     return page

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.track.metrics import read_jsonl
 from tuneforge.track.trackers import flatten
 
 # Evaluation numbers shown side by side, in this order, where a run has them.
@@ -67,9 +68,7 @@ def _json(path: Path):
 
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return read_jsonl(path) if path.is_file() else []
 
 
 def is_run(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from tuneforge.errors import ConfigError
-from tuneforge.track.metrics import MetricsLog
+from tuneforge.track.metrics import MetricsLog, complete_lines
 
 # The package each back-end imports, and the extra that installs it.
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
@@ -92,12 +92,15 @@ class JsonlTracker:
 
     name = "jsonl"
 
-    def __init__(self, run_dir: Path, resume_from_step: int | None):
-        self.run_dir = run_dir
-        self.log_file = MetricsLog(run_dir / "metrics.jsonl", resume_from_step)
+    def __init__(self, run_dir: Path, resume_from_step: int | None, warn: Callable[[str], None] | None = None):
+        self.run_dir, self.warn = run_dir, warn
+        self.log_file = MetricsLog(run_dir / "metrics.jsonl", resume_from_step, warn)
         self.findings_path = run_dir / "diagnosis.jsonl"
         if resume_from_step is None:
             self.findings_path.write_text("")
+        elif self.findings_path.is_file():  # appended to again: first drop a torn last line
+            kept = complete_lines(self.findings_path, warn)
+            self.findings_path.write_text("".join(ln + "\n" for ln, _ in kept))
 
     def start(self, config: dict, facts: dict) -> None:
         """run_started.json: the config and facts of a run that may never reach its run.json."""
@@ -114,7 +117,7 @@ class JsonlTracker:
 
     def rewind(self, step: int) -> None:
         self.log_file.close()
-        self.log_file = MetricsLog(self.run_dir / "metrics.jsonl", resume_from_step=step)
+        self.log_file = MetricsLog(self.run_dir / "metrics.jsonl", step, self.warn)
 
     def finish(self, facts: dict, status: str) -> None:
         self.log_file.close()
@@ -342,7 +345,7 @@ def open_backend(name: str, cfg, run_dir: Path, resume_id: str | None):
 def build_trackers(cfg, run_dir: Path, resume_from_step: int | None, warn: Callable[[str], None]) -> Trackers:
     """jsonl first and always; then each configured back-end. One that cannot even open is reported
     like one that fails later, and the run goes on."""
-    trackers = Trackers([JsonlTracker(run_dir, resume_from_step)], warn)
+    trackers = Trackers([JsonlTracker(run_dir, resume_from_step, warn)], warn)
     ids_path = run_dir / "trackers.json"
     ids = json.loads(ids_path.read_text()) if resume_from_step is not None and ids_path.is_file() else {}
     for name in dict.fromkeys(cfg.track.to):

@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,11 +25,10 @@ from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
 from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.fast import fused_lora_blocker, resolve as resolve_fast_path
-from tuneforge.fast.kernels import apply_kernels
-from tuneforge.fast.checkpointing import apply_activation_checkpointing
-from tuneforge.fast.compile import apply_compile
-from tuneforge.fast.varlen import apply_varlen_attention
+from tuneforge.fast import fused_lora_blocker
+from tuneforge.fast.apply import apply_fast_path
+from tuneforge.fast.switches import resolve as resolve_fast_path
+from tuneforge.folders import mark, marked_kind
 from tuneforge.eval.evaluate import stop_token_ids
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
@@ -47,18 +47,28 @@ from tuneforge.models.load import (
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
-from tuneforge.parallel.checkpoint import check_saved_tensors, gather_for_save
 from tuneforge.parallel.watchdog import Watchdog
 from tuneforge.parallel.world import SINGLE, World, init_world
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints import (
+    list_checkpoints,
+    load_checkpoint,
+    newest_verified,
+    read_state,
+    save_checkpoint,
+    set_aside,
+    trainable_parameters,
+)
+from tuneforge.train.checkpoints.gather import check_saved_tensors, gather_for_save
+from tuneforge.train.fits import check_micro_batch_fits
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.outputs import now, run_manifest, save_final, write_json
+from tuneforge.train.outputs import RUN_ENTRIES, now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
+from tuneforge.validate import check_data_files
 
 
 class TrainingError(TuneforgeError):
@@ -150,18 +160,29 @@ def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
     return grad_norm
 
 
-def _check_output_dir(run_dir: Path, resume: bool) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    if resume:
-        if not ckpts:
-            raise TrainingError(f"--resume: {run_dir} has no complete checkpoint to resume from; start without --resume")
-        return ckpts[-1]
-    if ckpts or (run_dir / "final").exists():
-        raise TrainingError(
-            f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
-            "or set another output_dir (e.g. --set output_dir=runs/new)."
-        )
-    return None
+def _check_output_dir(run_dir: Path, resume: bool, world: World, warn: Callable[[str], None]) -> Path | None:
+    """The checkpoint to resume from: the newest that verifies; a damaged newer one is set aside, saying why."""
+    if not resume:
+        if list_checkpoints(run_dir) or (run_dir / "final").exists():
+            raise TrainingError(
+                f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
+                "or set another output_dir (e.g. --set output_dir=runs/new)."
+            )
+        clash = [] if marked_kind(run_dir) == "run" else [n for n in RUN_ENTRIES if (run_dir / n).exists()]
+        if clash:
+            raise TrainingError(f"output_dir: {run_dir} already holds {', '.join(clash)}, which no tuneforge run wrote "
+                                "there, and a run never replaces files it did not write: set another output_dir "
+                                "(e.g. --set output_dir=runs/new)")
+        return None
+    ckpt, damaged = newest_verified(run_dir) if world.main else (None, [])
+    for bad, why in damaged:
+        warn(f"--resume: {bad} is damaged ({why}); set it aside as {set_aside(bad).name}"
+             + (f" and resuming from the older {ckpt.name}" if ckpt is not None else ""))
+    ckpt = world.broadcast(ckpt)
+    if ckpt is None:
+        found = "every checkpoint in it is damaged (see above)" if damaged else "it has no complete checkpoint"
+        raise TrainingError(f"--resume: cannot resume {run_dir}: {found}; start without --resume")
+    return ckpt
 
 
 def _check_same_data(world: World, hashes: dict[str, str]) -> None:
@@ -173,17 +194,38 @@ def _check_same_data(world: World, hashes: dict[str, str]) -> None:
                                 "every node must see the same files (a shared file system, or identical copies)")
 
 
-def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan) -> None:
+def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan, processes: int) -> None:
     """A resumed run must take the steps the saved one took, on any number of processes."""
     saved_mbs, saved_per_step = state.get("micro_batch_size"), state.get("micro_per_step")
     if saved_mbs is not None and saved_mbs != cfg.micro_batch_size:
         raise TrainingError(f"--resume: {ckpt} was written with micro_batch_size {saved_mbs}, this run has "
                             f"{cfg.micro_batch_size}; its data position counts micro-batches of {saved_mbs}, so set it back")
     if saved_per_step is not None and saved_per_step != plan.micro_per_step:
+        if cfg.global_batch_size is None and saved_per_step % processes == 0:
+            advice = f"set grad_accum back to {saved_per_step // processes}"
+        else:
+            advice = f"set global_batch_size: {saved_per_step * saved_mbs} so that any number of processes takes the same steps"
         raise TrainingError(
             f"--resume: {ckpt} took {saved_per_step} micro-batches of {saved_mbs} per step (a global batch of "
-            f"{saved_per_step * saved_mbs}), this run would take {plan.micro_per_step}; set global_batch_size: "
-            f"{saved_per_step * saved_mbs} so that any number of processes takes the same steps")
+            f"{saved_per_step * saved_mbs}), this run would take {plan.micro_per_step}; {advice}")
+
+
+def _adapter_facts(cfg: Config) -> dict:
+    """What fixes the shape and scale of the trained tensors: saved with each checkpoint, compared on resume."""
+    facts = {"adapter": cfg.adapter}
+    if cfg.adapter != "full":
+        facts.update({f"lora.{k}": v for k, v in cfg.lora.model_dump(mode="json").items() if k != "dropout"})
+    return facts
+
+
+def _check_same_adapter(state: dict, ckpt: Path, cfg: Config) -> None:
+    """Refused before any tensor is loaded: the saved weights only fit the adapter they were trained as."""
+    saved, now = state.get("adapter_facts", {}), _adapter_facts(cfg)
+    for key in sorted(set(saved) & set(now)):
+        if saved[key] != now[key]:
+            raise TrainingError(f"--resume: {ckpt} was written with {key}: {json.dumps(saved[key])}, this run has "
+                                f"{json.dumps(now[key])}; its weights only fit the adapter they were trained as, so set "
+                                f"{key} back to {json.dumps(saved[key])} (or start a new run in another output_dir)")
 
 
 def _check_distributable(cfg: Config, world: World, strategy: str) -> None:
@@ -217,11 +259,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_distributable(cfg, world, cfg.distributed.strategy)
     started = now()
     run_dir = Path(cfg.output_dir)
-    ckpt = _check_output_dir(run_dir, resume)
+    ckpt = _check_output_dir(run_dir, resume, world, rep.warn)
     require_packages(cfg.track.to)
 
     # Data first: every check runs before a model is loaded. Rank 0 resolves the model and prepares
     # the data into the cache; the others wait for its content-hashed folder, then read it (R-DIST-4).
+    check_data_files(cfg)
     with world.main_first():
         folder, source = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
@@ -230,9 +273,11 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir, "run")
         write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
     plan = make_plan(cfg, data, world.size)
+    check_micro_batch_fits(cfg, folder, data, device)
 
     dtype = pick_dtype(cfg.precision, device)
     strategy = choose_strategy(cfg, world, device, folder)
@@ -272,19 +317,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     seed_everything(cfg.seed)
     model, adapted = attach_adapter(model, cfg, save_initial=world.main)
     rep.note(describe_adapted(adapted, cfg.adapter == "full"))
-    if fast.fused_lora:  # in place, so the kernels' gated MLP below calls the fused layers
-        from tuneforge.fast.fused_lora import apply_fused_lora
-
-        rep.note(f"Fused LoRA: {len(apply_fused_lora(model))} LoRA linear layers run as one autograd function each")
-    elif cfg.performance.fused_lora:
+    if cfg.performance.fused_lora and not fast.fused_lora:
         rep.warn(f"performance.fused_lora: not applied, since {fused_lora_blocker(cfg, strategy == 'fsdp')}")
-    if fast.kernels:  # after the adapter: PEFT matches its targets in the model transformers built
-        rep.note(f"Kernels: {len(apply_kernels(model))} RMSNorm and gated-MLP modules fused")
-    if fast.varlen_attention:
-        apply_varlen_attention(model)  # only padding-free rows change; config.json never carries it
-    apply_activation_checkpointing(model, fast.activation_checkpointing, fast.checkpoint_every, device.type)
-    if fast.compile:  # last: it traces the layers as the others left them
-        apply_compile(model)
+    for note in apply_fast_path(model, fast, device).notes():
+        rep.note(note)
     model.train()
     # `trained` is what the objective runs (a DDP wrapper, or `model` itself sharded in place by FSDP);
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
@@ -298,11 +334,13 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
 
     step, cursor = 0, {"epoch": 0, "micro": 0}
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = read_state(ckpt)
         if state.get("data_sha256") != data.file_hashes:
             raise TrainingError(f"--resume: the data files changed since {ckpt} was written, so the saved data "
                                 "position means nothing; restore the files or start a new run")
-        _check_same_batch(state, ckpt, cfg, plan)
+        _check_same_batch(state, ckpt, cfg, plan, world.size)
+        _check_same_adapter(state, ckpt, cfg)
+        load_checkpoint(ckpt, model, optimizer)
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
     if world.main:
@@ -312,7 +350,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
                                                      base_model=cfg.base_model, started=started))
     watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
-    batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": plan.micro_per_step}
+    batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": plan.micro_per_step,
+                   "adapter_facts": _adapter_facts(cfg)}
     if ckpt is None:
         watch.before_training()
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.config import Config
-from tuneforge.train.checkpoint import trainable_parameters
+from tuneforge.train.checkpoints import trainable_parameters
 
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from tuneforge.folders import output_folder
+
+# What a run writes at the top of its output_dir: a new run refuses a folder that has any of them
+# and is not marked as a run's, since it would replace them.
+RUN_ENTRIES = ("run.json", "run_started.json", "metrics.jsonl", "diagnosis.jsonl", "rejected.jsonl", "eval_before.json",
+               "eval_after.json", "trackers.json", "checkpoints", "final", "best", "tensorboard", "wandb")
 
 
 def now() -> str:
@@ -43,7 +49,15 @@ def git_sha() -> str | None:
 
 def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None,
                state_dict: dict | None = None) -> Path:
-    """An adapter (PEFT format) or full weights, beside the tokenizer, chat template and stop tokens.
+    """final/: written beside it and renamed into place; replaces only an earlier final/ that tuneforge wrote."""
+    with output_folder(out, "final", overwrite=True) as tmp:
+        write_final(model, tokenizer, tmp, stop_ids, initial_adapter, state_dict)
+    return out
+
+
+def write_final(model, tokenizer, folder: Path, stop_ids: list[int], initial_adapter: Path | None = None,
+                state_dict: dict | None = None) -> None:
+    """An adapter (PEFT format, safetensors) or full weights, beside the tokenizer, chat template and stop tokens.
 
     `initial_adapter`: a PiSSA/OLoRA run's adapter as initialised; the saved adapter is then the
     difference, as plain LoRA of twice the rank that applies to the original base weights.
@@ -51,22 +65,17 @@ def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter
     """
     from transformers import GenerationConfig
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     convert = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
     if state_dict is not None:
         convert["state_dict"] = state_dict
-    model.save_pretrained(tmp, safe_serialization=True, **convert)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(folder, safe_serialization=True, **convert)
+    tokenizer.save_pretrained(folder)
     gen = GenerationConfig(
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    gen.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    gen.save_pretrained(folder)
 
 
 def write_json(path: Path, data: dict) -> None:

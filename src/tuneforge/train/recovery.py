@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from tuneforge.parallel.checkpoint import gather_for_save
 from tuneforge.parallel.world import SINGLE, World
-from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint, trainable_parameters
+from tuneforge.train.checkpoints.gather import gather_for_save
 
 
 def save_best(run_dir: Path, model, step: int, metric: str, value: float, world: World = SINGLE,

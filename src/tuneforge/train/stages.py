@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.config import Config, config_from_dict, config_to_dict
 from tuneforge.errors import ConfigError
-from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.checkpoints import list_checkpoints
 from tuneforge.train.outputs import now, run_manifest, write_json
 
 
@@ -52,7 +52,7 @@ def stage_result(run_dir: Path, cfg: Config) -> Path:
         from tuneforge.export.merge import merge_run
         from tuneforge.models.run import open_run
 
-        merge_run(open_run(run_dir), merged, torch.float32)
+        merge_run(open_run(run_dir, cfg.trust_remote_code), merged, torch.float32)  # the user's own config
     return merged
 
 
