@@ -14,8 +14,8 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.stats import padding_waste
 from tuneforge.fast import chunked_loss_requested, kernels_requested
-from tuneforge.plan.advice import candidates, settings_warnings
 from tuneforge.methods.facts import method_facts
+from tuneforge.plan.advice import candidates, settings_warnings
 from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
