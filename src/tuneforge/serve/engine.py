@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
-import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +12,10 @@ import torch
 
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
-from tuneforge.eval.evaluate import stop_token_ids
+from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
-from tuneforge.serve.protocol import ApiError, Sampling
+from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 
 
@@ -120,45 +118,6 @@ class Engine:
         if model_id in self.adapters:
             self.model.set_adapter(self.adapters[model_id])
         return contextlib.nullcontext()
-
-
-def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise a draw from the temperature-scaled top-p distribution."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < sampling.top_p  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def forward_names(model) -> tuple[str, dict]:
-    """The KV-cache argument's name (transformers renamed past_key_values to cache) and, where the
-    model allows it, a request for the last position's logits only (a long prompt x vocab is GBs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    return cache_name, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
-
-
-@torch.no_grad()
-def generate_ids(model, prompt: list[int], max_new_tokens: int, sampling: Sampling, device) -> Iterator[int]:
-    """New token ids one at a time, with the KV cache; the caller decides when to stop."""
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-    cache_name, extra = forward_names(model)
-    ids = torch.tensor([prompt], device=device)
-    cache = None
-    for _ in range(max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **{cache_name: cache}, **extra)
-        cache = out[cache_name]
-        tok = pick_token(out.logits[0, -1], sampling, generator)
-        yield tok
-        ids = torch.tensor([[tok]], device=device)
 
 
 def parse_adapters(adapters: Mapping[str, str | Path] | Sequence[str] | None) -> dict[str, Path]:

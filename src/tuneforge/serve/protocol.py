@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from tuneforge.models.decode import Sampling
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer is OpenAI's newer name for system
 
@@ -40,15 +42,6 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Sampling:
-    max_tokens: int | None = None  # None: up to the end of the model's context
-    temperature: float = 1.0  # OpenAI's default; 0 is greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
