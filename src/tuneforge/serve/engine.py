@@ -33,7 +33,7 @@ class ClientGone(Exception):
 class Limits:
     """What one request may take: --max-tokens-default, --max-tokens-cap and --max-concurrent of `tuneforge serve`."""
 
-    max_tokens_default: int = 1024  # new tokens for a request that names no max_tokens
+    max_tokens_default: int = 1024  # new tokens for a request that names no max_tokens (at most the cap)
     max_tokens_cap: int = 4096  # a request asking for more is refused (400)
     max_concurrent: int = 8  # requests decoding at once (taking turns token by token); more get 503
 
@@ -41,9 +41,6 @@ class Limits:
         for key in ("max_tokens_default", "max_tokens_cap", "max_concurrent"):
             if getattr(self, key) < 1:
                 raise TuneforgeError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
-        if self.max_tokens_default > self.max_tokens_cap:
-            raise TuneforgeError(f"--max-tokens-default {self.max_tokens_default} is above --max-tokens-cap "
-                             f"{self.max_tokens_cap}; lower the default or raise the cap")
 
 
 @dataclass
@@ -105,15 +102,16 @@ class Engine:
         if asked is not None and asked > cap:
             raise ApiError(400, f"max_tokens: {asked} is above this server's cap of {cap} new tokens "
                            f"(--max-tokens-cap); ask for at most {cap}", param="max_tokens")
+        default = min(self.limits.max_tokens_default, cap)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is None:
-            return asked or self.limits.max_tokens_default
+            return asked or default
         room = context - len(prompt)
         if room <= 0 or (asked or 0) > room:
             raise ApiError(400, f"max_tokens: the prompt has {len(prompt)} tokens and the model's context is "
                            f"{context}, so at most {max(room, 0)} new tokens fit; shorten the prompt or lower "
                            "max_tokens", param="max_tokens", code="context_length_exceeded")
-        return asked or min(self.limits.max_tokens_default, room)
+        return asked or min(default, room)
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
