@@ -157,3 +157,16 @@ def test_delete_is_405_and_a_garbled_request_line_gets_a_status_line(tiny_models
             head, _, body = raw(srv, line).partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 %d " % status), head
             assert json.loads(body)["error"]["message"]
+
+
+def test_load_of_8_clients_and_3_hang_ups_is_answered_or_refused(tiny_models):
+    """bench/serve_load.py, small: every client gets a 200 or a 503, and the hung-up requests give their places back."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--model", str(tiny_models["llama"]), "--clients", "8",
+         "--hangups", "3", "--rounds", "1", "--max-concurrent", "4", "--max-tokens-cap", "400", "--retries", "2",
+         "--round-limit", "240", "--json"],
+        capture_output=True, text=True, timeout=400, check=True)
+    [round_] = json.loads(done.stdout.strip().splitlines()[-1])["rounds"]
+    statuses = [r["status"] for r in round_["results"]]
+    assert statuses.count("hung up") == 3 and all(s in (200, 503) for s in statuses if s != "hung up"), statuses
+    assert statuses.count(200) >= 4 and round_["free"] == round_["places"] == 4

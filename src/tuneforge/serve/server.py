@@ -34,6 +34,7 @@ ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST",
 class Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins them
     block_on_close = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 resets a burst of clients)
 
     def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None,
                  max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False):
