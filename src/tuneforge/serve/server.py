@@ -261,12 +261,12 @@ class Handler(BaseHTTPRequestHandler):
                 break
             left -= len(got)
 
-    def _send_json(self, status: int, obj: dict, headers: Mapping[str, str] = {}) -> None:  # noqa: B006 - read only
+    def _send_json(self, status: int, obj: dict, headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
+        for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
