@@ -170,3 +170,14 @@ def test_load_of_8_clients_and_3_hang_ups_is_answered_or_refused(tiny_models):
     statuses = [r["status"] for r in round_["results"]]
     assert statuses.count("hung up") == 3 and all(s in (200, 503) for s in statuses if s != "hung up"), statuses
     assert statuses.count(200) >= 4 and round_["free"] == round_["places"] == 4
+
+
+def test_the_limits_are_cli_flags_checked_with_their_names():
+    from tuneforge.cli import build_parser
+    from tuneforge.errors import TuneforgeError
+
+    args = build_parser().parse_args(["serve", "runs/x", "--max-tokens-default", "7", "--max-tokens-cap", "9",
+                                      "--max-concurrent", "2"])
+    assert (args.max_tokens_default, args.max_tokens_cap, args.max_concurrent) == (7, 9, 2)
+    with pytest.raises(TuneforgeError, match="--max-concurrent 0: must be at least 1"):
+        Limits(max_concurrent=0)
