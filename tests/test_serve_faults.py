@@ -73,9 +73,10 @@ def open_stream(srv, max_tokens: int):
                                  data=json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens,
                                                   "stream": True}).encode())
     resp = urllib.request.urlopen(req, timeout=60)
-    while b'"text": ""' in (line := resp.readline()) or not line.startswith(b"data: "):
-        pass
-    return resp
+    for line in resp:
+        if line.startswith(b"data: ") and b'"text": ""' not in line:
+            return resp
+    raise AssertionError("the stream ended before its first token")
 
 
 def raw(srv, data: bytes) -> bytes:
@@ -85,6 +86,13 @@ def raw(srv, data: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def settled(count: list[int]) -> int:
@@ -128,8 +136,7 @@ def test_a_client_that_hangs_up_stops_its_generation_and_frees_its_place(tiny_mo
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            while slow[0][0] < 5 if slow else True:
-                time.sleep(0.01)
+            wait_for(lambda: slow and slow[0][0] >= 5)
         assert settled(slow[0]) < 50
         assert completion(srv, max_tokens=2)[0] == 200
 
