@@ -221,7 +221,7 @@ def main() -> None:
           f"--max-tokens-cap {args.max_tokens_cap}; {os.cpu_count()} CPUs")
     print(table(rounds, memory))
     if args.json:
-        print(json.dumps({"rounds": [{k: v for k, v in r.items()} for r in rounds], "memory_mb": dict(memory),
+        print(json.dumps({"rounds": rounds, "memory_mb": dict(memory),
                           "tokens_per_s": speed}))
 
 
