@@ -105,7 +105,7 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
     Micro-batches from index `counted` on are fillers, run with weight 0 so that every process makes
     the same forward and backward passes (their collectives must line up).
     """
-    from tuneforge.eval.evaluate import autocast_for
+    from tuneforge.models.precision import autocast_for
     from tuneforge.parallel.apply import gradient_sync
     from tuneforge.parallel.world import SINGLE
 
