@@ -14,7 +14,7 @@ edge from a module M for each module whose body must have run for M's import sta
   parent does not import that submodule back: that would be a real cycle, and it is reported.
 
 A cycle's modules are grouped as they reach each other (a strongly connected component); each group
-is printed as one path through it, through a module no known cycle holds where there is one.
+is printed as one path through it.
 """
 
 from __future__ import annotations
@@ -23,15 +23,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tuneforge"
-
-# Cycles other slices are removing in parallel, each as the modules it runs through; a cycle found must
-# lie within one of these. The integrator empties this list once those slices are merged.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # serve-decode: eval, serve and GRPO sampling decode through each other (one decoding module in models/)
-    frozenset({"tuneforge.eval.evaluate", "tuneforge.methods", "tuneforge.methods.grpo", "tuneforge.methods.sampling",
-               "tuneforge.serve", "tuneforge.serve.engine", "tuneforge.serve.server"}),
-]
-
 
 def module_files(package: Path = PACKAGE) -> dict[str, Path]:
     """Dotted module name -> file, for every .py file under the package (a package is its __init__.py)."""
@@ -108,15 +99,24 @@ def cycle_path(graph: dict[str, set[str]], group: frozenset[str], start: str | N
     return [start]
 
 
-def test_no_new_import_cycles():
+def test_no_import_cycles():
     graph = import_graph()
-    found = cycles(graph)
-    known = frozenset().union(*KNOWN_CYCLES)
-    paths = [" -> ".join(cycle_path(graph, c, min(c - known, default=None))) for c in found]  # through what is new
-    print("\n".join(paths))
-    new = [f"{path}  [{len(c)} modules: {', '.join(sorted(c))}]" for c, path in zip(found, paths)
-           if not any(c <= k for k in KNOWN_CYCLES)]
-    assert not new, "import cycles (move the shared piece down into a module both import):\n" + "\n".join(new)
+    found = [f"{' -> '.join(cycle_path(graph, c))}  [{len(c)} modules]" for c in cycles(graph)]
+    assert not found, "import cycles (move the shared piece down into a module both import):\n" + "\n".join(found)
+
+
+def test_training_never_imports_the_server():
+    """The server sits on top: training, evaluation and models reach none of its modules."""
+    graph = import_graph()
+    for name in graph:
+        if name.startswith(("tuneforge.train", "tuneforge.methods", "tuneforge.eval", "tuneforge.models")):
+            seen, todo = set(), [name]
+            while todo:
+                for nxt in graph[todo.pop()] - seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+            served = sorted(m for m in seen if m.startswith("tuneforge.serve"))
+            assert not served, f"{name} imports the server ({served})"
 
 
 def test_the_graph_sees_imports_inside_functions_and_relative_imports(tmp_path):

@@ -21,7 +21,7 @@ from tuneforge.eval.generate import answer
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.run import load_tuned, open_run
 from tuneforge.serve import make_server
-from tuneforge.serve.engine import pick_token
+from tuneforge.models.decode import pick_token
 from tuneforge.serve.protocol import Sampling
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops, held_back
 from tuneforge.train.loop import train

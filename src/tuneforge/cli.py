@@ -193,9 +193,11 @@ def cmd_merge_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tuneforge.serve import serve
+    from tuneforge.serve import Limits, serve
 
-    serve(args.target, args.host, args.port, args.adapter, args.api_key, trust_remote_code=args.trust_remote_code)
+    limits = Limits(args.max_tokens_default, args.max_tokens_cap, args.max_concurrent)
+    serve(args.target, args.host, args.port, args.adapter, args.api_key, limits=limits,
+          trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -422,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve another LoRA adapter (a PEFT folder or a run) on the same base, as model NAME")
     p.add_argument("--api-key", default=os.environ.get("TUNEFORGE_API_KEY"),
                    help="require this Bearer key (default: $TUNEFORGE_API_KEY; none means no key)")
+    p.add_argument("--max-tokens-default", type=int, default=1024, metavar="N",
+                   help="new tokens for a request that sets no max_tokens (default 1024; less if the context is full)")
+    p.add_argument("--max-tokens-cap", type=int, default=4096, metavar="N",
+                   help="a request asking for more new tokens gets a 400 (default 4096)")
+    p.add_argument("--max-concurrent", type=int, default=8, metavar="N",
+                   help="requests answered at once, taking turns token by token; more get 503 with Retry-After (default 8)")
     _trust_arg(p)
     p.set_defaults(func=cmd_serve)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -12,12 +11,8 @@ import torch.nn.functional as F
 from tuneforge.data.batching import collate
 from tuneforge.data.tokenized import Example
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, generation_prompt
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from tuneforge.models.decode import greedy_generate, stop_token_ids
+from tuneforge.models.precision import autocast_for
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,17 +58,6 @@ def validation_loss(model, examples: list[Example], pad_id: int, device, dtype, 
     return out
 
 
-def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
-    """Every id that ends an answer: the template's end-of-turn and the tokenizer's EOS."""
-    ids = []
-    for tok in (end_of_turn, tokenizer.eos_token):
-        if tok:
-            idx = tokenizer.convert_tokens_to_ids(tok)
-            if idx is not None and idx not in ids:
-                ids.append(idx)
-    return ids
-
-
 def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tuple[list[int], str] | None:
     """(prompt ids, reference answer) for an example whose last turn is the answer, else None."""
     rec = ex.record
@@ -86,33 +70,6 @@ def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tu
         [(ids, _)] = encode_segment_lists(tokenizer, [[(rec.prompt, False)]])
         return ids.tolist(), rec.completion
     return None
-
-
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                    device, batch_size: int = 16) -> list[tuple[list[int], bool]]:
-    """Greedy continuations, left-padded in batches; each is (new token ids, stopped), the stop token dropped.
-    (GRPO samples with methods/sampling.py, whose draws do not depend on the batch or the process.)"""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(chunk):
-            ids[j, width - len(p) :] = torch.tensor(p)
-            mask[j, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids, pad_token_id=pad_id, do_sample=False,
-        )[:, width:].tolist()
-        for row in gen:
-            cut = next((k for k, t in enumerate(row) if t in stop_ids), None)
-            out.append((row if cut is None else row[:cut], cut is not None))
-    model.train(was_training)
-    return out
 
 
 def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | None, device,

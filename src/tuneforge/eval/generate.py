@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.template import generation_prompt
-from tuneforge.eval.evaluate import greedy_generate
+from tuneforge.models.decode import greedy_generate
 
 
 def answer(model, tokenizer, messages: list[dict], stop_ids: list[int], max_new_tokens: int = 256,

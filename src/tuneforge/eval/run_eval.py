@@ -8,10 +8,10 @@ from pathlib import Path
 from tuneforge.config import load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.evaluate import stop_token_ids
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.reference import Reference
+from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder, open_run

@@ -22,7 +22,6 @@ import torch
 from tuneforge.data.batching import collate
 from tuneforge.data.template import IGNORE_INDEX, conversation_segments, encode_segment_lists
 from tuneforge.data.tokenized import Example
-from tuneforge.eval.evaluate import autocast_for
 from tuneforge.fast import FastPath
 from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
 from tuneforge.methods.objective import Runtime
@@ -30,6 +29,7 @@ from tuneforge.methods.rewards import load_reward, score
 from tuneforge.methods.run import as_validation
 from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
 from tuneforge.models.layers import unwrap
+from tuneforge.models.precision import autocast_for
 from tuneforge.parallel.apply import forward_is_collective
 
 def group_advantages(rewards: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,7 +137,7 @@ def _compute_tables(model, objective, data, cfg, device, dtype, rep, path: Path)
 
 
 def _logps_table(model, objective, n: int, batch_size: int, device, dtype) -> np.ndarray:
-    from tuneforge.eval.evaluate import autocast_for
+    from tuneforge.models.precision import autocast_for
 
     table = np.zeros(2 * n, dtype=np.float64)
     was_training = model.training

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from tuneforge.eval.evaluate import autocast_for
 from tuneforge.methods.objective import Runtime
+from tuneforge.models.precision import autocast_for
 from tuneforge.parallel.apply import gradient_sync
 from tuneforge.parallel.world import SINGLE
 

@@ -1,12 +1,11 @@
-"""The served model: a run or a Hugging Face folder, its LoRA adapters, and generation one request at a time."""
+"""The served model: a run or a Hugging Face folder, its LoRA adapters, and generation that takes turns token by
+token between the requests being answered."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,16 +13,35 @@ import torch
 
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
-from tuneforge.eval.evaluate import stop_token_ids
 from tuneforge.models.adapter_files import adapter_weights
+from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
-from tuneforge.serve.protocol import ApiError, Sampling
+from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
+from tuneforge.serve.turns import Turns
 
 
 class ShuttingDown(Exception):
     """Generation stopped because the server is closing; nobody is left to answer."""
+
+
+class ClientGone(Exception):
+    """Generation stopped because the client closed its connection; nobody is left to answer."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may take: --max-tokens-default, --max-tokens-cap and --max-concurrent of `tuneforge serve`."""
+
+    max_tokens_default: int = 1024  # new tokens for a request that names no max_tokens (at most the cap)
+    max_tokens_cap: int = 4096  # a request asking for more is refused (400)
+    max_concurrent: int = 8  # requests decoding at once (taking turns token by token); more get 503
+
+    def __post_init__(self):
+        for key in ("max_tokens_default", "max_tokens_cap", "max_concurrent"):
+            if getattr(self, key) < 1:
+                raise TuneforgeError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
 
 
 @dataclass
@@ -45,8 +63,12 @@ class Engine:
     default_id: str
     base_id: str | None = None  # the model with every adapter switched off (a PEFT model only)
     adapters: dict[str, str] = field(default_factory=dict)  # model id -> PEFT adapter name
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    limits: Limits = field(default_factory=Limits)
+    turns: Turns = field(default_factory=Turns)  # one model call (or tokenizer call) at a time, in arrival order
     closing: threading.Event = field(default_factory=threading.Event)  # set: generation stops at the next token
+
+    def __post_init__(self):
+        self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
 
     def model_ids(self) -> list[str]:
         return list(dict.fromkeys(i for i in (self.base_id, self.default_id, *self.adapters) if i))
@@ -63,56 +85,86 @@ class Engine:
         if not self.tokenizer.chat_template:
             raise ApiError(400, "messages: this model has no chat template, so it cannot take chat messages; "
                            "use POST /v1/completions with a prompt", param="messages")
-        with self.lock:  # the Rust tokenizer refuses to be used by two threads at once
+        with self.turns.turn():  # the Rust tokenizer refuses to be used by two threads at once
             return generation_prompt(self.tokenizer, messages, self.end_of_turn)
 
     def text_prompt(self, prompt: str) -> list[int]:
         """Tokenized as `completion` training data was: with the BOS the tokenizer adds, no EOS."""
-        with self.lock:
+        with self.turns.turn():
             [(ids, _)] = encode_segment_lists(self.tokenizer, [[(prompt, False)]])
         if len(ids) == 0:
             raise ApiError(400, "prompt: is empty; give some text to continue", param="prompt")
         return ids.tolist()
 
     def check_length(self, prompt: list[int], sampling: Sampling) -> int:
-        """max_tokens for this request: as asked, or up to the end of the context; 400 past the context."""
+        """max_tokens for this request: as asked, or --max-tokens-default cut to the room left in the context;
+        400 above --max-tokens-cap or past the context."""
+        asked, cap = sampling.max_tokens, self.limits.max_tokens_cap
+        if asked is not None and asked > cap:
+            raise ApiError(400, f"max_tokens: {asked} is above this server's cap of {cap} new tokens "
+                           f"(--max-tokens-cap); ask for at most {cap}", param="max_tokens")
+        default = min(self.limits.max_tokens_default, cap)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is None:
-            return sampling.max_tokens or 1024
+            return asked or default
         room = context - len(prompt)
-        if room <= 0 or (sampling.max_tokens or 0) > room:
+        if room <= 0 or (asked or 0) > room:
             raise ApiError(400, f"max_tokens: the prompt has {len(prompt)} tokens and the model's context is "
                            f"{context}, so at most {max(room, 0)} new tokens fit; shorten the prompt or lower "
                            "max_tokens", param="max_tokens", code="context_length_exceeded")
-        return sampling.max_tokens or room
+        return asked or min(default, room)
 
-    def stream(self, model_id: str, prompt: list[int], max_new: int, sampling: Sampling,
-               result: Result) -> Iterator[str]:
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """A place among the --max-concurrent requests decoding now, or 503 with Retry-After at once:
+        a bounded number of KV caches in memory, and no client waits in a line it cannot see."""
+        if not self.slots.acquire(blocking=False):
+            raise ApiError(503, f"the server is busy: {self.limits.max_concurrent} requests are being answered "
+                           "(--max-concurrent); retry after the Retry-After header's seconds",
+                           code="server_busy", kind="server_error", headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    def stream(self, model_id: str, prompt: list[int], max_new: int, sampling: Sampling, result: Result,
+               gone: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """Text pieces of the answer; `result` holds the counts and finish reason once the iterator ends.
 
-        The lock is held from the first piece to the last, so the adapter chosen here stays chosen;
-        close the iterator when you stop reading early, so the lock is released at once.
+        Each token is one turn of the engine (the adapter is chosen again for it), so concurrent requests
+        take turns token by token. Before each turn `gone()` is asked whether the client has hung up; if so
+        generation stops (ClientGone). Close the iterator when you stop reading early.
         """
-        with self.lock, self._use(model_id):
-            decoder = IncrementalDecoder(self.tokenizer)
+        decoder = IncrementalDecoder(self.tokenizer)
+        tokens = generate_ids(self.model, prompt, max_new, sampling, self.device)
 
-            def pieces():
-                for tok in generate_ids(self.model, prompt, max_new, sampling, self.device):
+        def pieces():
+            with contextlib.closing(tokens):
+                while True:
                     if self.closing.is_set():
                         raise ShuttingDown
-                    result.completion_tokens += 1
-                    if tok in self.stop_ids:
-                        result.finish_reason = "stop"
-                        break
-                    yield decoder.push(tok)
-                yield decoder.flush()
+                    if gone():
+                        raise ClientGone
+                    with self.turns.turn(), self._use(model_id):
+                        tok = next(tokens, None)
+                        if tok is None:
+                            break
+                        result.completion_tokens += 1
+                        if tok in self.stop_ids:
+                            result.finish_reason = "stop"
+                            break
+                        piece = decoder.push(tok)
+                    yield piece
+            with self.turns.turn():
+                tail = decoder.flush()
+            yield tail
 
-            for text, hit in cut_at_stops(pieces(), sampling.stop):
-                if text:
-                    yield text
-                if hit:
-                    result.finish_reason = "stop"
-                    return
+        for text, hit in cut_at_stops(pieces(), sampling.stop):
+            if text:
+                yield text
+            if hit:
+                result.finish_reason = "stop"
+                return
 
     def _use(self, model_id: str):
         """Switch the PEFT model to this id's adapter, or off for the base id."""
@@ -121,45 +173,6 @@ class Engine:
         if model_id in self.adapters:
             self.model.set_adapter(self.adapters[model_id])
         return contextlib.nullcontext()
-
-
-def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise a draw from the temperature-scaled top-p distribution."""
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < sampling.top_p  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def forward_names(model) -> tuple[str, dict]:
-    """The KV-cache argument's name (transformers renamed past_key_values to cache) and, where the
-    model allows it, a request for the last position's logits only (a long prompt x vocab is GBs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    return cache_name, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
-
-
-@torch.no_grad()
-def generate_ids(model, prompt: list[int], max_new_tokens: int, sampling: Sampling, device) -> Iterator[int]:
-    """New token ids one at a time, with the KV cache; the caller decides when to stop."""
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-    cache_name, extra = forward_names(model)
-    ids = torch.tensor([prompt], device=device)
-    cache = None
-    for _ in range(max_new_tokens):
-        out = model(input_ids=ids, use_cache=True, **{cache_name: cache}, **extra)
-        cache = out[cache_name]
-        tok = pick_token(out.logits[0, -1], sampling, generator)
-        yield tok
-        ids = torch.tensor([[tok]], device=device)
 
 
 def parse_adapters(adapters: Mapping[str, str | Path] | Sequence[str] | None) -> dict[str, Path]:
@@ -199,7 +212,7 @@ def _base_name(run) -> str:
 
 
 def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequence[str] | None = None,
-                device: str = "auto", trust_remote_code: bool = False) -> Engine:
+                device: str = "auto", limits: Limits = Limits(), trust_remote_code: bool = False) -> Engine:
     """Load a run folder (run.json + final/) or a Hugging Face model folder, and every extra adapter;
     code shipped with the model runs only with `trust_remote_code` (--trust-remote-code)."""
     target = Path(target)
@@ -232,7 +245,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
         base_id = default_id  # the target's own weights become the no-adapter choice
     model = _load_adapters(model, extra)
     names = {**own, **{name: f"extra{i}" for i, name in enumerate(extra)}}
-    return Engine(model, tokenizer, dev, stops, end_of_turn, default_id, base_id, names)
+    return Engine(model, tokenizer, dev, stops, end_of_turn, default_id, base_id, names, limits)
 
 
 def _end_of_turn(tokenizer) -> str | None:

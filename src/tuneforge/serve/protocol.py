@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from tuneforge.models.decode import Sampling
 
 ROLES = {"system", "user", "assistant", "developer"}  # developer is OpenAI's newer name for system
 
@@ -34,21 +36,13 @@ class ApiError(Exception):
     """A request the server refuses; becomes {"error": {...}} with this HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}  # sent with the error, e.g. Retry-After or Allow
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Sampling:
-    max_tokens: int | None = None  # None: up to the end of the model's context
-    temperature: float = 1.0  # OpenAI's default; 0 is greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +53,27 @@ class Request:
     include_usage: bool
     messages: list[dict] | None = None  # chat
     prompt: str | None = None  # completions
+
+
+def lone_surrogate(body: dict) -> str | None:
+    """Where in a parsed body a string (or key) holds half of a UTF-16 surrogate pair, e.g. "\\ud800";
+    JSON allows the escape, but it is not text, and tokenizers and encoders fail on it."""
+    todo: list[tuple[str, object]] = [("", body)]
+    while todo:  # a loop, not recursion: the body may be nested a thousand deep
+        where, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = key.encode("utf-8", "backslashreplace").decode()  # printable even when it is the culprit
+                path = f"{where}.{path}" if where else path
+                todo += [(path, key), (path, item)]
+        elif isinstance(value, list):
+            todo += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return None
 
 
 def _bad(param: str, message: str) -> ApiError:

@@ -1,7 +1,8 @@
 """The HTTP side: OpenAI routes on the standard library's threading server.
 
 Every request gets an answer in OpenAI's error shape when it goes wrong; nothing a client sends
-can stop the server. Generation itself is serialised by the engine's lock.
+can stop the server. Requests being answered take turns on the engine token by token (at most
+--max-concurrent of them; more get 503), and one whose client hangs up stops at its next token.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import select
 import socket
 import sys
 import traceback
@@ -21,16 +23,18 @@ from jinja2 import TemplateError
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.serve import protocol as p
-from tuneforge.serve.engine import Engine, Result, ShuttingDown, load_engine
+from tuneforge.serve.engine import ClientGone, Engine, Limits, Result, ShuttingDown, load_engine
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # past this a too-large body is not read to the end; the connection is dropped
-GONE = (BrokenPipeError, ConnectionResetError, TimeoutError, ShuttingDown)
+GONE = (BrokenPipeError, ConnectionResetError, TimeoutError, ShuttingDown, ClientGone)
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins them
     block_on_close = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 resets a burst of clients)
 
     def __init__(self, engine: Engine, host: str, port: int, api_key: str | None = None,
                  max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False):
@@ -76,7 +80,7 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked encoding
     server_version = "tuneforge"
-    timeout = 120  # an idle or stalled client gives its thread back (and a stalled stream its lock)
+    timeout = 120  # an idle or stalled client gives its thread back (and a stalled stream its place)
     server: Server
 
     def do_GET(self):
@@ -84,6 +88,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._handle("POST")
+
+    def do_DELETE(self):  # and the other methods a REST client may try: 405 on our routes, not 501
+        self.close_connection = True  # its body, if any, is never read
+        self._handle(self.command)
+
+    do_PUT = do_PATCH = do_DELETE
+
+    def parse_request(self) -> bool:
+        """The base class's parsing, without HTTP/0.9: its answers have no status line, so a garbled
+        request line would get a bare body that no client can read as an error."""
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":
+            self.send_error(400, f"bad request line {self.requestline[:100]!r}; send HTTP/1.1")
+            return False
+        return True
 
     def _handle(self, method: str) -> None:
         self.headers_sent = False
@@ -101,18 +121,19 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         if not self.headers_sent:
             with contextlib.suppress(OSError):
-                self._send_json(error.status, error.body())
+                self._send_json(error.status, error.body(), error.headers)
 
     def _route(self, method: str, path: str, body: dict | None) -> None:
-        if path == "/health":
-            return self._send_json(200, {"status": "ok"})
-        routes = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
         is_model = path.startswith("/v1/models/")
-        if path not in routes and not is_model:
+        if path not in ROUTES and not is_model:
             raise p.ApiError(404, f"{path}: no such route; this server has GET /v1/models, "
                              "POST /v1/chat/completions and POST /v1/completions", code="not_found")
-        if method != routes.get(path, "GET"):
-            raise p.ApiError(405, f"{method} {path}: use {routes.get(path, 'GET')}", code="method_not_allowed")
+        allowed = ROUTES.get(path, "GET")
+        if method != allowed:
+            raise p.ApiError(405, f"{method} {path}: use {allowed}", code="method_not_allowed",
+                             headers={"Allow": allowed})
+        if path == "/health":
+            return self._send_json(200, {"status": "ok"})
         self._check_key()
         engine = self.server.engine
         if path == "/v1/models":
@@ -131,12 +152,14 @@ class Handler(BaseHTTPRequestHandler):
         except (TuneforgeError, TemplateError) as err:
             raise p.ApiError(400, f"messages: the chat template cannot render them: {err}", param="messages") from None
         max_new = engine.check_length(prompt, req.sampling)
-        result = Result(prompt_tokens=len(prompt))
-        pieces = engine.stream(model_id, prompt, max_new, req.sampling, result)
-        if req.stream:
-            return self._stream(chat, model_id, req, pieces, result)
-        with contextlib.closing(pieces):
-            text = "".join(pieces)
+        with engine.admit():
+            result = Result(prompt_tokens=len(prompt))
+            pieces = engine.stream(model_id, prompt, max_new, req.sampling, result,
+                                   gone=lambda: client_closed(self.connection))
+            if req.stream:
+                return self._stream(chat, model_id, req, pieces, result)
+            with contextlib.closing(pieces):
+                text = "".join(pieces)
         counts = p.usage(result.prompt_tokens, result.completion_tokens)
         rid = p.new_id("chatcmpl" if chat else "cmpl")
         if chat:
@@ -217,8 +240,15 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as err:
             raise p.ApiError(400, f"the body is not valid JSON ({err}); send a JSON object",
                              code="invalid_json") from None
+        except RecursionError:
+            raise p.ApiError(400, "the body is nested too deeply to read; send a flat JSON object",
+                             code="invalid_json") from None
         if not isinstance(body, dict):
             raise p.ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        where = p.lone_surrogate(body)
+        if where is not None:
+            raise p.ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                             "which is not text; send valid Unicode", param=where, code="invalid_json")
         return body
 
     def _drain(self, length: int) -> None:
@@ -231,11 +261,13 @@ class Handler(BaseHTTPRequestHandler):
                 break
             left -= len(got)
 
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -246,6 +278,8 @@ class Handler(BaseHTTPRequestHandler):
         """The base class's errors (bad request line, unknown method, huge headers), in OpenAI's shape."""
         self.close_connection = True
         self.headers_sent = False
+        if self.request_version == "HTTP/0.9":  # the request line was not understood: answer in HTTP/1.1
+            self.request_version = self.protocol_version
         text = message or explain or self.responses.get(code, ("error",))[0]
         with contextlib.suppress(OSError):
             self._send_json(code, p.ApiError(code, text).body())
@@ -253,6 +287,18 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         if not self.server.quiet:
             super().log_message(format, *args)
+
+
+def client_closed(sock: socket.socket) -> bool:
+    """Whether the client has closed or reset its connection: readable, with nothing left to read.
+
+    Asked between tokens, so a request nobody waits for stops generating (a pipelined next request
+    leaves bytes to read and does not count as closed)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed
+        return True
 
 
 def internal_error(err: Exception) -> p.ApiError:
@@ -263,21 +309,22 @@ def internal_error(err: Exception) -> p.ApiError:
 def make_server(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
                 adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
                 device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False,
-                trust_remote_code: bool = False) -> Server:
+                limits: Limits = Limits(), trust_remote_code: bool = False) -> Server:
     """Load the model and bind the socket; call .serve_forever() (e.g. in a thread) and later .shutdown().
 
     port=0 picks a free port; read it back from .port.
     """
-    engine = load_engine(target, adapters, device, trust_remote_code)
+    engine = load_engine(target, adapters, device, limits, trust_remote_code)
     return Server(engine, host, port, api_key, max_body_bytes, quiet)
 
 
 def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
           adapters: Mapping[str, str | Path] | Sequence[str] | None = None, api_key: str | None = None,
           device: str = "auto", max_body_bytes: int = MAX_BODY_BYTES, quiet: bool = False,
-          trust_remote_code: bool = False) -> None:
+          limits: Limits = Limits(), trust_remote_code: bool = False) -> None:
     """`tuneforge serve`: answer OpenAI requests until Ctrl-C."""
-    server = make_server(target, host, port, adapters, api_key, device, max_body_bytes, quiet, trust_remote_code)
+    server = make_server(target, host, port, adapters, api_key, device, max_body_bytes, quiet, limits,
+                         trust_remote_code)
     print(f"Serving {', '.join(server.engine.model_ids())} at {server.url} on {server.engine.device} "
           "(Ctrl-C to stop)", file=sys.stderr, flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -29,11 +29,11 @@ from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
 from tuneforge.folders import mark, marked_kind
-from tuneforge.eval.evaluate import stop_token_ids
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
+from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.adapters import describe_adapted, initial_adapter_dir
 from tuneforge.models.load import (
     attach_adapter,
