@@ -33,8 +33,8 @@ from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
-from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.adapters import describe_adapted, initial_adapter_dir
+from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import (
     attach_adapter,
     check_template_tokens,
