@@ -29,7 +29,8 @@ from tuneforge.train.checkpoints.gather import SaveError, check_saved_tensors
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
 from tuneforge.train.checkpoints import load_checkpoint, trainable_parameters
-from tuneforge.train.loop import micro_batches_per_step, train
+from tuneforge.train.loop import train
+from tuneforge.train.steps import micro_batches_per_step
 from tuneforge.train.optim import build_optimizer
 
 QUIET = Reporter(quiet=True)

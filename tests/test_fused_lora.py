@@ -205,7 +205,7 @@ def test_a_lora_model_with_fused_layers_gives_the_same_step(fused_calls, arch, a
     """Every adapted linear of a tiny Llama and Gemma fused, alone, under the fused RMSNorm and gated-MLP
     kernels (whose MLP calls the fused gate and up projections) and under activation checkpointing (each
     layer run again in the backward): the plain model's loss and gradients."""
-    from tuneforge.fast.checkpointing import apply_activation_checkpointing
+    from tuneforge.fast.recompute import apply_activation_checkpointing
 
     plain = _tiny_lora(arch)
     fused = copy.deepcopy(plain)

@@ -143,7 +143,7 @@ def test_a_folder_without_config_json_is_refused(tmp_path):
 # --- memory ----------------------------------------------------------------------------------
 
 def test_weight_bytes_are_parameters_times_bytes_per_parameter():
-    lora, full = Settings(method="lora"), Settings(method="full")
+    lora, full = Settings(adapter="lora"), Settings(adapter="full")
     assert memory(TINY, lora, "bf16").weights == TINY.params() * 2
     assert memory(TINY, lora, "fp32").weights == TINY.params() * 4
     assert memory(TINY, full, "bf16").weights == TINY.params() * 4  # trained weights stay fp32 under autocast
@@ -159,7 +159,7 @@ def test_weight_bytes_follow_models_load_weights_dtype(method, compute):
 
 
 def test_adapter_optimizer_and_gradients_of_lora_are_exact():
-    s = Settings(method="lora", lora_r=8)
+    s = Settings(adapter="lora", lora_r=8)
     m = memory(TINY, s, "bf16")
     adapter = 2 * 8 * 1024
     assert (m.adapter, m.gradients, m.optimizer) == (adapter * 4, adapter * 4, adapter * 8)
@@ -167,7 +167,7 @@ def test_adapter_optimizer_and_gradients_of_lora_are_exact():
 
 
 def test_nf4_weights_by_hand():
-    s = Settings(method="qlora", bits=4, double_quant=False)
+    s = Settings(adapter="qlora", bits=4, double_quant=False)
     linear = TINY.layer_linear_params()
     rest = (TINY.embedding_params() + TINY.small_params()) * 2
     assert memory(TINY, s, "bf16").weights == pytest.approx(linear * (0.5 + 4 / 64) + rest)
@@ -177,9 +177,9 @@ def test_nf4_weights_by_hand():
 
 def test_qlora_below_lora_below_full():
     base = Settings(micro_batch=4, seq_len=2048)
-    peaks = [memory(LLAMA_8B, replace(base, method=m), "bf16").peak for m in ("qlora", "lora", "full")]
+    peaks = [memory(LLAMA_8B, replace(base, adapter=m), "bf16").peak for m in ("qlora", "lora", "full")]
     assert peaks[0] < peaks[1] < peaks[2]
-    assert memory(LLAMA_8B, replace(base, method="qlora", bits=8), "bf16").peak < peaks[1]
+    assert memory(LLAMA_8B, replace(base, adapter="qlora", bits=8), "bf16").peak < peaks[1]
 
 
 def test_gradient_checkpointing_lowers_activations_and_costs_a_forward():
@@ -199,8 +199,8 @@ def test_activations_and_logits_grow_linearly_with_the_micro_batch():
 
 def test_full_fine_tuning_flops_are_six_n_and_lora_four_n_without_attention():
     n = LLAMA_8B.matmul_params()
-    full = flops_per_token(LLAMA_8B, Settings(method="full"), 0)
-    lora = flops_per_token(LLAMA_8B, Settings(method="lora", lora_r=1, lora_targets=()), 0)
+    full = flops_per_token(LLAMA_8B, Settings(adapter="full"), 0)
+    lora = flops_per_token(LLAMA_8B, Settings(adapter="lora", lora_r=1, lora_targets=()), 0)
     assert full == 6 * n and lora == 4 * n
 
 
@@ -334,7 +334,7 @@ def test_cheapest_without_prices_is_the_fastest_gpu():
 
 
 def test_candidates_keep_the_effective_batch_and_go_from_small_to_big_changes():
-    s = Settings(method="lora", micro_batch=8, grad_accum=2)
+    s = Settings(adapter="lora", micro_batch=8, grad_accum=2)
     options = candidates(s)
     assert options[0] == (s, [])
     assert all(o.micro_batch * o.grad_accum >= 16 for o, _ in options)
@@ -347,17 +347,17 @@ def test_candidates_keep_the_effective_batch_and_go_from_small_to_big_changes():
 def test_settings_read_new_config_keys_when_they_exist():
     cfg = _quickstart()
     s, notes = settings_from_config(cfg, 100, True)
-    assert (s.method, s.optimizer, s.bits) == ("lora", "adamw", 4) and notes == []
+    assert (s.adapter, s.optimizer, s.bits) == ("lora", "adamw", 4) and notes == []
     newer = SimpleNamespace(**{**{k: getattr(cfg, k) for k in type(cfg).model_fields},
                                "quantization": SimpleNamespace(bits=8, double_quant=False),
                                "optimizer": "paged_adamw_8bit"})
     newer.adapter = "qlora"
     s, _ = settings_from_config(newer, 100, True)
-    assert (s.method, s.bits, s.double_quant, s.optimizer) == ("qlora", 8, False, "paged_adamw_8bit")
+    assert (s.adapter, s.bits, s.double_quant, s.optimizer) == ("qlora", 8, False, "paged_adamw_8bit")
 
 
 def test_warnings_trigger_on_settings_known_to_fail_and_not_on_sane_ones():
-    lora, full = Settings(method="lora", lora_r=4), Settings(method="full")
+    lora, full = Settings(adapter="lora", lora_r=4), Settings(adapter="full")
     args = dict(over_share=0.0, max_seq_len=2048, truncation="drop")
     assert settings_warnings(Settings(lora_r=16), 2e-4, 5000, 5e6, **args) == []
     few = settings_warnings(Settings(), 2e-4, 120, 1e5, **args)
@@ -492,11 +492,11 @@ def test_plan_counts_what_the_fused_kernels_save(method, measured):
     """The bytes a decoder layer of llama-3.2-1b keeps per token with the fused kernels, less than without, as
     measured by bench/kernels_memory.py (docs/performance.md); and plan's default has them on a GPU only."""
     from tuneforge.plan.architectures import table_shape
-    from tuneforge.plan.checkpointing import for_device
+    from tuneforge.plan.recompute import for_device
     from tuneforge.plan.memory import layer_token_bytes
 
     shape = table_shape("llama-3.2-1b")
-    plain = Settings(method=method, padded=False)
+    plain = Settings(adapter=method, padded=False)
     saved = layer_token_bytes(shape, plain, "bf16") - layer_token_bytes(shape, replace(plain, kernels=True), "bf16")
     assert abs(saved - measured) <= 16, (saved, measured)
     default = replace(plain, kernels=None)

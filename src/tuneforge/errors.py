@@ -15,3 +15,7 @@ class DataError(TuneforgeError):
 
 class ModelError(TuneforgeError):
     pass
+
+
+class TrainingError(TuneforgeError):
+    pass

@@ -32,7 +32,7 @@ class FastPath:
     # Attention cost of one query-key pair relative to one token through the weights (padding_free.flat_pays).
     pair_cost: float = 0.0
     kernels: bool = False  # fused RMSNorm and gated-MLP modules, and the chunked losses' cross-entropy (fast/kernels)
-    # none | selective (layers 0, k, 2k, ... with k = checkpoint_every) | full | offload (fast/checkpointing.py);
+    # none | selective (layers 0, k, 2k, ... with k = checkpoint_every) | full | offload (fast/recompute.py);
     # gradient_checkpointing above is True whenever a layer is checkpointed, for readers of older run.json files.
     activation_checkpointing: str = "none"
     checkpoint_every: int = 1

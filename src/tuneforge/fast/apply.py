@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tuneforge.fast import FastPath
-from tuneforge.fast.checkpointing import apply_activation_checkpointing
+from tuneforge.fast.recompute import apply_activation_checkpointing
 from tuneforge.fast.compile import apply_compile
 from tuneforge.fast.fused_lora import apply_fused_lora
 from tuneforge.fast.kernels import apply_kernels

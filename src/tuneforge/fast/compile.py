@@ -5,7 +5,7 @@ so one compilation serves them all and compiling takes the time of one layer, an
 loss and PEFT wrappers around them stay eager. `Module.compile` compiles in place, so parameter
 names, checkpoints and saved adapters are unchanged.
 
-A checkpointed layer (fast/checkpointing.py) is compiled inside its checkpoint instead: transformers'
+A checkpointed layer (fast/recompute.py) is compiled inside its checkpoint instead: transformers'
 output-capturing hooks touch state within the layer, which torch.compile will not trace inside a
 checkpoint (it would replay the change in the backward), so the checkpoint stays eager and calls a
 compiled function.

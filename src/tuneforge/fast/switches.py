@@ -1,6 +1,6 @@
 """The switches a run uses: `resolve`, what the config asks for (fast/__init__.py) fitted to the loaded
 model, the prepared data and the device, with activation checkpointing sized by plan's memory model
-(plan.checkpointing), so that `tuneforge plan` shows the same choice. Torch-free to import; plan never
+(plan.recompute), so that `tuneforge plan` shows the same choice. Torch-free to import; plan never
 imports this module (it reads fast/__init__.py's switches), so it may import plan.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import replace
 from tuneforge.fast import (FastPath, chunked_loss_requested, fused_lora_blocker, kernels_default, kernels_requested,
                             switch_on)
 from tuneforge.methods.facts import method_facts
-from tuneforge.plan.checkpointing import CPU_EVERY, for_device, level, requested
+from tuneforge.plan.recompute import CPU_EVERY, for_device, level, requested
 from tuneforge.plan.memory import compute_dtype
 from tuneforge.plan.model import shape_from_hf_config
 from tuneforge.plan.report import settings_from_config

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tuneforge.plan.checkpointing import LEVELS, level, with_level
+from tuneforge.plan.recompute import LEVELS, level, with_level
 from tuneforge.plan.memory import Settings
 
 MIN_EXAMPLES = 500
@@ -31,14 +31,14 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
-def _method_variants(s: Settings) -> list[tuple[Settings, list[str]]]:
-    """The run as configured, then the memory-saving form of its method."""
+def _adapter_variants(s: Settings) -> list[tuple[Settings, list[str]]]:
+    """The run as configured, then the memory-saving form of its adapter."""
     out = [(s, [])]
-    if s.method == "lora":
-        out.append((replace(s, method="qlora", bits=4, double_quant=True), ["adapter: qlora (4-bit NF4 base)"]))
-    elif s.method == "qlora" and s.bits == 8:
+    if s.adapter == "lora":
+        out.append((replace(s, adapter="qlora", bits=4, double_quant=True), ["adapter: qlora (4-bit NF4 base)"]))
+    elif s.adapter == "qlora" and s.bits == 8:
         out.append((replace(s, bits=4, double_quant=True), ["quantization.bits: 4"]))
-    elif s.method == "full" and s.optimizer == "adamw":
+    elif s.adapter == "full" and s.optimizer == "adamw":
         out.append((replace(s, optimizer="adamw_8bit"), ["optimizer: adamw_8bit"]))
     return out
 
@@ -58,11 +58,11 @@ def candidates(s: Settings) -> list[tuple[Settings, list[str]]]:
     The effective batch (micro_batch x grad_accum) is kept."""
     batch = s.micro_batch * s.grad_accum
     out = []
-    for base, method_changes in _method_variants(s):
+    for base, adapter_changes in _adapter_variants(s):
         for checkpointed, checkpoint_changes in _checkpointing_variants(base):
             for mb in _halvings(s.micro_batch):
                 ga = -(-batch // mb)
-                changes = method_changes + checkpoint_changes
+                changes = adapter_changes + checkpoint_changes
                 if mb != s.micro_batch:
                     changes += [f"micro_batch_size: {mb}", f"grad_accum: {ga}"]
                 out.append((replace(checkpointed, micro_batch=mb, grad_accum=ga), changes))
@@ -77,11 +77,11 @@ def settings_warnings(s: Settings, learning_rate: float, train_examples: float, 
         out.append(f"only {train_examples:,.0f} training examples: fewer than ~{MIN_EXAMPLES} rarely teach a "
                    "behaviour that generalises (the model memorises them); add varied examples, and watch "
                    "val_loss for overfitting")
-    if s.method != "full" and trained_tokens > s.lora_r * TOKENS_PER_RANK:
+    if s.adapter != "full" and trained_tokens > s.lora_r * TOKENS_PER_RANK:
         out.append(f"lora.r={s.lora_r} is low for {trained_tokens / 1e6:,.0f}M trained tokens per epoch: the "
                    f"adapter limits what is learnt; try lora.r={_suggested_rank(trained_tokens)} (or adapter: full)")
-    low, high = LR_RANGE["full" if s.method == "full" else "lora"]
-    kind = "full fine-tuning" if s.method == "full" else "LoRA"
+    low, high = LR_RANGE["full" if s.adapter == "full" else "lora"]
+    kind = "full fine-tuning" if s.adapter == "full" else "LoRA"
     if learning_rate > high:
         out.append(f"learning_rate {learning_rate:g} is far above the usual range for {kind} "
                    f"(up to {high:g}); expect a diverging loss or a damaged model")

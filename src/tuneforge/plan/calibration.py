@@ -62,7 +62,7 @@ def shape_for(model: str) -> ModelShape:
 
 def settings_for(row: Row) -> Settings:
     """A calibration run trains every linear layer with r=16 LoRA (QLoRA: NF4, double quantised)."""
-    return Settings(method=row.method, micro_batch=row.micro_batch, seq_len=row.seq_len,
+    return Settings(adapter=row.method, micro_batch=row.micro_batch, seq_len=row.seq_len,
                     checkpointing=row.checkpointing, padded=row.padding > 0, chunked_loss=row.chunked_loss)
 
 

@@ -31,7 +31,7 @@ FIT_SHARE = 0.9
 class Settings:
     """The choices of a run that change its memory and speed."""
 
-    method: str = "lora"  # lora | qlora | full
+    adapter: str = "lora"  # lora | qlora | full
     bits: int = 4  # qlora: 4 (NF4) or 8 (LLM.int8)
     double_quant: bool = True
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
@@ -46,13 +46,13 @@ class Settings:
     checkpoint_every: int = 1  # with checkpointing: layers 0, k, 2k, ... (1: every layer; more: selective)
     offload: bool = False  # with checkpointing: the checkpointed layers' inputs wait in pinned CPU memory
     # "given": the three above are the run's; "budget" (auto) and "lean" (min_memory): each device chooses
-    # them (plan.checkpointing.for_device), as the loop does on the GPU it runs on.
+    # them (plan.recompute.for_device), as the loop does on the GPU it runs on.
     checkpoint_choice: str = "given"
     precision: str = "auto"  # the config's: auto | bf16 | fp16 | fp32
     padded: bool = True  # batches carry a padding mask (examples differ in length)
     chunked_loss: bool = False  # performance.chunked_loss: the output layer a chunk of positions at a time
     # performance.kernels: the fused RMSNorm and gated MLP keep less for the backward (fast/kernels);
-    # None: the default, on for a GPU (Triton compiles them there), off for a CPU (plan.checkpointing.for_device).
+    # None: the default, on for a GPU (Triton compiles them there), off for a CPU (plan.recompute.for_device).
     kernels: bool | None = False
 
 
@@ -84,14 +84,14 @@ def compute_bytes(compute: str) -> int:
     return 2 if compute in HALF else 4
 
 
-def weight_bytes(method: str, compute: str) -> int:
+def weight_bytes(adapter: str, compute: str) -> int:
     """Bytes of a stored base weight, as models.load.weights_dtype: a frozen base is kept in the
     compute dtype (fp32 under fp16, which cannot hold it safely); trained weights stay fp32."""
-    return 2 if method != "full" and compute == "bf16" else 4
+    return 2 if adapter != "full" and compute == "bf16" else 4
 
 
 def trainable_params(shape: ModelShape, s: Settings) -> int:
-    return shape.params() if s.method == "full" else shape.lora_params(s.lora_r, s.lora_targets)
+    return shape.params() if s.adapter == "full" else shape.lora_params(s.lora_r, s.lora_targets)
 
 
 def quantized_bytes(shape: ModelShape, bits: int, double_quant: bool) -> float:
@@ -108,8 +108,8 @@ def quantized_bytes(shape: ModelShape, bits: int, double_quant: bool) -> float:
 
 def weights_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     """The base model as stored: quantised blocks under QLoRA, else every weight at weight_bytes."""
-    wb = weight_bytes(s.method, compute)
-    if s.method == "qlora":
+    wb = weight_bytes(s.adapter, compute)
+    if s.adapter == "qlora":
         return quantized_bytes(shape, s.bits, s.double_quant) + (shape.embedding_params() + shape.small_params()) * wb
     return shape.params() * wb
 
@@ -129,7 +129,7 @@ def _fused_norm_bytes(h: int, rb: int) -> int:
 def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     """Bytes one block saves for backward, per token, without checkpointing."""
     cb = compute_bytes(compute)
-    full = s.method == "full"
+    full = s.adapter == "full"
     h, q = shape.hidden, shape.heads * shape.dim
     # With a padding mask, transformers repeats k and v to every head before SDPA (repeat_kv).
     kv = (shape.heads if s.padded else shape.kv_heads) * shape.dim
@@ -144,7 +144,7 @@ def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     # gate, act(gate), up, act(gate) * up; the fused activation recomputes act(gate) in its backward
     mlp = (3 if s.kernels else 4) * cb * shape.intermediate
     lora = 0.0
-    if s.method != "full":
+    if s.adapter != "full":
         for in_features, _ in shape.lora_modules(s.lora_targets).values():
             lora += cb * s.lora_r + ((cb + 1) * in_features if s.lora_dropout > 0 else 0)
     return norms + attention + mlp + lora
@@ -152,7 +152,7 @@ def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
 
 def residual_bytes(s: Settings, compute: str) -> int:
     """The residual stream's dtype follows the embedding weights (fp32 when they train)."""
-    return weight_bytes(s.method, compute)
+    return weight_bytes(s.adapter, compute)
 
 
 def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
@@ -161,16 +161,16 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
     matrix bitsandbytes dequantises at a time under QLoRA."""
     cb = compute_bytes(compute)
     largest = max(i * o for i, o in shape.projections().values())
-    if s.method == "qlora":
+    if s.adapter == "qlora":
         return largest * cb
-    if weight_bytes(s.method, compute) == 4 and compute in HALF:
+    if weight_bytes(s.adapter, compute) == 4 and compute in HALF:
         blocks = shape.layer_linear_params() * live_layers(shape, s) // shape.layers
         return cb * (blocks + shape.vocab * shape.hidden)
     return 0.0
 
 
 def checkpointed_layers(shape: ModelShape, s: Settings) -> int:
-    """Decoder layers that keep only their input: layers 0, k, 2k, ... (fast/checkpointing.py picks the same)."""
+    """Decoder layers that keep only their input: layers 0, k, 2k, ... (fast/recompute.py picks the same)."""
     return -(-shape.layers // s.checkpoint_every) if s.checkpointing else 0
 
 
@@ -195,7 +195,7 @@ def activation_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     cb = compute_bytes(compute)
     tokens = s.micro_batch * s.rows * s.seq_len
     per_layer = layer_token_bytes(shape, s, compute)
-    final_norm = _norm_bytes(shape.hidden, cb, s.method == "full")
+    final_norm = _norm_bytes(shape.hidden, cb, s.adapter == "full")
     # A checkpointed block keeps only its input, one block is recomputed at a time; offload moves the inputs
     # to CPU memory and brings back one at a time.
     inputs = min(1, checkpointed_layers(shape, s)) if s.offload else checkpointed_layers(shape, s)
@@ -225,12 +225,12 @@ def memory(shape: ModelShape, s: Settings, compute: str) -> Memory:
     earlier micro-batches sit beside the next one's activations."""
     trainable = trainable_params(shape, s)
     weights = weights_memory(shape, s, compute)
-    adapter = 0.0 if s.method == "full" else trainable * 4.0  # PEFT keeps adapters in fp32
+    adapter = 0.0 if s.adapter == "full" else trainable * 4.0  # PEFT keeps adapters in fp32
     optimizer = trainable * OPTIMIZER_BYTES[s.optimizer]
     gradients = trainable * 4.0
     activations = activation_memory(shape, s, compute)
     logits = logits_memory(shape, s)
-    head_grad = shape.vocab * shape.hidden * 4.0 if s.method == "full" else 0.0
+    head_grad = shape.vocab * shape.hidden * 4.0 if s.adapter == "full" else 0.0
     start = activations + logits + head_grad + (gradients if s.grad_accum > 1 else 0.0)
     end = gradients + (head_grad if shape.tied else 0.0)
     return Memory(weights, adapter, optimizer, gradients, activations, logits,

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge.plan.hardware import GIB
-from tuneforge.plan.checkpointing import describe as describe_level
+from tuneforge.plan.recompute import describe as describe_level
 from tuneforge.plan.memory import Settings
 from tuneforge.plan.report import PlanReport
 from tuneforge.plan.shapes import ModelShape
@@ -57,7 +57,7 @@ def checkpointing_words(s: Settings, shape: ModelShape) -> str:
 def settings_line(s: Settings, shape: ModelShape) -> str:
     method = {"full": "full fine-tuning", "lora": f"LoRA r={s.lora_r}",
               "qlora": f"QLoRA r={s.lora_r} ({'NF4' if s.bits == 4 else 'int8'} base"
-                       f"{', double quant' if s.bits == 4 and s.double_quant else ''})"}[s.method]
+                       f"{', double quant' if s.bits == 4 and s.double_quant else ''})"}[s.adapter]
     return (f"{method}, {s.optimizer}, micro_batch_size {s.micro_batch} x grad_accum {s.grad_accum}, "
             f"activation checkpointing {checkpointing_words(s, shape)}")
 

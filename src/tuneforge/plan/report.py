@@ -16,7 +16,7 @@ from tuneforge.data.stats import padding_waste
 from tuneforge.fast import chunked_loss_requested, kernels_requested
 from tuneforge.methods.facts import method_facts
 from tuneforge.plan.advice import candidates, settings_warnings
-from tuneforge.plan.checkpointing import for_device, from_request, requested, with_level
+from tuneforge.plan.recompute import for_device, from_request, requested, with_level
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
@@ -39,7 +39,7 @@ class Workload:
     seed: int
 
     def steps(self, s: Settings) -> tuple[float, int]:
-        """(optimizer steps per epoch, steps of the whole run), as train.loop.make_plan counts them."""
+        """(optimizer steps per epoch, steps of the whole run), as train.steps.count_steps counts them."""
         micro = math.ceil(self.examples_per_epoch / s.micro_batch)
         per_epoch = max(1, math.ceil(micro / s.grad_accum))
         total = self.max_steps if self.max_steps is not None else max(1, math.ceil(self.epochs * per_epoch))
@@ -132,7 +132,7 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
     if facts.reference:
         notes.append(f"{facts.name}: the reference model's forward pass is not in the time estimate")
     s = Settings(
-        method=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
+        adapter=adapter, bits=getattr(quant, "bits", None) or 4, double_quant=bool(getattr(quant, "double_quant", True)),
         optimizer=optimizer, lora_r=cfg.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=facts.rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
         precision=cfg.precision, padded=padded, kernels=kernels_requested(cfg.performance),
@@ -178,7 +178,7 @@ def _notes(info: ModelInfo, tokenizer_note: str, s: Settings, rows: list[DeviceR
     notes = [n for n in (info.note, tokenizer_note) if n]
     if not read_data:
         notes.append("no training example was read, so time and cost assume max_seq_len-long examples")
-    if s.method != "full" and not info.shape.lora_modules(s.lora_targets):
+    if s.adapter != "full" and not info.shape.lora_modules(s.lora_targets):
         targets = [s.lora_targets] if isinstance(s.lora_targets, str) else list(s.lora_targets)
         notes.append(f"lora.target_modules {targets} names none of {', '.join(info.shape.projections())}: "
                      "the adapter is counted as empty")

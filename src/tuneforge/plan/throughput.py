@@ -41,7 +41,7 @@ def flops_per_token(shape: ModelShape, s: Settings, width: float) -> float:
     own; checkpointing recomputes the forward of the checkpointed layers once more (offload's copies
     to and from CPU memory are not counted)."""
     forward = forward_flops(shape, width)
-    if s.method == "full":
+    if s.adapter == "full":
         total = 3 * forward
     else:
         total = 2 * forward + 6 * shape.lora_params(s.lora_r, s.lora_targets)
@@ -51,7 +51,7 @@ def flops_per_token(shape: ModelShape, s: Settings, width: float) -> float:
 def speed(shape: ModelShape, s: Settings, device: Device, compute: str, width: float, padding: float) -> Speed:
     """Time of one optimizer step of micro_batch x grad_accum micro-batches `width` tokens wide,
     of which the share `padding` is padding."""
-    rate = device.peak_flops(compute) * device.mfu * (QUANT_SPEED[s.bits] if s.method == "qlora" else 1.0)
+    rate = device.peak_flops(compute) * device.mfu * (QUANT_SPEED[s.bits] if s.adapter == "qlora" else 1.0)
     per_token = flops_per_token(shape, s, width)
     positions = s.micro_batch * s.rows * s.grad_accum * width
     micro_batch = max(s.micro_batch * s.rows * width * per_token / rate, 0.0 if device.is_cpu else shape.layers * BLOCK_LAUNCH_SECONDS)

@@ -19,7 +19,7 @@ from tuneforge.config import Config
 from tuneforge.data.dataset import PreparedData
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.fast.switches import run_shape
-from tuneforge.plan.checkpointing import for_device
+from tuneforge.plan.recompute import for_device
 from tuneforge.plan.hardware import GIB
 from tuneforge.plan.memory import Settings, compute_dtype, memory
 from tuneforge.plan.model import shape_from_hf_config

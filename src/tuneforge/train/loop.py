@@ -15,20 +15,18 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from tuneforge.config import Config, check_distributable, config_to_dict
-from tuneforge.data.batching import epoch_order, micro_batches_per_epoch, shard_step
-from tuneforge.data.dataset import PreparedData, prepare_data, prepared_marker, write_rejected
-from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.data.batching import shard_step
+from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
+from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
-from tuneforge.folders import mark, marked_kind
+from tuneforge.folders import mark
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective
@@ -52,86 +50,22 @@ from tuneforge.parallel.world import SINGLE, World, init_world
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
-from tuneforge.train.checkpoints import (
-    list_checkpoints,
-    load_checkpoint,
-    newest_verified,
-    read_state,
-    save_checkpoint,
-    set_aside,
-    trainable_parameters,
-)
+from tuneforge.train.checkpoints import load_checkpoint, read_state, save_checkpoint, trainable_parameters
 from tuneforge.train.checkpoints.gather import check_saved_tensors, gather_for_save
 from tuneforge.train.fits import check_micro_batch_fits
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.outputs import RUN_ENTRIES, now, run_manifest, save_final, write_json
+from tuneforge.train.outputs import now, run_manifest, save_final, write_json
 from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
+from tuneforge.train.resume import adapter_facts, check_resumable, check_same_data, resume_point
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
+from tuneforge.train.steps import count_steps, next_step_batches
 from tuneforge.validate import check_data_files
-
-
-class TrainingError(TuneforgeError):
-    pass
-
-
-@dataclass
-class Plan:
-    examples_per_epoch: int
-    micro_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    micro_per_step: int  # micro-batches of one optimizer step, over all processes
-
-
-def micro_batches_per_step(cfg: Config, processes: int = 1) -> int:
-    """grad_accum in each process, or global_batch_size / micro_batch_size shared by the processes."""
-    if cfg.global_batch_size is None:
-        return cfg.grad_accum * processes
-    n = cfg.global_batch_size // cfg.micro_batch_size
-    if n % processes:
-        step = cfg.micro_batch_size * processes
-        raise ConfigError(f"global_batch_size: {cfg.global_batch_size} is {n} micro-batches of {cfg.micro_batch_size}, "
-                          f"which {processes} processes cannot share evenly; use a multiple of micro_batch_size x "
-                          f"processes ({step}, {2 * step}, ...) or another number of processes")
-    return n
-
-
-def make_plan(cfg: Config, data: PreparedData, processes: int = 1) -> Plan:
-    n = len(epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, 0))
-    micro = micro_batches_per_epoch(n, cfg.micro_batch_size)
-    per_step = micro_batches_per_step(cfg, processes)
-    steps = math.ceil(micro / per_step)
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps))
-    return Plan(n, micro, steps, total, per_step)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def next_step_batches(cfg: Config, data: PreparedData, plan: Plan, cursor: dict, orders: dict) -> list[list[int]]:
-    """Example indices of the micro-batches of the next optimizer step, over all processes; advances the cursor.
-
-    A step never spans two epochs: the last step of an epoch may have fewer micro-batches. The cursor
-    counts micro-batches of the epoch's order, whatever the number of processes, so a checkpoint's data
-    position holds on any number of them.
-    """
-    if cursor["micro"] >= plan.micro_per_epoch:
-        cursor["epoch"] += 1
-        cursor["micro"] = 0
-    epoch = cursor["epoch"]
-    if epoch not in orders:
-        orders.clear()
-        orders[epoch] = epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, epoch)
-    order = orders[epoch]
-    batches = []
-    while len(batches) < plan.micro_per_step and cursor["micro"] < plan.micro_per_epoch:
-        start = cursor["micro"] * cfg.micro_batch_size
-        batches.append(order[start : start + cfg.micro_batch_size])
-        cursor["micro"] += 1
-    return batches
 
 
 def accumulate_gradients(objective, model, batches: list[dict], device, dtype, world: World = SINGLE,
@@ -158,74 +92,6 @@ def optimizer_step(optimizer, lr: float, max_grad_norm: float | None) -> float:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def _check_output_dir(run_dir: Path, resume: bool, world: World, warn: Callable[[str], None]) -> Path | None:
-    """The checkpoint to resume from: the newest that verifies; a damaged newer one is set aside, saying why."""
-    if not resume:
-        if list_checkpoints(run_dir) or (run_dir / "final").exists():
-            raise TrainingError(
-                f"output_dir: {run_dir} already holds a run. Use `--resume` to continue it, "
-                "or set another output_dir (e.g. --set output_dir=runs/new)."
-            )
-        clash = [] if marked_kind(run_dir) == "run" else [n for n in RUN_ENTRIES if (run_dir / n).exists()]
-        if clash:
-            raise TrainingError(f"output_dir: {run_dir} already holds {', '.join(clash)}, which no tuneforge run wrote "
-                                "there, and a run never replaces files it did not write: set another output_dir "
-                                "(e.g. --set output_dir=runs/new)")
-        return None
-    ckpt, damaged = newest_verified(run_dir) if world.main else (None, [])
-    for bad, why in damaged:
-        warn(f"--resume: {bad} is damaged ({why}); set it aside as {set_aside(bad).name}"
-             + (f" and resuming from the older {ckpt.name}" if ckpt is not None else ""))
-    ckpt = world.broadcast(ckpt)
-    if ckpt is None:
-        found = "every checkpoint in it is damaged (see above)" if damaged else "it has no complete checkpoint"
-        raise TrainingError(f"--resume: cannot resume {run_dir}: {found}; start without --resume")
-    return ckpt
-
-
-def _check_same_data(world: World, hashes: dict[str, str]) -> None:
-    """Every process must read the same files: a node with another copy would train on other examples."""
-    for rank, other in enumerate(world.gather_objects(hashes)):
-        if other != hashes:
-            differ = sorted(k for k in set(hashes) | set(other) if hashes.get(k) != other.get(k))
-            raise TrainingError(f"datasets: rank {rank} reads other data than rank {world.rank} ({', '.join(differ)}); "
-                                "every node must see the same files (a shared file system, or identical copies)")
-
-
-def _check_same_batch(state: dict, ckpt: Path, cfg: Config, plan: Plan, processes: int) -> None:
-    """A resumed run must take the steps the saved one took, on any number of processes."""
-    saved_mbs, saved_per_step = state.get("micro_batch_size"), state.get("micro_per_step")
-    if saved_mbs is not None and saved_mbs != cfg.micro_batch_size:
-        raise TrainingError(f"--resume: {ckpt} was written with micro_batch_size {saved_mbs}, this run has "
-                            f"{cfg.micro_batch_size}; its data position counts micro-batches of {saved_mbs}, so set it back")
-    if saved_per_step is not None and saved_per_step != plan.micro_per_step:
-        if cfg.global_batch_size is None and saved_per_step % processes == 0:
-            advice = f"set grad_accum back to {saved_per_step // processes}"
-        else:
-            advice = f"set global_batch_size: {saved_per_step * saved_mbs} so that any number of processes takes the same steps"
-        raise TrainingError(
-            f"--resume: {ckpt} took {saved_per_step} micro-batches of {saved_mbs} per step (a global batch of "
-            f"{saved_per_step * saved_mbs}), this run would take {plan.micro_per_step}; {advice}")
-
-
-def _adapter_facts(cfg: Config) -> dict:
-    """What fixes the shape and scale of the trained tensors: saved with each checkpoint, compared on resume."""
-    facts = {"adapter": cfg.adapter}
-    if cfg.adapter != "full":
-        facts.update({f"lora.{k}": v for k, v in cfg.lora.model_dump(mode="json").items() if k != "dropout"})
-    return facts
-
-
-def _check_same_adapter(state: dict, ckpt: Path, cfg: Config) -> None:
-    """Refused before any tensor is loaded: the saved weights only fit the adapter they were trained as."""
-    saved, now = state.get("adapter_facts", {}), _adapter_facts(cfg)
-    for key in sorted(set(saved) & set(now)):
-        if saved[key] != now[key]:
-            raise TrainingError(f"--resume: {ckpt} was written with {key}: {json.dumps(saved[key])}, this run has "
-                                f"{json.dumps(now[key])}; its weights only fit the adapter they were trained as, so set "
-                                f"{key} back to {json.dumps(saved[key])} (or start a new run in another output_dir)")
 
 
 def _check_distributable(cfg: Config, world: World, strategy: str) -> None:
@@ -259,7 +125,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_distributable(cfg, world, cfg.distributed.strategy)
     started = now()
     run_dir = Path(cfg.output_dir)
-    ckpt = _check_output_dir(run_dir, resume, world, rep.warn)
+    ckpt = resume_point(run_dir, resume, world, rep.warn)
     require_packages(cfg.track.to)
 
     # Data first: every check runs before a model is loaded. Rank 0 resolves the model and prepares
@@ -270,13 +136,13 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
     with world.main_first(ready=prepared_marker(cfg, tokenizer)):
         data = prepare_data(cfg, tokenizer)
-    _check_same_data(world, data.file_hashes)
+    check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir, "run")
         write_rejected(run_dir / "rejected.jsonl", data.rejected)
     rep.data_summary(data, cfg, run_dir, tokenizer)
-    plan = make_plan(cfg, data, world.size)
+    counts = count_steps(cfg, data, world.size)
     check_micro_batch_fits(cfg, folder, data, device)
 
     dtype = pick_dtype(cfg.precision, device)
@@ -326,20 +192,16 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     # everything else (optimizer, checkpoints, evaluation) keeps using `model`.
     trained = parallelize(model, strategy, world, device, cfg.distributed.fsdp, dtype)
     if world.distributed:
-        rep.note(f"Training on {world.size} processes ({strategy}): {plan.micro_per_step} micro-batches of "
-                 f"{cfg.micro_batch_size} per step, {plan.micro_per_step // world.size} in each process "
-                 f"(global batch {plan.micro_per_step * cfg.micro_batch_size})")
+        rep.note(f"Training on {world.size} processes ({strategy}): {counts.micro_per_step} micro-batches of "
+                 f"{cfg.micro_batch_size} per step, {counts.micro_per_step // world.size} in each process "
+                 f"(global batch {counts.micro_per_step * cfg.micro_batch_size})")
     optimizer = build_optimizer(model, cfg, fused=fast.fused_optimizer)
-    warmup = warmup_steps(plan.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
+    warmup = warmup_steps(counts.total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
     step, cursor = 0, {"epoch": 0, "micro": 0}
     if ckpt is not None:
         state = read_state(ckpt)
-        if state.get("data_sha256") != data.file_hashes:
-            raise TrainingError(f"--resume: the data files changed since {ckpt} was written, so the saved data "
-                                "position means nothing; restore the files or start a new run")
-        _check_same_batch(state, ckpt, cfg, plan, world.size)
-        _check_same_adapter(state, ckpt, cfg)
+        check_resumable(state, ckpt, cfg, counts.micro_per_step, world.size, data.file_hashes)
         load_checkpoint(ckpt, model, optimizer)
         step, cursor = state["step"], state["cursor"]
         rep.note(f"Resuming from {ckpt} (step {step}, epoch {cursor['epoch']}, micro-batch {cursor['micro']})")
@@ -349,9 +211,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         tracking = Trackers([], rep.warn)
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
                                                      base_model=cfg.base_model, started=started))
-    watch = Watch(cfg, plan.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
-    batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": plan.micro_per_step,
-                   "adapter_facts": _adapter_facts(cfg)}
+    watch = Watch(cfg, counts.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
+    batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": counts.micro_per_step,
+                   "adapter_facts": adapter_facts(cfg)}
     if ckpt is None:
         watch.before_training()
         if cfg.on_divergence == "rollback":  # a state to roll back to before the first checkpoint
@@ -364,23 +226,23 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if step == 0:
         objective.preflight(model)
     watchdog = Watchdog(cfg.distributed.watchdog_seconds if world.distributed else None, world.rank)
-    rep.start(plan.total_steps, step)
+    rep.start(counts.total_steps, step)
     try:
-        while step < plan.total_steps and (stop_after is None or step < stop_after):
+        while step < counts.total_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
-            index_batches = next_step_batches(cfg, data, plan, cursor, orders)
+            index_batches = next_step_batches(cfg, data, counts, cursor, orders)
             mine, counted = shard_step(index_batches, world.rank, world.size)
             batches = [objective.collate(idx, (step, world.rank + j * world.size)) for j, idx in enumerate(mine)]
             data_s = time.perf_counter() - t0
             loss, totals, stats = accumulate_gradients(objective, trained, batches, device, dtype, world, counted)
-            lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=plan.total_steps, warmup=warmup,
+            lr = watch.lr_scale * lr_at(step, base_lr=cfg.learning_rate, total_steps=counts.total_steps, warmup=warmup,
                                         kind=cfg.scheduler)
             watch.measure_gradients()
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             watchdog.pet("step")
             record = {
-                "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / plan.micro_per_epoch, 4),
+                "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / counts.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
                 **throughput(totals, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
@@ -408,7 +270,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 watchdog.pet("evaluation")
             tracking.log(record)
             rep.step(record)
-            if step == plan.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
+            if step == counts.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
                 loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **batch_state, **watch.state()}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last, world)
                 watchdog.pet("checkpoint")
@@ -420,7 +282,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     finally:
         watchdog.stop()
         rep.stop()
-    if step < plan.total_steps and not watch.early_stopped:
+    if step < counts.total_steps and not watch.early_stopped:
         tracking.finish({"steps": step}, "KILLED")
         return {"stopped_at": step}
 
@@ -452,11 +314,11 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         device=str(device),
         precision=str(dtype).removeprefix("torch."),
         distributed={"processes": world.size, "strategy": strategy,
-                     "global_batch": plan.micro_per_step * cfg.micro_batch_size},
+                     "global_batch": counts.micro_per_step * cfg.micro_batch_size},
         started=started,
         finished=now(),
         steps=step,
-        plan=plan.__dict__,
+        plan=counts.__dict__,
         adapted_modules=adapted,
         final=str(final),
         eval_before=_headline(before),

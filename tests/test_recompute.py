@@ -17,13 +17,13 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import ConfigError
 from tuneforge.fast import FastPath
-from tuneforge.fast.checkpointing import apply_activation_checkpointing
+from tuneforge.fast.recompute import apply_activation_checkpointing
 from tuneforge.fast.switches import choose_level, resolve
 from tuneforge.fast.compile import apply_compile
 from tuneforge.methods.sft import SFT
 from tuneforge.models.load import attach_adapter, load_tokenizer
 from tuneforge.plan.architectures import ARCHITECTURES
-from tuneforge.plan.checkpointing import describe, for_device, level, with_level
+from tuneforge.plan.recompute import describe, for_device, level, with_level
 from tuneforge.plan.memory import Settings, memory, offloaded_bytes
 from tuneforge.plan.throughput import flops_per_token
 from tuneforge.train.loop import accumulate_gradients, train

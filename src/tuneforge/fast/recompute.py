@@ -6,7 +6,7 @@ The layers are switched with transformers' own per-layer mechanism (GradientChec
 `gradient_checkpointing` flag and a `_gradient_checkpointing_func` on each layer instance). It
 checkpoints the layer's `forward` inside the module's hooks, so FSDP's gathers and PEFT's adapters
 work unchanged and nothing is wrapped or patched. Which level a run uses is fast.switches.choose_level's
-answer, from plan's memory model (plan.checkpointing), so `tuneforge plan` shows the same choice.
+answer, from plan's memory model (plan.recompute), so `tuneforge plan` shows the same choice.
 """
 
 from __future__ import annotations
