@@ -338,7 +338,7 @@ def test_candidates_keep_the_effective_batch_and_go_from_small_to_big_changes():
     options = candidates(s)
     assert options[0] == (s, [])
     assert all(o.micro_batch * o.grad_accum >= 16 for o, _ in options)
-    kinds = [("qlora" if o.method == "qlora" else "ckpt" if o.checkpointing else "batch") for o, _ in options]
+    kinds = [("qlora" if o.adapter == "qlora" else "ckpt" if o.checkpointing else "batch") for o, _ in options]
     assert kinds == sorted(kinds, key=["batch", "ckpt", "qlora"].index)
 
 
