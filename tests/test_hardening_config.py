@@ -45,13 +45,13 @@ def project(tmp_path: Path) -> Path:
 def test_a_binary_config_file_is_one_line_naming_the_file(project, capsys):
     path = write(project / "run.yaml", b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\xff\xfe\x03\x00")
     err = cli_error(["validate", str(path)], capsys)
-    assert err.count("\n") == 1 and f"{path}:1: not a UTF-8 text file" in err
+    assert err.count("\n") == 1 and f"{path}:1: not valid UTF-8" in err
 
 
 def test_a_config_in_another_encoding_names_the_line(project, capsys):
     path = write(project / "run.yaml", "datasets:\n  - path: train.jsonl\n# r\xe9sum\xe9\n".encode("latin-1"))
     err = cli_error(["validate", str(path)], capsys)
-    assert f"{path}:3: not a UTF-8 text file" in err and "save" in err
+    assert f"{path}:3: not valid UTF-8" in err and "save" in err
 
 
 def test_a_file_of_nul_bytes_is_not_a_text_file(project, capsys):

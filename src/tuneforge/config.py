@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, read_utf8
 from tuneforge.methods.facts import method_facts
 
 DataFormat = Literal[
@@ -786,13 +786,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"{path}:{line}: not a UTF-8 text file (byte {err.start + 1} of the file); "
-                          f"give a YAML {what} saved as UTF-8") from None
+    text = read_utf8(path, ConfigError, f"give a YAML {what} saved as UTF-8")
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise ConfigError(f"{path}:{line}: not a text file (it holds NUL bytes); give a YAML {what}")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, read_utf8
 
 KINDS = (".jsonl (one JSON object a line; also any extension not listed here), .json, .csv, .tsv, .parquet, "
          "or a folder saved by Hugging Face datasets (save_to_disk)")
@@ -122,13 +122,7 @@ def _json(path: Path) -> Iterator[tuple[int, object]]:
     A JSON document has no per-record lines, so records are numbered from 1 instead. The object
     form is refused when its list is a record field: {"messages": [...]} is one record, not a file.
     """
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start + 1} of the file); "
-                        "save it as UTF-8") from None
+    text = read_utf8(path, DataError, "save it as UTF-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
