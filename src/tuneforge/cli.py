@@ -139,7 +139,7 @@ def cmd_chat(args) -> int:
 
 def _out_folder(args, run, default: str) -> Path:
     """An explicit --out must lie outside the run it reads; the default is a new folder inside it."""
-    from tuneforge.folders import check_apart
+    from tuneforge.output_folders import check_apart
 
     if not args.out:
         return run.dir / default

@@ -9,7 +9,7 @@ from pathlib import Path
 from tuneforge.config import Config
 from tuneforge.data import stats
 from tuneforge.data.dataset import PreparedData, prepare_data, write_rejected
-from tuneforge.folders import check_out, output_folder
+from tuneforge.output_folders import check_out, output_folder
 
 
 def turns_per_conversation(data: PreparedData) -> dict[int, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.folders import check_out, output_folder
+from tuneforge.output_folders import check_out, output_folder
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.run import Run, base_folder
 from tuneforge.train.outputs import write_final, write_json

@@ -15,7 +15,7 @@ import yaml
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
-from tuneforge.folders import output_folder
+from tuneforge.output_folders import output_folder
 from tuneforge.models.run import Run
 from tuneforge.train.outputs import write_json
 

@@ -18,7 +18,7 @@ import torch
 
 from tuneforge import __version__
 from tuneforge.errors import ModelError
-from tuneforge.folders import check_apart, check_out, output_folder
+from tuneforge.output_folders import check_apart, check_out, output_folder
 from tuneforge.merge import methods
 from tuneforge.merge.config import NEEDS_BASE, MergeConfig, config_to_dict, load_merge_config
 from tuneforge.models.adapter_files import adapter_weights

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.folders import is_empty, mark, marked_kind
+from tuneforge.output_folders import is_empty, mark, marked_kind
 from tuneforge.track.plots import run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 

@@ -26,7 +26,7 @@ from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
-from tuneforge.folders import mark
+from tuneforge.output_folders import mark
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective

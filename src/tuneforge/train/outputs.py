@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.folders import output_folder
+from tuneforge.output_folders import output_folder
 
 # What a run writes at the top of its output_dir: a new run refuses a folder that has any of them
 # and is not marked as a run's, since it would replace them.

@@ -9,7 +9,7 @@ from typing import Callable
 
 from tuneforge.config import Config
 from tuneforge.errors import TrainingError
-from tuneforge.folders import marked_kind
+from tuneforge.output_folders import marked_kind
 from tuneforge.parallel.world import World
 from tuneforge.train.checkpoints import list_checkpoints, newest_verified, set_aside
 from tuneforge.train.outputs import RUN_ENTRIES
