@@ -511,3 +511,39 @@ def plan_settings(cfg):
     from tuneforge.plan.report import settings_from_config
 
     return settings_from_config(cfg, 512, True)[0]
+
+
+# --- planning before the data exists ----------------------------------------------------------
+
+def _no_data_config(tmp_path) -> str:
+    path = tmp_path / "no_data.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.1-8B-Instruct\nmax_seq_len: 2048\nmicro_batch_size: 4\n")
+    return str(path)
+
+
+def test_plan_without_datasets_is_sized_by_the_flags(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    config = _no_data_config(tmp_path)
+    assert main(["plan", config, "--seq-len", "1024", "--examples", "100000", "--json", "--gpu", "4090", "h100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["train_examples"] == 100_000 and report["data"]["tokens_per_epoch"] == 1024 * 100_000
+    assert report["model"]["shape"]["name"] == "llama-3.1-8b"
+    rows = {d["device"]: d for d in report["devices"]}
+    assert rows["RTX-4090"]["fits"] and rows["RTX-4090"]["settings"]["seq_len"] == 1024
+    # --tokens alone: packed, max_seq_len-long examples; the same tokens as 50,000 x 2048.
+    assert main(["plan", config, "--tokens", "102400000", "--json", "--gpu", "h100"]) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert packed["data"]["train_examples"] == 50_000 and packed["settings"]["seq_len"] == 2048
+
+
+def test_plan_without_datasets_or_flags_says_which_flags_to_pass(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    config = _no_data_config(tmp_path)
+    assert main(["plan", config]) == 2
+    err = capsys.readouterr().err
+    assert "datasets: required key is missing" in err and "--seq-len L --examples N (or --tokens N)" in err
+    assert main(["plan", config, "--examples", "500"]) == 2
+    assert "--examples 500 needs --seq-len" in capsys.readouterr().err
+    assert main(["validate", config]) == 2  # only plan may go without data

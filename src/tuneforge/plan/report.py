@@ -232,12 +232,15 @@ class PlanReport:
 
 
 def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path | None = None,
-                config_path: str = "") -> PlanReport:
-    """Everything `tuneforge plan` prints, for a loaded config."""
+                config_path: str = "", data: DataEstimate | None = None) -> PlanReport:
+    """Everything `tuneforge plan` prints, for a loaded config; `data` given (plan.assumed) reads no data
+    and loads no tokenizer."""
     table = devices(gpus, load_prices(prices))
     info = model_info(cfg.base_model)
-    tokenizer, tokenizer_note = _tokenizer(info, cfg)
-    data = data_estimate(cfg, tokenizer)
+    tokenizer_note = ""
+    if data is None:
+        tokenizer, tokenizer_note = _tokenizer(info, cfg)
+        data = data_estimate(cfg, tokenizer)
     lengths = np.asarray(data.lengths)
     s, notes = settings_from_config(cfg, _longest(cfg, data), bool(lengths.size and lengths.min() != lengths.max()))
     work = Workload(data.examples_per_epoch, cfg.epochs, cfg.max_steps, lengths, cfg.seed)
