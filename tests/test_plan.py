@@ -234,6 +234,22 @@ def test_a_sample_extrapolates_to_the_whole_file_and_reading_it_all_is_exact(tmp
     assert sampled.tokens_per_epoch == pytest.approx(exact.train.lengths.sum(), rel=0.15)
 
 
+def test_a_sample_states_an_error_that_covers_the_whole_files_count(tmp_path, smol_tokenizer):
+    rng = np.random.default_rng(1)
+    records = [chat("word " * int(rng.integers(0, 40)), "answer " * int(rng.integers(1, 60))) for _ in range(3000)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = config_from_dict({"datasets": [{"path": str(path)}], "max_seq_len": 512})
+    whole = from_sample(cfg, smol_tokenizer, limit=5000)
+    assert whole.exact and whole.relative_error == 0.0
+    stated = []
+    for k in (50, 200, 1000):
+        sampled = from_sample(cfg, smol_tokenizer, limit=k)
+        assert abs(sampled.tokens_per_epoch / whole.tokens_per_epoch - 1) <= sampled.relative_error
+        assert f"tokens +-{sampled.relative_error:.1%} (95%" in sampled.how
+        stated.append(sampled.relative_error)
+    assert stated == sorted(stated, reverse=True)  # a larger sample, a smaller error
+
+
 def test_the_prepared_data_cache_is_found_and_read_exactly(tmp_path, monkeypatch, smol_tokenizer):
     from tuneforge.data.dataset import prepare_data
     from tuneforge.plan.data import data_estimate

@@ -34,6 +34,7 @@ class DataEstimate:
     over_max_seq_len: float  # share of the records read that were longer than max_seq_len
     how: str  # what was read, in words
     exact: bool
+    relative_error: float = 0.0  # of tokens_per_epoch, 95%, when counted from a sample
 
 
 def examples_per_epoch(sizes: list[float], weights: list[float]) -> float:
@@ -46,8 +47,16 @@ def examples_per_epoch(sizes: list[float], weights: list[float]) -> float:
     return total
 
 
+def sample_error(lengths: np.ndarray) -> float:
+    """95% relative error of a token total extrapolated from these sampled lengths (1.96 standard
+    errors of their mean), as if the records read were a random sample of the file."""
+    if lengths.size < 2 or not lengths.mean():
+        return 0.0
+    return float(1.96 * lengths.std(ddof=1) / (lengths.mean() * np.sqrt(lengths.size)))
+
+
 def _estimate(cfg: Config, sizes: list[float], lengths_by_set: list[np.ndarray], trained: float,
-              over: float, how: str, exact: bool) -> DataEstimate:
+              over: float, how: str, exact: bool, error: float = 0.0) -> DataEstimate:
     """Epoch totals from per-dataset sizes and (sampled) lengths, with the config's weights and ratios."""
     from tuneforge.data.dataset import effective_weights
 
@@ -58,7 +67,7 @@ def _estimate(cfg: Config, sizes: list[float], lengths_by_set: list[np.ndarray],
     all_tokens = sum(n * m for n, m in zip(sizes, means))
     lengths = np.concatenate(lengths_by_set) if lengths_by_set else np.zeros(0, np.int64)
     return DataEstimate(sum(sizes), examples_per_epoch(sizes, weights), lengths, tokens,
-                        trained * tokens / all_tokens if all_tokens else 0.0, over, how, exact)
+                        trained * tokens / all_tokens if all_tokens else 0.0, over, how, exact, error)
 
 
 def _data_files(cfg: Config) -> list[Path]:
@@ -134,7 +143,7 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
     summary = DataSummary()
     encoder = _Encoder(tokenizer, cfg, summary)
     split = cfg.validation.split if cfg.validation and cfg.validation.split else 0.0
-    sizes, per_set, trained, read_total, partial = [], [], 0.0, 0, []
+    sizes, per_set, trained, read_total, partial, errors = [], [], 0.0, 0, [], []
     for ds in cfg.datasets:
         records, read, last, whole = _head(ds, limit)
         sides = [TokenizedBuilder() for _ in range(method_facts(cfg).parts)]
@@ -143,18 +152,21 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
         scale = 1.0 if whole or not read else _records_in(Path(ds.path), read, last) / read
         if not whole:
             partial.append(f"{Path(ds.path).name}: first {read} of about {read * scale:,.0f} records")
+            errors.append(sample_error(part.lengths))
         sizes.append(len(part) * scale * (1 - split))
         per_set.append(part.lengths)
         trained += part.trained_tokens() * scale * (1 - split)
         read_total += read
     over = sum(c["over_max_seq_len"] for c in summary.per_file.values()) / max(read_total, 1)
+    error = max(errors, default=0.0)
     if partial:
-        how = "a sample, extrapolated by file size (" + "; ".join(partial) + ")"
+        how = (f"a sample, extrapolated by file size (" + "; ".join(partial) + f"): tokens +-{error:.1%} "
+               "(95%, if the first records are typical of the rest)")
     else:
         how = f"all {read_total} records, tokenized now (no prepared-data cache for these settings)"
     if split:
         how += f"; validation.split {split:g} taken out by share"
-    return _estimate(cfg, sizes, per_set, trained, over, how, not partial and not split)
+    return _estimate(cfg, sizes, per_set, trained, over, how, not partial and not split, error)
 
 
 def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:

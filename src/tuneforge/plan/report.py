@@ -221,7 +221,7 @@ class PlanReport:
             "data": {"train_examples": d.train_examples, "examples_per_epoch": d.examples_per_epoch,
                      "tokens_per_epoch": d.tokens_per_epoch, "trained_tokens_per_epoch": d.trained_tokens_per_epoch,
                      "longest": self.settings.seq_len, "over_max_seq_len_share": d.over_max_seq_len,
-                     "how": d.how, "exact": d.exact},
+                     "how": d.how, "exact": d.exact, "relative_error": d.relative_error},
             "devices": [r.as_json() for r in self.rows],
             "fits_with_changes": {k: (v.as_json() if v else None) for k, v in self.fitted.items()},
             "recommendation": self.recommendation.as_json() if self.recommendation else None,
