@@ -476,6 +476,31 @@ def test_a_gguf_models_tokenizer_is_read_once_then_from_a_folder(tmp_path, monke
     assert AutoTokenizer.from_pretrained(str(folder))(text).input_ids == original(text).input_ids
 
 
+def test_a_fresh_machines_first_plan_loads_the_gguf_tokenizer_without_autotokenizer(tmp_path, monkeypatch):
+    """AutoTokenizer on a GGUF reads every tensor header and the model config (9 s of a 2-core machine's
+    first plan); the folder is written from the tokenizer metadata, and the first load names its class."""
+    import transformers
+
+    import tuneforge.models.load
+    from tuneforge.models.resolve import builtin_gguf
+    from tuneforge.plan.data import gguf_tokenizer_folder, load_tokenizer_quickly
+
+    gguf = builtin_gguf("smollm2-135m-instruct")
+    original = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoTokenizer was used")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(tuneforge.models.load, "load_tokenizer", refuse)
+    tokenizer = load_tokenizer_quickly(gguf_tokenizer_folder(gguf))
+    text = "Mei Haddad, 18, lives in Lisbon. <|im_end|> ünïcode"
+    assert tokenizer(text).input_ids == original(text).input_ids
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template) == (
+        original.eos_token, original.eos_token, original.chat_template)
+
+
 def test_plan_never_imports_torch():
     """torch's import alone is a second on a small machine: plan answers from shapes and token counts."""
     import subprocess
