@@ -572,6 +572,8 @@ def test_plan_without_datasets_is_sized_by_the_flags(tmp_path, capsys):
     assert report["model"]["shape"]["name"] == "llama-3.1-8b"
     rows = {d["device"]: d for d in report["devices"]}
     assert rows["RTX-4090"]["fits"] and rows["RTX-4090"]["settings"]["seq_len"] == 1024
+    h100 = rows["H100-80GB"]  # the whole run costs about a hundred million tokens' worth
+    assert h100["cost"] == pytest.approx(h100["cost_per_million_tokens"] * 102.4, rel=0.01)
     # --tokens alone: packed, max_seq_len-long examples; the same tokens as 50,000 x 2048.
     assert main(["plan", config, "--tokens", "102400000", "--json", "--gpu", "h100"]) == 0
     packed = json.loads(capsys.readouterr().out)

@@ -68,6 +68,13 @@ class DeviceResult:
     cost: float | None
     changes: list[str] = field(default_factory=list)
 
+    @property
+    def cost_per_million_tokens(self) -> float | None:
+        """What a million trained tokens cost on this device: comparable whatever the data's size."""
+        if self.device.price is None or not self.speed.tokens_per_second:
+            return None
+        return self.device.price / 3600 / self.speed.tokens_per_second * 1e6
+
     def as_json(self) -> dict:
         return {
             "device": self.device.name, "memory_gib": self.device.memory_gib, "price_per_hour": self.device.price,
@@ -75,7 +82,7 @@ class DeviceResult:
             "memory_bytes": {k: round(v) for k, v in self.memory.as_dict().items()},
             "flops_per_token": self.speed.flops_per_token, "tokens_per_second": self.speed.tokens_per_second,
             "step_seconds": self.speed.step_seconds, "epoch_hours": self.epoch_hours, "run_hours": self.run_hours,
-            "cost": self.cost, "changes": self.changes, "settings": asdict(self.settings),
+            "cost": self.cost, "cost_per_million_tokens": self.cost_per_million_tokens, "changes": self.changes, "settings": asdict(self.settings),
         }
 
 
