@@ -180,7 +180,7 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
     over = sum(c["over_max_seq_len"] for c in summary.per_file.values()) / max(read_total, 1)
     error = max(errors, default=0.0)
     if partial:
-        how = (f"a sample, extrapolated by file size (" + "; ".join(partial) + f"): tokens +-{error:.1%} "
+        how = ("a sample, extrapolated by file size (" + "; ".join(partial) + f"): tokens +-{error:.1%} "
                "(95%, if the first records are typical of the rest)")
     else:
         how = f"all {read_total} records, tokenized now (no prepared-data cache for these settings)"
