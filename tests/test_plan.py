@@ -234,6 +234,22 @@ def test_a_sample_extrapolates_to_the_whole_file_and_reading_it_all_is_exact(tmp
     assert sampled.tokens_per_epoch == pytest.approx(exact.train.lengths.sum(), rel=0.15)
 
 
+def test_a_sample_states_an_error_that_covers_the_whole_files_count(tmp_path, smol_tokenizer):
+    rng = np.random.default_rng(1)
+    records = [chat("word " * int(rng.integers(0, 40)), "answer " * int(rng.integers(1, 60))) for _ in range(3000)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = config_from_dict({"datasets": [{"path": str(path)}], "max_seq_len": 512})
+    whole = from_sample(cfg, smol_tokenizer, limit=5000)
+    assert whole.exact and whole.relative_error == 0.0
+    stated = []
+    for k in (50, 200, 1000):
+        sampled = from_sample(cfg, smol_tokenizer, limit=k)
+        assert abs(sampled.tokens_per_epoch / whole.tokens_per_epoch - 1) <= sampled.relative_error
+        assert f"tokens +-{sampled.relative_error:.1%} (95%" in sampled.how
+        stated.append(sampled.relative_error)
+    assert stated == sorted(stated, reverse=True)  # a larger sample, a smaller error
+
+
 def test_the_prepared_data_cache_is_found_and_read_exactly(tmp_path, monkeypatch, smol_tokenizer):
     from tuneforge.data.dataset import prepare_data
     from tuneforge.plan.data import data_estimate
@@ -460,6 +476,31 @@ def test_a_gguf_models_tokenizer_is_read_once_then_from_a_folder(tmp_path, monke
     assert AutoTokenizer.from_pretrained(str(folder))(text).input_ids == original(text).input_ids
 
 
+def test_a_fresh_machines_first_plan_loads_the_gguf_tokenizer_without_autotokenizer(tmp_path, monkeypatch):
+    """AutoTokenizer on a GGUF reads every tensor header and the model config (9 s of a 2-core machine's
+    first plan); the folder is written from the tokenizer metadata, and the first load names its class."""
+    import transformers
+
+    import tuneforge.models.load
+    from tuneforge.models.resolve import builtin_gguf
+    from tuneforge.plan.data import gguf_tokenizer_folder, load_tokenizer_quickly
+
+    gguf = builtin_gguf("smollm2-135m-instruct")
+    original = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("AutoTokenizer was used")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(tuneforge.models.load, "load_tokenizer", refuse)
+    tokenizer = load_tokenizer_quickly(gguf_tokenizer_folder(gguf))
+    text = "Mei Haddad, 18, lives in Lisbon. <|im_end|> ünïcode"
+    assert tokenizer(text).input_ids == original(text).input_ids
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template) == (
+        original.eos_token, original.eos_token, original.chat_template)
+
+
 def test_plan_never_imports_torch():
     """torch's import alone is a second on a small machine: plan answers from shapes and token counts."""
     import subprocess
@@ -511,3 +552,41 @@ def plan_settings(cfg):
     from tuneforge.plan.report import settings_from_config
 
     return settings_from_config(cfg, 512, True)[0]
+
+
+# --- planning before the data exists ----------------------------------------------------------
+
+def _no_data_config(tmp_path) -> str:
+    path = tmp_path / "no_data.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.1-8B-Instruct\nmax_seq_len: 2048\nmicro_batch_size: 4\n")
+    return str(path)
+
+
+def test_plan_without_datasets_is_sized_by_the_flags(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    config = _no_data_config(tmp_path)
+    assert main(["plan", config, "--seq-len", "1024", "--examples", "100000", "--json", "--gpu", "4090", "h100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["train_examples"] == 100_000 and report["data"]["tokens_per_epoch"] == 1024 * 100_000
+    assert report["model"]["shape"]["name"] == "llama-3.1-8b"
+    rows = {d["device"]: d for d in report["devices"]}
+    assert rows["RTX-4090"]["fits"] and rows["RTX-4090"]["settings"]["seq_len"] == 1024
+    h100 = rows["H100-80GB"]  # the whole run costs about a hundred million tokens' worth
+    assert h100["cost"] == pytest.approx(h100["cost_per_million_tokens"] * 102.4, rel=0.01)
+    # --tokens alone: packed, max_seq_len-long examples; the same tokens as 50,000 x 2048.
+    assert main(["plan", config, "--tokens", "102400000", "--json", "--gpu", "h100"]) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert packed["data"]["train_examples"] == 50_000 and packed["settings"]["seq_len"] == 2048
+
+
+def test_plan_without_datasets_or_flags_says_which_flags_to_pass(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    config = _no_data_config(tmp_path)
+    assert main(["plan", config]) == 2
+    err = capsys.readouterr().err
+    assert "datasets: required key is missing" in err and "--seq-len L --examples N (or --tokens N)" in err
+    assert main(["plan", config, "--examples", "500"]) == 2
+    assert "--examples 500 needs --seq-len" in capsys.readouterr().err
+    assert main(["validate", config]) == 2  # only plan may go without data

@@ -204,11 +204,14 @@ def cmd_serve(args) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from tuneforge.config import load_config
     from tuneforge.plan import plan_config
+    from tuneforge.plan.assumed import DataSize, assumed_data, load_plan_config
     from tuneforge.plan.render import print_plan
 
-    report = plan_config(load_config(args.config, args.overrides), args.gpu, args.prices, args.config)
+    size = DataSize(args.tokens, args.seq_len, args.examples)
+    cfg = load_plan_config(args.config, args.overrides, size)
+    data = assumed_data(size, cfg.max_seq_len) if size.given() else None
+    report = plan_config(cfg, args.gpu, args.prices, args.config, data)
     if args.json:
         print(json.dumps(report.as_json(), indent=1))
     else:
@@ -396,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these devices (any part of the name: h100, a100, 4090, cpu)")
     p.add_argument("--prices", metavar="FILE", help="a YAML of hourly prices laid over the shipped table")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--seq-len", type=int, metavar="L",
+                   help="size the data instead of reading it (datasets: may then be missing): tokens per example")
+    p.add_argument("--examples", type=int, metavar="N", help="with --seq-len: training examples")
+    p.add_argument("--tokens", type=int, metavar="N",
+                   help="or: training tokens per epoch (alone: packed into max_seq_len-long examples)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and exact match, base vs tuned")

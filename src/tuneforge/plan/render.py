@@ -117,7 +117,9 @@ def print_plan(report: PlanReport, console: Console) -> None:
         how = "as configured" if not rec.changes else f"with {', '.join(rec.changes)}"
         console.print(f"\n[bold green]Recommended:[/bold green] {rec.device.name} {how}: {settings_line(rec.settings, m.shape)}, {rec.compute}; "
                       f"peak {gib(rec.memory.peak)} of {rec.device.memory_gib:.0f} GiB, "
-                      f"{rate(rec.speed.tokens_per_second)} tokens/s, run {duration(rec.run_hours)}, {money(rec.cost)}")
+                      f"{rate(rec.speed.tokens_per_second)} tokens/s, {rec.speed.step_seconds:.2g} s a step, "
+                      f"run {duration(rec.run_hours)}, {money(rec.cost)} ({money(rec.cost_per_million_tokens)} per "
+                      "million tokens)")
         if rec.changes:
             console.print(f"  tuneforge train {report.config or 'CONFIG'} {set_flags(rec.changes)}", highlight=False)
     if report.cpu_alternative is not None:

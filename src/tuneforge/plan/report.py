@@ -68,6 +68,13 @@ class DeviceResult:
     cost: float | None
     changes: list[str] = field(default_factory=list)
 
+    @property
+    def cost_per_million_tokens(self) -> float | None:
+        """What a million trained tokens cost on this device: comparable whatever the data's size."""
+        if self.device.price is None or not self.speed.tokens_per_second:
+            return None
+        return self.device.price / 3600 / self.speed.tokens_per_second * 1e6
+
     def as_json(self) -> dict:
         return {
             "device": self.device.name, "memory_gib": self.device.memory_gib, "price_per_hour": self.device.price,
@@ -75,7 +82,7 @@ class DeviceResult:
             "memory_bytes": {k: round(v) for k, v in self.memory.as_dict().items()},
             "flops_per_token": self.speed.flops_per_token, "tokens_per_second": self.speed.tokens_per_second,
             "step_seconds": self.speed.step_seconds, "epoch_hours": self.epoch_hours, "run_hours": self.run_hours,
-            "cost": self.cost, "changes": self.changes, "settings": asdict(self.settings),
+            "cost": self.cost, "cost_per_million_tokens": self.cost_per_million_tokens, "changes": self.changes, "settings": asdict(self.settings),
         }
 
 
@@ -221,7 +228,7 @@ class PlanReport:
             "data": {"train_examples": d.train_examples, "examples_per_epoch": d.examples_per_epoch,
                      "tokens_per_epoch": d.tokens_per_epoch, "trained_tokens_per_epoch": d.trained_tokens_per_epoch,
                      "longest": self.settings.seq_len, "over_max_seq_len_share": d.over_max_seq_len,
-                     "how": d.how, "exact": d.exact},
+                     "how": d.how, "exact": d.exact, "relative_error": d.relative_error},
             "devices": [r.as_json() for r in self.rows],
             "fits_with_changes": {k: (v.as_json() if v else None) for k, v in self.fitted.items()},
             "recommendation": self.recommendation.as_json() if self.recommendation else None,
@@ -232,12 +239,15 @@ class PlanReport:
 
 
 def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path | None = None,
-                config_path: str = "") -> PlanReport:
-    """Everything `tuneforge plan` prints, for a loaded config."""
+                config_path: str = "", data: DataEstimate | None = None) -> PlanReport:
+    """Everything `tuneforge plan` prints, for a loaded config; `data` given (plan.assumed) reads no data
+    and loads no tokenizer."""
     table = devices(gpus, load_prices(prices))
     info = model_info(cfg.base_model)
-    tokenizer, tokenizer_note = _tokenizer(info, cfg)
-    data = data_estimate(cfg, tokenizer)
+    tokenizer_note = ""
+    if data is None:
+        tokenizer, tokenizer_note = _tokenizer(info, cfg)
+        data = data_estimate(cfg, tokenizer)
     lengths = np.asarray(data.lengths)
     s, notes = settings_from_config(cfg, _longest(cfg, data), bool(lengths.size and lengths.min() != lengths.max()))
     work = Workload(data.examples_per_epoch, cfg.epochs, cfg.max_steps, lengths, cfg.seed)

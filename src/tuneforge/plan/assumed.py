@@ -1,0 +1,73 @@
+"""Data described by flags instead of files: `tuneforge plan --seq-len L --examples N` (or `--tokens N`).
+
+"Will an 8B LoRA fit a 24 GB card, and what will 50M tokens cost?" is asked before the data
+exists, so a config without `datasets:` is planned from the size the user gives. Nothing is read
+or tokenized, which also makes this the fastest plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.config import Config, apply_overrides, config_from_dict, read_yaml
+from tuneforge.errors import ConfigError
+from tuneforge.plan.data import SAMPLE_RECORDS, DataEstimate
+
+FLAGS = "--seq-len L --examples N (or --tokens N)"
+# Stands in for the missing `datasets:` so the rest of the config is validated as usual; plan never reads it.
+PLACEHOLDER = "(no data: sized by --seq-len/--examples/--tokens)"
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """What the flags say of the data; any two of the three fix the third."""
+
+    tokens: int | None = None
+    seq_len: int | None = None
+    examples: int | None = None
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.tokens, self.seq_len, self.examples))
+
+
+def load_plan_config(path: str | Path, overrides: list[str] | None, size: DataSize) -> Config:
+    """The config as `load_config` reads it, except that `datasets:` may be missing when the flags size the data."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    if isinstance(raw, dict) and "datasets" not in raw:
+        if not size.given():
+            raise ConfigError(f"{path}: invalid config\n  datasets: required key is missing; to plan before the "
+                              f"data exists, pass {FLAGS}")
+        raw = {**raw, "datasets": [{"path": PLACEHOLDER}]}
+    return config_from_dict(raw, str(path), path.resolve().parent)
+
+
+def assumed_data(size: DataSize, max_seq_len: int) -> DataEstimate:
+    """Examples all `seq_len` long (cut to max_seq_len, as the run would), every token trained on.
+    `--tokens N` alone assumes packed, max_seq_len-long examples."""
+    tokens, seq_len, examples = size.tokens, size.seq_len, size.examples
+    for name, value in (("--tokens", tokens), ("--seq-len", seq_len), ("--examples", examples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} {value}: give a positive whole number")
+    if seq_len is None and examples is not None:
+        if tokens is None:
+            raise ConfigError(f"--examples {examples} needs --seq-len L (tokens per example) or --tokens N")
+        seq_len = math.ceil(tokens / examples)
+    if seq_len is None:
+        seq_len = max_seq_len
+    if examples is None:
+        if tokens is None:
+            raise ConfigError(f"--seq-len {seq_len} needs --examples N (or --tokens N)")
+        examples = math.ceil(tokens / seq_len)
+    kept = min(seq_len, max_seq_len)
+    lengths = np.full(min(examples, SAMPLE_RECORDS), kept, np.int64)
+    total = float(examples * kept)
+    how = f"the flags: {examples:,} examples of {seq_len:,} tokens, every token trained on (no data read)"
+    if seq_len > max_seq_len:
+        how += f"; cut to max_seq_len {max_seq_len}"
+    return DataEstimate(float(examples), float(examples), lengths, total, total,
+                        1.0 if seq_len > max_seq_len else 0.0, how, False)
