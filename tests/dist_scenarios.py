@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from tuneforge.config import config_from_dict
-from tuneforge.methods.sampling import decode, seeded_generators
+from tuneforge.methods.sampling import seeded_generators
+from tuneforge.models.decode import decode
 from tuneforge.models.load import attach_adapter, load_model, load_tokenizer
 from tuneforge.parallel.apply import apply_fsdp
 from tuneforge.train.checkpoints.gather import check_saved_tensors, gather_for_save

@@ -310,7 +310,8 @@ def test_fsdp_sampling_of_uneven_lengths_ends_and_equals_one_process(runs):
     process samples from the same prompts and seeds."""
     from dist_scenarios import lora_model
 
-    from tuneforge.methods.sampling import decode, seeded_generators
+    from tuneforge.methods.sampling import seeded_generators
+    from tuneforge.models.decode import decode
 
     spec = json.loads((runs["root"] / "spec.json").read_text())["decode"]
     model = lora_model(config_from_dict(spec["config"]), torch.device("cpu"))

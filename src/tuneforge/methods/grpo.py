@@ -27,7 +27,8 @@ from tuneforge.methods.logps import forward_logits, policy_logps, token_logps
 from tuneforge.methods.objective import Runtime
 from tuneforge.methods.rewards import load_reward, score
 from tuneforge.methods.run import as_validation
-from tuneforge.methods.sampling import all_finished, decode, draw_seed, seeded_generators
+from tuneforge.methods.sampling import draw_seed, seeded_generators
+from tuneforge.models.decode import all_finished, decode
 from tuneforge.models.layers import unwrap
 from tuneforge.models.precision import autocast_for
 from tuneforge.parallel.apply import forward_is_collective

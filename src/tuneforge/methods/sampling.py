@@ -4,7 +4,7 @@ global batch), so the same prompts give the same completions on any number of pr
 Why not `generate()`: with one random stream per process, what a prompt draws would depend on which
 process sampled it and on what that process sampled before, so 2 processes could never be compared
 with 1. The batched, seeded decoder itself (`decode`, with `synced` for FSDP, where every forward is a
-collective) lives in models/decode.py with the rest of decoding; it is re-exported here for GRPO.
+collective) lives in models/decode.py with the rest of decoding.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
-from tuneforge.models.decode import all_finished, decode
-
-__all__ = ["all_finished", "decode", "draw_seed", "seeded_generators"]
 
 
 def draw_seed(*parts: int) -> int:

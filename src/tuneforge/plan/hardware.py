@@ -92,6 +92,11 @@ def cpu_facts() -> tuple[int, int, float]:
     return cores, per_cycle, float(mhz.group(1)) / 1000 if mhz else CPU_CLOCK_GHZ
 
 
+def ram_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def cpu_device(cores: int | None = None, memory_gib: float | None = None, per_cycle: int | None = None,
                ghz: float | None = None) -> Device:
     """This machine's CPU, or one described by the arguments: its fp32 FMA rate and its RAM."""
@@ -99,7 +104,7 @@ def cpu_device(cores: int | None = None, memory_gib: float | None = None, per_cy
         found = cpu_facts()
         cores, per_cycle, ghz = cores or found[0], per_cycle or found[1], ghz or found[2]
     if memory_gib is None:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        memory_gib = ram_bytes() / GIB
     tflops = cores * per_cycle * ghz / 1000
     return Device("CPU", round(memory_gib, 1), tflops, tflops, tflops, CPU_BANDWIDTH_GBS_PER_CORE * cores, CPU_MFU,
                   mfu_measured=True, bf16=False, overhead_gib=RUNTIME_RSS_GIB,

@@ -9,7 +9,6 @@ the activation checkpointing the run will use.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tuneforge.data.dataset import PreparedData
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.fast.switches import run_shape
 from tuneforge.plan.recompute import for_device
-from tuneforge.plan.hardware import GIB
+from tuneforge.plan.hardware import GIB, ram_bytes
 from tuneforge.plan.memory import Settings, compute_dtype, memory
 from tuneforge.plan.model import shape_from_hf_config
 from tuneforge.plan.report import settings_from_config
@@ -31,7 +30,7 @@ def device_memory(device: torch.device) -> int:
     """Total bytes of the device a run computes on: the GPU's memory, else this machine's RAM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram_bytes()
 
 
 def micro_batch_bytes(shape: ModelShape, s: Settings, total: float, is_cpu: bool, compute: str) -> float:
