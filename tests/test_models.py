@@ -48,3 +48,13 @@ def test_pickle_weights_are_refused(tmp_path):
 def test_missing_path_names_the_choices(tmp_path):
     with pytest.raises(ModelError, match="built-in name"):
         resolve_base_model(str(tmp_path / "nowhere"))
+
+
+def test_builtin_encoder_is_unpacked_once_into_a_sentence_transformers_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    folder, source = resolve_base_model("MiniLM-L6")
+    assert source.startswith("built-in minilm-l6")
+    assert {"config.json", "model.safetensors", "modules.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert resolve_base_model("minilm-l6")[0] == folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+

@@ -398,6 +398,7 @@ class DistributedSpec(_Strict):
 
 
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
+Task = Literal["causal_lm", "classification", "embedding", "image_classification"]
 
 
 class Config(_Strict):
@@ -409,6 +410,12 @@ class Config(_Strict):
     chat_template: str = Field(
         "auto",
         description='"auto" (the model\'s own), a built-in name (chatml, llama3), a .jinja file, or inline Jinja.',
+    )
+    task: Task = Field(
+        "causal_lm",
+        description="What the model learns to do: causal_lm (chat and text, trained by `method`), classification "
+        "(text labels), embedding (sentence vectors) or image_classification. Each task is a row of "
+        "methods/facts.py; `method` applies to causal_lm only.",
     )
     method: Method = Field("sft", description="Training objective: sft, dpo, orpo, simpo, kto, reward or grpo.")
     dpo: DPOSpec = Field(default_factory=DPOSpec)
@@ -514,6 +521,9 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _method(self) -> "Config":
+        if self.task != "causal_lm" and "method" in self.model_fields_set and self.method != "sft":
+            raise ValueError(f"method: {self.method} trains a causal language model, but task is {self.task}; "
+                             "remove `method` (the task has its own objective) or set task: causal_lm")
         if self.method == "grpo" and self.grpo is None:
             raise ValueError("method: grpo needs a `grpo:` section with at least `rewards:` "
                              "(e.g. grpo: {rewards: [{function: exact_match}]})")

@@ -2,7 +2,8 @@
 
 data/, plan/, fast/, track/, eval/ and the loop read a method's row instead of its name, so adding
 a method is its module, its config spec and one row here. `method_facts` is the one place outside
-the schema that reads `cfg.method`.
+the schema that reads `cfg.method` and `cfg.task`: a task other than causal_lm (classification,
+embeddings, ...) is a row of its own, named for the task.
 """
 
 from __future__ import annotations
@@ -58,7 +59,15 @@ METHODS = {m.name: m for m in (
 )}
 
 
+def row_name(cfg) -> str:
+    """The row a config trains: its method for causal_lm, otherwise the task itself."""
+    return cfg.method if cfg.task == "causal_lm" else cfg.task
+
+
 def method_facts(cfg) -> MethodFacts:
-    """The row of `cfg.method`, with what its config section changes."""
-    facts = METHODS[cfg.method]
-    return replace(facts, **facts.spec(getattr(cfg, cfg.method))) if facts.spec else facts
+    """The row of `cfg.method` (or of `cfg.task`), with what its config section changes."""
+    name = row_name(cfg)
+    if name not in METHODS:
+        raise ValueError(f"task: {name} is not available in this version of tuneforge")
+    facts = METHODS[name]
+    return replace(facts, **facts.spec(getattr(cfg, name))) if facts.spec else facts

