@@ -9,14 +9,19 @@ from tuneforge.methods.facts import method_facts
 from tuneforge.methods.objective import Objective, Runtime
 
 
+def function_at(path: str):
+    """The function a row names as "module:function"."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build_objective(cfg, data, pad_id: int, reference=None, fast: FastPath | None = None, **run) -> Objective:
     """The objective of the config's method, taking the resolved fast path `fast` (tuneforge.fast.resolve; every
     objective has the plain one by default); `run` fills the Runtime (methods/objective.py).
 
     The class is imported by the path its row names, so a new method is its module and one row."""
     facts = method_facts(cfg)
-    module, name = facts.objective.split(":")
-    kind = getattr(importlib.import_module(module), name)
+    kind = function_at(facts.objective)
     objective = kind.build(getattr(cfg, facts.name, None), data, pad_id, reference, Runtime(cfg=cfg, **run))
     if fast is not None:
         objective.fast = fast

@@ -30,6 +30,11 @@ class MethodFacts:
     # "uniform" (log-probs of 0), "precomputed" (a table computed before training).
     reference: str = ""
     spec: Callable[[Any], dict] | None = None  # the facts its config section changes (rows, reference)
+    # "module:function" of how its inputs are read (folder, chat_template, trust_remote_code) -> tokenizer or
+    # image processor, and of how its data is prepared (cfg, processor) -> PreparedData-like (data/dataset.py):
+    # a task reads its own kind of data without a branch in the loop.
+    processor: str = "tuneforge.models.load:load_tokenizer"
+    prepare: str = "tuneforge.data.dataset:prepare_data"
 
     @property
     def peft_task(self) -> str:

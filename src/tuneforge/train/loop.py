@@ -21,13 +21,13 @@ import torch
 
 from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import shard_step
-from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
+from tuneforge.data.dataset import prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
 from tuneforge.output_folders import mark
-from tuneforge.methods.build import build_objective
+from tuneforge.methods.build import build_objective, function_at
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
@@ -37,7 +37,6 @@ from tuneforge.models.load import (
     attach_adapter,
     check_template_tokens,
     load_model,
-    load_tokenizer,
     pick_device,
     pick_dtype,
     weights_dtype,
@@ -131,11 +130,12 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     # Data first: every check runs before a model is loaded. Rank 0 resolves the model and prepares
     # the data into the cache; the others wait for its content-hashed folder, then read it (R-DIST-4).
     check_data_files(cfg)
+    facts = method_facts(cfg)
     with world.main_first():
         folder, source = resolve_base_model(cfg.base_model)
-    tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
+    tokenizer = function_at(facts.processor)(folder, cfg.chat_template, cfg.trust_remote_code)
     with world.main_first(ready=prepared_marker(cfg, tokenizer)):
-        data = prepare_data(cfg, tokenizer)
+        data = function_at(facts.prepare)(cfg, tokenizer)
     check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,6 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     strategy = choose_strategy(cfg, world, device, folder)
     _check_distributable(cfg, world, strategy)  # what auto chose may refuse what it allows
     seed_everything(cfg.seed)
-    facts = method_facts(cfg)
     model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
                        _quantization_for(cfg, strategy), facts.model_head, tokenizer.pad_token_id)
     if facts.model_head == "causal_lm":
