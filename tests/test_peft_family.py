@@ -13,7 +13,7 @@ from test_train import QUIET, make_cfg
 from tuneforge.config import config_from_dict
 from tuneforge.errors import ConfigError
 from tuneforge.export.merge import merge_run
-from tuneforge.models.adapters import SKIPPED_WARNING_SHARE, adapted_modules
+from tuneforge.models.adapters import SKIPPED_WARNING_SHARE, adapted_modules, adapter_merged
 from tuneforge.models.load import attach_adapter, load_model
 from tuneforge.models.run import open_run
 from tuneforge.track.metrics import read_metrics
@@ -244,3 +244,24 @@ def test_adapted_report_of_a_plain_lora_names_every_linear(tiny_models):
     assert set(report["skipped"]) == {f"model.layers.*.{m}" for m in (
         "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     assert report["warning"] and report["skipped_share"] > SKIPPED_WARNING_SHARE
+
+
+
+def test_evaluation_through_merged_lora_gives_the_adapters_outputs_and_restores_it(tiny_models):
+    """The after-evaluation generates through merged weights (its speed); the outputs are the adapter's own."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    merged_flags = lambda: {m.merged for m in model.modules() if hasattr(m, "merged")}  # noqa: E731
+    with torch.no_grad():
+        expected = model(input_ids=probe_ids()).logits
+        with adapter_merged(model):
+            assert merged_flags() == {True}
+            merged = model(input_ids=probe_ids()).logits
+        assert merged_flags() == {False}
+        after = model(input_ids=probe_ids()).logits
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)  # the same sums in another order
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.methods.build import build_objective
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.reference import Reference
+from tuneforge.models.adapters import adapter_merged
 from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
 from tuneforge.models.resolve import resolve_base_model
@@ -59,7 +60,8 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None,
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(model, str(run.final))
-        return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
+        with adapter_merged(tuned):
+            return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
     return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=head,
                                       pad_token_id=tokenizer.pad_token_id), model)
 

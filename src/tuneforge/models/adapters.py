@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -200,3 +201,21 @@ def check_layers(model, layers: list[int] | None) -> None:
     if missing:
         raise ConfigError(f"lora.layers: the model has decoder layers 0-{max(present, default=-1)}, "
                           f"so {missing} do not exist")
+
+
+@contextmanager
+def adapter_merged(model):
+    """LoRA folded into the base weights while the block runs, then taken out again: generating through
+    merged weights skips each adapted layer's two extra matmuls (evaluation at the base model's speed).
+    A quantized base is left as it is, since folding into 4- or 8-bit weights rounds them; PEFT itself
+    unmerges if the block turns the adapter off (a preference method's reference)."""
+    quantized = any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    if not hasattr(model, "merge_adapter") or quantized:
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+

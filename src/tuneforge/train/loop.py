@@ -31,7 +31,7 @@ from tuneforge.methods.build import build_objective, function_at
 from tuneforge.methods.facts import method_facts
 from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
-from tuneforge.models.adapters import describe_adapted, initial_adapter_dir
+from tuneforge.models.adapters import adapter_merged, describe_adapted, initial_adapter_dir
 from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import (
     attach_adapter,
@@ -298,7 +298,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         rep.note("Evaluating the tuned model on the validation set...")
         # A sharded model cannot run in one process: rank 0 evaluates final/ as export and serve will load it.
         tuned = model if gathered is None else load_tuned(Run(run_dir, cfg, {}), device, dtype)[0]
-        after = objective.held_out(tuned, data, final=True)
+        with adapter_merged(tuned):  # final/ is saved: the weights may change in their last bits
+            after = objective.held_out(tuned, data, final=True)
         write_json(run_dir / "eval_after.json", after)
     manifest = run_manifest(
         config_to_dict(cfg),
