@@ -181,13 +181,21 @@ class Worker:
             if job is None:
                 self._sleep()
                 continue
-            if self.store.move(job["id"], "running", ("queued",)):
+            if not self.store.move(job["id"], "running", ("queued",)):
+                continue
+            try:
                 self._run(self.store.job(job["id"]))
+            except Exception as err:  # the job fails, the queue goes on
+                error = {"code": "training_failed", "param": None,
+                         "message": f"the studio could not run the job: {type(err).__name__}: {err}"}
+                if self.store.move(job["id"], "failed", ("running",), error=error, finished_at=int(time.time())):
+                    self.store.add_event(job["id"], error["message"], level="error")
 
     def _run(self, job: dict) -> None:
         job_id, store = job["id"], self.store
         run_dir = store.run_dir(job_id)
         config = run_dir.parent / "config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({**job["config"], "output_dir": str(run_dir)}, indent=1))  # JSON is YAML
         resume = bool(list_checkpoints(run_dir))
         store.add_event(job_id, "Training resumed from the newest checkpoint" if resume else "Training started")
