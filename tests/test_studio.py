@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tuneforge.data.formats import read_records
 from tuneforge.errors import ConfigError
 from tuneforge.serve.protocol import ApiError
-from tuneforge.studio import make_studio
+from tuneforge.studio import StudioLimits, make_studio
 from tuneforge.studio.jobs import job_config
 from tuneforge.studio.keys import new_key
 
@@ -61,8 +61,8 @@ def studio(tmp_path_factory):
     """A studio on 127.0.0.1 with two keys (alice, bob), its worker running training subprocesses."""
     home = tmp_path_factory.mktemp("home")
     keys = {name: new_key(home / "keys", name) for name in ("alice", "bob")}
-    server = make_studio(home, port=0, api_keys=home / "keys", quiet=True)
-    os.environ.update({"OMP_NUM_THREADS": "1"})
+    server = make_studio(home, port=0, api_keys=home / "keys", quiet=True,
+                         limits=StudioLimits(max_upload_bytes=32 * 1024, max_files=3))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     clients = {name: openai.OpenAI(base_url=server.url, api_key=key, max_retries=0) for name, key in keys.items()}
     yield server, clients
@@ -120,7 +120,7 @@ def test_a_planted_bad_line_fails_in_validation_naming_it(studio, tiny_models, t
     assert not (server.store.jobs_dir / job.id / "train.log").exists()  # no training time was spent
 
 
-def test_cancel_stops_a_running_job_and_a_queued_one(studio, finished, tiny_models):
+def test_pause_resume_and_cancel_a_running_job_and_cancel_a_queued_one(studio, finished, tiny_models):
     server, clients = studio
     alice = clients["alice"]
     uploaded, _ = finished
@@ -128,8 +128,14 @@ def test_cancel_stops_a_running_job_and_a_queued_one(studio, finished, tiny_mode
     second = create(alice, tiny_models["llama"], uploaded.id)
     wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
     assert alice.fine_tuning.jobs.cancel(second.id).status == "cancelled"  # never started
+    alice.fine_tuning.jobs.pause(first.id)
+    assert done(alice, first.id, ("paused",)).status == "paused"
+    assert alice.fine_tuning.jobs.resume(first.id).status == "queued"
+    wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
     alice.fine_tuning.jobs.cancel(first.id)
     assert done(alice, first.id).status == "cancelled"
+    messages = [e.message for e in alice.fine_tuning.jobs.list_events(first.id, limit=100).data]
+    assert "The job is paused" in messages and any(m.startswith("The job is cancelled") for m in messages)
     assert not (server.store.jobs_dir / second.id).exists()
     with pytest.raises(openai.BadRequestError) as err:
         alice.fine_tuning.jobs.cancel(first.id)
@@ -151,6 +157,16 @@ def test_a_key_sees_only_its_own_files_jobs_and_models(studio, finished):
     with pytest.raises(openai.BadRequestError) as err:
         bob.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=uploaded.id)
     assert err.value.body["param"] == "training_file"
+    named = bob.files.create(file=("../../etc/passwd", b'{"text": "x"}\n'), purpose="fine-tune")
+    assert named.filename == "passwd" and (server.store.files_dir / named.id).is_file()
+    with pytest.raises(openai.APIStatusError) as err:
+        bob.files.create(file=("big.jsonl", b"x" * (33 * 1024)), purpose="fine-tune")
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+    bob.files.create(file=("2.jsonl", b"{}\n"), purpose="fine-tune")
+    bob.files.create(file=("3.jsonl", b"{}\n"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        bob.files.create(file=("4.jsonl", b"{}\n"), purpose="fine-tune")
+    assert err.value.body["code"] == "too_many_files"
     stranger = openai.OpenAI(base_url=server.url, api_key="sk-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         stranger.files.list()

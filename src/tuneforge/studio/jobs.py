@@ -156,7 +156,7 @@ def job_object(row: dict) -> dict:
         "validation_file": request.get("validation_file"), "training_file": request["training_file"],
         "hyperparameters": method[method["type"]]["hyperparameters"], "method": method,
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": row["config"].get("seed", 42),
-        "estimated_finish": row["estimated_finish"], "integrations": [], "metadata": request.get("metadata"),
+        "estimated_finish": None, "integrations": [], "metadata": request.get("metadata"),
         "user_provided_suffix": request.get("suffix"),
     }
 

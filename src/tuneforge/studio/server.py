@@ -212,7 +212,8 @@ class StudioHandler(Handler):
     def control_job(self, owner: str, job_id: str, action: str, body=None) -> None:
         """cancel: any unfinished job; pause: a queued or running one; resume: a paused one (queued again)."""
         store, job = self.server.store, self._job(owner, job_id)
-        waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("validating_files", "queued")
+        # A job being validated may be cancelled, not paused: resume queues a job, so it must have passed validation.
+        waiting = ("validating_files", "queued", "paused") if action == "cancel" else ("queued",)
         if action == "resume":
             if not store.move(job_id, "queued", ("paused",)):
                 raise p.ApiError(400, f"job {job_id} is {job['status']}; only a paused job can be resumed",

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL,
     status TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, config TEXT NOT NULL,
     fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER,
-    requested TEXT, estimated_finish INTEGER);
+    requested TEXT);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT, step INTEGER);
