@@ -105,10 +105,8 @@ class Follower:
             if not isinstance(record, dict) or "step" not in record or "loss" not in record:
                 continue
             metrics = {"step": record["step"], "train_loss": record["loss"]}
-            for ours, theirs in (("valid_loss", "val_loss"), ("full_valid_loss", "val_loss"),
-                                 ("train_mean_token_accuracy", "token_accuracy")):
-                if theirs in record:
-                    metrics[ours] = record[theirs]
+            if "val_loss" in record:
+                metrics["valid_loss"] = record["val_loss"]
             self.steps[record["step"]] = metrics
             if record["step"] > last:
                 self.store.add_event(self.job_id, f"Step {record['step']}: training loss={record['loss']:.4f}",
