@@ -158,13 +158,7 @@ class StudioHandler(Handler):
 
     def file_content(self, owner: str, file_id: str, body=None) -> None:
         self._file(owner, file_id)
-        data = self.server.store.file_path(file_id).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.headers_sent = True
-        self.wfile.write(data)
+        self._send_bytes(self.server.store.file_path(file_id).read_bytes(), "application/octet-stream")
 
     # --- jobs ----------------------------------------------------------------------------------------
 
@@ -227,8 +221,9 @@ class StudioHandler(Handler):
             store.request(job_id, action)  # the worker stops the process and sets the status
             self.server.worker.wake.set()
         else:
-            raise p.ApiError(400, f"job {job_id} is {store.job(job_id)['status']}, so it cannot be {action}"
-                             f"{'l' if action == 'cancel' else ''}ed", code="invalid_job_status")
+            done = {"cancel": "cancelled", "pause": "paused"}[action]
+            raise p.ApiError(400, f"job {job_id} is {store.job(job_id)['status']}, so it cannot be {done}",
+                             code="invalid_job_status")
         self._send_json(200, j.job_object(store.job(job_id)))
 
     def job_events(self, owner: str, job_id: str, body=None) -> None:
@@ -268,9 +263,11 @@ class StudioHandler(Handler):
         self._send_json(200, {"status": "ok"})
 
     def index(self) -> None:
-        data = (STATIC / "index.html").read_bytes()
+        self._send_bytes((STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+
+    def _send_bytes(self, data: bytes, content_type: str) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.headers_sent = True
