@@ -46,9 +46,10 @@ def done(client, job_id: str, statuses=("succeeded", "failed", "cancelled")):
     return wait_for(lambda: (job := client.fine_tuning.jobs.retrieve(job_id)).status in statuses and job)
 
 
-def create(client, model, training_file, **kw):
+def create(client, model, training_file, steps: int = SETTINGS["max_steps"], **kw):
     return client.fine_tuning.jobs.create(model=str(model), training_file=training_file, method=METHOD,
-                                          suffix="memo", extra_body={"tuneforge": SETTINGS}, **kw)
+                                          suffix="memo", extra_body={"tuneforge": {**SETTINGS, "max_steps": steps}},
+                                          **kw)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_pause_resume_and_cancel_a_running_job_and_cancel_a_queued_one(studio, f
     server, clients = studio
     alice = clients["alice"]
     uploaded, _ = finished
-    first = create(alice, tiny_models["llama"], uploaded.id)
+    first = create(alice, tiny_models["llama"], uploaded.id, steps=100_000)  # stopped long before its end
     second = create(alice, tiny_models["llama"], uploaded.id)
     wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
     assert alice.fine_tuning.jobs.cancel(second.id).status == "cancelled"  # never started
@@ -135,7 +136,8 @@ def test_pause_resume_and_cancel_a_running_job_and_cancel_a_queued_one(studio, f
     alice.fine_tuning.jobs.cancel(first.id)
     assert done(alice, first.id).status == "cancelled"
     messages = [e.message for e in alice.fine_tuning.jobs.list_events(first.id, limit=100).data]
-    assert "The job is paused" in messages and any(m.startswith("The job is cancelled") for m in messages)
+    assert any(m.startswith("The job is paused") for m in messages)
+    assert any(m.startswith("The job is cancelled") for m in messages)
     assert not (server.store.jobs_dir / second.id).exists()
     with pytest.raises(openai.BadRequestError) as err:
         alice.fine_tuning.jobs.cancel(first.id)
@@ -212,14 +214,19 @@ def test_kill_9_mid_job_then_restart_resumes_to_the_same_weights(studio, finishe
         server.send_signal(signal.SIGKILL)
         server.wait()
         assert not (run / "final").exists(), "the job finished before the kill; make it longer"
-        server = _start(home, port, log)
+    finally:
+        server.kill()
+        server.wait()
+    restarted = make_studio(home, port=port, quiet=True)  # in this process: torch is already imported here
+    threading.Thread(target=restarted.serve_forever, daemon=True).start()
+    try:
         job = done(client, job.id)
         assert job.status == "succeeded", (job.error, (run.parent / "train.log").read_text()[-3000:])
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
         assert any("restarted during training" in m for m in messages)
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(60)
+        restarted.shutdown()
+        restarted.server_close()
     ours = load_file(run / "final" / "adapter_model.safetensors")
     theirs = load_file(studio[0].store.run_dir(reference.id) / "final" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
