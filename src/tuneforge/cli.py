@@ -201,6 +201,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_studio(args) -> int:
+    from tuneforge.studio import StudioLimits, studio
+    from tuneforge.studio.keys import new_key
+
+    if args.new_key:
+        if not args.api_keys:
+            raise TuneforgeError("--new-key NAME: give the keys file too, e.g. --api-keys ~/.tuneforge/keys")
+        key = new_key(args.api_keys, args.new_key)
+        print(f"API key for {args.new_key} (shown once; {args.api_keys} keeps only its hash):\n{key}")
+        return 0
+    limits = StudioLimits(args.max_upload_mb * 1024 * 1024, args.max_files)
+    studio(args.home, args.host, args.port, args.api_keys, limits)
+    return 0
+
+
 def cmd_plan(args) -> int:
     import json
 
@@ -440,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests answered at once, taking turns token by token; more get 503 with Retry-After (default 8)")
     _trust_arg(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("studio", help="a fine-tuning service with OpenAI's files and fine-tuning jobs API",
+                       description="Upload JSONL files, create fine-tuning jobs and chat with the results, with the "
+                                   "openai client pointed at this server (docs/studio.md).")
+    p.add_argument("--home", default=None, help="where files, the job database and runs are kept "
+                   "(default: $TUNEFORGE_HOME, else ~/.tuneforge)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only, no key needed); any other needs --api-keys")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys", metavar="FILE", help="a file of `NAME sha256:HASH` lines; each key sees only its own "
+                   "files, jobs and models")
+    p.add_argument("--new-key", metavar="NAME", help="add a key for NAME to --api-keys, print it once, and exit")
+    p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="largest file accepted (default 512)")
+    p.add_argument("--max-files", type=int, default=1000, metavar="N", help="files kept per key (default 1000)")
+    p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("merge-models", help="merge fine-tuned models: linear, slerp, task arithmetic, TIES, DARE, Model Stock")
     p.add_argument("config", help="the merge YAML (mergekit-style: merge_method, base_model, models, parameters, dtype)")

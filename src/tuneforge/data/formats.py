@@ -1,7 +1,8 @@
 """Turn each record of a training file into a common form, with its file and line.
 
 Formats: messages (OpenAI chat fine-tuning, tool calls included), sharegpt, alpaca, completion,
-text, and for preference methods preference (prompt/chosen/rejected), kto (prompt/completion/label)
+text, and for preference methods preference (prompt/chosen/rejected, or OpenAI's input.messages/
+preferred_output/non_preferred_output), kto (prompt/completion/label)
 and triplet (query/positive/negative), and for online methods prompt (a prompt plus any fields the
 reward functions read). A record that cannot be used raises `BadRecord` with the
 reason; the caller decides whether that stops the run or goes to rejected.jsonl.
@@ -67,7 +68,7 @@ def detect_format(obj: object) -> str | None:
         return "messages"
     if "conversations" in obj:
         return "sharegpt"
-    if "chosen" in obj and "rejected" in obj:
+    if ("chosen" in obj and "rejected" in obj) or ("preferred_output" in obj and "non_preferred_output" in obj):
         return "preference"
     if "instruction" in obj and "output" in obj:
         return "alpaca"
@@ -202,7 +203,19 @@ def _shared_turns(a: list, b: list) -> int:
     return n
 
 
+def openai_preference(obj: dict) -> dict:
+    """OpenAI's preference fine-tuning record ({"input": {"messages": [...]}, "preferred_output": [...],
+    "non_preferred_output": [...]}) as prompt/chosen/rejected; any other record as it is."""
+    if "preferred_output" not in obj:
+        return obj
+    given = obj.get("input")
+    if not isinstance(given, dict) or "messages" not in given:
+        raise BadRecord("field 'input' must be an object with 'messages' (OpenAI's preference format)")
+    return {"prompt": given["messages"], "chosen": obj["preferred_output"], "rejected": obj.get("non_preferred_output")}
+
+
 def _preference(obj: dict, rec: Record) -> None:
+    obj = openai_preference(obj)
     chosen, rejected = _text_or_messages(obj, "chosen"), _text_or_messages(obj, "rejected")
     if as_messages(chosen, "assistant") == as_messages(rejected, "assistant"):
         raise BadRecord("chosen and rejected are identical")

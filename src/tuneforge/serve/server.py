@@ -61,7 +61,8 @@ class Server(ThreadingHTTPServer):
 
         A thread left running (a daemon thread inside torch) can abort the interpreter at exit.
         """
-        self.engine.closing.set()
+        if self.engine is not None:  # the studio's server holds no one engine; it stops its own
+            self.engine.closing.set()
         for conn in list(self.connections):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -142,9 +143,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_json(200, p.model_card(engine.resolve(unquote(path.removeprefix("/v1/models/")))))
         return self._answer(path == "/v1/chat/completions", body)
 
-    def _answer(self, chat: bool, body: dict) -> None:
-        """A chat or text completion: every check first, so a refused request never starts a stream."""
-        engine = self.server.engine
+    def _answer(self, chat: bool, body: dict, engine: Engine | None = None) -> None:
+        """A chat or text completion: every check first, so a refused request never starts a stream.
+        `engine`: the one serving the requested model, where a server holds several (the studio)."""
+        engine = engine or self.server.engine
         req = p.parse_chat(body) if chat else p.parse_completion(body)
         model_id = engine.resolve(req.model)
         try:
@@ -219,22 +221,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict:
         """The request body as a JSON object; always read to its end so the connection stays usable."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise p.ApiError(411, "send the body with a Content-Length header, not chunked", code="length_required")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise p.ApiError(411, "the Content-Length header is missing or not a number",
-                             code="length_required") from None
-        if length > self.server.max_body_bytes:
-            self._drain(length)
-            raise p.ApiError(413, f"the body is {length} bytes; this server takes at most "
-                             f"{self.server.max_body_bytes}", code="request_too_large")
-        raw = self.rfile.read(length)
+        raw = self._read_bytes(self.server.max_body_bytes)
         try:
             body = json.loads(raw)
         except ValueError as err:
@@ -250,6 +237,25 @@ class Handler(BaseHTTPRequestHandler):
             raise p.ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
                              "which is not text; send valid Unicode", param=where, code="invalid_json")
         return body
+
+    def _read_bytes(self, limit: int) -> bytes:
+        """The raw body, at most `limit` bytes (413 above it, after draining what was sent)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise p.ApiError(411, "send the body with a Content-Length header, not chunked", code="length_required")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise p.ApiError(411, "the Content-Length header is missing or not a number",
+                             code="length_required") from None
+        if length > limit:
+            self._drain(length)
+            raise p.ApiError(413, f"the body is {length} bytes; this server takes at most {limit}",
+                             code="request_too_large")
+        return self.rfile.read(length)
 
     def _drain(self, length: int) -> None:
         """Read and drop a refused body, so the client sees the 413 rather than a reset connection."""

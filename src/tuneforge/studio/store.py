@@ -1,0 +1,192 @@
+"""What the studio keeps under its home folder: uploaded files, and one SQLite database of files, jobs,
+events and checkpoints (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
+
+Files are stored under their id (`files/file-...`), never under the name a client sent; a job's run lives in
+`jobs/<job id>/`. Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL,
+    status TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, config TEXT NOT NULL,
+    fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER,
+    requested TEXT);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+    level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT, step INTEGER);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
+    metrics TEXT NOT NULL, UNIQUE(job_id, step));
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
+"""
+ACTIVE = ("validating_files", "queued", "running", "paused")  # statuses a job can still leave
+JSON_COLUMNS = ("request", "config", "error", "data", "metrics")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def default_home() -> Path:
+    """$TUNEFORGE_HOME, else ~/.tuneforge."""
+    return Path(os.environ.get("TUNEFORGE_HOME") or Path.home() / ".tuneforge")
+
+
+def _row(cursor: sqlite3.Cursor, values: tuple) -> dict:
+    row = {col[0]: value for col, value in zip(cursor.description, values)}
+    for key in JSON_COLUMNS:
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key])
+    return row
+
+
+class Store:
+    """The database and the files folder; safe to share between the server's threads (one lock per write)."""
+
+    def __init__(self, home: str | Path):
+        self.home = Path(home).expanduser().resolve()
+        self.files_dir = self.home / "files"
+        self.jobs_dir = self.home / "jobs"
+        for folder in (self.files_dir, self.jobs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.home / "studio.db", check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.row_factory = _row
+        self.lock = threading.Lock()
+        with self.lock:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def query(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def execute(self, sql: str, args: tuple = ()) -> int:
+        """One write; returns the number of rows it changed (0: a conditional update lost its race)."""
+        with self.lock:
+            return self.db.execute(sql, args).rowcount
+
+    # --- files -----------------------------------------------------------------------------------------
+
+    def add_file(self, owner: str, filename: str, purpose: str, content: bytes) -> dict:
+        file_id = new_id("file")
+        tmp = self.files_dir / f".{file_id}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, self.files_dir / file_id)
+        self.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (file_id, owner, filename, purpose, len(content), int(time.time())))
+        return self.file(owner, file_id)
+
+    def file(self, owner: str, file_id: str) -> dict | None:
+        rows = self.query("SELECT * FROM files WHERE id = ? AND owner = ? AND deleted = 0", (file_id, owner))
+        return rows[0] if rows else None
+
+    def files(self, owner: str) -> list[dict]:
+        return self.query("SELECT * FROM files WHERE owner = ? AND deleted = 0 ORDER BY created_at DESC, id", (owner,))
+
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def delete_file(self, owner: str, file_id: str) -> bool:
+        if not self.execute("UPDATE files SET deleted = 1 WHERE id = ? AND owner = ? AND deleted = 0", (file_id, owner)):
+            return False
+        if not self.query("SELECT id FROM jobs WHERE status IN (?, ?, ?, ?) AND request LIKE ?",
+                          (*ACTIVE, f'%"{file_id}"%')):
+            self.file_path(file_id).unlink(missing_ok=True)  # a job still waiting for it keeps reading it
+        return True
+
+    # --- jobs ------------------------------------------------------------------------------------------
+
+    def add_job(self, owner: str, model: str, request: dict, config: dict) -> dict:
+        job_id = new_id("ftjob")
+        self.execute("INSERT INTO jobs (id, owner, created_at, status, model, request, config) "
+                     "VALUES (?, ?, ?, 'validating_files', ?, ?, ?)",
+                     (job_id, owner, int(time.time()), model, json.dumps(request), json.dumps(config)))
+        return self.job(job_id)
+
+    def job(self, job_id: str, owner: str | None = None) -> dict | None:
+        rows = self.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows or (owner is not None and rows[0]["owner"] != owner):
+            return None
+        return rows[0]
+
+    def jobs(self, owner: str, after: str | None, limit: int) -> list[dict]:
+        """Newest first, starting after the job `after` (OpenAI's cursor)."""
+        start = self.job(after, owner) if after else None
+        seq = start["seq"] if start else 1 << 62
+        return self.query("SELECT * FROM jobs WHERE owner = ? AND seq < ? ORDER BY seq DESC LIMIT ?", (owner, seq, limit))
+
+    def next_job(self, status: str) -> dict | None:
+        """The oldest job in this status: the queue's order is the order jobs were created."""
+        rows = self.query("SELECT * FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (status,))
+        return rows[0] if rows else None
+
+    def move(self, job_id: str, to: str, frm: tuple[str, ...], **fields) -> bool:
+        """Change a job's status only if it is in one of `frm`; False when another thread moved it first."""
+        sets = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
+        values = [json.dumps(v) if k == "error" and v is not None else v for k, v in fields.items()]
+        marks = ", ".join("?" * len(frm))
+        return bool(self.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
+                                 (to, *values, job_id, *frm)))
+
+    def request(self, job_id: str, what: str | None) -> None:
+        """Ask the worker to stop a running job's process (cancel or pause); None clears the request."""
+        self.execute("UPDATE jobs SET requested = ? WHERE id = ?", (what, job_id))
+
+    # --- events and checkpoints ------------------------------------------------------------------------
+
+    def add_event(self, job_id: str, message: str, level: str = "info", kind: str = "message",
+                  data: dict | None = None, step: int | None = None) -> None:
+        self.execute("INSERT INTO events (id, job_id, created_at, level, message, type, data, step) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (new_id("ftevent"), job_id, int(time.time()), level, message, kind,
+                      json.dumps(data) if data is not None else None, step))
+
+    def events(self, job_id: str, after: str | None, limit: int) -> list[dict]:
+        """Newest first, as OpenAI lists them; `after` is an event id."""
+        rows = self.query("SELECT seq FROM events WHERE id = ? AND job_id = ?", (after, job_id)) if after else []
+        seq = rows[0]["seq"] if rows else 1 << 62
+        return self.query("SELECT * FROM events WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                          (job_id, seq, limit))
+
+    def last_logged_step(self, job_id: str) -> int:
+        rows = self.query("SELECT MAX(step) AS step FROM events WHERE job_id = ? AND type = 'metrics'", (job_id,))
+        return rows[0]["step"] or 0
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict) -> bool:
+        return bool(self.execute("INSERT OR IGNORE INTO checkpoints (id, job_id, created_at, step, metrics) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 (new_id("ftckpt"), job_id, int(time.time()), step, json.dumps(metrics))))
+
+    def checkpoints(self, job_id: str, after: str | None, limit: int) -> list[dict]:
+        rows = self.query("SELECT step FROM checkpoints WHERE id = ? AND job_id = ?", (after, job_id)) if after else []
+        step = rows[0]["step"] if rows else 1 << 62
+        return self.query("SELECT * FROM checkpoints WHERE job_id = ? AND step < ? ORDER BY step DESC LIMIT ?",
+                          (job_id, step, limit))
+
+    def succeeded(self, owner: str | None = None) -> list[dict]:
+        """Jobs whose fine-tuned model can be served (every owner's when `owner` is None)."""
+        if owner is None:
+            return self.query("SELECT * FROM jobs WHERE status = 'succeeded' ORDER BY seq")
+        return self.query("SELECT * FROM jobs WHERE status = 'succeeded' AND owner = ? ORDER BY seq", (owner,))
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id / "run"

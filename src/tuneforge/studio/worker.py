@@ -1,0 +1,258 @@
+"""The queue's two workers: one checks each new job's files (as `tuneforge data check` does) and queues it,
+the other runs queued jobs in the order they were created, one at a time, as `tuneforge train` processes.
+
+A training process dies with the server (PR_SET_PDEATHSIG), so a kill -9 of the server leaves nothing
+running; on the next start a job still marked running goes back to the front of the queue and continues
+from its newest checkpoint with `--resume`. Cancel and pause stop the process with SIGINT (the train
+command's Ctrl-C), which keeps every checkpoint already written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tuneforge.config import config_from_dict
+from tuneforge.data.check import check_data
+from tuneforge.data.dataset import good_records
+from tuneforge.errors import TuneforgeError
+from tuneforge.methods.facts import method_facts
+from tuneforge.models.load import load_tokenizer
+from tuneforge.models.resolve import resolve_base_model
+from tuneforge.studio.jobs import fine_tuned_name
+from tuneforge.studio.store import Store
+from tuneforge.train.checkpoints import list_checkpoints
+
+STOP_WAIT_S = 60  # after SIGINT, how long a training process may take to exit before it is killed
+SHOWN_LINES = 5  # bad lines named in a failed job's error message
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it when the thread that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the restart check below finds a leftover process's run unfinished
+        pass
+
+
+def file_errors(store: Store, job: dict) -> dict | None:
+    """The job's files checked before any training: None, or OpenAI's error {code, message, param}
+    naming each file's first bad lines."""
+    cfg = config_from_dict(job["config"], "the job's settings")
+    request = job["request"]
+    names = {str(store.file_path(request["training_file"])): ("training_file", request["training_file"])}
+    if request.get("validation_file"):
+        names[str(store.file_path(request["validation_file"]))] = ("validation_file", request["validation_file"])
+    wanted = method_facts(cfg).records
+    for spec in [*cfg.datasets, *([cfg.validation] if cfg.validation else [])]:
+        param, file_id = names[spec.path]
+        first = next(good_records(spec), None)
+        if first is not None and first.kind not in wanted:
+            return {"code": f"invalid_{param}", "param": param,
+                    "message": f"{param} {file_id}: holds {first.kind} records, but method "
+                               f"{request['method']['type']} trains on {' or '.join(wanted)} records "
+                               "(chat messages for supervised; input/preferred_output/non_preferred_output for dpo)"}
+    folder, _ = resolve_base_model(cfg.base_model)
+    report = check_data(cfg, load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code), model_folder=folder)
+    errors = report.errors
+    if not errors:
+        return None
+    param, file_id = names.get(errors[0].source, ("training_file", request["training_file"]))
+    lines = [f"line {f.line}: {f.message}" for f in errors if f.source == errors[0].source][:SHOWN_LINES]
+    more = len([f for f in errors if f.source == errors[0].source]) - len(lines)
+    return {"code": f"invalid_{param}", "param": param,
+            "message": f"{param} {file_id} has {len(lines) + more} bad line(s): " + "; ".join(lines)
+                       + (f"; and {more} more" if more > 0 else "") + ". Fix them and upload the file again."}
+
+
+class Follower:
+    """Reads a run's metrics.jsonl as it grows into events, and its new checkpoints into the database."""
+
+    def __init__(self, store: Store, job_id: str, run_dir: Path):
+        self.store, self.job_id, self.run_dir = store, job_id, run_dir
+        self.offset, self.steps = 0, {}
+
+    def poll(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            if path.stat().st_size < self.offset:  # a resumed run cut the log back to its checkpoint
+                self.offset = 0
+            with open(path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            done = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+            self.offset += done
+            self._lines(chunk[:done])
+        for ckpt in list_checkpoints(self.run_dir):
+            step = int(ckpt.name.removeprefix("step-"))
+            if step in self.steps:
+                self.store.add_checkpoint(self.job_id, step, self.steps[step])
+
+    def _lines(self, chunk: bytes) -> None:
+        last = self.store.last_logged_step(self.job_id)
+        for raw in chunk.splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or "step" not in record or "loss" not in record:
+                continue
+            metrics = {"step": record["step"], "train_loss": record["loss"]}
+            if "val_loss" in record:
+                metrics["valid_loss"] = record["val_loss"]
+            self.steps[record["step"]] = metrics
+            if record["step"] > last:
+                self.store.add_event(self.job_id, f"Step {record['step']}: training loss={record['loss']:.4f}",
+                                     kind="metrics", data=metrics, step=record["step"])
+
+    def trained_tokens(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        total = 0
+        for raw in path.read_bytes().splitlines() if path.is_file() else []:
+            try:
+                total += int(json.loads(raw).get("trained_tokens", 0))
+            except (ValueError, AttributeError, TypeError):
+                continue
+        return total
+
+
+class Worker:
+    """The two worker threads; start() after the store is open, stop() before it closes."""
+
+    def __init__(self, store: Store, python: str = sys.executable, poll_s: float = 0.5):
+        self.store, self.python, self.poll_s = store, python, poll_s
+        self.stopping, self.wake = threading.Event(), threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Jobs a killed server left running go back to the queue (they resume from their checkpoint)."""
+        for job in self.store.query("SELECT * FROM jobs WHERE status = 'running'"):
+            after = {"cancel": "cancelled", "pause": "paused"}.get(job["requested"], "queued")
+            self.store.move(job["id"], after, ("running",), requested=None,
+                            finished_at=int(time.time()) if after == "cancelled" else None)
+            self.store.add_event(job["id"], "The server restarted during training; the job continues from its "
+                                 "newest checkpoint" if after == "queued" else f"The job is {after}")
+        for target in (self._validate_loop, self._train_loop):
+            thread = threading.Thread(target=target, name=f"studio-{target.__name__[1:]}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop both threads; a job being trained is stopped with SIGINT and queued again for the next start."""
+        self.stopping.set()
+        self.wake.set()
+        for thread in self.threads:
+            thread.join()
+
+    def _sleep(self) -> None:
+        self.wake.wait(self.poll_s)
+        self.wake.clear()
+
+    def _validate_loop(self) -> None:
+        while not self.stopping.is_set():
+            job = self.store.next_job("validating_files")
+            if job is None:
+                self._sleep()
+                continue
+            try:
+                error = file_errors(self.store, job)
+            except (TuneforgeError, OSError) as err:
+                error = {"code": "invalid_training_file", "param": "training_file", "message": str(err)}
+            if error is None:
+                if self.store.move(job["id"], "queued", ("validating_files",)):
+                    self.store.add_event(job["id"], "Files validated; the job is queued")
+                    self.wake.set()
+            elif self.store.move(job["id"], "failed", ("validating_files",), error=error,
+                                 finished_at=int(time.time())):
+                self.store.add_event(job["id"], error["message"], level="error")
+
+    def _train_loop(self) -> None:
+        while not self.stopping.is_set():
+            job = self.store.next_job("queued")
+            if job is None:
+                self._sleep()
+                continue
+            if not self.store.move(job["id"], "running", ("queued",)):
+                continue
+            try:
+                self._run(self.store.job(job["id"]))
+            except Exception as err:  # the job fails, the queue goes on
+                error = {"code": "training_failed", "param": None,
+                         "message": f"the studio could not run the job: {type(err).__name__}: {err}"}
+                if self.store.move(job["id"], "failed", ("running",), error=error, finished_at=int(time.time())):
+                    self.store.add_event(job["id"], error["message"], level="error")
+
+    def _run(self, job: dict) -> None:
+        job_id, store = job["id"], self.store
+        run_dir = store.run_dir(job_id)
+        config = run_dir.parent / "config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(json.dumps({**job["config"], "output_dir": str(run_dir)}, indent=1))  # JSON is YAML
+        resume = bool(list_checkpoints(run_dir))
+        store.add_event(job_id, "Training resumed from the newest checkpoint" if resume else "Training started")
+        follower = Follower(store, job_id, run_dir)
+        with open(run_dir.parent / "train.log", "ab") as log:
+            proc = subprocess.Popen([self.python, "-m", "tuneforge", "train", str(config), *(["--resume"] * resume)],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=run_dir.parent, preexec_fn=_die_with_parent, start_new_session=True)
+            asked = None
+            while proc.poll() is None:
+                follower.poll()
+                asked = asked or store.job(job_id)["requested"] or ("shutdown" if self.stopping.is_set() else None)
+                if asked:
+                    _interrupt(proc)
+                    break
+                self.wake.wait(self.poll_s)
+        follower.poll()
+        self._finish(job, proc.returncode, asked, follower)
+
+    def _finish(self, job: dict, code: int, asked: str | None, follower: Follower) -> None:
+        job_id, store, now = job["id"], self.store, int(time.time())
+        run_dir = store.run_dir(job_id)
+        if asked == "shutdown":
+            store.move(job_id, "queued", ("running",))
+            store.add_event(job_id, "The server is stopping; the job continues from its newest checkpoint on restart")
+        elif asked in ("cancel", "pause"):
+            status = "cancelled" if asked == "cancel" else "paused"
+            store.move(job_id, status, ("running",), requested=None, finished_at=now if asked == "cancel" else None)
+            kept = [c.name for c in list_checkpoints(run_dir)]
+            store.add_event(job_id, f"The job is {status}" + (f"; its checkpoints are kept ({', '.join(kept)})"
+                                                                if kept else ""))
+        elif code == 0 and (run_dir / "run.json").is_file():
+            base = job["model"]
+            name = fine_tuned_name(Path(base).name if Path(base).is_dir() else base,
+                                   job["request"].get("suffix"), job_id)
+            store.move(job_id, "succeeded", ("running",), fine_tuned_model=name, finished_at=now,
+                       trained_tokens=follower.trained_tokens())
+            store.add_event(job_id, f"The job has successfully completed; the model is {name}")
+        else:
+            error = {"code": "training_failed", "param": None,
+                     "message": f"tuneforge train exited with status {code}: {_last_error(run_dir.parent)}"}
+            store.move(job_id, "failed", ("running",), error=error, finished_at=now)
+            store.add_event(job_id, error["message"], level="error")
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT (Ctrl-C: the run stops, its checkpoints kept), then SIGKILL if it does not end in time."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _last_error(job_dir: Path) -> str:
+    """The train command's own error line (it prints `error: ...`), else the log's last line."""
+    try:
+        lines = [ln.strip() for ln in (job_dir / "train.log").read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log was written"
+    errors = [ln for ln in lines if ln.startswith("error")]
+    return (errors or lines or ["no output"])[-1][:2000] + f" (the whole log: {job_dir / 'train.log'})"

@@ -1,0 +1,261 @@
+"""tuneforge studio with the official openai client: files, jobs that really train (tiny random Llama, as
+`tuneforge train` subprocesses), validation before queueing, cancel, keys, and a kill -9 of the server
+mid-job that resumes to the same weights as an uninterrupted job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import memorise_records, write_jsonl
+from safetensors.torch import load_file
+
+from tuneforge.data.formats import read_records
+from tuneforge.errors import ConfigError
+from tuneforge.serve.protocol import ApiError
+from tuneforge.studio import StudioLimits, make_studio
+from tuneforge.studio.jobs import job_config
+from tuneforge.studio.keys import new_key
+
+# Enough steps that a kill lands between the first checkpoint and the end; lr as tests/test_train.py's.
+SETTINGS = {"max_steps": 24, "save_every": 4, "device": "cpu", "precision": "fp32", "max_seq_len": 128,
+            "lora": {"r": 8, "alpha": 16}, "diagnose": {"enabled": False}}
+METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4, "learning_rate_multiplier": 25}}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+
+def wait_for(what, timeout: float = 120, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def done(client, job_id: str, statuses=("succeeded", "failed", "cancelled")):
+    return wait_for(lambda: (job := client.fine_tuning.jobs.retrieve(job_id)).status in statuses and job)
+
+
+def create(client, model, training_file, steps: int = SETTINGS["max_steps"], **kw):
+    return client.fine_tuning.jobs.create(model=str(model), training_file=training_file, method=METHOD,
+                                          suffix="memo", extra_body={"tuneforge": {**SETTINGS, "max_steps": steps}},
+                                          **kw)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", memorise_records(24))
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    """A studio on 127.0.0.1 with two keys (alice, bob), its worker running training subprocesses."""
+    home = tmp_path_factory.mktemp("home")
+    keys = {name: new_key(home / "keys", name) for name in ("alice", "bob")}
+    server = make_studio(home, port=0, api_keys=home / "keys", quiet=True,
+                         limits=StudioLimits(max_upload_bytes=32 * 1024, max_files=3))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clients = {name: openai.OpenAI(base_url=server.url, api_key=key, max_retries=0) for name, key in keys.items()}
+    yield server, clients
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def finished(studio, tiny_models, train_file):
+    """Alice's job, trained to the end without interruption."""
+    server, clients = studio
+    alice = clients["alice"]
+    uploaded = alice.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    job = create(alice, tiny_models["llama"], uploaded.id, seed=7)
+    assert job.status == "validating_files" and job.fine_tuned_model is None
+    return uploaded, done(alice, job.id)
+
+
+def test_upload_train_poll_events_checkpoints_and_chat(studio, finished, train_file):
+    server, clients = studio
+    alice = clients["alice"]
+    uploaded, job = finished
+    assert uploaded.filename == "train.jsonl" and uploaded.bytes == train_file.stat().st_size
+    assert alice.files.content(uploaded.id).read() == train_file.read_bytes()
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:llama:memo:{job.id}" and job.trained_tokens > 0 and job.seed == 7
+    assert job.hyperparameters.batch_size == 4
+    events = alice.fine_tuning.jobs.list_events(job.id, limit=100).data
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 25)) and "successfully completed" in events[0].message
+    checkpoints = alice.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [24, 20, 16, 12, 8, 4]
+    assert checkpoints[0].metrics.train_loss == next(e.data["train_loss"] for e in events if e.data and
+                                                     e.data["step"] == 24)
+    assert [m.id for m in alice.models.list().data] == [job.fine_tuned_model]
+    reply = alice.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,
+                                          messages=[{"role": "user", "content": "Repeat alpha bravo please"}])
+    assert reply.model == job.fine_tuned_model and reply.choices[0].message.content
+    text = alice.completions.create(model=job.fine_tuned_model, prompt="Repeat", max_tokens=4, temperature=0)
+    assert text.choices[0].text is not None
+    assert [j.id for j in alice.fine_tuning.jobs.list(limit=1).data] == [job.id]
+
+
+def test_a_planted_bad_line_fails_in_validation_naming_it(studio, tiny_models, train_file, tmp_path):
+    server, clients = studio
+    alice = clients["alice"]
+    lines = train_file.read_text().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    job = create(alice, tiny_models["llama"], alice.files.create(file=bad.open("rb"), purpose="fine-tune").id)
+    job = done(alice, job.id)
+    assert job.status == "failed" and job.error.code == "invalid_training_file" and job.error.param == "training_file"
+    assert "line 3:" in job.error.message and "no assistant turn" in job.error.message
+    assert not (server.store.jobs_dir / job.id / "train.log").exists()  # no training time was spent
+
+
+def test_pause_resume_and_cancel_a_running_job_and_cancel_a_queued_one(studio, finished, tiny_models):
+    server, clients = studio
+    alice = clients["alice"]
+    uploaded, _ = finished
+    first = create(alice, tiny_models["llama"], uploaded.id, steps=100_000)  # stopped long before its end
+    second = create(alice, tiny_models["llama"], uploaded.id)
+    wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
+    assert alice.fine_tuning.jobs.cancel(second.id).status == "cancelled"  # never started
+    alice.fine_tuning.jobs.pause(first.id)
+    assert done(alice, first.id, ("paused",)).status == "paused"
+    assert alice.fine_tuning.jobs.resume(first.id).status == "queued"
+    wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
+    alice.fine_tuning.jobs.cancel(first.id)
+    assert done(alice, first.id).status == "cancelled"
+    messages = [e.message for e in alice.fine_tuning.jobs.list_events(first.id, limit=100).data]
+    assert any(m.startswith("The job is paused") for m in messages)
+    assert any(m.startswith("The job is cancelled") for m in messages)
+    assert not (server.store.jobs_dir / second.id).exists()
+    with pytest.raises(openai.BadRequestError) as err:
+        alice.fine_tuning.jobs.cancel(first.id)
+    assert err.value.body["code"] == "invalid_job_status"
+
+
+def test_a_key_sees_only_its_own_files_jobs_and_models(studio, finished):
+    server, clients = studio
+    alice, bob = clients["alice"], clients["bob"]
+    uploaded, job = finished
+    assert bob.files.list().data == [] and bob.fine_tuning.jobs.list().data == [] and bob.models.list().data == []
+    for call in (lambda: bob.files.retrieve(uploaded.id), lambda: bob.files.content(uploaded.id),
+                 lambda: bob.fine_tuning.jobs.retrieve(job.id), lambda: bob.fine_tuning.jobs.list_events(job.id),
+                 lambda: bob.files.delete(uploaded.id),
+                 lambda: bob.chat.completions.create(model=job.fine_tuned_model,
+                                                     messages=[{"role": "user", "content": "hi"}])):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.BadRequestError) as err:
+        bob.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=uploaded.id)
+    assert err.value.body["param"] == "training_file"
+    named = bob.files.create(file=("../../etc/passwd", b'{"text": "x"}\n'), purpose="fine-tune")
+    assert named.filename == "passwd" and (server.store.files_dir / named.id).is_file()
+    with pytest.raises(openai.APIStatusError) as err:
+        bob.files.create(file=("big.jsonl", b"x" * (33 * 1024)), purpose="fine-tune")
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+    bob.files.create(file=("2.jsonl", b"{}\n"), purpose="fine-tune")
+    bob.files.create(file=("3.jsonl", b"{}\n"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:
+        bob.files.create(file=("4.jsonl", b"{}\n"), purpose="fine-tune")
+    assert err.value.body["code"] == "too_many_files"
+    stranger = openai.OpenAI(base_url=server.url, api_key="sk-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.files.list()
+    assert alice.files.retrieve(uploaded.id).id == uploaded.id
+
+
+def test_non_loopback_without_keys_refuses_to_start(tmp_path):
+    with pytest.raises(ConfigError, match="--api-keys"):
+        make_studio(tmp_path / "home", host="0.0.0.0", port=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(home: Path, port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "studio", "--home", str(home), "--port", str(port)],
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+    def up():
+        try:
+            return client.models.list() is not None
+        except openai.APIConnectionError:
+            assert proc.poll() is None, log.read_text()
+            return False
+    wait_for(up, timeout=60)
+    return proc
+
+
+def test_kill_9_mid_job_then_restart_resumes_to_the_same_weights(studio, finished, tiny_models, train_file, tmp_path):
+    _, reference = finished
+    home, port, log = tmp_path / "home", _free_port(), tmp_path / "studio.log"
+    server = _start(home, port, log)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        job = create(client, tiny_models["llama"], client.files.create(file=train_file.open("rb"),
+                                                                        purpose="fine-tune").id, seed=7)
+        run = home / "jobs" / job.id / "run"
+        wait_for(lambda: (run / "checkpoints" / "step-4").is_dir(), every=0.01)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        assert not (run / "final").exists(), "the job finished before the kill; make it longer"
+    finally:
+        server.kill()
+        server.wait()
+    restarted = make_studio(home, port=port, quiet=True)  # in this process: torch is already imported here
+    threading.Thread(target=restarted.serve_forever, daemon=True).start()
+    try:
+        job = done(client, job.id)
+        assert job.status == "succeeded", (job.error, (run.parent / "train.log").read_text()[-3000:])
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert any("restarted during training" in m for m in messages)
+    finally:
+        restarted.shutdown()
+        restarted.server_close()
+    ours = load_file(run / "final" / "adapter_model.safetensors")
+    theirs = load_file(studio[0].store.run_dir(reference.id) / "final" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_openai_preference_records_are_read_as_prompt_chosen_rejected(tmp_path):
+    record = {"input": {"messages": [{"role": "user", "content": "Hi"}]},
+              "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+              "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}
+    [rec] = read_records(write_jsonl(tmp_path / "pref.jsonl", [record]))
+    assert rec.kind == "preference" and rec.prompt == [{"role": "user", "content": "Hi"}]
+    assert rec.chosen == [{"role": "assistant", "content": "Hello!"}]
+    assert rec.rejected == [{"role": "assistant", "content": "Go away."}]
+
+
+def test_job_request_becomes_a_config():
+    config, method = job_config({"model": "m", "method": {"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.5, "n_epochs": 2, "learning_rate_multiplier": "auto"}}},
+        "tuneforge": {"lora.r": 4, "lora": {"alpha": 8}}}, "/t.jsonl", "/v.jsonl")
+    assert (config["method"], config["dpo"]["beta"], config["epochs"], config["learning_rate"]) == ("dpo", 0.5, 2, 2e-5)
+    assert config["lora"] == {"r": 4, "alpha": 8} and config["validation"] == {"path": "/v.jsonl"}
+    assert method["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0,
+                                                "beta": 0.5}
+    legacy, _ = job_config({"model": "m", "hyperparameters": {"n_epochs": 1, "batch_size": 2}}, "/t.jsonl", None)
+    assert (legacy["method"], legacy["epochs"], legacy["micro_batch_size"]) == ("sft", 1, 2)
+    for body, param in (({"model": "m", "tuneforge": {"output_dir": "/etc"}}, "tuneforge.output_dir"),
+                        ({"model": "m", "hyperparameters": {"beta": 1}}, "hyperparameters.beta"),
+                        ({"model": "m", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+                        ({"model": "m", "tuneforge": {"lora": {"r": 0}}}, "tuneforge")):
+        with pytest.raises(ApiError) as err:
+            job_config(body, "/t.jsonl", None)
+        assert err.value.status == 400 and err.value.param == param
