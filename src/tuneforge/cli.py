@@ -244,6 +244,26 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tuneforge.sweep.results import sweep_table
+    from tuneforge.sweep.run import run_sweep
+    from tuneforge.track.console import comparison_tables
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    result = run_sweep(args.sweep, console.print, gpus, args.worker)
+    if result is None:  # a worker: the parent process reports
+        return 0
+    console.print(sweep_table(result))
+    if result.comparison is not None:
+        console.print(f"The top {len(result.comparison.runs)} trials compared (`tuneforge runs compare`):")
+        for table in comparison_tables(result.comparison):
+            console.print(table)
+    for what, path in result.files.items():
+        console.print(f"{what}: {path}")
+    console.print(f"{result.seconds:.0f} s; run the same command again to continue a stopped sweep")
+    return 0 if result.best else 1
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -473,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="DIR | compare RUN RUN ...")
     p.add_argument("--png", default="runs-compare.png", help="compare: where the overlaid curves go (default runs-compare.png)")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("sweep", help="many runs of one config: grid, random or TPE search (Optuna), ranked, best.yaml",
+                       description="Runs or continues the sweep a YAML file describes (docs/sweep.md).")
+    p.add_argument("sweep", help="the sweep YAML (base, output_dir, objective, search, trials, parameters)")
+    p.add_argument("--gpus", metavar="0,1,...",
+                   help="one trial at a time on each of these GPUs (a worker process per GPU); default: one trial at a "
+                        "time in this process")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --gpus
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")
