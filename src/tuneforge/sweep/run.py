@@ -81,8 +81,8 @@ def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path) -> Callable[[opt
             trial.set_user_attr(ERROR, f"{type(err).__name__}: {err}"[:2000])
             raise
         finally:
-            gc.collect()
-            if torch.cuda.is_available():
+            if torch.cuda.is_available():  # the next trial's model needs the memory this one's held
+                gc.collect()
                 torch.cuda.empty_cache()
     return objective
 
