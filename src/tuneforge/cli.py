@@ -275,8 +275,8 @@ def cmd_launch(args) -> int:
     if result.started:
         return 0
     if not args.dry_run:
-        console.print(f"[yellow]{result.command[0]} is not installed here[/yellow] (pip install 'tuneforge[launch]' "
-                      "for SkyPilot, then `sky check`)")
+        console.print(f"[yellow]{result.command[0]} is not installed here[/yellow] (SkyPilot: pipx install "
+                      "'skypilot[aws]' or another cloud, then `sky check`; see docs/launch.md)")
     print(result.files[0].read_text())
     print("Start it with: " + " ".join(result.command))
     return 0
