@@ -42,7 +42,7 @@ def write_sweep(tmp_path: Path, model_dir: Path, sweep: dict, steps: int = 2, **
 def test_grid_sweep_ranks_trials_and_writes_the_best_config(tmp_path, tiny_models):
     path = write_sweep(tmp_path, tiny_models["llama"], {
         "search": "grid", "objective": {"metric": "val_loss", "mode": "min"}, "prune": {"kind": "none"},
-        "parameters": {"learning_rate": [1e-7, 3e-2], "lora.r": [2, 4]}})
+        "set": {"lora.alpha": 16}, "parameters": {"learning_rate": [1e-7, 3e-2], "lora.r": [2, 4]}})
     result = run_sweep(path, say=lambda _: None)
     rows = result.rows
     assert [r["state"] for r in rows] == ["finished"] * 4
@@ -55,6 +55,7 @@ def test_grid_sweep_ranks_trials_and_writes_the_best_config(tmp_path, tiny_model
     assert rows[0]["params"]["learning_rate"] == 3e-2  # training beats no training
     best = load_config(tmp_path / "sweep" / "best.yaml")
     assert (best.learning_rate, best.lora.r) == (rows[0]["params"]["learning_rate"], rows[0]["params"]["lora.r"])
+    assert best.lora.alpha == 16  # the sweep's `set` keys hold in every trial
     assert best.output_dir == str(tmp_path / "sweep" / "best")
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert saved["best"]["trial"] == rows[0]["trial"]

@@ -109,7 +109,7 @@ def plot_objective(rows: list[dict], params: list[str], metric: str, path: Path)
 
 def write_best(spec: SweepSpec, base_raw: dict, base_dir: Path, best: dict, path: Path) -> Path:
     """The best trial's whole config, every default spelled out, training into <output_dir>/best."""
-    cfg = trial_config(base_raw, base_dir, best["params"], Path(spec.output_dir) / "best", str(path))
+    cfg = trial_config(spec, base_raw, base_dir, best["params"], Path(spec.output_dir) / "best", str(path))
     note = (f"# The best trial ({best['trial']}) of {spec.base}'s sweep, {spec.objective.metric} {best['value']:.6g}.\n"
             f"# `tuneforge train {path}` trains it again into {Path(spec.output_dir) / 'best'}.\n")
     path.write_text(note + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

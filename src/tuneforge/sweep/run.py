@@ -71,7 +71,7 @@ def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path) -> Callable[[opt
         run_dir = Path(trial.user_attrs.get(RUN_DIR) or Path(spec.output_dir) / f"trial-{trial.number:03d}")
         trial.set_user_attr(RUN_DIR, str(run_dir))
         try:
-            cfg = trial_config(base_raw, base_dir, values, run_dir, f"{spec.base} (trial {trial.number})")
+            cfg = trial_config(spec, base_raw, base_dir, values, run_dir, f"{spec.base} (trial {trial.number})")
             if spec.budget.cost is not None:
                 trial.set_user_attr(PLANNED_COST, planned_cost(cfg, spec.budget))
             return run_trial(cfg, trial, spec.objective.metric)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -78,6 +78,8 @@ class SweepSpec(_Strict):
     search: Literal["grid", "random", "tpe"] = Field("tpe", description="grid: every combination of the lists; "
                                                      "random or tpe (Optuna's TPESampler): `trials` draws")
     trials: int | None = Field(None, ge=1, description="how many trials random and tpe run (grid: at most this many)")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys set the same in every trial "
+                                                                  "(e.g. max_steps, eval_every for a shorter search)")
     parameters: dict[str, Union[list[Scalar], RangeSpec]] = Field(
         min_length=1, description="dotted config keys (learning_rate, lora.r, lora.alpha, ...): a list of values, "
                                   "or a range {low, high, log, type}")
@@ -127,10 +129,11 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict, Path]:
     return spec, base_raw, Path(spec.base).parent
 
 
-def trial_config(base_raw: dict, base_dir: Path, values: dict[str, Scalar], run_dir: Path, source: str) -> Config:
-    """The base config with this trial's values laid over it and its own output_dir."""
+def trial_config(spec: SweepSpec, base_raw: dict, base_dir: Path, values: dict[str, Scalar], run_dir: Path,
+                 source: str) -> Config:
+    """The base config with the sweep's `set` keys, then this trial's values, laid over it, and its own output_dir."""
     raw = copy.deepcopy(base_raw)
-    for key, value in values.items():
+    for key, value in {**spec.set, **values}.items():
         _set_dotted(raw, key, value)
     raw["output_dir"] = str(run_dir)
     return config_from_dict(raw, source, base_dir)
@@ -148,6 +151,6 @@ def check_trials(spec: SweepSpec, base_raw: dict, base_dir: Path, sweep_file: st
     for values in points:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         try:
-            trial_config(base_raw, base_dir, values, Path(spec.output_dir) / "check", f"{spec.base} with {shown}")
+            trial_config(spec, base_raw, base_dir, values, Path(spec.output_dir) / "check", f"{spec.base} with {shown}")
         except ConfigError as err:
             raise ConfigError(f"{sweep_file}: parameters give an invalid config:\n{err}") from None

@@ -73,7 +73,7 @@ def open_study(spec: SweepSpec, sweep_file: str) -> optuna.Study:
                                 sampler=sampler_for(spec), pruner=pruner_for(spec),
                                 direction="minimize" if spec.objective.mode == "min" else "maximize",
                                 load_if_exists=True)
-    search = json.loads(json.dumps({"search": spec.search, "objective": spec.objective.model_dump(),
+    search = json.loads(json.dumps({"search": spec.search, "objective": spec.objective.model_dump(), "set": spec.set,
                                     "parameters": {k: v.model_dump() if isinstance(v, RangeSpec) else v
                                                    for k, v in spec.parameters.items()}}))
     earlier = study.user_attrs.get("search")
