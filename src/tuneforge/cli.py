@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", metavar="0,1,...",
                    help="one trial at a time on each of these GPUs (a worker process per GPU); default: one trial at a "
                         "time in this process")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --gpus
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # worker N, started by --gpus
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("launch", help="run a config on rented GPUs (SkyPilot) or a Slurm cluster, resuming after preemption",

@@ -115,19 +115,19 @@ def optimize(spec: SweepSpec, base_raw: dict, base_dir: Path, study: optuna.Stud
 
 def _workers(sweep_file: Path, gpus: list[str]) -> int:
     """One worker process per GPU, each seeing only its own; the exit status of the first to fail."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tuneforge", "sweep", str(sweep_file), "--worker"],
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus]
+    procs = [subprocess.Popen([sys.executable, "-m", "tuneforge", "sweep", str(sweep_file), f"--worker={i + 1}"],
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}) for i, gpu in enumerate(gpus)]
     codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
 
 
 def run_sweep(sweep_file: str | Path, say: Callable[[str], None] = print, gpus: list[str] | None = None,
-              worker: bool = False) -> SweepResult | None:
-    """Run (or continue) a sweep and write its results; a worker only runs trials."""
+              worker: int | None = None) -> SweepResult | None:
+    """Run (or continue) a sweep and write its results; worker N (started by --gpus) only runs trials."""
     sweep_file = Path(sweep_file)
     spec, base_raw, base_dir = load_sweep(sweep_file)
-    if worker:
-        optimize(spec, base_raw, base_dir, open_study(spec, str(sweep_file)), say)
+    if worker is not None:
+        optimize(spec, base_raw, base_dir, open_study(spec, str(sweep_file), worker), say)
         return None
     check_trials(spec, base_raw, base_dir, str(sweep_file))
     started = time.perf_counter()

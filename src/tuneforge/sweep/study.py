@@ -28,12 +28,15 @@ ERROR = "error"  # user attribute of a trial that failed: the error's text
 RUN_DIR = "run_dir"
 
 
-def sampler_for(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+def sampler_for(spec: SweepSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The search's sampler, its seed moved on by `offset`: a continued sweep, or a second worker, would
+    otherwise draw the very points the first invocation drew."""
+    seed = spec.seed + offset
     if spec.search == "grid":
-        return optuna.samplers.GridSampler({k: v for k, v in spec.parameters.items()}, seed=spec.seed)
+        return optuna.samplers.GridSampler({k: v for k, v in spec.parameters.items()}, seed=seed)
     if spec.search == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def pruner_for(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -65,8 +68,9 @@ def storage_url(spec: SweepSpec) -> str:
     return f"sqlite:///{study_path(spec)}"
 
 
-def open_study(spec: SweepSpec, sweep_file: str) -> optuna.Study:
-    """The sweep's study, created or continued; a study made from a different search is refused."""
+def open_study(spec: SweepSpec, sweep_file: str, worker: int = 0) -> optuna.Study:
+    """The sweep's study, created or continued; a study made from a different search is refused.
+    The sampler's seed is the file's, moved on by the trials already run and by the worker's index."""
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep prints its own line per trial
     study = optuna.create_study(storage=storage_url(spec), study_name=STUDY_NAME,
@@ -80,8 +84,9 @@ def open_study(spec: SweepSpec, sweep_file: str) -> optuna.Study:
     if earlier is None:
         study.set_user_attr("search", search)
     elif earlier != search:
-        raise ConfigError(f"{sweep_file}: search, objective or parameters changed since {study_path(spec)} was "
+        raise ConfigError(f"{sweep_file}: search, objective, set or parameters changed since {study_path(spec)} was "
                           f"started ({earlier} then); set a new output_dir, or put the file back as it was")
+    study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)) + 100_003 * worker)
     return study
 
 
