@@ -144,7 +144,8 @@ def check_trials(spec: SweepSpec, base_raw: dict, base_dir: Path, sweep_file: st
     if spec.search == "grid":
         points = spec.grid()
     else:
-        middle = {k: (v[0] if isinstance(v, list) else v.low) for k, v in spec.parameters.items()}
+        middle = {k: v[0] if isinstance(v, list) else (int(v.low) if v.type == "int" else v.low)
+                  for k, v in spec.parameters.items()}
         points = [{**middle, k: end} for k, v in spec.parameters.items() if isinstance(v, RangeSpec)
                   for end in ((int(v.low), int(v.high)) if v.type == "int" else (v.low, v.high))]
         points += [{**middle, k: value} for k, v in spec.parameters.items() if isinstance(v, list) for value in v]
