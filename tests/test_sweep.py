@@ -134,3 +134,21 @@ def test_sweep_file_errors_name_the_key(tmp_path, tiny_models):
                                     "parameters": {"learning_rate": [1e-3]}}))
     with pytest.raises(ConfigError, match="needs trials"):
         load_sweep(path)
+
+
+def test_cost_budget_from_plan_stops_the_sweep_before_a_trial_would_pass_it(tmp_path, tiny_models):
+    from tuneforge.plan.report import plan_config
+    from tuneforge.sweep.spec import trial_config
+
+    sweep = {"search": "random", "trials": 4, "prune": {"kind": "none"}, "parameters": {"lora.r": [2, 4]},
+             "budget": {"cost": 1.0, "gpu": "T4"}}
+    path = write_sweep(tmp_path, tiny_models["llama"], sweep)
+    spec, base_raw, base_dir = load_sweep(path)
+    cfg = trial_config(spec, base_raw, base_dir, {"lora.r": 2}, tmp_path / "x", "test")
+    one = next(r for r in plan_config(cfg, ["T4"]).rows if r.device.name == "T4").cost
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "output_dir": "sweep", **sweep,
+                                    "budget": {"cost": 1.5 * one, "gpu": "T4"}}))  # room for one trial, not two
+    said: list[str] = []
+    rows = run_sweep(path, say=said.append).rows
+    assert len(rows) == 1 and rows[0]["state"] == "finished"
+    assert any("budget.cost" in line for line in said)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneforge.config import load_config
+from tuneforge.config import config_to_dict, load_config
 from tuneforge.errors import TuneforgeError
 from tuneforge.launch.remote import remote_config
 from tuneforge.launch.sky import sky_task, task_yaml
@@ -43,7 +43,7 @@ def launch(config: str | Path, on: str, gpu: str | None = None, spot: bool = Fal
         path = Path(out) if out else config.with_name(f"{config.stem}.sbatch")
         if overrides:  # the job must train what was checked here: the overridden config beside the script
             config = path.with_name(f"{path.stem}.config.yaml")
-            config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            config.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         path.write_text(sbatch_script(name, config, Path(cfg.output_dir), target, partition))
         command, files = ["sbatch", str(path)], [path]
     elif on == "sky":

@@ -12,13 +12,12 @@ from pathlib import Path
 import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
-
 from rich.table import Table
 
 from tuneforge.config import config_to_dict
-from tuneforge.track.runs import Comparison, compare_runs
 from tuneforge.sweep.spec import SweepSpec, trial_config
 from tuneforge.sweep.study import CONTINUES, ERROR, RUN_DIR, interrupted
+from tuneforge.track.runs import Comparison, compare_runs
 
 STATES = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
           TrialState.RUNNING: "running", TrialState.WAITING: "queued"}

@@ -65,11 +65,17 @@ def _budget_left(spec: SweepSpec, study: optuna.Study) -> str | None:
     return None
 
 
-def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path) -> Callable[[optuna.Trial], float]:
+def _shown(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path,
+               say: Callable[[str], None]) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, spec)
         run_dir = Path(trial.user_attrs.get(RUN_DIR) or Path(spec.output_dir) / f"trial-{trial.number:03d}")
         trial.set_user_attr(RUN_DIR, str(run_dir))
+        say(f"trial {trial.number} ({_shown(values)}): training in {run_dir}")
         try:
             cfg = trial_config(spec, base_raw, base_dir, values, run_dir, f"{spec.base} (trial {trial.number})")
             if spec.budget.cost is not None:
@@ -89,16 +95,16 @@ def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path) -> Callable[[opt
 
 def _announce(say: Callable[[str], None], spec: SweepSpec) -> Callable:
     def callback(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         if t.state == TrialState.COMPLETE:
             what = f"{spec.objective.metric} {t.value:.4f}"
         elif t.state == TrialState.PRUNED:
             what = f"pruned at step {t.last_step}"
         else:
             what = f"failed: {t.user_attrs.get(ERROR, 'interrupted')}".splitlines()[0]
-        say(f"trial {t.number} ({shown}): {what}")
+        say(f"trial {t.number} ({_shown(t.params)}): {what}")
         why = _budget_left(spec, study)
         if why:
+            say(f"No further trial: {why}.")
             study.stop()
     return callback
 
@@ -110,7 +116,7 @@ def optimize(spec: SweepSpec, base_raw: dict, base_dir: Path, study: optuna.Stud
     if why:
         say(f"No trial to run: {why}.")
         return
-    study.optimize(_objective(spec, base_raw, base_dir), callbacks=[_announce(say, spec)], catch=(Exception,))
+    study.optimize(_objective(spec, base_raw, base_dir, say), callbacks=[_announce(say, spec)], catch=(Exception,))
 
 
 def _workers(sweep_file: Path, gpus: list[str]) -> int:
