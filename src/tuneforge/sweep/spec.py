@@ -7,13 +7,14 @@ also validated before the first trial starts, so a bad value fails in seconds, n
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import Config, _format_errors, _set_dotted, config_from_dict, read_yaml
+from tuneforge.config import Config, _set_dotted, config_from_dict, read_yaml
 from tuneforge.errors import ConfigError
 
 Scalar = Union[bool, int, float, str, None]
@@ -88,6 +89,28 @@ class SweepSpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     top: int = Field(3, ge=2, description="how many of the best trials `runs compare` shows")
 
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _one_message_per_parameter(cls, value: Any) -> Any:
+        """A list of scalar values or a range, with one plain message per parameter (not one per union member)."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, space in value.items():
+            if isinstance(space, dict):
+                try:
+                    out[key] = RangeSpec.model_validate(space)
+                except ValidationError as err:
+                    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'range'}: "
+                                         f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
+                    raise ValueError(f"{key}: {problems}") from None
+            elif isinstance(space, list) and all(v is None or isinstance(v, (bool, int, float, str)) for v in space):
+                out[key] = space
+            else:
+                raise ValueError(f"{key}: give a list of values (numbers, strings, true/false) or a range "
+                                 f"{{low, high, log, type}}, not {space!r}")
+        return out
+
     @model_validator(mode="after")
     def _fits_search(self) -> "SweepSpec":
         for key, values in self.parameters.items():
@@ -110,6 +133,23 @@ class SweepSpec(_Strict):
         return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
 
 
+def _errors(err: ValidationError, source: str) -> str:
+    """Each problem on a line, named by its key; a misspelt key with the closest sweep key."""
+    lines = [f"{source}: invalid sweep file"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("list[", "RangeSpec", "function-")))
+        if e["type"] == "extra_forbidden":
+            known = list(SweepSpec.model_fields) if len(e["loc"]) == 1 else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            lines.append(f"  {key}: unknown key" + (f"; did you mean {close[0]}?" if close else ""))
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return "\n".join(lines)
+
+
 def load_sweep(path: str | Path) -> tuple[SweepSpec, dict, Path]:
     """(the sweep, its base config as raw YAML, the base's folder), every path resolved beside the sweep file."""
     path = Path(path)
@@ -119,7 +159,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict, Path]:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, str(path))) from None
+        raise ConfigError(_errors(err, str(path))) from None
     here = path.resolve().parent
     spec.base = str((here / spec.base).resolve())
     spec.output_dir = str((here / spec.output_dir).resolve())
