@@ -134,6 +134,9 @@ def test_sweep_file_errors_name_the_key(tmp_path, tiny_models):
                                     "parameters": {"learning_rate": [1e-3]}}))
     with pytest.raises(ConfigError, match="needs trials"):
         load_sweep(path)
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "output_dir": "s", "parameter": {"lora.r": [4]}}))
+    with pytest.raises(ConfigError, match="parameter: unknown key; did you mean parameters"):
+        load_sweep(path)
 
 
 def test_cost_budget_from_plan_stops_the_sweep_before_a_trial_would_pass_it(tmp_path, tiny_models):
