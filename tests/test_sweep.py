@@ -85,14 +85,16 @@ def test_killed_sweep_continues_without_running_a_trial_twice(tmp_path, tiny_mod
         "search": "grid", "prune": {"kind": "none"}, "parameters": {"learning_rate": [1e-3, 1e-2, 3e-2]}},
         steps=3, save_every=1)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "sweep", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as sink:  # a file, not a pipe: a full pipe would stall the sweep
+        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "sweep", str(path)], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "sweep"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     try:
         # kill -9 once the first trial has finished and the second has saved a checkpoint
         while not (list(out.glob("trial-000/run.json")) and list(out.glob("trial-001/checkpoints/step-*"))):
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the sweep did not reach its second trial"
             time.sleep(0.05)
     finally:
