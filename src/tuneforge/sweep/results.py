@@ -46,7 +46,7 @@ def trial_row(t: FrozenTrial) -> dict:
     return {"trial": t.number, "state": STATES.get(t.state, t.state.name.lower()), "value": t.value,
             "last_intermediate": last, "steps_reported": t.last_step, "params": t.params,
             "seconds": round(t.duration.total_seconds(), 2) if t.duration else None,
-            "run_dir": t.user_attrs.get(RUN_DIR), "continues_trial": t.user_attrs.get(CONTINUES),
+            "run_dir": t.user_attrs.get(RUN_DIR), "gpu": t.user_attrs.get("gpu"), "continues_trial": t.user_attrs.get(CONTINUES),
             "error": t.user_attrs.get(ERROR)}
 
 

@@ -75,6 +75,8 @@ def _objective(spec: SweepSpec, base_raw: dict, base_dir: Path,
         values = suggest(trial, spec)
         run_dir = Path(trial.user_attrs.get(RUN_DIR) or Path(spec.output_dir) / f"trial-{trial.number:03d}")
         trial.set_user_attr(RUN_DIR, str(run_dir))
+        if "CUDA_VISIBLE_DEVICES" in os.environ:  # which GPU a --gpus worker trained it on
+            trial.set_user_attr("gpu", os.environ["CUDA_VISIBLE_DEVICES"])
         say(f"trial {trial.number} ({_shown(values)}): training in {run_dir}")
         try:
             cfg = trial_config(spec, base_raw, base_dir, values, run_dir, f"{spec.base} (trial {trial.number})")
