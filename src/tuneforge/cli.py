@@ -250,7 +250,12 @@ def cmd_sweep(args) -> int:
     from tuneforge.track.console import comparison_tables
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    result = run_sweep(args.sweep, console.print, gpus, args.worker)
+    try:
+        result = run_sweep(args.sweep, console.print, gpus, args.worker)
+    except KeyboardInterrupt:
+        print(f"interrupted; `tuneforge sweep {args.sweep}` continues the sweep (the trial in progress from its "
+              "last checkpoint)", file=sys.stderr)
+        return 130
     if result is None:  # a worker: the parent process reports
         return 0
     console.print(sweep_table(result))
