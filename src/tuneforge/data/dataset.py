@@ -88,6 +88,8 @@ class PreparedData:
     # Preference pairs: the rejected side, aligned with train / validation (which hold the chosen side).
     train_rejected: TokenizedSet | None = None
     validation_rejected: TokenizedSet | None = None
+    # What the model's head is built with from the data (a classifier's num_labels, id2label, ...): see load_model.
+    head_config: dict = field(default_factory=dict)
 
 
 def sha256_file(path: str | Path) -> str:

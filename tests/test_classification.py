@@ -1,0 +1,172 @@
+"""task: classification on a tiny random BERT: the loss transformers computes, labels read and checked with
+file:line, resume bit for bit, and final/ judged by transformers' own pipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from tuneforge.config import config_from_dict
+from tuneforge.data.labels import prepare_labelled
+from tuneforge.errors import DataError
+from tuneforge.methods.classification import Classification, predicted_sets
+from tuneforge.methods.objective import Runtime
+from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.track.console import Reporter
+from tuneforge.track.metrics import read_metrics
+from tuneforge.train.checkpoints import list_checkpoints
+from tuneforge.train.loop import train
+
+QUIET = Reporter(quiet=True)
+CPU = torch.device("cpu")
+WORDS = {"pos": ["good", "great", "fine", "nice", "love"], "neg": ["bad", "awful", "poor", "hate", "sad"],
+         "neu": ["table", "chair", "blue", "seven", "paper"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, one_thread):
+    """A random 2-layer BERT (hidden 32) with the built-in encoder's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from tuneforge.models.resolve import resolve_base_model
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer(resolve_base_model("minilm-l6")[0])
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sentiment(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = list(WORDS)[i % 3]
+        out.append({"text": f"{rng.choice(WORDS[label])} {rng.choice(WORDS['neu'])} {i}", "label": label})
+    return out
+
+
+def make_cfg(tmp_path, model, records=None, out="run", **over):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, records if records is not None else sentiment(24))
+    raw = {"task": "classification", "base_model": str(model), "datasets": [{"path": str(data)}],
+           "validation": {"split": 0.25}, "max_seq_len": 32, "micro_batch_size": 4, "epochs": 2,
+           "learning_rate": 1e-3, "output_dir": str(tmp_path / out), "device": "cpu", "precision": "fp32",
+           "adapter": "full", "prepare": {"cache": False}}
+    raw.update(over)
+    return config_from_dict(raw, base=tmp_path)
+
+
+def test_loss_equals_transformers_own(tmp_path, tiny_bert):
+    """Single-label: BertForSequenceClassification's cross-entropy; multi-label: its BCE-with-logits."""
+    for multi in (False, True):
+        records = sentiment(12)
+        if multi:
+            records = [{**r, "label": [r["label"], "neu"] if r["label"] != "neu" else ["neu"]} for r in records]
+        folder = tmp_path / ("multi" if multi else "single")
+        folder.mkdir()
+        cfg = make_cfg(folder, tiny_bert, records, validation=None)
+        tok = load_tokenizer(tiny_bert)
+        data = prepare_labelled(cfg, tok)
+        assert data.multi_label is multi
+        model = load_model(tiny_bert, CPU, head="classifier", head_config=data.head_config).eval()
+        objective = Classification(cfg.classification, data, tok.pad_token_id, Runtime(cfg=cfg))
+        batch = objective.collate(list(range(6)))
+        ours, _ = objective.loss(model, batch, {"examples": 6})
+        labels = batch["targets"]
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        assert model.config.problem_type == ("multi_label_classification" if multi else "single_label_classification")
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_multi_label_threshold_decides_the_predicted_classes():
+    probs = torch.tensor([[0.9, 0.55, 0.1], [0.3, 0.2, 0.1]])
+    assert predicted_sets(probs, True, 0.5) == [{0, 1}, set()]
+    assert predicted_sets(probs, True, 0.6) == [{0}, set()]
+    assert predicted_sets(probs, True, 0.25) == [{0, 1}, {0}]
+    assert predicted_sets(probs, False, 0.5) == [{0}, {0}]
+
+
+def test_bad_labels_rejected_with_file_and_line(tmp_path, tiny_bert):
+    records = sentiment(12) + [{"text": "odd one", "label": 1.5}, {"text": "no label here"},
+                               {"text": "empty", "label": []}, {"text": "flag", "label": True}]
+    cfg = make_cfg(tmp_path, tiny_bert, records, validation=None)
+    with pytest.raises(DataError) as err:
+        prepare_labelled(cfg, load_tokenizer(tiny_bert))
+    msg = str(err.value)
+    for line, reason in ((13, "label must be a string or an integer"), (14, "missing field 'label'"),
+                         (15, "label is an empty list"), (16, "label must be a string or an integer")):
+        assert f"train.jsonl:{line}: {reason}" in msg, msg
+    skip = make_cfg(tmp_path, tiny_bert, validation=None, on_bad_record="skip", max_bad_fraction=0.5)
+    data = prepare_labelled(skip, load_tokenizer(tiny_bert))
+    assert sorted(r.line for r in data.rejected) == [13, 14, 15, 16]
+    assert len(data.train) == 12 and data.label_names == ["neg", "neu", "pos"]
+
+
+def test_unknown_validation_label_is_a_bad_record(tmp_path, tiny_bert):
+    val = tmp_path / "val.jsonl"
+    write_jsonl(val, [{"text": "good thing", "label": "pos"}, {"text": "what", "label": "surprise"}])
+    cfg = make_cfg(tmp_path, tiny_bert, validation={"path": str(val)})
+    with pytest.raises(DataError, match=r"val.jsonl:2: label surprise is not in the training data"):
+        prepare_labelled(cfg, load_tokenizer(tiny_bert))
+
+
+@pytest.mark.parametrize("records,match", [
+    ([{"text": f"t {i}", "label": "pos"} for i in range(6)], "a classifier needs at least two classes"),
+    ([{"text": f"t {i}", "sentiment": "pos"} for i in range(6)], r"train.jsonl:1: no 'label' column"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4,
+     "a messages record, but task: classification"),
+])
+def test_unusable_datasets_are_refused(tmp_path, tiny_bert, records, match):
+    cfg = make_cfg(tmp_path, tiny_bert, records, validation=None)
+    with pytest.raises(DataError, match=match):
+        prepare_labelled(cfg, load_tokenizer(tiny_bert))
+
+
+def test_column_mapping_and_label_findings(tmp_path, tiny_bert):
+    rows = [{"sentence": r["text"], "y": r["label"]} for r in sentiment(30)] + [{"sentence": "rare one", "y": "odd"}]
+    rows.append({"sentence": rows[0]["sentence"], "y": "pos" if rows[0]["y"] != "pos" else "neg"})
+    cfg = make_cfg(tmp_path, tiny_bert, rows, validation=None)
+    cfg.datasets[0].columns = {"text": "sentence", "label": "y"}
+    data = prepare_labelled(cfg, load_tokenizer(tiny_bert))
+    assert data.label_names == ["neg", "neu", "odd", "pos"]
+    notes = " ".join(data.findings)
+    assert "Rare classes" in notes and "odd (1)" in notes
+    assert "Class imbalance" in notes
+    assert "1 texts appear with different labels" in notes and "train.jsonl:1" in notes
+
+
+def test_resume_is_bit_exact(tmp_path, tiny_bert):
+    over = {"save_every": 2, "keep_last": 5, "evaluation": {"before_after": False}, "epochs": 2}
+    train(make_cfg(tmp_path, tiny_bert, out="full", **over), reporter=QUIET)
+    cut = make_cfg(tmp_path, tiny_bert, out="cut", **over)
+    assert train(cut, reporter=QUIET, stop_after=3) == {"stopped_at": 3}
+    train(cut, resume=True, reporter=QUIET)
+    full_m, cut_m = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("full", "cut"))
+    assert [m["loss"] for m in cut_m] == [m["loss"] for m in full_m] and len(full_m) == 10
+    a, b = (load_file(list_checkpoints(tmp_path / name)[-1] / "trainable.safetensors") for name in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_loads_final_and_predicts_label_names(tmp_path, tiny_bert):
+    from transformers import pipeline
+
+    cfg = make_cfg(tmp_path, tiny_bert, sentiment(48), epochs=6, learning_rate=3e-3, eval_every=6)
+    train(cfg, reporter=QUIET)
+    run = tmp_path / "run"
+    after = json.loads((run / "eval_after.json").read_text())
+    assert after["labels"] == ["neg", "neu", "pos"] and "confusion" in after and "confidently_wrong" in after
+    assert json.loads((run / "run.json").read_text())["head"]["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+    assert "val_accuracy" in read_metrics(run / "metrics.jsonl")[5]
+    classify = pipeline("text-classification", model=str(run / "final"), device=-1)
+    got = classify(["good table", "awful chair"], top_k=None)
+    assert all({p["label"] for p in preds} == {"neg", "neu", "pos"} for preds in got)
