@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from tuneforge.errors import DataError
 from tuneforge.methods.classification import Classification, predicted_sets
 from tuneforge.methods.objective import Runtime
 from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.serve import make_server
 from tuneforge.track.console import Reporter
 from tuneforge.track.metrics import read_metrics
 from tuneforge.train.checkpoints import list_checkpoints
@@ -168,5 +172,32 @@ def test_pipeline_loads_final_and_predicts_label_names(tmp_path, tiny_bert):
     assert json.loads((run / "run.json").read_text())["head"]["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
     assert "val_accuracy" in read_metrics(run / "metrics.jsonl")[5]
     classify = pipeline("text-classification", model=str(run / "final"), device=-1)
-    got = classify(["good table", "awful chair"], top_k=None)
+    texts = ["good table", "awful chair"]
+    got = classify(texts, top_k=None)
     assert all({p["label"] for p in preds} == {"neg", "neu", "pos"} for preds in got)
+
+    # tuneforge serve answers /v1/classify in the pipeline's shape, with the pipeline's scores, and no chat
+    server = make_server(run, port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert rounded(post(server, "/v1/classify", {"input": texts, "top_k": None})["data"]) == rounded(got)
+        assert rounded(post(server, "/v1/classify", {"input": "good table"})["data"]) == rounded(classify("good table"))
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert err.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def rounded(preds):
+    if isinstance(preds, list):
+        return [rounded(p) for p in preds]
+    return {"label": preds["label"], "score": round(preds["score"], 5)}
+
+
+def post(server, path: str, body: dict) -> dict:
+    req = urllib.request.Request(server.url.removesuffix("/v1") + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())

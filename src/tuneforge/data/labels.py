@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tuneforge.config import Config
+from tuneforge.data.check import ERROR, WARNING, CheckReport
 from tuneforge.data.dataset import (
     CHUNK,
     DataSummary,
@@ -230,16 +231,9 @@ def _targets(records: list[Record], index: dict[str, int]) -> np.ndarray:
     return rows
 
 
-def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
-    """Read, check, split and encode the labelled data of a config (the classification row's `prepare`).
-
-    Bad records (a label that is not a string/int/list, a validation label training never saw) follow
-    on_bad_record, with their file and line; the label list comes from the training split alone.
-    """
-    hashes = file_hashes(cfg)
+def _read_split(cfg: Config) -> tuple[list[Record], list[Record], list[Rejected], DataSummary]:
+    """(training records, held-out records, bad records, counts): the seeded split, or the validation file."""
     bad: list[Rejected] = []
-    left_out: list[Rejected] = []
-    too_long: list[Rejected] = []
     summary = DataSummary()
     split = cfg.validation.split if cfg.validation else None
     train, held = [], []
@@ -252,24 +246,50 @@ def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
     if cfg.validation and cfg.validation.path:
         for chunk in _read(cfg.validation, bad, summary):
             held += chunk
-    if not train:
-        _check_bad(bad, sum(c["records"] for c in summary.per_file.values()), cfg)
-        raise DataError("no training record is left after the checks; see <output_dir>/rejected.jsonl")
+    return train, held, bad, summary
+
+
+def _classes(cfg: Config, train: list[Record]) -> list[str]:
     names = label_names(train)
     if len(names) < 2:
         where = ", ".join(str(ds.path) for ds in cfg.datasets)
         raise DataError(f"{where}: every training record has the label {names[0]!r}; a classifier needs at least "
                         "two classes. Add examples of the other classes, or check the `label` column mapping.")
-    index = {n: i for i, n in enumerate(names)}
-    validation = []
+    return names
+
+
+def _known(held: list[Record], names: list[str]) -> tuple[list[Record], list[Rejected]]:
+    """Held-out records whose labels training has, and those with one it never had (it cannot be predicted)."""
+    known, unknown = [], []
     for r in held:
-        unknown = [str(v) for v in _as_list(r.fields["label"]) if str(v) not in index]
-        if unknown:
-            bad.append(Rejected(r.source, r.line, f"label {', '.join(unknown)} is not in the training data (classes: "
-                                f"{', '.join(names)}); the model cannot predict it", r.raw))
-            summary.count(r.source, "bad_record")
+        missing = [str(v) for v in _as_list(r.fields["label"]) if str(v) not in names]
+        if missing:
+            unknown.append(Rejected(r.source, r.line, f"label {', '.join(missing)} is not in the training data "
+                                    f"(classes: {', '.join(names)}); the model cannot predict it", r.raw))
         else:
-            validation.append(r)
+            known.append(r)
+    return known, unknown
+
+
+def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
+    """Read, check, split and encode the labelled data of a config (the classification row's `prepare`).
+
+    Bad records (a label that is not a string/int/list, a validation label training never saw) follow
+    on_bad_record, with their file and line; the label list comes from the training split alone.
+    """
+    hashes = file_hashes(cfg)
+    left_out: list[Rejected] = []
+    too_long: list[Rejected] = []
+    train, held, bad, summary = _read_split(cfg)
+    if not train:
+        _check_bad(bad, sum(c["records"] for c in summary.per_file.values()), cfg)
+        raise DataError("no training record is left after the checks; see <output_dir>/rejected.jsonl")
+    names = _classes(cfg, train)
+    index = {n: i for i, n in enumerate(names)}
+    validation, unknown = _known(held, names)
+    for r in unknown:
+        summary.count(r.source, "bad_record")
+    bad += unknown
     total = sum(c["records"] for c in summary.per_file.values())
     _check_bad(bad, total, cfg)
     multi = any(isinstance(r.fields["label"], list) for r in train + validation)
@@ -301,3 +321,21 @@ def label_counts(data: LabelledData) -> dict[str, int]:
     """Training examples per class, in label order."""
     return dict(zip(data.label_names, data.train_targets.sum(0).astype(int).tolist()))
 
+
+def check_labelled(cfg: Config, report: CheckReport) -> None:
+    """`tuneforge data check` for labelled data (the classification row's `checks`): bad labels, one class,
+    unknown validation labels (errors, with file:line), rare classes, imbalance, conflicts, leakage (warnings)."""
+    from_file = str(cfg.datasets[0].path)
+    try:
+        train, held, bad, summary = _read_split(cfg)
+        report.records.update({source: c["records"] for source, c in summary.per_file.items()})
+        names = _classes(cfg, train) if train else []
+    except DataError as err:
+        report.add(ERROR, "labels", from_file, 0, str(err))
+        return
+    validation, unknown = _known(held, names)
+    for r in bad + unknown:
+        report.add(ERROR, "bad-label", r.source, r.line, r.reason)
+    if names:
+        for note in label_findings(train, validation, names):
+            report.add(WARNING, "labels", from_file, 0, note)

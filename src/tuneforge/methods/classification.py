@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.batching import collate
+from tuneforge.data.labels import label_counts
 from tuneforge.eval.labels import label_metrics
 from tuneforge.methods.objective import Runtime
 from tuneforge.models.precision import autocast_for
@@ -74,10 +75,9 @@ class Classification:
 
     def __init__(self, spec, data, pad_id: int, run: Runtime = Runtime()):
         self.spec, self.data, self.pad_id, self.run = spec, data, pad_id, run
-        counts = data.train_targets.sum(0).astype(int).tolist()
-        self.notes = (f"{len(data.label_names)} classes ({'multi-label' if data.multi_label else 'single-label'}), "
-                      "training examples each: " + ", ".join(f"{n} {c}" for n, c in zip(data.label_names, counts)),
-                      *data.findings)
+        counts = label_counts(data)
+        self.notes = (f"{len(counts)} classes ({'multi-label' if data.multi_label else 'single-label'}), "
+                      "training examples each: " + ", ".join(f"{n} {c}" for n, c in counts.items()), *data.findings)
 
     @classmethod
     def build(cls, spec, data, pad_id: int, reference, run: Runtime) -> "Classification":

@@ -37,6 +37,8 @@ class MethodFacts:
     # a task reads its own kind of data without a branch in the loop.
     processor: str = "tuneforge.models.load:load_tokenizer"
     prepare: str = "tuneforge.data.dataset:prepare_data"
+    # "module:function" (cfg, report) adding the task's own findings to `tuneforge data check` (data/check.py).
+    checks: str = ""
 
     @property
     def peft_task(self) -> str:
@@ -65,7 +67,7 @@ METHODS = {m.name: m for m in (
                 online=True, spec=_grpo),
     MethodFacts("classification", "tuneforge.methods.classification:Classification", ("labelled",),
                 model_head="classifier", lr_family="sft", example_rows=True,
-                prepare="tuneforge.data.labels:prepare_labelled"),
+                prepare="tuneforge.data.labels:prepare_labelled", checks="tuneforge.data.labels:check_labelled"),
 )}
 
 
