@@ -201,3 +201,32 @@ def post(server, path: str, body: dict) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read())
+
+
+def test_lora_adapter_loads_with_peft_and_export_merges_for_the_pipeline(tmp_path, tiny_bert):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+
+    cfg = make_cfg(tmp_path, tiny_bert, adapter="lora", max_steps=3, learning_rate=5e-2, lora={"r": 4, "alpha": 8},
+                   evaluation={"before_after": False})
+    train(cfg, reporter=QUIET)
+    run = open_run(tmp_path / "run")
+    assert run.is_adapter
+    labels = {"id2label": {0: "neg", 1: "neu", 2: "pos"}, "label2id": {"neg": 0, "neu": 1, "pos": 2}}
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3, **labels)
+    tuned = PeftModel.from_pretrained(base, str(run.final)).eval()
+    texts = ["good table", "awful chair", "blue paper"]
+    tok = AutoTokenizer.from_pretrained(str(run.final))
+    with torch.no_grad():
+        expected = torch.softmax(tuned(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3, **labels)
+    assert not torch.equal(fresh.classifier.weight, tuned.base_model.model.classifier.weight)  # the head was trained
+
+    out = export_run(run, "hf", tmp_path / "hf", dtype="float32")
+    got = pipeline("text-classification", model=str(out), device=-1)(texts, top_k=None)
+    for row, preds in zip(expected, got):
+        by_name = {p["label"]: p["score"] for p in preds}
+        assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
