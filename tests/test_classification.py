@@ -230,3 +230,17 @@ def test_lora_adapter_loads_with_peft_and_export_merges_for_the_pipeline(tmp_pat
     for row, preds in zip(expected, got):
         by_name = {p["label"]: p["score"] for p in preds}
         assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
+
+
+def test_data_check_reports_label_problems(tmp_path, tiny_bert):
+    from tuneforge.data.check import check_data
+
+    val = tmp_path / "val.jsonl"
+    rows = sentiment(30) + [{"text": "rare one", "label": "odd"}, {"text": "bad", "label": {"x": 1}}]
+    write_jsonl(val, [{"text": rows[0]["text"], "label": rows[0]["label"]}, {"text": "new", "label": "surprise"}])
+    cfg = make_cfg(tmp_path, tiny_bert, rows, validation={"path": str(val)})
+    report = check_data(cfg, load_tokenizer(tiny_bert))
+    errors = {(f.code, f.line) for f in report.errors}
+    assert errors == {("bad-label", 32), ("bad-label", 2)}, report.findings
+    warnings = " ".join(f.message for f in report.findings if f.severity == "warning")
+    assert "Rare classes" in warnings and "also in the training data" in warnings

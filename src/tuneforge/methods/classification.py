@@ -133,7 +133,7 @@ class Classification:
         loss = float(torch.cat(losses).mean())
         if not final:
             return {"val_loss": loss, "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"]}
-        return {"loss": loss, **metrics, **({"threshold": self.spec.threshold} if data.multi_label else {}),
+        return {"val_loss": loss, **metrics, **({"threshold": self.spec.threshold} if data.multi_label else {}),
                 "confidently_wrong": confidently_wrong(data.validation.records, gold, pred, probs, data.label_names,
                                                        self.spec.wrong_examples)}
 
