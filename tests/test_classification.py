@@ -171,6 +171,10 @@ def test_pipeline_loads_final_and_predicts_label_names(tmp_path, tiny_bert):
     assert after["labels"] == ["neg", "neu", "pos"] and "confusion" in after and "confidently_wrong" in after
     assert json.loads((run / "run.json").read_text())["head"]["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
     assert "val_accuracy" in read_metrics(run / "metrics.jsonl")[5]
+    from tuneforge.track.report import write_report
+
+    page = write_report(run)
+    assert (page.with_suffix("") / "confusion.png").is_file() and "Confusion matrix" in page.read_text()
     classify = pipeline("text-classification", model=str(run / "final"), device=-1)
     texts = ["good table", "awful chair"]
     got = classify(texts, top_k=None)
