@@ -248,3 +248,20 @@ def test_data_check_reports_label_problems(tmp_path, tiny_bert):
     assert errors == {("bad-label", 32), ("bad-label", 2)}, report.findings
     warnings = " ".join(f.message for f in report.findings if f.severity == "warning")
     assert "Rare classes" in warnings and "also in the training data" in warnings
+
+
+def test_decoder_gets_a_score_head_per_class_and_needs_a_pad_token(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.data.labels import head_config
+    from tuneforge.errors import ModelError
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    labels = head_config(["no", "yes"], False)
+    with pytest.raises(ModelError, match="no pad token"):
+        load_model(tmp_path, CPU, head="classifier", head_config=labels)
+    model = load_model(tmp_path, CPU, head="classifier", pad_token_id=3, head_config=labels)
+    assert model.score.out_features == 2 and model.config.pad_token_id == 3
+    assert model.config.id2label == {0: "no", 1: "yes"}
