@@ -71,12 +71,15 @@ def make_cfg(tmp_path, model, records=None, out="run", **over):
 
 
 def test_loss_equals_transformers_own(tmp_path, tiny_bert):
-    """Single-label: BertForSequenceClassification's cross-entropy; multi-label: its BCE-with-logits."""
-    for multi in (False, True):
+    """Single-label: BertForSequenceClassification's cross-entropy; multi-label: its BCE-with-logits; text pairs
+    with their token type ids."""
+    for multi, pair in ((False, False), (True, False), (False, True)):
         records = sentiment(12)
         if multi:
             records = [{**r, "label": [r["label"], "neu"] if r["label"] != "neu" else ["neu"]} for r in records]
-        folder = tmp_path / ("multi" if multi else "single")
+        if pair:
+            records = [{**r, "text_pair": f"about item {i}"} for i, r in enumerate(records)]
+        folder = tmp_path / f"{multi}-{pair}"
         folder.mkdir()
         cfg = make_cfg(folder, tiny_bert, records, validation=None)
         tok = load_tokenizer(tiny_bert)
@@ -87,7 +90,9 @@ def test_loss_equals_transformers_own(tmp_path, tiny_bert):
         batch = objective.collate(list(range(6)))
         ours, _ = objective.loss(model, batch, {"examples": 6})
         labels = batch["targets"]
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        assert bool("token_type_ids" in batch and batch["token_type_ids"].max() == 1) is pair
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        theirs = model(**inputs, labels=labels).loss
         assert model.config.problem_type == ("multi_label_classification" if multi else "single_label_classification")
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def _refuse_other_data(obj: dict, source: str, line: int, columns: dict[str, str
                             f"{'sentiment' if key == 'label' else 'sentence'}}}")
 
 
-def read_labelled(spec) -> object:
+def read_labelled(spec) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
     """Records of a dataset (or validation) entry: a Record, or (file, line, raw, BadRecord)."""
     source, first = str(spec.path), True
     for line, obj in iter_rows(spec.path):
@@ -181,6 +182,12 @@ def _read(spec, bad: list[Rejected], summary: DataSummary):
         yield good
 
 
+def _row(encoded, i: int) -> tuple[list[int], list[int]]:
+    """Input ids and token type ids (zeros for a tokenizer that makes none) of one encoded text."""
+    ids = encoded["input_ids"][i]
+    return ids, encoded["token_type_ids"][i] if "token_type_ids" in encoded else [0] * len(ids)
+
+
 def _encode(tokenizer, records: list[Record], cfg: Config, summary: DataSummary, left_out: list[Rejected],
             too_long: list[Rejected]) -> list[tuple[Record, list[int], list[int]]]:
     """(record, input ids, token type ids) of the records the length policy keeps."""
@@ -194,8 +201,7 @@ def _encode(tokenizer, records: list[Record], cfg: Config, summary: DataSummary,
     cut = None
     out = []
     for i, r in enumerate(records):
-        ids = full["input_ids"][i]
-        types = full.get("token_type_ids", [[0] * len(ids)] * len(records))[i]
+        ids, types = _row(full, i)
         if len(ids) > cfg.max_seq_len:
             summary.count(r.source, "over_max_seq_len")
             if cfg.truncation == "error":
@@ -215,8 +221,7 @@ def _encode(tokenizer, records: list[Record], cfg: Config, summary: DataSummary,
                     tokenizer.truncation_side = side
             summary.count(r.source, "truncated")
             summary.count(r.source, "tokens_cut", len(ids) - len(cut["input_ids"][i]))
-            ids = cut["input_ids"][i]
-            types = cut.get("token_type_ids", [[0] * len(ids)] * len(records))[i]
+            ids, types = _row(cut, i)
         summary.count(r.source, "kept")
         summary.lengths.append(len(ids))
         out.append((r, ids, types))

@@ -304,7 +304,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         config_to_dict(cfg),
         base_model={"name": cfg.base_model, "source": source, "folder": str(folder)},
         chat_template=tokenizer.chat_template,
-        head=data.head_config or None,
+        **({"head": data.head_config} if data.head_config else {}),  # a classifier's labels, to rebuild its head
         end_of_turn=data.end_of_turn,
         stop_token_ids=stops,
         data_sha256=data.file_hashes,
