@@ -80,6 +80,8 @@ def _sequence_head(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pa
     each row's last real token, found by the pad id, so a config without one takes the tokenizer's."""
     from transformers import AutoModelForSequenceClassification
 
+    if "id2label" in head_config:  # read back from run.json, whose keys are strings
+        head_config = {**head_config, "id2label": {int(i): name for i, name in head_config["id2label"].items()}}
     model = AutoModelForSequenceClassification.from_pretrained(
         str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
         ignore_mismatched_sizes=bool(head_config), **head_config)
