@@ -13,9 +13,9 @@ import torch
 
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
-from tuneforge.methods.facts import method_facts
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.classify import class_scores
@@ -93,7 +93,7 @@ class Engine:
     def routes(self) -> tuple[str, ...]:
         return HEAD_ROUTES.get(self.head, GENERATION_ROUTES)
 
-    def classify(self, model_id: str, texts: list[str]):
+    def classify(self, model_id: str, texts: list[str]) -> torch.Tensor:
         """Class probabilities of each text (a classifier's /v1/classify), one model call in the engine's turn."""
         with self.turns.turn(), self._use(model_id):
             return class_scores(self.model, self.tokenizer, texts, self.device)
