@@ -412,7 +412,7 @@ def prepared_marker(cfg: Config, tokenizer):
     """A check that this config's prepared data is in the cache (its content-hashed folder is complete),
     or None when caching is off or the row prepares its data another way (it then writes no such folder):
     what other processes wait on while rank 0 prepares."""
-    if not cfg.prepare.cache or method_facts(cfg).prepare != "tuneforge.data.dataset:prepare_data":
+    if not cfg.prepare.cache or method_facts(cfg).prepare != f"{__name__}:prepare_data":
         return None
     meta = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg))) / "meta.json"
     return meta.is_file

@@ -114,7 +114,7 @@ class Classification:
         """val_loss, val_accuracy and val_macro_f1 during training; before/after, every label metric, the most
         confidently wrong examples and the multi-label threshold."""
         run, n = self.run, len(data.validation)
-        size = run.cfg.micro_batch_size if run.cfg is not None else 8
+        size = run.cfg.micro_batch_size
         was_training = model.training
         model.eval()
         losses, all_probs, gold = [], [], []
