@@ -279,3 +279,12 @@ def test_decoder_gets_a_score_head_per_class_and_needs_a_pad_token(tmp_path):
     model = load_model(tmp_path, CPU, head="classifier", pad_token_id=3, head_config=labels)
     assert model.score.out_features == 2 and model.config.pad_token_id == 3
     assert model.config.id2label == {0: "no", 1: "yes"}
+
+
+def test_csv_columns_and_integer_labels_keep_numeric_order(tmp_path, tiny_bert):
+    rows = [f"{w} thing {i},{label}" for i, (w, label) in enumerate([("good", 10), ("bad", 2), ("fine", 1)] * 3)]
+    (tmp_path / "train.csv").write_text("sentence,stars\n" + "\n".join(rows) + "\n")
+    cfg = make_cfg(tmp_path, tiny_bert, [], validation=None,
+                   datasets=[{"path": str(tmp_path / "train.csv"), "columns": {"text": "sentence", "label": "stars"}}])
+    data = prepare_labelled(cfg, load_tokenizer(tiny_bert))
+    assert data.label_names == ["1", "2", "10"] and len(data.train) == 9

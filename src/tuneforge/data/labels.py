@@ -8,6 +8,7 @@ run.json store. Nothing here loads a model.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -130,10 +131,17 @@ def _as_list(label) -> list:
     return label if isinstance(label, list) else [label]
 
 
+def _label_order(value: str | int) -> tuple:
+    """Integers (and integer strings, as CSV cells hold them) in numeric order, then the other strings."""
+    if isinstance(value, int) or re.fullmatch(r"-?\d+", value):
+        return (0, int(value), str(value))
+    return (1, 0, value)
+
+
 def label_names(records: list[Record]) -> list[str]:
     """Every label of the training records, sorted: integers in numeric order, before strings."""
     values = {v for r in records for v in _as_list(r.fields["label"])}
-    ordered = sorted(values, key=lambda v: (isinstance(v, str), v if isinstance(v, int) else 0, str(v)))
+    ordered = sorted(values, key=_label_order)
     names = [str(v) for v in ordered]
     if len(set(names)) != len(names):
         raise DataError(f"labels {sorted(names)}: the integer and the string of the same name are both used; "
