@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
     out = _out_folder(args, run, f"export-{args.to}")
     path = export_run(run, args.to, out, args.quant, args.dtype, args.system, args.merge_target, args.overwrite)
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
-    if args.verify and run.manifest.get("eval_after"):
+    if args.verify and "perplexity" in (run.manifest.get("eval_after") or {}):  # a language model's, to compare
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
         console.print(f"Checked in a fresh process with plain transformers: held-out perplexity "
                       f"{check['perplexity']:.4f} (tuned model {check['tuned_perplexity']:.4f}, allowed {check['allowed']:.4f})")

@@ -275,6 +275,14 @@ class RewardSpec(_Strict):
     )
 
 
+class ClassificationSpec(_Strict):
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Multi-label data: a class is predicted when its sigmoid probability is at "
+        "least this (single-label data takes the most probable class).")
+    wrong_examples: int = Field(
+        10, ge=0, le=1000, description="The most confidently wrong validation examples listed in eval_after.json.")
+
+
 class RewardFunctionSpec(_Strict):
     function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty), module:function, "
                           "or file.py:function with the file relative to the config.")
@@ -423,6 +431,8 @@ class Config(_Strict):
     simpo: SimPOSpec = Field(default_factory=SimPOSpec)
     kto: KTOSpec = Field(default_factory=KTOSpec)
     reward: RewardSpec = Field(default_factory=RewardSpec)
+    classification: ClassificationSpec = Field(
+        default_factory=ClassificationSpec, description="task: classification: how predictions are made and reported.")
     grpo: GRPOSpec | None = Field(None, description="Required with method: grpo.")
     stages: list[dict[str, Any]] | None = Field(
         None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "
@@ -530,6 +540,9 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
+        if self.task == "classification" and self.adapter == "qlora":
+            raise ValueError("task: classification trains a classifier head, which is not supported on a quantized "
+                             "base yet; use adapter: lora")
         if self.method == "reward" and self.adapter == "qlora":
             raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
                              "use adapter: lora")

@@ -21,6 +21,8 @@ from tuneforge.data.dataset import chunks, good_records, record_segments, record
 from tuneforge.data.formats import Record
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
+from tuneforge.methods.build import function_at
+from tuneforge.methods.facts import method_facts
 
 ERROR, WARNING = "error", "warning"
 ALLOWED_CONTROL = {"\n", "\t", "\r"}
@@ -187,6 +189,10 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
 
     report = CheckReport(settings={"max_seq_len": cfg.max_seq_len, "truncation": cfg.truncation,
                                    "near_threshold": near_threshold, "base_model": cfg.base_model})
+    checks = method_facts(cfg).checks
+    if checks:  # a task whose records are not text to train on (labelled text, images) checks them itself
+        function_at(checks)(cfg, report)
+        return report
     template = _TemplateCheck(tokenizer, cfg, report)
     hasher = MinHasher()
     train_seen: dict = {}

@@ -88,6 +88,8 @@ class PreparedData:
     # Preference pairs: the rejected side, aligned with train / validation (which hold the chosen side).
     train_rejected: TokenizedSet | None = None
     validation_rejected: TokenizedSet | None = None
+    # What the model's head is built with from the data (a classifier's num_labels, id2label, ...): see load_model.
+    head_config: dict = field(default_factory=dict)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -408,8 +410,9 @@ def file_hashes(cfg: Config) -> dict[str, str]:
 
 def prepared_marker(cfg: Config, tokenizer):
     """A check that this config's prepared data is in the cache (its content-hashed folder is complete),
-    or None when caching is off: what other processes wait on while rank 0 prepares."""
-    if not cfg.prepare.cache:
+    or None when caching is off or the row prepares its data another way (it then writes no such folder):
+    what other processes wait on while rank 0 prepares."""
+    if not cfg.prepare.cache or method_facts(cfg).prepare != f"{__name__}:prepare_data":
         return None
     meta = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg))) / "meta.json"
     return meta.is_file

@@ -14,6 +14,7 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import check_out, output_folder
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.run import Run, base_folder
 from tuneforge.train.outputs import write_final, write_json
@@ -44,7 +45,10 @@ def merge_base(run: Run, target: str):
         from tuneforge.models.quantize import dequantized_model
 
         return dequantized_model(base_folder(run), run.config.quantization, trust)
-    return load_model(base_folder(run), torch.device("cpu"), trust, torch.float32)
+    # The run's own head (a classifier's labels from run.json), so its saved head lands on the same shape.
+    pad_id = load_tokenizer(run.final, "auto", trust).pad_token_id
+    return load_model(base_folder(run), torch.device("cpu"), trust, torch.float32, head=method_facts(run.config).model_head,
+                      pad_token_id=pad_id, head_config=run.manifest.get("head"))
 
 
 def merged_model(run: Run, target: str):

@@ -67,28 +67,56 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
     return compute if adapter in ("lora", "qlora") and compute != torch.float16 else torch.float32
 
 
-def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
-    """The base in `dtype` (its linear layers quantized for QLoRA), with its language-model head or,
-    for reward models, a one-output score head; `pad_token_id` (the tokenizer's) fills a config without
-    one, since the score head's own forward refuses batches of several rows otherwise."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def _causal_lm(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pad_token_id: int | None, head_config: dict):
+    from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
+
+
+def _sequence_head(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pad_token_id: int | None, head_config: dict):
+    """A sequence-classification head on the base: `head_config` gives num_labels (and id2label, label2id,
+    problem_type); a base that already has a head of another size gets a fresh one. A decoder's head reads
+    each row's last real token, found by the pad id, so a config without one takes the tokenizer's."""
+    from transformers import AutoModelForSequenceClassification
+
+    if "id2label" in head_config:  # read back from run.json, whose keys are strings
+        head_config = {**head_config, "id2label": {int(i): name for i, name in head_config["id2label"].items()}}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        ignore_mismatched_sizes=bool(head_config), **head_config)
+    if model.config.pad_token_id is None:
+        if pad_token_id is None:
+            raise ModelError(f"base_model: {folder} has no pad token (nor an end-of-sequence token to pad with), "
+                             "which a classification head needs to find each row's last token; add a pad_token "
+                             "to its tokenizer_config.json")
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+# How each row's `model_head` is loaded: (folder, dtype, trust_remote_code, pad_token_id, head_config) -> model.
+HEADS = {
+    "causal_lm": _causal_lm,
+    "score": lambda folder, dtype, trust, pad_id, _: _sequence_head(folder, dtype, trust, pad_id, {"num_labels": 1}),
+    "classifier": _sequence_head,
+}
+
+
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None,
+               head_config: dict | None = None):
+    """The base in `dtype` (its linear layers quantized for QLoRA), with the head its row names (HEADS):
+    a language-model head, a reward model's one-output score head, or a classifier built from `head_config`
+    (the data's labels); `pad_token_id` (the tokenizer's) fills a config without one, since a sequence
+    head's own forward refuses batches of several rows otherwise."""
     if quantization is not None:
         from tuneforge.models.quantize import load_quantized
 
         return load_quantized(folder, device, quantization, dtype, trust_remote_code)
     try:
-        if head == "score":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(folder), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad_token_id
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+        model = HEADS[head](folder, dtype, trust_remote_code, pad_token_id, head_config or {})
+    except ModelError:
+        raise
     except Exception as err:
         raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None
     return model.to(device)

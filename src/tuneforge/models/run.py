@@ -77,7 +77,7 @@ def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float3
         from peft import PeftModel
 
         base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype, run.config.quantization,
-                          head, tokenizer.pad_token_id)
+                          head, tokenizer.pad_token_id, run.manifest.get("head"))
         model = PeftModel.from_pretrained(base, str(run.final))
     else:
         model = load_model(run.final, device, run.config.trust_remote_code, dtype, head=head,

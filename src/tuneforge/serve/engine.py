@@ -13,10 +13,12 @@ import torch
 
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
+from tuneforge.serve.classify import class_scores
 from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 from tuneforge.serve.turns import Turns
@@ -44,6 +46,11 @@ class Limits:
                 raise TuneforgeError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
 
 
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# The POST routes a model answers, by its head; a head not listed generates text.
+HEAD_ROUTES = {"classifier": ("/v1/classify",)}
+
+
 @dataclass
 class Result:
     """What one generation produced; filled in while its text streams."""
@@ -66,6 +73,7 @@ class Engine:
     limits: Limits = field(default_factory=Limits)
     turns: Turns = field(default_factory=Turns)  # one model call (or tokenizer call) at a time, in arrival order
     closing: threading.Event = field(default_factory=threading.Event)  # set: generation stops at the next token
+    head: str = "causal_lm"  # the model's head (its run's row): which POST routes it answers (HEAD_ROUTES)
 
     def __post_init__(self):
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
@@ -80,6 +88,15 @@ class Engine:
             raise ApiError(404, f"model: {model_id!r} is not served here; GET /v1/models lists "
                            f"{', '.join(self.model_ids())}", param="model", code="model_not_found")
         return model_id
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        return HEAD_ROUTES.get(self.head, GENERATION_ROUTES)
+
+    def classify(self, model_id: str, texts: list[str]) -> torch.Tensor:
+        """Class probabilities of each text (a classifier's /v1/classify), one model call in the engine's turn."""
+        with self.turns.turn(), self._use(model_id):
+            return class_scores(self.model, self.tokenizer, texts, self.device)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -218,8 +235,10 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     target = Path(target)
     extra = {name: adapter_folder(name, path) for name, path in parse_adapters(adapters).items()}
     dev = pick_device(device)
+    head = "causal_lm"
     if (target / "run.json").is_file():
         run = open_run(target, trust_remote_code)
+        head = method_facts(run.config).model_head
         model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
         default_id = _served_name(target)
@@ -235,7 +254,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     else:
         raise ModelError(f"{target}: neither a run folder (run.json + final/) nor a model folder (config.json); "
                          "give the folder `tuneforge train` wrote, or an exported model folder")
-    if not stops:
+    if not stops and head not in HEAD_ROUTES:
         raise ModelError(f"{target}: no end-of-turn or EOS token is known, so answers could never end")
     ids = [i for i in (base_id, default_id) if i]
     for name in extra:
@@ -245,7 +264,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
         base_id = default_id  # the target's own weights become the no-adapter choice
     model = _load_adapters(model, extra)
     names = {**own, **{name: f"extra{i}" for i, name in enumerate(extra)}}
-    return Engine(model, tokenizer, dev, stops, end_of_turn, default_id, base_id, names, limits)
+    return Engine(model, tokenizer, dev, stops, end_of_turn, default_id, base_id, names, limits, head=head)
 
 
 def _end_of_turn(tokenizer) -> str | None:

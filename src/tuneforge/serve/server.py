@@ -23,12 +23,14 @@ from jinja2 import TemplateError
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.serve import protocol as p
+from tuneforge.serve.classify import parse_classify, pipeline_shape
 from tuneforge.serve.engine import ClientGone, Engine, Limits, Result, ShuttingDown, load_engine
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # past this a too-large body is not read to the end; the connection is dropped
 GONE = (BrokenPipeError, ConnectionResetError, TimeoutError, ShuttingDown, ClientGone)
-ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST",
+          "/v1/classify": "POST"}
 
 
 class Server(ThreadingHTTPServer):
@@ -128,7 +130,8 @@ class Handler(BaseHTTPRequestHandler):
         is_model = path.startswith("/v1/models/")
         if path not in ROUTES and not is_model:
             raise p.ApiError(404, f"{path}: no such route; this server has GET /v1/models, "
-                             "POST /v1/chat/completions and POST /v1/completions", code="not_found")
+                             "POST /v1/chat/completions, POST /v1/completions and (classifiers) POST /v1/classify",
+                             code="not_found")
         allowed = ROUTES.get(path, "GET")
         if method != allowed:
             raise p.ApiError(405, f"{method} {path}: use {allowed}", code="method_not_allowed",
@@ -141,7 +144,20 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_json(200, p.models_list(engine.model_ids()))
         if is_model:
             return self._send_json(200, p.model_card(engine.resolve(unquote(path.removeprefix("/v1/models/")))))
+        if path not in engine.routes:
+            raise p.ApiError(404, f"{path}: the served model ({engine.head} head) does not answer this route; it "
+                             f"answers POST {', '.join(engine.routes)}", code="not_found")
+        if path == "/v1/classify":
+            return self._classify(body)
         return self._answer(path == "/v1/chat/completions", body)
+
+    def _classify(self, body: dict) -> None:
+        engine = self.server.engine
+        model, texts, single, top_k = parse_classify(body)
+        model_id = engine.resolve(model)
+        probs = engine.classify(model_id, texts)
+        data = pipeline_shape(probs, engine.model.config.id2label, single, top_k)
+        return self._send_json(200, {"object": "list", "model": model_id, "data": data})
 
     def _answer(self, chat: bool, body: dict, engine: Engine | None = None) -> None:
         """A chat or text completion: every check first, so a refused request never starts a stream.

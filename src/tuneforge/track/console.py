@@ -122,7 +122,8 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
             ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
             ("preference accuracy", "preference_accuracy", True), ("chosen likelier", "likelihood_accuracy", True), ("reward margin", "val_rewards/margins", False),
-            ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False)]
+            ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False),
+            ("accuracy", "accuracy", True), ("macro F1", "macro_f1", True), ("weighted F1", "weighted_f1", True)]
     rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]
     for label, key, pct in rows:
         if key in after:

@@ -86,3 +86,26 @@ def overlay_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def confusion_png(matrix: list[list[int]], labels: list[str], path: Path, title: str = "Confusion matrix") -> Path:
+    """A classifier's confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+    fig = _figure()
+    side = min(12, 2.5 + 0.45 * len(labels))
+    fig.set_size_inches(side, side * 0.85)
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    peak = max((max(row) for row in matrix), default=0) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > peak / 2 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

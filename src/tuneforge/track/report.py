@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import is_empty, mark, marked_kind
-from tuneforge.track.plots import run_pngs
+from tuneforge.track.plots import confusion_png, run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
 STYLE = """
@@ -90,11 +90,17 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Run {_e(run.name)}</h1><p class='info'>{_e(run.dir.resolve())} &middot; {_e(run.status)}</p>"]
     parts.append("<h2>Diagnosis</h2>" + findings_html(run.findings))
-    parts.append("<h2>Curves</h2><div class='plots'>" + "".join(_img(p) for p in pngs.values()) + "</div>"
-                 if pngs else "<h2>Curves</h2><p>No step was logged.</p>")
+    curves = [p for stem, p in pngs.items() if stem != "confusion"]
+    parts.append("<h2>Curves</h2><div class='plots'>" + "".join(_img(p) for p in curves) + "</div>"
+                 if curves else "<h2>Curves</h2><p>No step was logged.</p>")
     rows = eval_rows(run.before, run.after)
     if rows:
         parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows))
+    if "confusion" in (run.after or {}):
+        labels = run.after["labels"]
+        image = _img(pngs["confusion"]) if "confusion" in pngs else ""
+        parts.append("<h2>Confusion matrix after training (rows: true, columns: predicted)</h2>" + image
+                     + _table(["true \\ predicted", *labels], [[n, *row] for n, row in zip(labels, run.after["confusion"])]))
     parts.append("<h2>Final numbers</h2>" + _table(["", "value"], [[k, v] for k, v in metric_facts(run).items()]))
     step, hardest = hardest_examples(run)
     if hardest:
@@ -130,6 +136,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     page = Path(out) if out else run.dir / "report.html"
     check_page(page)
     pngs = run_pngs(run.steps, page.with_suffix(""))
+    if "confusion" in (run.after or {}):  # a classifier's
+        pngs["confusion"] = confusion_png(run.after["confusion"], run.after["labels"], page.with_suffix("") / "confusion.png")
     mark(page.with_suffix(""), "report")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_html(run, pngs), encoding="utf-8")

@@ -16,7 +16,8 @@ from tuneforge.track.metrics import read_jsonl
 from tuneforge.track.trackers import flatten
 
 # Evaluation numbers shown side by side, in this order, where a run has them.
-EVAL_KEYS = ("val_loss", "perplexity", "exact_match", "stopped", "preference_accuracy")
+EVAL_KEYS = ("val_loss", "perplexity", "exact_match", "stopped", "preference_accuracy", "accuracy", "macro_f1",
+             "weighted_f1")
 # Config keys that differ between any two runs and say nothing about them.
 NOISE_KEYS = ("output_dir",)
 

@@ -150,7 +150,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_distributable(cfg, world, strategy)  # what auto chose may refuse what it allows
     seed_everything(cfg.seed)
     model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
-                       _quantization_for(cfg, strategy), facts.model_head, tokenizer.pad_token_id)
+                       _quantization_for(cfg, strategy), facts.model_head, tokenizer.pad_token_id, data.head_config)
     if facts.model_head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
@@ -305,6 +305,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         config_to_dict(cfg),
         base_model={"name": cfg.base_model, "source": source, "folder": str(folder)},
         chat_template=tokenizer.chat_template,
+        **({"head": data.head_config} if data.head_config else {}),  # a classifier's labels, to rebuild its head
         end_of_turn=data.end_of_turn,
         stop_token_ids=stops,
         data_sha256=data.file_hashes,

@@ -70,6 +70,8 @@ def write_final(model, tokenizer, folder: Path, stop_ids: list[int], initial_ada
         convert["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **convert)
     tokenizer.save_pretrained(folder)
+    if not stop_ids:  # a model that does not generate (a classifier, an encoder) has no generation config
+        return
     gen = GenerationConfig(
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=tokenizer.pad_token_id,
