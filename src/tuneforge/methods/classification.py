@@ -72,6 +72,7 @@ def confidently_wrong(records, gold: list[set[int]], pred: list[set[int]], probs
 
 class Classification:
     name = "classification"
+    notes: tuple[str, ...] = ()  # set per run: the classes and the data's findings
 
     def __init__(self, spec, data, pad_id: int, run: Runtime = Runtime()):
         self.spec, self.data, self.pad_id, self.run = spec, data, pad_id, run
