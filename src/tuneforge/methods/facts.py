@@ -39,7 +39,13 @@ class MethodFacts:
     @property
     def peft_task(self) -> str:
         """PEFT's task type: SEQ_CLS also trains and saves a score head."""
-        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}[self.model_head]
+        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "image_classifier": None}[self.model_head]
+
+    @property
+    def saved_modules(self) -> list[str] | None:
+        """Modules a LoRA run trains and saves whole beside the adapter: a new classification head. (PEFT's
+        SEQ_CLS adds its own; an image classifier has no PEFT task type, so it is named here.)"""
+        return ["classifier"] if self.model_head == "image_classifier" else None
 
 
 def _dpo(spec) -> dict:
@@ -61,6 +67,9 @@ METHODS = {m.name: m for m in (
     MethodFacts("kto", "tuneforge.methods.kto:KTO", ("kto",), chunked_loss=True, reference="model"),
     MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
                 online=True, spec=_grpo),
+    MethodFacts("image_classification", "tuneforge.methods.image_classification:ImageClassification", ("image",),
+                model_head="image_classifier", lr_family="classifier",
+                processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images"),
 )}
 
 

@@ -67,28 +67,51 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
     return compute if adapter in ("lora", "qlora") and compute != torch.float16 else torch.float32
 
 
-def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
-    """The base in `dtype` (its linear layers quantized for QLoRA), with its language-model head or,
-    for reward models, a one-output score head; `pad_token_id` (the tokenizer's) fills a config without
-    one, since the score head's own forward refuses batches of several rows otherwise."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def _causal_lm(folder: Path, pad_token_id: int | None = None, labels: list[str] | None = None, **kw):
+    from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kw)
+
+
+def _score(folder: Path, pad_token_id: int | None = None, labels: list[str] | None = None, **kw):
+    """One output per sequence (reward models); `pad_token_id` fills a config without one, since the
+    score head's own forward refuses batches of several rows otherwise."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, **kw)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _image_classifier(folder: Path, pad_token_id: int | None = None, labels: list[str] | None = None, **kw):
+    """A ViT-family classifier with one output per class; a head of another size (a checkpoint trained on
+    other classes, or none) is replaced by a new one."""
+    from transformers import AutoModelForImageClassification
+
+    named = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                                        "label2id": {name: i for i, name in enumerate(labels)},
+                                        "ignore_mismatched_sizes": True}
+    return AutoModelForImageClassification.from_pretrained(str(folder), **named, **kw)
+
+
+# The transformers head each row's `model_head` names: (folder, the tokenizer's pad id, the data's class
+# names, from_pretrained's keywords) -> model.
+HEADS = {"causal_lm": _causal_lm, "score": _score, "image_classifier": _image_classifier}
+
+
+def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None,
+               labels: list[str] | None = None):
+    """The base in `dtype` (its linear layers quantized for QLoRA) with the head its row names (HEADS);
+    `labels`: a classifier's class names, in the order of its outputs."""
     if quantization is not None:
         from tuneforge.models.quantize import load_quantized
 
         return load_quantized(folder, device, quantization, dtype, trust_remote_code)
     try:
-        if head == "score":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(folder), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad_token_id
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+        model = HEADS[head](folder, pad_token_id, labels, dtype=dtype, trust_remote_code=trust_remote_code,
+                            use_safetensors=True)
     except Exception as err:
         raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None
     return model.to(device)
@@ -176,6 +199,7 @@ def build_lora_config(cfg: Config, model=None):
         init_lora_weights=peft_init(lora.init),
         layers_to_transform=lora.layers,
         task_type=method_facts(cfg).peft_task,
+        modules_to_save=method_facts(cfg).saved_modules,
     )
 
 

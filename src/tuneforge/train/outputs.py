@@ -69,7 +69,9 @@ def write_final(model, tokenizer, folder: Path, stop_ids: list[int], initial_ada
     if state_dict is not None:
         convert["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **convert)
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # or an image classifier's image processor
+    if not stop_ids:  # a classifier generates nothing
+        return
     gen = GenerationConfig(
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=tokenizer.pad_token_id,
