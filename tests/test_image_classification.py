@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tuneforge.config import config_from_dict
-from tuneforge.data.images import load_image_processor, prepare_images
+from tuneforge.data.images import check_images, load_image_processor, prepare_images
 from tuneforge.errors import DataError
 from tuneforge.methods.build import build_objective
 from tuneforge.models.load import load_model
@@ -158,3 +158,23 @@ def test_resume_is_bit_exact(tmp_path, vit, images, one_thread):
     a = load_file(tmp_path / "a" / "final" / "model.safetensors")
     b = load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_check_and_plan_on_an_image_folder(tmp_path, vit, images):
+    from tuneforge.cli import main
+
+    data = tmp_path / "data"
+    for i in range(4):
+        draw(data / "red" / f"{i}.png", COLOURS["red"], i)
+    draw(data / "blue" / "0.png", COLOURS["blue"], 0)
+    (data / "red" / "bad.webp").write_bytes(b"RIFF")
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"task": "image_classification", "base_model": str(vit),
+                                  "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "run")}))
+    report = check_images(config_from_dict(json.loads(config.read_text()), base=tmp_path))
+    assert [(f.code, f.source) for f in report.findings] == [("bad-record", str(data / "red" / "bad.webp"))]
+    assert report.records["training images of class red"] == 4
+    report = check_images(config_from_dict(json.loads(config.read_text()) | {"image_classification": {
+        "labels": ["red", "blue", "green"]}}, base=tmp_path))
+    assert {f.code for f in report.findings} == {"bad-record", "missing-class"}
+    assert main(["plan", str(config), "--json"]) == 0

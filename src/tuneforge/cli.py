@@ -256,11 +256,17 @@ def _data_config(target: str, overrides: list[str] | None):
 def cmd_data_check(args) -> int:
     import json
 
-    from tuneforge.data.check import check_data
+    from tuneforge.data.check import check_data, load_check_target
+    from tuneforge.data.images import check_images
+    from tuneforge.methods.facts import method_facts
     from tuneforge.track.console import print_check_report
 
-    cfg, folder, tokenizer = _data_config(args.target, args.overrides)
-    report = check_data(cfg, tokenizer, args.near_threshold, folder)
+    cfg = load_check_target(args.target, args.overrides)
+    if method_facts(cfg).model_head == "image_classifier":
+        report = check_images(cfg)  # images: no tokenizer to load
+    else:
+        cfg, folder, tokenizer = _data_config(args.target, args.overrides)
+        report = check_data(cfg, tokenizer, args.near_threshold, folder)
     if args.json:
         print(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
     else:

@@ -18,6 +18,7 @@ from typing import Iterator
 from PIL import Image, ImageOps
 
 from tuneforge.config import Config
+from tuneforge.data.check import ERROR, WARNING, CheckReport
 from tuneforge.data.dataset import (
     DataSummary,
     PreparedData,
@@ -31,6 +32,7 @@ from tuneforge.errors import DataError, ModelError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LISTED = 20
+RARE_RATIO = 10  # a class with fewer than 1/RARE_RATIO of the largest class's images is flagged
 
 
 @dataclass(frozen=True)
@@ -228,3 +230,33 @@ def class_counts(data: PreparedData) -> dict[str, Counter]:
     """Images per class in the training and validation splits (what `data check` and the run print)."""
     return {split: Counter(data.labels[e.label] for e in examples)
             for split, examples in (("train", data.train), ("validation", data.validation))}
+
+
+def check_images(cfg: Config) -> CheckReport:
+    """`tuneforge data check` for image data: every image opened, bad ones named; images per class of each
+    file; a class missing from the training data or much rarer than the others."""
+    report = CheckReport(settings={"task": cfg.task, "base_model": cfg.base_model})
+    train, validation, bad, summary = read_checked(cfg)
+    for r in bad:
+        report.add(ERROR, "bad-record", r.source, r.line, r.reason)
+    for source, counts in summary.per_file.items():
+        report.records[source] = counts["records"]
+    per_class = Counter(r.label for group in train for r in group)
+    for split, groups in (("training", train), ("validation", validation)):
+        for name, n in sorted(Counter(r.label for g in groups for r in g).items()):
+            report.records[f"{split} images of class {name}"] = n
+    names = label_names([r for g in train for r in g], cfg.image_classification.labels)
+    if len(per_class) < 2:
+        report.add(ERROR, "one-class", cfg.datasets[0].path, 0, f"only {len(per_class)} class in the training images; "
+                   "a classifier needs two or more")
+    for name in names:
+        if not per_class[name]:
+            report.add(ERROR, "missing-class", cfg.datasets[0].path, 0, f"class {name} has no training image")
+        elif per_class[name] * RARE_RATIO < max(per_class.values()):
+            report.add(WARNING, "rare-class", cfg.datasets[0].path, 0,
+                       f"class {name} has {per_class[name]} training images, under 1/{RARE_RATIO} of the largest class "
+                       f"({max(per_class.values())}): collect more, or expect it to be predicted rarely")
+    for r in (r for g in [*train, *validation] for r in g if r.label not in names):
+        report.add(ERROR, "unknown-label", r.source if r.line else r.image, r.line,
+                   f"label {r.label!r} is not one of image_classification.labels")
+    return report
