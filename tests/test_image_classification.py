@@ -37,7 +37,7 @@ def vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit")
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)
+                       intermediate_size=64, num_labels=5)  # a head of another size: replaced by a new one
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -140,7 +140,7 @@ def test_lora_trains_the_head_and_merges_for_the_pipeline(tmp_path, vit, images,
     manifest = train(cfg, reporter=QUIET)
     assert manifest["eval_after"]["accuracy"] == 1.0
     saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
-    assert any("classifier" in k for k in saved) and any("lora_A" in k for k in saved)
+    assert "base_model.model.classifier.weight" in saved and any("lora_A" in k for k in saved)  # the new head, whole
     out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "merged", dtype="float32")
     classify = pipeline("image-classification", model=str(out))
     for name in COLOURS:

@@ -89,7 +89,7 @@ def _image_classifier(folder: Path, pad_token_id: int | None = None, labels: lis
     other classes, or none) is replaced by a new one."""
     from transformers import AutoModelForImageClassification
 
-    named = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+    named = {} if labels is None else {"id2label": dict(enumerate(labels)),
                                         "label2id": {name: i for i, name in enumerate(labels)},
                                         "ignore_mismatched_sizes": True}
     return AutoModelForImageClassification.from_pretrained(str(folder), **named, **kw)
