@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image, ImageOps
-
 from tuneforge.config import Config
 from tuneforge.data.check import ERROR, WARNING, CheckReport
 from tuneforge.data.dataset import (
@@ -28,7 +26,7 @@ from tuneforge.data.dataset import (
     _split_chunk,
 )
 from tuneforge.data.readers import BadRecord, iter_rows
-from tuneforge.errors import DataError, ModelError
+from tuneforge.errors import ConfigError, DataError, ModelError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LISTED = 20
@@ -105,8 +103,20 @@ def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iter
         yield ImageRecord(path, line, str(root.parent / str(obj[image_key])), label, obj)
 
 
+def pil():
+    """Pillow, an optional dependency (the `vision` extra): only image tasks need it."""
+    try:
+        import PIL.Image
+        import PIL.ImageOps
+    except ImportError:
+        raise ConfigError("task: image_classification reads images with Pillow, which is not installed; "
+                          "pip install 'tuneforge[vision]'") from None
+    return PIL
+
+
 def unreadable(image: str) -> str | None:
     """Why an image file cannot be used (missing, not an image, truncated), or None when it decodes."""
+    Image = pil().Image
     try:
         with Image.open(image) as im:
             im.convert("RGB").load()
@@ -115,8 +125,8 @@ def unreadable(image: str) -> str | None:
     return None
 
 
-def open_rgb(image: str) -> Image.Image:
-    with Image.open(image) as im:
+def open_rgb(image: str):
+    with pil().Image.open(image) as im:
         return im.convert("RGB")
 
 
@@ -124,7 +134,7 @@ def pixel_batch(processor, records: list[ImageRecord], flip: random.Random | Non
     """pixel_values of these images through the model's processor; `flip` draws a horizontal flip per image."""
     images = [open_rgb(r.image) for r in records]
     if flip is not None:
-        images = [ImageOps.mirror(im) if flip.random() < 0.5 else im for im in images]
+        images = [pil().ImageOps.mirror(im) if flip.random() < 0.5 else im for im in images]
     return processor(images, return_tensors="pt")["pixel_values"]
 
 
