@@ -70,11 +70,12 @@ def load_image_processor(folder: Path, chat_template: str = "auto", trust_remote
                          "the preprocessor_config.json it was trained with beside its weights") from None
 
 
-def _label_name(value, where: str) -> str:
+def _label_problem(value) -> str | None:
+    """Why a JSONL label is not one class name or number, or None."""
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
         kind = "a list (multi-label images are not supported yet)" if isinstance(value, list) else repr(value)
-        raise DataError(f"{where}: label {kind}; give one class name (a string) or number")
-    return str(value)
+        return f"label {kind}; give one class name (a string) or number"
+    return None
 
 
 def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iterator[ImageRecord | Rejected]:
@@ -87,7 +88,6 @@ def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iter
         return
     image_key, label_key = (columns or {}).get("image", "image"), (columns or {}).get("label", "label")
     for line, obj in iter_rows(root):
-        where = f"{path}:{line}"
         if isinstance(obj, BadRecord):
             yield Rejected(path, line, str(obj), None)
             continue
@@ -95,12 +95,11 @@ def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iter
             yield Rejected(path, line, f'expected {{"{image_key}": path, "{label_key}": class}} (columns: maps other '
                            "names)", obj)
             continue
-        try:
-            label = _label_name(obj[label_key], where)
-        except DataError as err:
-            yield Rejected(path, line, str(err), obj)
+        problem = _label_problem(obj[label_key])
+        if problem:
+            yield Rejected(path, line, problem, obj)
             continue
-        yield ImageRecord(path, line, str(root.parent / str(obj[image_key])), label, obj)
+        yield ImageRecord(path, line, str(root.parent / str(obj[image_key])), str(obj[label_key]), obj)
 
 
 def pil():
@@ -234,12 +233,6 @@ def prepare_images(cfg: Config, processor=None) -> PreparedData:
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
     return PreparedData([x for s in train_sets for x in s], val, sizes, weights, bad, summary, None, hashes,
                         labels=names)
-
-
-def class_counts(data: PreparedData) -> dict[str, Counter]:
-    """Images per class in the training and validation splits (what `data check` and the run print)."""
-    return {split: Counter(data.labels[e.label] for e in examples)
-            for split, examples in (("train", data.train), ("validation", data.validation))}
 
 
 def check_images(cfg: Config) -> CheckReport:
