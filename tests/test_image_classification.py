@@ -178,3 +178,20 @@ def test_data_check_and_plan_on_an_image_folder(tmp_path, vit, images):
         "labels": ["red", "blue", "green"]}}, base=tmp_path))
     assert {f.code for f in report.findings} == {"bad-record", "missing-class"}
     assert main(["plan", str(config), "--json"]) == 0
+
+
+def test_two_micro_batches_make_the_gradient_of_one_batch(tmp_path, vit, images, one_thread):
+    from tuneforge.train.loop import accumulate_gradients
+
+    cfg = make_cfg(tmp_path, vit, images, image_classification={"augment": False})
+    processor = load_image_processor(vit)
+    data = prepare_images(cfg, processor)
+    model = load_model(vit, CPU, head="image_classifier", labels=data.labels)
+    objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
+    grads = []
+    for split in ([[0, 1, 2, 3, 4, 5, 6]], [[0, 1, 2], [3, 4, 5, 6]]):  # unequal halves: averaged by images
+        model.zero_grad()
+        loss, totals, _ = accumulate_gradients(objective, model, [objective.collate(i) for i in split], CPU, torch.float32)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert totals["examples"] == 7 and abs(grads[0][0] - grads[1][0]) < 1e-6
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
