@@ -177,8 +177,7 @@ def cmd_export(args) -> int:
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and "perplexity" in (run.manifest.get("eval_after") or {}):  # a language model's, to compare
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
-        console.print(f"Checked in a fresh process with plain transformers: held-out perplexity "
-                      f"{check['perplexity']:.4f} (tuned model {check['tuned_perplexity']:.4f}, allowed {check['allowed']:.4f})")
+        console.print(f"Checked in a fresh process with plain transformers: {check['summary']}")
     if args.to == "ollama":
         console.print(f"Use it: cd {out} && ollama create {run.dir.name} -f Modelfile && ollama run {run.dir.name}")
     return 0
@@ -315,11 +314,17 @@ def _data_config(target: str, overrides: list[str] | None):
 def cmd_data_check(args) -> int:
     import json
 
-    from tuneforge.data.check import check_data
+    from tuneforge.data.check import check_data, load_check_target
+    from tuneforge.data.images import check_images
+    from tuneforge.methods.facts import method_facts
     from tuneforge.track.console import print_check_report
 
-    cfg, folder, tokenizer = _data_config(args.target, args.overrides)
-    report = check_data(cfg, tokenizer, args.near_threshold, folder)
+    cfg = load_check_target(args.target, args.overrides)
+    if method_facts(cfg).model_head == "image_classifier":
+        report = check_images(cfg)  # images: no tokenizer to load
+    else:
+        cfg, folder, tokenizer = _data_config(args.target, args.overrides)
+        report = check_data(cfg, tokenizer, args.near_threshold, folder)
     if args.json:
         print(json.dumps(report.as_json(), indent=1, ensure_ascii=False))
     else:

@@ -283,6 +283,19 @@ class ClassificationSpec(_Strict):
         10, ge=0, le=1000, description="The most confidently wrong validation examples listed in eval_after.json.")
 
 
+class ImageClassificationSpec(_Strict):
+    """task: image_classification: an image folder (root/<label>/*.png) or JSONL {"image": path, "label": ...}."""
+
+    labels: list[str] | None = Field(
+        None, min_length=2, description="The class names in the order of the model's outputs; default: the labels "
+        "found in the training data, sorted. A record with a label outside this list is a bad record.")
+    augment: bool = Field(
+        True, description="Training images only: a random horizontal flip, seeded by the step so a resumed run "
+        "sees the same images. Turn off for classes a mirror image changes (digits, text, left/right).")
+    wrong_examples: int = Field(
+        5, ge=0, le=1000, description="The most confidently wrong validation images listed in eval_after.json.")
+
+
 class RewardFunctionSpec(_Strict):
     function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty), module:function, "
                           "or file.py:function with the file relative to the config.")
@@ -433,6 +446,8 @@ class Config(_Strict):
     reward: RewardSpec = Field(default_factory=RewardSpec)
     classification: ClassificationSpec = Field(
         default_factory=ClassificationSpec, description="task: classification: how predictions are made and reported.")
+    image_classification: ImageClassificationSpec = Field(
+        default_factory=ImageClassificationSpec, description="Options of task: image_classification.")
     grpo: GRPOSpec | None = Field(None, description="Required with method: grpo.")
     stages: list[dict[str, Any]] | None = Field(
         None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "

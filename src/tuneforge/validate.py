@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.config import Config
+from tuneforge.data.images import is_image_folder
 from tuneforge.data.readers import iter_rows
 from tuneforge.data.template import resolve_chat_template
 from tuneforge.errors import TuneforgeError
@@ -27,7 +28,8 @@ def check_data_files(cfg: Config) -> None:
     """The first missing, unreadable or empty data file as a DataError, from at most its first record:
     train asks before it reads (or converts) a model."""
     for _, path in data_files(cfg):
-        next(iter_rows(path), None)
+        if not is_image_folder(path):
+            next(iter_rows(path), None)
 
 
 def code_files(cfg: Config) -> list[tuple[str, str]]:
@@ -41,6 +43,8 @@ def code_files(cfg: Config) -> list[tuple[str, str]]:
 
 def _open_data(path: str) -> None:
     """What can be known without reading the data: its kind, and a folder's layout (its first batch is read)."""
+    if is_image_folder(path):
+        return
     rows = iter_rows(path)
     if Path(path).is_dir():
         next(rows, None)

@@ -42,6 +42,7 @@ from tuneforge.methods.facts import method_facts
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
+PREPARE = "tuneforge.data.dataset:prepare_data"  # the rows whose data this module prepares and caches
 CACHE_VERSION = 4  # 2: turns per conversation in the summary; 3: preference pairs, kto labels; 4: prompt fields
 
 @dataclass
@@ -90,6 +91,7 @@ class PreparedData:
     validation_rejected: TokenizedSet | None = None
     # What the model's head is built with from the data (a classifier's num_labels, id2label, ...): see load_model.
     head_config: dict = field(default_factory=dict)
+    labels: list[str] | None = None  # a classifier's class names, in the order of its outputs
 
 
 def sha256_file(path: str | Path) -> str:
@@ -410,9 +412,9 @@ def file_hashes(cfg: Config) -> dict[str, str]:
 
 def prepared_marker(cfg: Config, tokenizer):
     """A check that this config's prepared data is in the cache (its content-hashed folder is complete),
-    or None when caching is off or the row prepares its data another way (it then writes no such folder):
-    what other processes wait on while rank 0 prepares."""
-    if not cfg.prepare.cache or method_facts(cfg).prepare != f"{__name__}:prepare_data":
+    or None when caching is off or the row prepares its data otherwise (images are not cached): what other
+    processes wait on while rank 0 prepares."""
+    if not cfg.prepare.cache or method_facts(cfg).prepare != PREPARE:
         return None
     meta = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg))) / "meta.json"
     return meta.is_file

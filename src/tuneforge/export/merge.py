@@ -14,9 +14,7 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import check_out, output_folder
-from tuneforge.methods.facts import method_facts
-from tuneforge.models.load import load_model, load_tokenizer
-from tuneforge.models.run import Run, base_folder
+from tuneforge.models.run import Run, base_folder, load_base, load_processor
 from tuneforge.train.outputs import write_final, write_json
 
 MERGE_TARGETS = ("dequantized", "original")
@@ -45,10 +43,7 @@ def merge_base(run: Run, target: str):
         from tuneforge.models.quantize import dequantized_model
 
         return dequantized_model(base_folder(run), run.config.quantization, trust)
-    # The run's own head (a classifier's labels from run.json), so its saved head lands on the same shape.
-    pad_id = load_tokenizer(run.final, "auto", trust).pad_token_id
-    return load_model(base_folder(run), torch.device("cpu"), trust, torch.float32, head=method_facts(run.config).model_head,
-                      pad_token_id=pad_id, head_config=run.manifest.get("head"))
+    return load_base(run, torch.device("cpu"), torch.float32)
 
 
 def merged_model(run: Run, target: str):
@@ -81,7 +76,7 @@ def merge_run(run: Run, out: Path, dtype: torch.dtype = torch.float32, target: s
         raise TuneforgeError(f"{run.dir}: the run trained all weights; {run.final} is already a full model folder")
     target = check_target(run, target)
     check_out(out, "merge", overwrite)
-    tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
+    tokenizer = load_processor(run)
     merged = merged_model(run, target).to(dtype)
     with output_folder(out, "merge", overwrite) as tmp:
         write_final(merged, tokenizer, tmp, run.stop_ids)

@@ -136,6 +136,9 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
     `out` must be new or empty; `overwrite` replaces an earlier export there (never another folder)."""
     if to not in TARGETS:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    if to in ("gguf", "ollama") and run.config.task != "causal_lm":
+        raise TuneforgeError(f"--to {to}: llama.cpp and Ollama run language models, and {run.dir} trained a model "
+                             f"for task: {run.config.task}; export it with --to hf (or --to adapter)")
     with output_folder(out, "export", overwrite) as tmp:
         if to == "hf":
             path = export_hf(run, tmp, dtype, merge_target)

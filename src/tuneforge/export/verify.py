@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.run import Run
 
 # Allowed perplexity growth per kind of weights.
@@ -41,35 +42,76 @@ print(json.dumps({"val_loss": total / max(count, 1), "tokens": count}))
 """
 
 
+def _fresh_process(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise TuneforgeError(f"the export at {args[0]} does not load in plain transformers:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def fresh_process_loss(folder: Path, examples: list[tuple[list[int], list[int]]], gguf_file: str | None = None) -> dict:
     """Held-out loss of a model folder (or a GGUF file in it), computed by plain transformers in a new process."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([{"ids": i, "labels": lab} for i, lab in examples], f)
     try:
-        out = subprocess.run([sys.executable, "-c", _SCRIPT, str(folder), gguf_file or "", f.name],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        return _fresh_process(_SCRIPT, str(folder), gguf_file or "", f.name)
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if out.returncode != 0:
-        raise TuneforgeError(f"the export at {folder} does not load in plain transformers:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_PIPELINE_SCRIPT = r"""
+import json, sys
+from transformers import pipeline
+folder, data_path = sys.argv[1], sys.argv[2]
+items = json.load(open(data_path))
+classify = pipeline("image-classification", model=folder)
+right = sum(classify(x["image"])[0]["label"] == x["label"] for x in items)
+print(json.dumps({"accuracy": right / max(len(items), 1), "examples": len(items)}))
+"""
+
+
+def verify_image_classifier(run: Run, path: Path, weights: str, after: dict) -> dict:
+    """Validation accuracy of an image classifier export through transformers.pipeline, in a fresh process:
+    at most one image or DELTAS[weights] of them below the tuned model's."""
+    from tuneforge.data.images import prepare_images
+
+    data = prepare_images(run.config)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"image": e.record.image, "label": data.labels[e.label]} for e in data.validation], f)
+    try:
+        got = _fresh_process(_PIPELINE_SCRIPT, str(path), f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    allowed = after["accuracy"] - max(DELTAS.get(weights, 0.05), 1 / max(got["examples"], 1))
+    if got["accuracy"] < allowed - 1e-9:
+        raise TuneforgeError(f"the export at {path} classifies {got['accuracy']:.1%} of the validation images right "
+                             f"through transformers.pipeline, below the tuned model's {after['accuracy']:.1%}: it does "
+                             "not behave like the model that was evaluated")
+    return {**got, "tuned_accuracy": after["accuracy"],
+            "summary": f"pipeline accuracy {got['accuracy']:.1%} on {got['examples']} validation images "
+                       f"(tuned model {after['accuracy']:.1%})"}
 
 
 def verify_export(run: Run, path: Path, weights: str) -> dict:
-    """Fresh-process held-out perplexity of an export against the tuned model's; raises when it is worse than allowed."""
+    """Fresh-process held-out perplexity of an export against the tuned model's (an image classifier: its
+    pipeline accuracy); raises when it is worse than allowed."""
     from tuneforge.data.dataset import prepare_data
     from tuneforge.models.load import load_tokenizer
 
     after = run.manifest.get("eval_after") or {}
     if "val_loss" not in after:
         raise TuneforgeError(f"{run.dir}: the run has no held-out evaluation to compare the export with")
+    if method_facts(run.config).model_head == "image_classifier":
+        return verify_image_classifier(run, path, weights, after)
     data = prepare_data(run.config, load_tokenizer(run.final))
     examples = [(e.input_ids, e.labels) for e in data.validation]
     gguf_file = path.name if path.suffix == ".gguf" else None
     got = fresh_process_loss(path.parent if gguf_file else path, examples, gguf_file)
     delta = DELTAS.get(weights, 0.05)
     ppl, ref = math.exp(got["val_loss"]), math.exp(after["val_loss"])
-    report = {"perplexity": ppl, "tuned_perplexity": ref, "allowed": (1 + delta) * ref, "tokens": got["tokens"]}
+    report = {"perplexity": ppl, "tuned_perplexity": ref, "allowed": (1 + delta) * ref, "tokens": got["tokens"],
+              "summary": f"held-out perplexity {ppl:.4f} (tuned model {ref:.4f}, allowed {(1 + delta) * ref:.4f})"}
     if ppl > (1 + delta) * ref:
         raise TuneforgeError(
             f"the export at {path} has held-out perplexity {ppl:.4f}, more than {1 + delta:g} x the tuned model's "

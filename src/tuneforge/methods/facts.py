@@ -43,7 +43,13 @@ class MethodFacts:
     @property
     def peft_task(self) -> str:
         """PEFT's task type: SEQ_CLS also trains and saves a score head."""
-        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "classifier": "SEQ_CLS"}[self.model_head]
+        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "classifier": "SEQ_CLS", "image_classifier": None}[self.model_head]
+
+    @property
+    def saved_modules(self) -> list[str] | None:
+        """Modules a LoRA run trains and saves whole beside the adapter: a new classification head. (PEFT's
+        SEQ_CLS adds its own; an image classifier has no PEFT task type, so it is named here.)"""
+        return {"image_classifier": ["classifier"]}.get(self.model_head)
 
 
 def _dpo(spec) -> dict:
@@ -66,8 +72,11 @@ METHODS = {m.name: m for m in (
     MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
                 online=True, spec=_grpo),
     MethodFacts("classification", "tuneforge.methods.classification:Classification", ("labelled",),
-                model_head="classifier", lr_family="sft", example_rows=True,
+                model_head="classifier", lr_family="classifier", example_rows=True,
                 prepare="tuneforge.data.labels:prepare_labelled", checks="tuneforge.data.labels:check_labelled"),
+    MethodFacts("image_classification", "tuneforge.methods.image_classification:ImageClassification", ("image",),
+                model_head="image_classifier", lr_family="classifier",
+                processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images"),
 )}
 
 

@@ -48,7 +48,7 @@ def run_objective(objective, model, batches: list[dict], device, dtype, backward
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device, dtype):
             prepared.append(objective.prepare(model, batch))
-    masks = [b["attention_mask"] for b in prepared[:counted]]
+    masks = [b["attention_mask"] for b in prepared[:counted] if "attention_mask" in b]  # images have none
     totals: dict[str, int] = {"input_tokens": sum(int(m.sum()) for m in masks),
                               "input_positions": sum(m.numel() for m in masks)}
     for i, batch in enumerate(prepared):  # fillers count 0, but name the same units on every process

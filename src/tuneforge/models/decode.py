@@ -28,7 +28,7 @@ class Sampling:
 def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
     """Every id that ends an answer: the template's end-of-turn and the tokenizer's EOS."""
     ids = []
-    for tok in (end_of_turn, tokenizer.eos_token):
+    for tok in (end_of_turn, getattr(tokenizer, "eos_token", None)):
         if tok:
             idx = tokenizer.convert_tokens_to_ids(tok)
             if idx is not None and idx not in ids:

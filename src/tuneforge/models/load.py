@@ -67,24 +67,29 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
     return compute if adapter in ("lora", "qlora") and compute != torch.float16 else torch.float32
 
 
-def _causal_lm(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pad_token_id: int | None, head_config: dict):
+def _causal_lm(folder: Path, pad_token_id: int | None, head_config: dict, **kw):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kw)
 
 
-def _sequence_head(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pad_token_id: int | None, head_config: dict):
+def _named(head_config: dict) -> dict:
+    """from_pretrained's keywords for a new head of the data's classes; run.json gives id2label's keys as strings."""
+    if not head_config:
+        return {}
+    named = {**head_config, "ignore_mismatched_sizes": True}  # a head of another size is replaced by a new one
+    if "id2label" in named:
+        named["id2label"] = {int(i): name for i, name in named["id2label"].items()}
+    return named
+
+
+def _sequence_head(folder: Path, pad_token_id: int | None, head_config: dict, **kw):
     """A sequence-classification head on the base: `head_config` gives num_labels (and id2label, label2id,
-    problem_type); a base that already has a head of another size gets a fresh one. A decoder's head reads
-    each row's last real token, found by the pad id, so a config without one takes the tokenizer's."""
+    problem_type). A decoder's head reads each row's last real token, found by the pad id, so a config
+    without one takes the tokenizer's."""
     from transformers import AutoModelForSequenceClassification
 
-    if "id2label" in head_config:  # read back from run.json, whose keys are strings
-        head_config = {**head_config, "id2label": {int(i): name for i, name in head_config["id2label"].items()}}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-        ignore_mismatched_sizes=bool(head_config), **head_config)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), **_named(head_config), **kw)
     if model.config.pad_token_id is None:
         if pad_token_id is None:
             raise ModelError(f"base_model: {folder} has no pad token (nor an end-of-sequence token to pad with), "
@@ -94,11 +99,20 @@ def _sequence_head(folder: Path, dtype: torch.dtype, trust_remote_code: bool, pa
     return model
 
 
-# How each row's `model_head` is loaded: (folder, dtype, trust_remote_code, pad_token_id, head_config) -> model.
+def _image_classifier(folder: Path, pad_token_id: int | None, head_config: dict, **kw):
+    """A ViT-family classifier with one output per class."""
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(str(folder), **_named(head_config), **kw)
+
+
+# How each row's `model_head` is loaded: (folder, the tokenizer's pad id, the head built from the data
+# (num_labels, id2label, ...), from_pretrained's keywords) -> model.
 HEADS = {
     "causal_lm": _causal_lm,
-    "score": lambda folder, dtype, trust, pad_id, _: _sequence_head(folder, dtype, trust, pad_id, {"num_labels": 1}),
+    "score": lambda folder, pad_id, _, **kw: _sequence_head(folder, pad_id, {"num_labels": 1}, **kw),
     "classifier": _sequence_head,
+    "image_classifier": _image_classifier,
 }
 
 
@@ -114,7 +128,8 @@ def load_model(folder: Path, device: torch.device, trust_remote_code: bool = Fal
 
         return load_quantized(folder, device, quantization, dtype, trust_remote_code)
     try:
-        model = HEADS[head](folder, dtype, trust_remote_code, pad_token_id, head_config or {})
+        model = HEADS[head](folder, pad_token_id, head_config or {}, dtype=dtype, trust_remote_code=trust_remote_code,
+                            use_safetensors=True)
     except ModelError:
         raise
     except Exception as err:
@@ -204,6 +219,7 @@ def build_lora_config(cfg: Config, model=None):
         init_lora_weights=peft_init(lora.init),
         layers_to_transform=lora.layers,
         task_type=method_facts(cfg).peft_task,
+        modules_to_save=method_facts(cfg).saved_modules,
     )
 
 

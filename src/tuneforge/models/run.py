@@ -12,7 +12,8 @@ from tuneforge.config import Config, config_from_dict
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.facts import method_facts
 from tuneforge.models.adapter_files import adapter_weights
-from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.methods.build import function_at
+from tuneforge.models.load import load_model
 from tuneforge.models.resolve import resolve_base_model
 
 
@@ -68,19 +69,28 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def load_processor(run: Run):
+    """The run's tokenizer (with the training template), or its image processor: what its row reads inputs with."""
+    return function_at(method_facts(run.config).processor)(run.final, "auto", run.config.trust_remote_code)
+
+
+def load_base(run: Run, device: torch.device, dtype: torch.dtype, quantization=None, pad_token_id: int | None = None):
+    """The run's base model with the run's head (a classifier's head sized for its classes, from run.json)."""
+    return load_model(base_folder(run), device, run.config.trust_remote_code, dtype, quantization,
+                      method_facts(run.config).model_head, pad_token_id, run.manifest.get("head"))
+
+
 def load_tuned(run: Run, device: torch.device, dtype: torch.dtype = torch.float32):
     """(model, tokenizer): the base with the adapter on top (a QLoRA run's base quantized as in training),
     or the fully tuned weights."""
-    tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
-    head = method_facts(run.config).model_head
+    tokenizer = load_processor(run)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
     if run.is_adapter:
         from peft import PeftModel
 
-        base = load_model(base_folder(run), device, run.config.trust_remote_code, dtype, run.config.quantization,
-                          head, tokenizer.pad_token_id, run.manifest.get("head"))
-        model = PeftModel.from_pretrained(base, str(run.final))
+        model = PeftModel.from_pretrained(load_base(run, device, dtype, run.config.quantization, pad_id), str(run.final))
     else:
-        model = load_model(run.final, device, run.config.trust_remote_code, dtype, head=head,
-                           pad_token_id=tokenizer.pad_token_id)
+        model = load_model(run.final, device, run.config.trust_remote_code, dtype,
+                           head=method_facts(run.config).model_head, pad_token_id=pad_id)
     model.eval()
     return model, tokenizer

@@ -75,6 +75,18 @@ def _estimate(cfg: Config, sizes: list[float], lengths_by_set: list[np.ndarray],
                         trained * tokens / all_tokens if all_tokens else 0.0, over, how, exact, error)
 
 
+def image_estimate(cfg: Config, positions: int) -> DataEstimate:
+    """Image data: the images each dataset lists (none opened), each `positions` long (its patches and the
+    class token), one trained label each."""
+    from tuneforge.data.images import read_image_records
+
+    sizes = [float(sum(1 for r in read_image_records(ds.path, ds.columns) if hasattr(r, "image"))) for ds in cfg.datasets]
+    split = cfg.validation.split if cfg.validation and cfg.validation.split else 0.0
+    sizes = [n * (1 - split) for n in sizes]
+    lengths = [np.full(int(n), positions, np.int64) for n in sizes]
+    return _estimate(cfg, sizes, lengths, sum(sizes), 0.0, f"{sum(sizes):.0f} images listed", True)
+
+
 def _data_files(cfg: Config) -> list[Path]:
     files = [Path(ds.path) for ds in cfg.datasets]
     if cfg.validation and cfg.validation.path:

@@ -38,6 +38,8 @@ def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json
     if any(text.get(k) for k in MOE_KEYS):
         raise ModelError(f"base_model: {where} describes a mixture-of-experts model; plan models dense "
                          "decoders only, so it cannot predict this one")
+    if "patch_size" in text and "vocab_size" not in text:  # a vision encoder (ViT): no vocabulary, patches
+        text = {**text, "vocab_size": text.get("num_channels", 3) * text["patch_size"] ** 2, "tie_word_embeddings": True}
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     missing = [k for k in required if not isinstance(text.get(k), int)]
     if missing:
@@ -54,7 +56,19 @@ def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json
     )
     note = "" if model_type in KNOWN_TYPES else (
         f"{where}: model_type {model_type or '(none)'} is read as a Llama-style decoder; expect small errors")
+    if "patch_size" in text and "vocab_size" not in config:
+        note = (f"{where}: a vision encoder ({model_type}): its patch projection is counted as the embedding and its "
+                "blocks as a decoder's; expect small errors")
     return shape, note
+
+
+def image_positions(folder: Path) -> int:
+    """Positions a vision encoder runs per image: its patches and the class token (ViT-B/16 at 224 without a config)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return (config["image_size"] // config["patch_size"]) ** 2 + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 197
 
 
 def hf_config_for(shape: ModelShape) -> dict:

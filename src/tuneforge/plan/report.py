@@ -17,11 +17,11 @@ from tuneforge.fast import chunked_loss_requested, kernels_requested
 from tuneforge.methods.facts import method_facts
 from tuneforge.plan.advice import candidates, settings_warnings
 from tuneforge.plan.recompute import for_device, from_request, requested, with_level
-from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, load_tokenizer_quickly
+from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, image_estimate, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
                                    trainable_params)
-from tuneforge.plan.model import ModelInfo, model_info
+from tuneforge.plan.model import ModelInfo, image_positions, model_info
 from tuneforge.plan.shapes import ModelShape
 from tuneforge.plan.throughput import Speed, speed
 
@@ -245,6 +245,8 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     table = devices(gpus, load_prices(prices))
     info = model_info(cfg.base_model)
     tokenizer_note = ""
+    if data is None and method_facts(cfg).model_head == "image_classifier":  # no tokenizer: patches per image
+        data = image_estimate(cfg, image_positions(Path(cfg.base_model)))
     if data is None:
         tokenizer, tokenizer_note = _tokenizer(info, cfg)
         data = data_estimate(cfg, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from tuneforge.data.preview import preview_plain, preview_rich
+from tuneforge.data.tokenized import TokenizedSet
 
 
 class Reporter:
@@ -40,6 +42,18 @@ class Reporter:
                 str(c["truncated"]), str(c["dropped_too_long"]), str(c["no_trained_tokens"]),
             )
         self.console.print(table)
+        if isinstance(data.train, TokenizedSet):
+            self._token_summary(data, cfg, tokenizer)
+        else:  # images: how many of each class
+            for split in ("train", "validation"):
+                counts = Counter(data.labels[e.label] for e in getattr(data, split))
+                self.console.print(f"{sum(counts.values())} {split} examples: "
+                                   + ", ".join(f"{name} {counts[name]}" for name in data.labels), markup=False)
+        if data.rejected:
+            self.console.print(f"[yellow]{len(data.rejected)} records left out; each is listed with its reason in "
+                               f"{run_dir / 'rejected.jsonl'}[/yellow]")
+
+    def _token_summary(self, data, cfg, tokenizer) -> None:
         n_train, n_val = len(data.train), len(data.validation)
         trained = data.train.trained_tokens()
         total = len(data.train.ids)
@@ -58,9 +72,6 @@ class Reporter:
             self.console.print(preview_rich(tokenizer, first.input_ids, first.labels))
         else:
             self.console.print(preview_plain(tokenizer, first.input_ids, first.labels), markup=False, highlight=False)
-        if data.rejected:
-            self.console.print(f"[yellow]{len(data.rejected)} records left out; each is listed with its reason in "
-                               f"{run_dir / 'rejected.jsonl'}[/yellow]")
 
     def start(self, total_steps: int, done: int) -> None:
         if self.quiet:

@@ -26,6 +26,7 @@ USUAL_LR = {
     ("sft", "lora"): (1e-5, 5e-4), ("sft", "full"): (5e-6, 5e-5),
     ("preference", "lora"): (5e-7, 1e-4), ("preference", "full"): (1e-7, 1e-5),
     ("grpo", "lora"): (1e-6, 1e-4), ("grpo", "full"): (1e-7, 5e-6),
+    ("classifier", "lora"): (1e-5, 5e-3), ("classifier", "full"): (5e-6, 1e-4),
 }
 LR_FACTOR = 10.0
 CHECKLIST = (
@@ -93,7 +94,9 @@ def check_learning_rate(lr: float, method: str, adapter: str) -> Finding | None:
 
 
 def rendered_examples(examples: list, tokenizer, n: int = 5) -> str:
-    return "\n".join(f"--- {e.record.where}\n{preview_plain(tokenizer, e.input_ids, e.labels)}" for e in examples[:n])
+    """The first examples as trained (an image example: its file, there is no text to show)."""
+    return "\n".join(f"--- {e.record.where}" + (f"\n{preview_plain(tokenizer, e.input_ids, e.labels)}"
+                                                 if hasattr(e, "input_ids") else "") for e in examples[:n])
 
 
 # ---- after each step -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tuneforge.fast.switches import run_shape
 from tuneforge.plan.recompute import for_device
 from tuneforge.plan.hardware import GIB, ram_bytes
 from tuneforge.plan.memory import Settings, compute_dtype, memory
-from tuneforge.plan.model import shape_from_hf_config
+from tuneforge.plan.model import image_positions, shape_from_hf_config
 from tuneforge.plan.report import settings_from_config
 from tuneforge.plan.shapes import ModelShape
 
@@ -45,10 +45,12 @@ def check_micro_batch_fits(cfg: Config, model_folder: Path, data: PreparedData, 
     """A ConfigError naming micro_batch_size when one micro-batch of this data needs more than the whole
     device (`total` bytes; by default its measured memory)."""
     try:
-        shape, _ = shape_from_hf_config(json.loads((model_folder / "config.json").read_text()))
+        config = json.loads((model_folder / "config.json").read_text())
+        shape, _ = shape_from_hf_config(config)
     except (OSError, ValueError, ModelError):
         return  # an architecture plan cannot size: the run finds out as before
-    seq_len, padded = run_shape(cfg, data)
+    # A vision encoder's rows are its patches (and class token), whatever the images.
+    seq_len, padded = (image_positions(model_folder), False) if "patch_size" in config else run_shape(cfg, data)
     settings, _ = settings_from_config(cfg, seq_len, padded)
     is_cpu, compute = device.type != "cuda", compute_dtype(cfg.precision, device.type != "cuda")
     total = device_memory(device) if total is None else total

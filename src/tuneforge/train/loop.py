@@ -134,6 +134,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     with world.main_first():
         folder, source = resolve_base_model(cfg.base_model)
     tokenizer = function_at(facts.processor)(folder, cfg.chat_template, cfg.trust_remote_code)
+    pad_id = getattr(tokenizer, "pad_token_id", None)  # an image processor has none
     with world.main_first(ready=prepared_marker(cfg, tokenizer)):
         data = function_at(facts.prepare)(cfg, tokenizer)
     check_same_data(world, data.file_hashes)
@@ -150,7 +151,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     _check_distributable(cfg, world, strategy)  # what auto chose may refuse what it allows
     seed_everything(cfg.seed)
     model = load_model(folder, device, cfg.trust_remote_code, weights_dtype(cfg.adapter, dtype),
-                       _quantization_for(cfg, strategy), facts.model_head, tokenizer.pad_token_id, data.head_config)
+                       _quantization_for(cfg, strategy), facts.model_head, pad_id, data.head_config)
     if facts.model_head == "causal_lm":
         check_template_tokens(model, tokenizer, cfg)
     stops = stop_token_ids(tokenizer, data.end_of_turn)
@@ -160,7 +161,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
               "dtype": dtype, "base": Path.cwd(), "seed": cfg.seed}
     fast = resolve_fast_path(cfg, device.type, model, sharded=strategy == "fsdp", data=data)
     rep.note(fast.describe())
-    objective = build_objective(cfg, data, tokenizer.pad_token_id, reference, fast, **online)
+    objective = build_objective(cfg, data, pad_id, reference, fast, **online)
     loss_info = objective.describe()
     for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes]:
         rep.note(note)
@@ -242,7 +243,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             watchdog.pet("step")
             record = {
                 "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / counts.micro_per_epoch, 4),
-                "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens", 0),
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens"),
                 **throughput(totals, data_s, elapsed), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
@@ -304,7 +305,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     manifest = run_manifest(
         config_to_dict(cfg),
         base_model={"name": cfg.base_model, "source": source, "folder": str(folder)},
-        chat_template=tokenizer.chat_template,
+        chat_template=getattr(tokenizer, "chat_template", None),
         **({"head": data.head_config} if data.head_config else {}),  # a classifier's labels, to rebuild its head
         end_of_turn=data.end_of_turn,
         stop_token_ids=stops,

@@ -69,7 +69,7 @@ def write_final(model, tokenizer, folder: Path, stop_ids: list[int], initial_ada
     if state_dict is not None:
         convert["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **convert)
-    tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # or an image classifier's image processor
     if not stop_ids:  # a model that does not generate (a classifier, an encoder) has no generation config
         return
     gen = GenerationConfig(

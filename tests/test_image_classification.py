@@ -1,0 +1,197 @@
+"""task: image_classification on a tiny random ViT and red/blue squares the tests draw themselves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tuneforge.config import config_from_dict
+from tuneforge.data.images import check_images, load_image_processor, prepare_images
+from tuneforge.errors import DataError
+from tuneforge.methods.build import build_objective
+from tuneforge.models.load import load_model
+from tuneforge.track.console import Reporter
+from tuneforge.train.loop import train
+
+QUIET = Reporter(quiet=True)
+CPU = torch.device("cpu")
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def draw(path, colour, i: int) -> None:
+    """A grey canvas with a coloured square whose size and place vary with i."""
+    im = Image.new("RGB", (40, 40), (128, 128, 128))
+    im.paste(Image.new("RGB", (14 + i, 14 + i), colour), ((3 * i) % 20, (7 * i) % 20))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=5)  # a head of another size: replaced by a new one
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for name, colour in COLOURS.items():
+        for i in range(6):
+            draw(root / name / f"{i}.png", colour, i)
+    return root
+
+
+def make_cfg(tmp_path, vit, data, **over):
+    raw = {"task": "image_classification", "base_model": str(vit), "datasets": [{"path": str(data)}],
+           "validation": {"path": str(data)}, "adapter": "full", "learning_rate": 2e-3, "micro_batch_size": 4,
+           "max_steps": 12, "warmup_steps": 0, "output_dir": str(tmp_path / "run"), "device": "cpu",
+           "precision": "fp32", "on_bad_record": "skip", "max_bad_fraction": 0.5, **over}
+    return config_from_dict(raw, base=tmp_path)
+
+
+def test_loss_equals_the_models_own_loss(tmp_path, vit, images, one_thread):
+    cfg = make_cfg(tmp_path, vit, images, image_classification={"augment": False})
+    processor = load_image_processor(vit)
+    data = prepare_images(cfg, processor)
+    assert data.labels == ["blue", "red"]
+    model = load_model(vit, CPU, head="image_classifier", labels=data.labels)
+    assert model.config.id2label == {0: "blue", 1: "red"}
+    objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
+    batch = objective.collate(list(range(len(data.train))))
+    ours, stats = objective.loss(model, batch, objective.units(batch))
+    theirs = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert 0 <= stats["accuracy"][0] <= stats["accuracy"][1] == len(data.train)
+
+
+def test_augmentation_is_a_function_of_the_place_in_the_run(tmp_path, vit, images, one_thread):
+    cfg = make_cfg(tmp_path, vit, images)
+    processor = load_image_processor(vit)
+    objective = build_objective(cfg, prepare_images(cfg, processor), None, tokenizer=processor, seed=cfg.seed)
+    batches = [objective.collate(list(range(8)), place)["pixel_values"] for place in ((3, 1), (3, 1), (4, 0))]
+    assert torch.equal(batches[0], batches[1])
+    assert not torch.equal(batches[0], batches[2])  # some image flipped differently at another step
+
+
+def test_an_image_that_does_not_open_is_named(tmp_path, vit, images):
+    broken = tmp_path / "data"
+    for name in COLOURS:
+        for i in range(3):
+            draw(broken / name / f"{i}.png", COLOURS[name], i)
+    (broken / "red" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"red/bad\.png: the image does not open"):
+        prepare_images(make_cfg(tmp_path, vit, broken, on_bad_record="error"))
+    data = prepare_images(make_cfg(tmp_path, vit, broken))
+    assert len(data.train) == 6 and [r.source for r in data.rejected if "bad.png" in r.source]
+
+
+def test_jsonl_labels_and_bad_records_with_file_and_line(tmp_path, vit, images):
+    lines = [{"image": str(images / "red" / f"{i}.png"), "label": "red"} for i in range(3)]
+    lines += [{"image": str(images / "blue" / f"{i}.png"), "label": "blue"} for i in range(3)]
+    lines += [{"image": "missing.png", "label": "red"}, {"image": "x.png", "label": ["red", "blue"]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare_images(make_cfg(tmp_path, vit, path, on_bad_record="error"))
+    assert f"{path}:7: the image does not open" in str(err.value)
+    assert f"{path}:8: " in str(err.value) and "multi-label" in str(err.value)
+    data = prepare_images(make_cfg(tmp_path, vit, path, validation=None))
+    assert (len(data.train), data.labels, sorted(r.line for r in data.rejected)) == (6, ["blue", "red"], [7, 8])
+
+
+def test_training_learns_the_colours_and_the_pipeline_reads_final(tmp_path, vit, images, one_thread):
+    from transformers import pipeline
+
+    data = tmp_path / "data"
+    for name in COLOURS:
+        for i in range(6):
+            draw(data / name / f"{i}.png", COLOURS[name], i)
+    (data / "blue" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    cfg = make_cfg(tmp_path, vit, data)
+    manifest = train(cfg, reporter=QUIET)
+    before, after = manifest["eval_before"], manifest["eval_after"]
+    assert before["accuracy"] <= 0.75 and after["accuracy"] == 1.0 and after["val_loss"] < before["val_loss"]
+    rejected = [json.loads(x) for x in (tmp_path / "run" / "rejected.jsonl").read_text().splitlines()]
+    assert {r["file"] for r in rejected} == {str(data / "blue" / "broken.jpg")}  # as training and validation image
+
+    classify = pipeline("image-classification", model=str(tmp_path / "run" / "final"))
+    for name in COLOURS:
+        assert classify(str(data / name / "1.png"))[0]["label"] == name
+
+
+def test_lora_trains_the_head_and_merges_for_the_pipeline(tmp_path, vit, images, one_thread):
+    from transformers import pipeline
+
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+
+    cfg = make_cfg(tmp_path, vit, images, adapter="lora", learning_rate=1e-2, lora={"r": 4, "alpha": 8})
+    manifest = train(cfg, reporter=QUIET)
+    assert manifest["eval_after"]["accuracy"] == 1.0
+    saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert "base_model.model.classifier.weight" in saved and any("lora_A" in k for k in saved)  # the new head, whole
+    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "merged", dtype="float32")
+    classify = pipeline("image-classification", model=str(out))
+    for name in COLOURS:
+        assert classify(str(images / name / "2.png"))[0]["label"] == name
+
+
+def test_resume_is_bit_exact(tmp_path, vit, images, one_thread):
+    whole = make_cfg(tmp_path, vit, images, max_steps=6, save_every=3, output_dir=str(tmp_path / "a"),
+                     evaluation={"before_after": False})
+    train(whole, reporter=QUIET)
+    split = make_cfg(tmp_path, vit, images, max_steps=6, save_every=3, output_dir=str(tmp_path / "b"),
+                     evaluation={"before_after": False})
+    assert train(split, reporter=QUIET, stop_after=3) == {"stopped_at": 3}
+    train(split, resume=True, reporter=QUIET)
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_check_and_plan_on_an_image_folder(tmp_path, vit, images):
+    from tuneforge.cli import main
+
+    data = tmp_path / "data"
+    for i in range(4):
+        draw(data / "red" / f"{i}.png", COLOURS["red"], i)
+    draw(data / "blue" / "0.png", COLOURS["blue"], 0)
+    (data / "red" / "bad.webp").write_bytes(b"RIFF")
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"task": "image_classification", "base_model": str(vit),
+                                  "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "run")}))
+    report = check_images(config_from_dict(json.loads(config.read_text()), base=tmp_path))
+    assert [(f.code, f.source) for f in report.findings] == [("bad-record", str(data / "red" / "bad.webp"))]
+    assert report.records["training images of class red"] == 4
+    report = check_images(config_from_dict(json.loads(config.read_text()) | {"image_classification": {
+        "labels": ["red", "blue", "green"]}}, base=tmp_path))
+    assert {f.code for f in report.findings} == {"bad-record", "missing-class"}
+    assert main(["plan", str(config), "--json"]) == 0
+
+
+def test_two_micro_batches_make_the_gradient_of_one_batch(tmp_path, vit, images, one_thread):
+    from tuneforge.train.loop import accumulate_gradients
+
+    cfg = make_cfg(tmp_path, vit, images, image_classification={"augment": False})
+    processor = load_image_processor(vit)
+    data = prepare_images(cfg, processor)
+    model = load_model(vit, CPU, head="image_classifier", labels=data.labels)
+    objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
+    grads = []
+    for split in ([[0, 1, 2, 3, 4, 5, 6]], [[0, 1, 2], [3, 4, 5, 6]]):  # unequal halves: averaged by images
+        model.zero_grad()
+        loss, totals, _ = accumulate_gradients(objective, model, [objective.collate(i) for i in split], CPU, torch.float32)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert totals["examples"] == 7 and abs(grads[0][0] - grads[1][0]) < 1e-6
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
