@@ -65,7 +65,7 @@ def test_loss_equals_the_models_own_loss(tmp_path, vit, images, one_thread):
     processor = load_image_processor(vit)
     data = prepare_images(cfg, processor)
     assert data.labels == ["blue", "red"]
-    model = load_model(vit, CPU, head="image_classifier", labels=data.labels)
+    model = load_model(vit, CPU, head="image_classifier", head_config=data.head_config)
     assert model.config.id2label == {0: "blue", 1: "red"}
     objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
     batch = objective.collate(list(range(len(data.train))))
@@ -186,7 +186,7 @@ def test_two_micro_batches_make_the_gradient_of_one_batch(tmp_path, vit, images,
     cfg = make_cfg(tmp_path, vit, images, image_classification={"augment": False})
     processor = load_image_processor(vit)
     data = prepare_images(cfg, processor)
-    model = load_model(vit, CPU, head="image_classifier", labels=data.labels)
+    model = load_model(vit, CPU, head="image_classifier", head_config=data.head_config)
     objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
     grads = []
     for split in ([[0, 1, 2, 3, 4, 5, 6]], [[0, 1, 2], [3, 4, 5, 6]]):  # unequal halves: averaged by images
