@@ -56,6 +56,8 @@ METHODS = {m.name: m for m in (
     MethodFacts("kto", "tuneforge.methods.kto:KTO", ("kto",), chunked_loss=True, reference="model"),
     MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
                 online=True, spec=_grpo),
+    # Raw text (data/shards.py): fixed-length blocks of token shards, every token trained.
+    MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True),
 )}
 
 

@@ -42,7 +42,7 @@ class Reporter:
         self.console.print(table)
         n_train, n_val = len(data.train), len(data.validation)
         trained = data.train.trained_tokens()
-        total = len(data.train.ids)
+        total = int(data.train.lengths.sum())
         self.console.print(
             f"{n_train} training and {n_val} validation examples; {total} tokens, {trained} of them trained "
             f"({100 * trained / max(total, 1):.0f}%)."
@@ -84,6 +84,10 @@ class Reporter:
                 info += f" {label} {m[key]:.3f}"
         if "val_loss" in m:
             info += f" val {m['val_loss']:.4f}"
+        if m.get("val_bpb") is not None:
+            info += f" bpb {m['val_bpb']:.3f}"
+        for sample in m.get("val_samples", []):  # method: pretrain's continuations of fixed prompts
+            self.console.print(f"step {m['step']} sample: {sample['text']!r}")
         if self._progress is not None:
             self._progress.update(self._task, completed=m["step"], info=info)
         elif m["step"] - self._last_printed >= max(1, self._total // 10) or m["step"] == self._total:
@@ -120,7 +124,7 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     table.add_column("after", justify="right")
     b = before or {}
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
-            ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
+            ("bits per byte", "val_bpb", False), ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
             ("preference accuracy", "preference_accuracy", True), ("chosen likelier", "likelihood_accuracy", True), ("reward margin", "val_rewards/margins", False),
             ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False)]
     rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]

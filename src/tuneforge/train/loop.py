@@ -42,7 +42,7 @@ from tuneforge.models.load import (
     pick_dtype,
     weights_dtype,
 )
-from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.init import model_folder
 from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
 from tuneforge.parallel.watchdog import Watchdog
@@ -132,7 +132,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     # the data into the cache; the others wait for its content-hashed folder, then read it (R-DIST-4).
     check_data_files(cfg)
     with world.main_first():
-        folder, source = resolve_base_model(cfg.base_model)
+        folder, source = model_folder(cfg)
     tokenizer = load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
     with world.main_first(ready=prepared_marker(cfg, tokenizer)):
         data = prepare_data(cfg, tokenizer)

@@ -1,0 +1,93 @@
+"""Pre-training objective (method: pretrain): next-token cross-entropy on every token of raw-text blocks.
+
+From scratch (init: random) or continued pre-training (init: pretrained). Held out: validation loss and
+bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens, which compares across
+tokenizers (a tokenizer with longer tokens has a higher loss per token for the same text); and greedy
+continuations of fixed prompts, so a run shows what it learned in words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tuneforge.data.batching import collate
+from tuneforge.data.bpe import token_byte_lengths
+from tuneforge.eval.evaluate import validation_loss
+from tuneforge.fast import FastPath
+from tuneforge.methods.objective import Runtime
+from tuneforge.methods.sft import count_trained, sft_loss_sum
+from tuneforge.models.decode import greedy_generate
+from tuneforge.models.precision import autocast_for
+
+
+def bits_per_byte(nats: float, n_bytes: int) -> float | None:
+    return nats / math.log(2) / n_bytes if n_bytes else None
+
+
+def predicted_bytes(blocks, token_bytes: np.ndarray) -> int:
+    """UTF-8 bytes of the tokens a held-out pass predicts: every block's tokens after its first."""
+    return int(sum(token_bytes[blocks.block(i)[1:]].sum() for i in range(len(blocks))))
+
+
+class Pretrain:
+    name = "pretrain"
+    notes = ()
+
+    def __init__(self, spec, data, pad_id: int, fast: FastPath = FastPath(), run: Runtime = Runtime()):
+        self.spec, self.data, self.pad_id, self.fast, self.run = spec, data, pad_id, fast, run
+        self.token_bytes = token_byte_lengths(run.tokenizer)
+        self._held_bytes: int | None = None
+
+    @classmethod
+    def build(cls, spec, data, pad_id: int, reference, run: Runtime) -> "Pretrain":
+        return cls(spec, data, pad_id, run=run)
+
+    def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+        return collate([self.data.train[i] for i in indices], self.pad_id)
+
+    def units(self, batch) -> dict[str, int]:
+        return {"tokens": count_trained(batch)}
+
+    def prepare(self, model, batch):
+        return batch
+
+    def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
+        loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens, self.fast.kernels)
+        return loss_sum / totals["tokens"], {}
+
+    def samples(self, model) -> list[dict]:
+        """Greedy continuations of the fixed prompts, each started as a new document (after EOS)."""
+        tok, run = self.run.tokenizer, self.run
+        eos = tok.eos_token_id
+        prompts = [[eos] + tok(p, add_special_tokens=False)["input_ids"] for p in self.spec.prompts]
+        was_training = model.training
+        model.eval()
+        with autocast_for(run.device, run.dtype):
+            gens = greedy_generate(model, prompts, [eos], self.pad_id, self.spec.sample_tokens, run.device)
+        model.train(was_training)
+        return [{"prompt": p, "reference": p, "answer": p + tok.decode(ids, skip_special_tokens=True), "stopped": s}
+                for p, (ids, s) in zip(self.spec.prompts, gens)]
+
+    def held_out(self, model, data, final: bool = False, reference=None) -> dict:
+        """val_loss and val_bpb on every validation token; the samples; when `final`, the sizes measured too."""
+        run, cfg = self.run, self.run.cfg
+        result = validation_loss(model, data.validation, self.pad_id, run.device, run.dtype, cfg.micro_batch_size)
+        if self._held_bytes is None:
+            self._held_bytes = predicted_bytes(data.validation, self.token_bytes)
+        nats = result["val_loss"] * result["val_tokens"]
+        result["val_bpb"] = bits_per_byte(nats, self._held_bytes)
+        samples = self.samples(model)
+        if not final:
+            return {**result, "val_samples": [{"prompt": s["prompt"], "text": s["answer"]} for s in samples]}
+        return {**result, "bytes_per_token": self._held_bytes / max(result["val_tokens"], 1),
+                "vocab_size": len(run.tokenizer), "samples": samples}
+
+    def preflight(self, model) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"method": self.name, "loss": "cross-entropy on every token",
+                "normalised_by": "tokens of the accumulated batch"}
