@@ -124,7 +124,8 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     table.add_column("after", justify="right")
     b = before or {}
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
-            ("bits per byte", "val_bpb", False), ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
+            ("bits per byte", "val_bpb", False), ("unigram baseline (bits per byte)", "unigram_bpb", False),
+            ("bytes per token", "bytes_per_token", False), ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
             ("preference accuracy", "preference_accuracy", True), ("chosen likelier", "likelihood_accuracy", True), ("reward margin", "val_rewards/margins", False),
             ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False)]
     rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]
