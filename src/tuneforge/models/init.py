@@ -30,7 +30,7 @@ from tuneforge.data.bpe import first_bytes, train_bpe
 from tuneforge.data.dataset import sha256_file
 from tuneforge.data.shards import iter_documents
 from tuneforge.errors import ConfigError
-from tuneforge.models.resolve import cache_root, resolve_base_model
+from tuneforge.models.resolve import cache_root, locate_base_model, resolve_base_model
 
 FAMILIES = ("llama", "qwen2")
 INIT_FILE = "tuneforge_init.json"
@@ -69,13 +69,25 @@ def _base_config(name: str):
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+def locate_model(cfg: Config) -> None:
+    """What `tuneforge validate` can check of the model without loading one: base_model's weights
+    (init: pretrained) or its architecture and size (init: random)."""
+    if cfg.init == "pretrained":
+        locate_base_model(cfg.base_model)
+        return
+    _base_config(cfg.base_model)
+    if cfg.architecture is not None:
+        derived_sizes(cfg.architecture)
+    elif cfg.base_model.lower() in FAMILIES:
+        raise ConfigError(f"architecture: base_model {cfg.base_model} is a family; give its size, e.g. "
+                          "architecture: {depth: 4} (docs/pretrain.md)")
+
+
 def architecture_config(cfg: Config, tokenizer):
     """The transformers config of the model to build: base_model's architecture at `architecture`'s size,
     with the tokenizer's vocabulary and special tokens."""
+    locate_model(cfg)
     config = _base_config(cfg.base_model)
-    if cfg.architecture is None and cfg.base_model.lower() in FAMILIES:
-        raise ConfigError(f"architecture: base_model {cfg.base_model} is a family; give its size, e.g. "
-                          "architecture: {depth: 4} (docs/pretrain.md)")
     if cfg.architecture is not None:
         s = derived_sizes(cfg.architecture)
         config.update({"num_hidden_layers": s["n_layer"], "hidden_size": s["d_model"],
