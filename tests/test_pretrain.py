@@ -143,3 +143,23 @@ def test_from_scratch_final_loads_in_plain_transformers(tmp_path, corpus):
     ids = tokenizer("Tom had", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5 or tokenizer.eos_token_id in out[0].tolist()
+
+
+def test_token_bytes_add_up_to_the_text_so_bits_per_byte_compare(tmp_path, corpus, smol_tokenizer):
+    from tuneforge.data.bpe import token_byte_lengths
+
+    text = "Héllo wörld, naïve café 日本語!\n  two spaces"
+    for tokenizer in (smol_tokenizer, run_tokenizer(make_cfg(tmp_path))):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert token_byte_lengths(tokenizer)[ids].sum() == len(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"adapter": "lora"}, "init: random trains every weight from scratch, but adapter is lora"),
+    ({"init": "pretrained", "base_model": "smollm2-135m-instruct"}, "architecture and tokenizer: only used with init: random"),
+])
+def test_init_settings_that_cannot_work_are_refused(tmp_path, over, message):
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(tmp_path, **over)
