@@ -163,3 +163,21 @@ def test_init_settings_that_cannot_work_are_refused(tmp_path, over, message):
 
     with pytest.raises(ConfigError, match=message):
         make_cfg(tmp_path, **over)
+
+
+def test_no_token_attends_across_a_document_boundary(tmp_path, corpus):
+    from tuneforge.methods.pretrain import block_batch
+    from tuneforge.fast.padding_free import model_inputs
+
+    cfg = make_cfg(tmp_path)
+    folder, _ = model_folder(cfg)
+    blocks = prepare_data(cfg, run_tokenizer(cfg)).train
+    model = random_model(folder).eval()
+    batch = block_batch(blocks, [1])
+    start = int(np.flatnonzero(batch["position_ids"][0] == 0)[1])  # a document starting inside the block
+    changed = {**batch, "input_ids": batch["input_ids"].clone()}
+    changed["input_ids"][0, :start] = (changed["input_ids"][0, :start] + 7) % 320  # another previous document
+    with torch.no_grad():
+        a, b = model(**model_inputs(batch)).logits, model(**model_inputs(changed)).logits
+    assert not torch.allclose(a[0, :start], b[0, :start])
+    assert torch.allclose(a[0, start:], b[0, start:], atol=1e-5)

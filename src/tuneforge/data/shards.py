@@ -286,6 +286,16 @@ class BlockSet:
         a = i * self.seq
         return self.tokens_between(a, min(a + self.seq + 1, self.tokens))
 
+    def positions(self, i: int) -> np.ndarray:
+        """Position ids of block i, restarting at 0 where a document starts inside it: transformers then keeps
+        each document's attention to itself (a packed row), and FlashAttention runs them as varlen sequences."""
+        a, n = i * self.seq, len(self.block(i))
+        lo, hi = np.searchsorted(self.doc_starts, [a + 1, a + n])
+        marks = np.zeros(n, dtype=np.int64)
+        starts = np.asarray(self.doc_starts[lo:hi], dtype=np.int64) - a
+        marks[starts] = starts
+        return np.arange(n) - np.maximum.accumulate(marks)
+
     def __getitem__(self, i: int | slice) -> Example | list[Example]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self.n))]

@@ -13,9 +13,7 @@ import math
 import numpy as np
 import torch
 
-from tuneforge.data.batching import collate
 from tuneforge.data.bpe import token_byte_lengths
-from tuneforge.eval.evaluate import validation_loss
 from tuneforge.fast import FastPath
 from tuneforge.methods.objective import Runtime
 from tuneforge.methods.sft import count_trained, sft_loss_sum
@@ -43,6 +41,33 @@ def held_out_baseline(train, validation, token_bytes: np.ndarray) -> tuple[int, 
     return n_bytes, (total / n_bytes if n_bytes else None)
 
 
+def block_batch(blocks, indices: list[int]) -> dict[str, torch.Tensor]:
+    """Blocks of one length as a batch, every token a label; positions restart at each document start, so
+    (with no attention mask) no token attends across a document boundary (fast/padding_free.py's packed rows)."""
+    ids = torch.from_numpy(np.stack([blocks.block(i) for i in indices]))
+    positions = torch.from_numpy(np.stack([blocks.positions(i) for i in indices]))
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions,
+            "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def held_out_loss(model, blocks, batch_size: int, device, dtype) -> tuple[float, int]:
+    """(nats summed in fp64, tokens predicted) over every validation block, attended as in training."""
+    was_training = model.training
+    model.eval()
+    nats, tokens = 0.0, 0
+    n = len(blocks)
+    full = n - 1 if n and len(blocks.block(n - 1)) <= blocks.seq else n  # the last may be shorter: run alone
+    groups = [list(range(i, min(i + batch_size, full))) for i in range(0, full, batch_size)] + [[full]] * (n - full)
+    for indices in groups:
+        batch = {k: v.to(device) for k, v in block_batch(blocks, indices).items()}
+        with autocast_for(device, dtype):
+            nats += sft_loss_sum(model, batch).item()
+        tokens += count_trained(batch)
+    model.train(was_training)
+    return nats, tokens
+
+
 class Pretrain:
     name = "pretrain"
     notes = ()
@@ -57,7 +82,7 @@ class Pretrain:
         return cls(spec, data, pad_id, run=run)
 
     def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
-        return collate([self.data.train[i] for i in indices], self.pad_id)
+        return block_batch(self.data.train, indices)
 
     def units(self, batch) -> dict[str, int]:
         return {"tokens": count_trained(batch)}
@@ -84,12 +109,14 @@ class Pretrain:
 
     def held_out(self, model, data, final: bool = False, reference=None) -> dict:
         """val_loss and val_bpb on every validation token; the samples; when `final`, the sizes measured too."""
-        run, cfg = self.run, self.run.cfg
-        result = validation_loss(model, data.validation, self.pad_id, run.device, run.dtype, cfg.micro_batch_size)
+        run = self.run
+        nats, tokens = held_out_loss(model, data.validation, run.cfg.micro_batch_size, run.device, run.dtype)
         if self._baseline is None:
             self._baseline = held_out_baseline(data.train, data.validation, self.token_bytes)
         n_bytes, unigram_bpb = self._baseline
-        result["val_bpb"] = bits_per_byte(result["val_loss"] * result["val_tokens"], n_bytes)
+        loss = nats / max(tokens, 1)
+        result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens,
+                  "val_bpb": bits_per_byte(nats, n_bytes)}
         samples = self.samples(model)
         if not final:
             return {**result, "val_samples": [{"prompt": s["prompt"], "text": s["answer"]} for s in samples]}
