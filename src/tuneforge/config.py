@@ -587,6 +587,9 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
+        if self.method == "pretrain" and any(d.ratio is not None or d.weight != 1 for d in self.datasets):
+            raise ValueError("datasets: weight and ratio are not supported with method: pretrain yet (its files are "
+                             "tokenized into one stream of blocks); remove them, or repeat a file to weight it")
         if self.method == "reward" and self.adapter == "qlora":
             raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
                              "use adapter: lora")
