@@ -426,6 +426,7 @@ def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
     """Raw text (a row whose records are "raw"): token shards in the cache, read back as fixed-length blocks."""
     hashes = file_hashes(cfg)
     folder = _shards_folder(cfg, tokenizer, hashes)
+    cached = (folder / "manifest.json").is_file()
     manifest = build_shards(folder, _raw_sources(cfg), tokenizer, hashes, _shard_settings(cfg), cfg.on_bad_record)
     rejected = [Rejected(b["source"], b["line"], f"byte {b['offset']}: {b['reason']}") for b in manifest["rejected"]]
     total = manifest["train"]["documents"] + manifest["validation"]["documents"] + len(rejected)
@@ -445,7 +446,7 @@ def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
     for r in rejected:
         summary.count(r.source, "records")
         summary.count(r.source, "bad_record")
-    return PreparedData(train, validation, [len(train)], [1.0], rejected, summary, None, hashes, from_cache=True)
+    return PreparedData(train, validation, [len(train)], [1.0], rejected, summary, None, hashes, from_cache=cached)
 
 
 def prepared_marker(cfg: Config, tokenizer):
