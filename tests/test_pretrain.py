@@ -182,3 +182,12 @@ def test_no_token_attends_across_a_document_boundary(tmp_path, corpus):
         a, b = model(**model_inputs(batch)).logits, model(**model_inputs(changed)).logits
     assert not torch.allclose(a[0, :start], b[0, :start])
     assert torch.allclose(a[0, start:], b[0, start:], atol=1e-5)
+
+
+def test_a_later_stage_continues_from_the_trained_model_not_a_new_random_one(tmp_path, corpus):
+    from tuneforge.train.stages import stage_configs
+
+    cfg = make_cfg(tmp_path, stages=[{"method": "pretrain"}, {"method": "pretrain", "learning_rate": 1e-4}])
+    first, second = stage_configs(cfg, tmp_path)
+    assert (first.init, second.init) == ("random", "pretrained")
+    assert second.architecture is None and second.tokenizer is None
