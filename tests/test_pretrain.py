@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tuneforge.config import ArchitectureSpec, config_from_dict
 from tuneforge.data.dataset import prepare_data
-from tuneforge.data.shards import BlockSet, build_shards
+from tuneforge.data.shards import build_shards
 from tuneforge.errors import DataError
 from tuneforge.models.init import derived_sizes, model_folder, random_model, run_tokenizer
 from tuneforge.track.console import Reporter

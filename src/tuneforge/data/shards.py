@@ -30,7 +30,6 @@ from tuneforge.errors import DataError
 
 SHARDS_VERSION = 2
 ENCODE_BATCH = 256  # documents tokenized together
-TXT_READ = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,9 @@ class BadDocument:
     offset: int
     reason: str
 
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line} (byte {self.offset}): {self.reason}"
+    def __str__(self) -> str:  # a Parquet row has no byte offset (-1): its row number is the line
+        where = f" (byte {self.offset})" if self.offset >= 0 else ""
+        return f"{self.source}:{self.line}{where}: {self.reason}"
 
 
 OnBad = Callable[[BadDocument], None]
