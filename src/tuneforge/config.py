@@ -418,7 +418,53 @@ class DistributedSpec(_Strict):
     fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="Options of strategy: fsdp.")
 
 
-Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo"]
+class ArchitectureSpec(_Strict):
+    """The size of a model built with init: random (docs/pretrain.md). Give `depth` alone, or the sizes."""
+
+    depth: int | None = Field(
+        None, ge=1, le=256,
+        description="One size dial: n_layer = depth, d_model = 64 x depth, n_head = max(1, d_model / 128) "
+        "(heads of 128), d_ff = 4 x d_model; any size also given here overrides the derived one.",
+    )
+    n_layer: int | None = Field(None, ge=1, le=1024, description="Decoder layers.")
+    d_model: int | None = Field(None, ge=8, le=1 << 16, description="Hidden width; a multiple of n_head.")
+    n_head: int | None = Field(None, ge=1, le=1024, description="Attention heads.")
+    n_kv_head: int | None = Field(None, ge=1, le=1024, description="Key/value heads (grouped-query); default n_head.")
+    d_ff: int | None = Field(None, ge=8, le=1 << 18, description="Width of the gated MLP; default 4 x d_model.")
+    init_std: float = Field(
+        0.02, gt=0, le=1, description="Standard deviation of the normal initialisation; residual output projections "
+        "(o_proj, down_proj) use init_std / sqrt(2 x n_layer).",
+    )
+
+
+class TokenizerTrainSpec(_Strict):
+    vocab_size: int = Field(8192, ge=300, le=1 << 20, description="Tokens of the byte-level BPE, special tokens included.")
+    sample_bytes: int = Field(
+        100_000_000, ge=1, description="Train on the first this many bytes of the training text (documents in order).")
+
+
+class TokenizerSpec(_Strict):
+    """The tokenizer of a model built with init: random: reuse one, or train a byte-level BPE on the corpus."""
+
+    reuse: str | None = Field(None, description="A built-in model name or a folder whose tokenizer is used as is.")
+    train: TokenizerTrainSpec | None = Field(None, description="Train a byte-level BPE on the training text.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenizerSpec":
+        if (self.reuse is None) == (self.train is None):
+            raise ValueError("tokenizer: give exactly one of reuse (a model name or folder) or train ({vocab_size: ...})")
+        return self
+
+
+class PretrainSpec(_Strict):
+    text_field: str = Field("text", description="The field holding a document in JSONL and Parquet files.")
+    shard_tokens: int = Field(1 << 24, ge=1024, description="Tokens per shard file of the tokenized corpus.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The"], description="Fixed prompts continued greedily at each evaluation (samples).")
+    sample_tokens: int = Field(48, ge=1, le=MAX_TOKENS_GENERATED, description="Tokens generated per sample.")
+
+
+Method = Literal["sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "pretrain"]
 Task = Literal["causal_lm", "classification", "embedding", "image_classification"]
 
 
@@ -438,7 +484,7 @@ class Config(_Strict):
         "(text labels), embedding (sentence vectors) or image_classification. Each task is a row of "
         "methods/facts.py; `method` applies to causal_lm only.",
     )
-    method: Method = Field("sft", description="Training objective: sft, dpo, orpo, simpo, kto, reward or grpo.")
+    method: Method = Field("sft", description="Training objective: sft, dpo, orpo, simpo, kto, reward, grpo or pretrain.")
     dpo: DPOSpec = Field(default_factory=DPOSpec)
     orpo: ORPOSpec = Field(default_factory=ORPOSpec)
     simpo: SimPOSpec = Field(default_factory=SimPOSpec)
@@ -449,6 +495,17 @@ class Config(_Strict):
     image_classification: ImageClassificationSpec = Field(
         default_factory=ImageClassificationSpec, description="Options of task: image_classification.")
     grpo: GRPOSpec | None = Field(None, description="Required with method: grpo.")
+    pretrain: PretrainSpec = Field(
+        default_factory=PretrainSpec, description="method: pretrain: raw text, loss on every token (docs/pretrain.md)."
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="pretrained: start from base_model's weights; random: build base_model's architecture (llama, "
+        "qwen2, or a folder / config.json) at the size of `architecture`, with a seeded normal initialisation.",
+    )
+    architecture: ArchitectureSpec | None = Field(None, description="init: random only: the model's size.")
+    tokenizer: TokenizerSpec | None = Field(
+        None, description="init: random only: the tokenizer (reuse or train); default the folder's own.")
     stages: list[dict[str, Any]] | None = Field(
         None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "
         "stage overrides keys of this config and starts from the previous stage's result.",
@@ -558,6 +615,9 @@ class Config(_Strict):
         if self.task == "classification" and self.adapter == "qlora":
             raise ValueError("task: classification trains a classifier head, which is not supported on a quantized "
                              "base yet; use adapter: lora")
+        if self.method == "pretrain" and any(d.ratio is not None or d.weight != 1 for d in self.datasets):
+            raise ValueError("datasets: weight and ratio are not supported with method: pretrain yet (its files are "
+                             "tokenized into one stream of blocks); remove them, or repeat a file to weight it")
         if self.method == "reward" and self.adapter == "qlora":
             raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
                              "use adapter: lora")
@@ -614,6 +674,16 @@ class Config(_Strict):
                 raise ValueError("quantization.storage: uint8 cannot be sharded by distributed.strategy: fsdp; "
                                  "remove it (auto stores the 4-bit weights in the compute dtype) or use ddp")
             self.quantization.storage = "compute"
+        return self
+
+    @model_validator(mode="after")
+    def _init(self) -> "Config":
+        if self.init == "pretrained" and (self.architecture is not None or self.tokenizer is not None):
+            raise ValueError("architecture and tokenizer: only used with init: random (a pretrained model keeps its "
+                             "own size and tokenizer); remove them, or set init: random")
+        if self.init == "random" and self.adapter != "full":
+            raise ValueError(f"init: random trains every weight from scratch, but adapter is {self.adapter} (which "
+                             "freezes the random base); set adapter: full")
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from tuneforge.data.images import is_image_folder
 from tuneforge.data.readers import iter_rows
 from tuneforge.data.template import resolve_chat_template
 from tuneforge.errors import TuneforgeError
-from tuneforge.models.resolve import locate_base_model
+from tuneforge.models.init import locate_model
 
 
 def data_files(cfg: Config) -> list[tuple[str, str]]:
@@ -60,7 +60,7 @@ def path_problems(cfg: Config) -> list[str]:
         except TuneforgeError as err:
             problems.append(f"{prefix}{err}")
 
-    attempt("", locate_base_model, cfg.base_model)
+    attempt("", locate_model, cfg)
     if cfg.chat_template != "auto":  # the model's own template is checked with its tokenizer, by train
         attempt("", resolve_chat_template, None, cfg.chat_template)
     for key, path in data_files(cfg):

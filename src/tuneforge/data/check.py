@@ -21,7 +21,7 @@ from tuneforge.data.dataset import chunks, good_records, record_segments, record
 from tuneforge.data.formats import Record
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
-from tuneforge.methods.build import function_at
+from tuneforge.methods.facts import function_at
 from tuneforge.methods.facts import method_facts
 
 ERROR, WARNING = "error", "warning"

@@ -25,6 +25,7 @@ from jinja2 import TemplateError
 
 from tuneforge.config import Config
 from tuneforge.data.formats import Record, read_records
+from tuneforge.data.shards import BlockSet, build_shards, shards_key
 from tuneforge.data.template import (
     IGNORE_INDEX,
     Encoded,
@@ -38,11 +39,12 @@ from tuneforge.data.template import (
 )
 from tuneforge.data.tokenized import TokenizedBuilder, TokenizedSet
 from tuneforge.errors import DataError
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.facts import function_at, method_facts
 
 MAX_LISTED = 20
 CHUNK = 2048  # records read, split and encoded together
 PREPARE = "tuneforge.data.dataset:prepare_data"  # the rows whose data this module prepares and caches
+RAW = "tuneforge.data.dataset:prepare_raw"  # raw text: token shards
 CACHE_VERSION = 4  # 2: turns per conversation in the summary; 3: preference pairs, kto labels; 4: prompt fields
 
 @dataclass
@@ -410,18 +412,67 @@ def file_hashes(cfg: Config) -> dict[str, str]:
     return hashes
 
 
+def _shard_settings(cfg: Config) -> dict:
+    return {"split": cfg.validation.split if cfg.validation else None, "seed": cfg.seed,
+            "field": cfg.pretrain.text_field, "shard_tokens": cfg.pretrain.shard_tokens,
+            "validation": cfg.validation.path if cfg.validation else None, "on_bad_record": cfg.on_bad_record}
+
+
+def _shards_folder(cfg: Config, tokenizer, hashes: dict[str, str]) -> Path:
+    return _cache_dir("shards") / shards_key(hashes, tokenizer, _shard_settings(cfg))
+
+
+def _raw_sources(cfg: Config) -> list[tuple[str, bool]]:
+    held = [(cfg.validation.path, True)] if cfg.validation and cfg.validation.path else []
+    return [(ds.path, False) for ds in cfg.datasets] + held
+
+
+def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
+    """Raw text (a row whose records are "raw"): token shards in the cache, read back as fixed-length blocks."""
+    hashes = file_hashes(cfg)
+    folder = _shards_folder(cfg, tokenizer, hashes)
+    cached = (folder / "manifest.json").is_file()
+    manifest = build_shards(folder, _raw_sources(cfg), tokenizer, hashes, _shard_settings(cfg), cfg.on_bad_record)
+    rejected = [Rejected(b["source"], b["line"], f"byte {b['offset']}: {b['reason']}") for b in manifest["rejected"]]
+    total = manifest["train"]["documents"] + manifest["validation"]["documents"] + len(rejected)
+    if len(rejected) > cfg.max_bad_fraction * total:
+        _raise_bad(rejected, total, f"more than max_bad_fraction ({cfg.max_bad_fraction}) of the documents are bad")
+    train = BlockSet(folder, manifest["train"], manifest["dtype"], cfg.max_seq_len)
+    validation = BlockSet(folder, manifest["validation"], manifest["dtype"], cfg.max_seq_len, tail=True,
+                          name="validation")
+    if not len(train):
+        raise DataError(f"the training text holds {manifest['train']['tokens']} tokens, fewer than one block of "
+                        f"max_seq_len + 1 = {cfg.max_seq_len + 1}; lower max_seq_len or add text")
+    summary = DataSummary()
+    for path, count in manifest["files"].items():
+        summary.count(path, "records", count["documents"])
+        summary.count(path, "kept", count["documents"])
+        summary.count(path, "tokens", count["tokens"])
+    for r in rejected:
+        summary.count(r.source, "records")
+        summary.count(r.source, "bad_record")
+    return PreparedData(train, validation, [len(train)], [1.0], rejected, summary, None, hashes, from_cache=cached)
+
+
 def prepared_marker(cfg: Config, tokenizer):
     """A check that this config's prepared data is in the cache (its content-hashed folder is complete),
-    or None when caching is off or the row prepares its data otherwise (images are not cached): what other
-    processes wait on while rank 0 prepares."""
-    if not cfg.prepare.cache or method_facts(cfg).prepare != PREPARE:
+    or None when caching is off or the row prepares its data another way (images are not cached): what other
+    processes wait on while rank 0 prepares. Raw text always goes through its token shards."""
+    prepare = method_facts(cfg).prepare
+    if prepare == RAW:
+        return (_shards_folder(cfg, tokenizer, file_hashes(cfg)) / "manifest.json").is_file
+    if not cfg.prepare.cache or prepare != PREPARE:
         return None
     meta = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg))) / "meta.json"
     return meta.is_file
 
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    """Read, check and encode the training and validation data of a config (or load it from the cache)."""
+    """Read, check and encode the training and validation data of a config (or load it from the cache).
+    A row that prepares its data another way (labels, images, raw text) names its function: it is called instead."""
+    prepare = method_facts(cfg).prepare
+    if prepare != PREPARE:
+        return function_at(prepare)(cfg, tokenizer)
     hashes = file_hashes(cfg)
     folder = _cache_dir(cache_key(cfg, tokenizer, hashes)) if cfg.prepare.cache else None
     if folder is not None and (folder / "meta.json").is_file():

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 
 from tuneforge.fast import FastPath
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.methods.objective import Objective, Runtime
-
-
-def function_at(path: str):
-    """The function a row names as "module:function"."""
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def build_objective(cfg, data, pad_id: int, reference=None, fast: FastPath | None = None, **run) -> Objective:

@@ -8,6 +8,7 @@ embeddings, ...) is a row of its own, named for the task.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -77,7 +78,16 @@ METHODS = {m.name: m for m in (
     MethodFacts("image_classification", "tuneforge.methods.image_classification:ImageClassification", ("image",),
                 model_head="image_classifier", lr_family="classifier",
                 processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images"),
+    # Raw text (data/shards.py): fixed-length blocks of token shards, every token trained.
+    MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True,
+                prepare="tuneforge.data.dataset:prepare_raw"),
 )}
+
+
+def function_at(path: str):
+    """The function or class a row names as "module:name", imported when first needed."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def row_name(cfg) -> str:

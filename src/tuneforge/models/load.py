@@ -19,6 +19,7 @@ from tuneforge.models.adapters import (
     linear_module_names,
     peft_init,
 )
+from tuneforge.models.init import INIT_FILE, random_model
 
 
 def load_tokenizer(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
@@ -127,6 +128,8 @@ def load_model(folder: Path, device: torch.device, trust_remote_code: bool = Fal
         from tuneforge.models.quantize import load_quantized
 
         return load_quantized(folder, device, quantization, dtype, trust_remote_code)
+    if (folder / INIT_FILE).is_file():  # init: random: built from config.json by its recipe, no weights read
+        return random_model(folder, dtype).to(device)
     try:
         model = HEADS[head](folder, pad_token_id, head_config or {}, dtype=dtype, trust_remote_code=trust_remote_code,
                             use_safetensors=True)

@@ -12,7 +12,7 @@ from tuneforge.config import Config, config_from_dict
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.facts import method_facts
 from tuneforge.models.adapter_files import adapter_weights
-from tuneforge.methods.build import function_at
+from tuneforge.methods.facts import function_at
 from tuneforge.models.load import load_model
 from tuneforge.models.resolve import resolve_base_model
 

@@ -56,7 +56,7 @@ class Reporter:
     def _token_summary(self, data, cfg, tokenizer) -> None:
         n_train, n_val = len(data.train), len(data.validation)
         trained = data.train.trained_tokens()
-        total = len(data.train.ids)
+        total = int(data.train.lengths.sum())
         self.console.print(
             f"{n_train} training and {n_val} validation examples; {total} tokens, {trained} of them trained "
             f"({100 * trained / max(total, 1):.0f}%)."
@@ -95,6 +95,10 @@ class Reporter:
                 info += f" {label} {m[key]:.3f}"
         if "val_loss" in m:
             info += f" val {m['val_loss']:.4f}"
+        if m.get("val_bpb") is not None:
+            info += f" bpb {m['val_bpb']:.3f}"
+        for sample in m.get("val_samples", []):  # method: pretrain's continuations of fixed prompts
+            self.console.print(f"step {m['step']} sample: {sample['text']!r}")
         if self._progress is not None:
             self._progress.update(self._task, completed=m["step"], info=info)
         elif m["step"] - self._last_printed >= max(1, self._total // 10) or m["step"] == self._total:
@@ -131,7 +135,8 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     table.add_column("after", justify="right")
     b = before or {}
     rows = [("validation loss", "val_loss", False), ("perplexity", "perplexity", False),
-            ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
+            ("bits per byte", "val_bpb", False), ("unigram baseline (bits per byte)", "unigram_bpb", False),
+            ("bytes per token", "bytes_per_token", False), ("exact match", "exact_match", True), ("answers that stop", "stopped", True),
             ("preference accuracy", "preference_accuracy", True), ("chosen likelier", "likelihood_accuracy", True), ("reward margin", "val_rewards/margins", False),
             ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False),
             ("accuracy", "accuracy", True), ("macro F1", "macro_f1", True), ("weighted F1", "weighted_f1", True)]

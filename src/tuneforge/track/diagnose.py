@@ -27,6 +27,7 @@ USUAL_LR = {
     ("preference", "lora"): (5e-7, 1e-4), ("preference", "full"): (1e-7, 1e-5),
     ("grpo", "lora"): (1e-6, 1e-4), ("grpo", "full"): (1e-7, 5e-6),
     ("classifier", "lora"): (1e-5, 5e-3), ("classifier", "full"): (5e-6, 1e-4),
+    ("pretrain", "lora"): (1e-5, 5e-4), ("pretrain", "full"): (1e-5, 3e-3),  # continued pre-training .. from scratch
 }
 LR_FACTOR = 10.0
 CHECKLIST = (

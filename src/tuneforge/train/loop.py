@@ -21,14 +21,14 @@ import torch
 
 from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import shard_step
-from tuneforge.data.dataset import prepared_marker, write_rejected
+from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
 from tuneforge.output_folders import mark
-from tuneforge.methods.build import build_objective, function_at
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.build import build_objective
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.methods.run import run_objective
 from tuneforge.methods.reference import Reference, make_reference
 from tuneforge.models.adapters import adapter_merged, describe_adapted, initial_adapter_dir
@@ -41,7 +41,7 @@ from tuneforge.models.load import (
     pick_dtype,
     weights_dtype,
 )
-from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.init import model_folder
 from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
 from tuneforge.parallel.watchdog import Watchdog
@@ -132,11 +132,11 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     check_data_files(cfg)
     facts = method_facts(cfg)
     with world.main_first():
-        folder, source = resolve_base_model(cfg.base_model)
+        folder, source = model_folder(cfg)
     tokenizer = function_at(facts.processor)(folder, cfg.chat_template, cfg.trust_remote_code)
     pad_id = getattr(tokenizer, "pad_token_id", None)  # an image processor has none
     with world.main_first(ready=prepared_marker(cfg, tokenizer)):
-        data = function_at(facts.prepare)(cfg, tokenizer)
+        data = prepare_data(cfg, tokenizer)
     check_same_data(world, data.file_hashes)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)

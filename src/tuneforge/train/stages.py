@@ -37,8 +37,11 @@ def stage_configs(cfg: Config, base: Path) -> list[Config]:
             raise ConfigError(f"stages[{i - 1}]: a stage cannot hold stages of its own")
         raw = _overlay(top, stage)
         raw["output_dir"] = str(Path(cfg.output_dir) / f"{i}-{stage['method']}")
-        if i > 1 and "base_model" in stage:
-            raise ConfigError(f"stages[{i - 1}].base_model: a later stage starts from the previous stage's result")
+        if i > 1 and ("base_model" in stage or stage.get("init") == "random"):
+            key = "base_model" if "base_model" in stage else "init"
+            raise ConfigError(f"stages[{i - 1}].{key}: a later stage starts from the previous stage's result")
+        if i > 1:  # the first stage's init: random (its architecture, its tokenizer) built the model it trained
+            raw.update(init="pretrained", architecture=None, tokenizer=None)
         out.append(config_from_dict(raw, f"stages[{i - 1}]", base))
     return out
 

@@ -1,0 +1,54 @@
+"""A byte-level BPE tokenizer trained on the corpus, and the bytes each token stands for.
+
+Byte-level: every byte has a token, so any text encodes without an unknown token and decodes back
+exactly. The bytes per token give bits per byte, the loss measure that compares across tokenizers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+END_OF_TEXT = "<|endoftext|>"  # separates documents; also BOS and padding
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+    """A transformers fast tokenizer (saves as tokenizer.json, loads with AutoTokenizer) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                   pad_token=END_OF_TEXT, clean_up_tokenization_spaces=False)
+
+
+def first_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:
+    """The texts in order until `limit` UTF-8 bytes have been given (the one crossing it included)."""
+    seen = 0
+    for text in texts:
+        if seen >= limit:
+            return
+        seen += len(text.encode("utf-8"))
+        yield text
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for; special tokens count 0.
+
+    A byte-level token's string has one character per byte; other tokenizers are measured by decoding
+    (a token holding part of a character then counts its replacement character)."""
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    out = np.zeros(len(vocab), dtype=np.int64)
+    for i, tok in enumerate(vocab):
+        if i in special or tok is None:
+            continue
+        out[i] = len(tok) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+    return out
