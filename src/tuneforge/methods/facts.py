@@ -19,7 +19,9 @@ class MethodFacts:
     records: tuple[str, ...]  # record kinds it trains on (data/formats.py)
     parts: int = 1  # sequences one record encodes to: a preference pair's chosen and rejected answers
     rows: int = 1  # sequences the model runs per example (plan's memory and time)
-    model_head: str = "causal_lm"  # the transformers head loaded: causal_lm (next token) | score (one number)
+    # the transformers head loaded (models/load.py HEADS): causal_lm (next token) | score (one number) |
+    # encoder (the bare encoder; methods/embedding.py pools its token vectors)
+    model_head: str = "causal_lm"
     lr_family: str = "preference"  # which usual learning-rate range applies (track/diagnose.py)
     chunked_loss: bool = False  # its loss can read the output layer in chunks (fast/chunked_loss.py)
     padding_free: bool = False  # its batches may be padding-free rows (fast/padding_free.py)
@@ -35,11 +37,14 @@ class MethodFacts:
     # a task reads its own kind of data without a branch in the loop.
     processor: str = "tuneforge.models.load:load_tokenizer"
     prepare: str = "tuneforge.data.dataset:prepare_data"
+    # "module:function" writing final/ (model, tokenizer, folder, stop_ids, initial_adapter, state_dict): a task
+    # whose clients need more than the weights and tokenizer (a sentence-transformers folder) writes its own.
+    final: str = "tuneforge.train.outputs:write_final"
 
     @property
     def peft_task(self) -> str:
         """PEFT's task type: SEQ_CLS also trains and saves a score head."""
-        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS"}[self.model_head]
+        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "encoder": "FEATURE_EXTRACTION"}[self.model_head]
 
 
 def _dpo(spec) -> dict:
@@ -61,6 +66,9 @@ METHODS = {m.name: m for m in (
     MethodFacts("kto", "tuneforge.methods.kto:KTO", ("kto",), chunked_loss=True, reference="model"),
     MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
                 online=True, spec=_grpo),
+    MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), model_head="encoder",
+                lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
+                final="tuneforge.methods.embedding:write_final"),
 )}
 
 

@@ -67,28 +67,41 @@ def weights_dtype(adapter: str, compute: torch.dtype) -> torch.dtype:
     return compute if adapter in ("lora", "qlora") and compute != torch.float16 else torch.float32
 
 
+def _causal_lm(folder: str, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def _score(folder: str, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **kwargs)
+
+
+def _encoder(folder: str, **kwargs):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(folder, **kwargs)
+
+
+# A row's model_head -> how that model is loaded (methods/facts.py).
+HEADS = {"causal_lm": _causal_lm, "score": _score, "encoder": _encoder}
+
+
 def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                quantization: QuantizationConfig | None = None, head: str = "causal_lm", pad_token_id: int | None = None):
     """The base in `dtype` (its linear layers quantized for QLoRA), with its language-model head or,
     for reward models, a one-output score head; `pad_token_id` (the tokenizer's) fills a config without
     one, since the score head's own forward refuses batches of several rows otherwise."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if quantization is not None:
         from tuneforge.models.quantize import load_quantized
 
         return load_quantized(folder, device, quantization, dtype, trust_remote_code)
     try:
-        if head == "score":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(folder), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = pad_token_id
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+        model = HEADS[head](str(folder), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        if head == "score" and model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
     except Exception as err:
         raise ModelError(f"base_model: could not load the model from {folder}: {err}") from None
     return model.to(device)

@@ -48,10 +48,11 @@ def git_sha() -> str | None:
 
 
 def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None,
-               state_dict: dict | None = None) -> Path:
-    """final/: written beside it and renamed into place; replaces only an earlier final/ that tuneforge wrote."""
+               state_dict: dict | None = None, write=None) -> Path:
+    """final/: written beside it and renamed into place; replaces only an earlier final/ that tuneforge wrote.
+    `write` fills it (a row's `final` function; default write_final)."""
     with output_folder(out, "final", overwrite=True) as tmp:
-        write_final(model, tokenizer, tmp, stop_ids, initial_adapter, state_dict)
+        (write or write_final)(model, tokenizer, tmp, stop_ids, initial_adapter, state_dict)
     return out
 
 
@@ -70,6 +71,8 @@ def write_final(model, tokenizer, folder: Path, stop_ids: list[int], initial_ada
         convert["state_dict"] = state_dict
     model.save_pretrained(folder, safe_serialization=True, **convert)
     tokenizer.save_pretrained(folder)
+    if not stop_ids:  # an encoder generates nothing
+        return
     gen = GenerationConfig(
         eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
         pad_token_id=tokenizer.pad_token_id,

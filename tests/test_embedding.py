@@ -1,0 +1,175 @@
+"""task: embedding: the loss equals sentence-transformers' own, batches hold no repeated positive, retrieval
+metrics match hand values, vectors match the library before training, final/ loads in SentenceTransformer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.config import config_from_dict
+from tuneforge.data.pairs_text import prepare_pairs
+from tuneforge.errors import DataError, ModelError
+from tuneforge.eval.retrieval import retrieval_metrics, top_k
+from tuneforge.methods.embedding import check_parity, contrastive_losses, distinct
+from tuneforge.models.encoder import Pooling, embed, encode_texts, read_pooling, tokenize, write_sentence_transformers
+from tuneforge.models.load import load_tokenizer
+from tuneforge.track.console import Reporter
+
+QUIET = Reporter(quiet=True)
+CPU = torch.device("cpu")
+
+
+def make_tiny_encoder(folder: Path, pooling: Pooling, seed: int = 0) -> Path:
+    """A random 2-layer BERT with the built-in encoder's tokenizer, saved as a sentence-transformers folder."""
+    from transformers import BertConfig, BertModel
+
+    from tuneforge.models.resolve import resolve_base_model
+
+    tokenizer = load_tokenizer(resolve_base_model("minilm-l6")[0])
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_sentence_transformers(folder, pooling, config.hidden_size)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, one_thread):
+    return make_tiny_encoder(tmp_path_factory.mktemp("enc"), Pooling("mean", normalize=True, max_seq_length=64))
+
+
+def loaded(folder):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(folder)).eval(), load_tokenizer(folder)
+
+
+def test_contrastive_loss_equals_sentence_transformers_mnrl(tiny_encoder):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    queries = ["red apple", "blue car", "green tree", "old book"]
+    positives = ["a fruit that is red", "a vehicle painted blue", "a plant with leaves", "pages from long ago"]
+    negatives = ["a yellow banana", "a red bicycle", "a grey stone", "a new phone"]
+    st = SentenceTransformer(str(tiny_encoder), device="cpu")
+    features = [st.tokenize(texts) for texts in (queries, positives, negatives)]
+    expected = MultipleNegativesRankingLoss(st, scale=20.0)(features, None).item()
+
+    model, tokenizer = loaded(tiny_encoder)
+    pooling = read_pooling(tiny_encoder)
+    with torch.no_grad():
+        q = embed(model, tokenize(tokenizer, queries, pooling), pooling)
+        d = embed(model, tokenize(tokenizer, positives + negatives, pooling), pooling)
+    ours = contrastive_losses(q, d, 20.0).mean().item()
+    assert abs(ours - expected) < 1e-5
+    assert expected > 0.01  # a random model does not already rank perfectly: the comparison means something
+
+
+def test_no_batch_holds_a_positive_twice():
+    from types import SimpleNamespace as R
+
+    recs = [R(positive="p1", negative=[]), R(positive="p2", negative=["p1"]), R(positive="p1", negative=[]),
+            R(positive="p3", negative=["n"]), R(positive="n", negative=[])]
+    kept, dropped = distinct(recs, [0, 1, 2, 3, 4])
+    assert kept == [0, 3] and dropped == 3
+    texts = [t for i in kept for t in [recs[i].positive, *recs[i].negative]]
+    assert len(texts) == len(set(texts))
+
+
+def test_retrieval_metrics_against_hand_values():
+    ranked = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [3, 4, 5]]
+    relevant = [{0}, {1}, {0}, {9}]
+    m = retrieval_metrics(ranked, relevant, recall_at=(1, 2), cutoff=3)
+    assert m["recall@1"] == pytest.approx(1 / 4)
+    assert m["recall@2"] == pytest.approx(2 / 4)
+    assert m["mrr@3"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 0) / 4)
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4) + 0) / 4)
+    # Two relevant documents: recall counts the share found, NDCG compares with the ideal order.
+    two = retrieval_metrics([[5, 0, 7]], [{0, 7}], recall_at=(1, 3), cutoff=3)
+    assert two["recall@1"] == 0 and two["recall@3"] == 1
+    assert two["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / 2) / (1 + 1 / math.log2(3)))
+    vecs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+    assert top_k(torch.tensor([[1.0, 0.1]]), vecs, 2) == [[0, 2]]
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls"])
+def test_vectors_equal_sentence_transformers_and_a_wrong_pooling_stops(tmp_path, mode, one_thread):
+    folder = make_tiny_encoder(tmp_path, Pooling(mode, normalize=mode == "mean", max_seq_length=16))
+    model, tokenizer = loaded(folder)
+    assert check_parity(model, tokenizer, folder, read_pooling(folder), CPU) >= 0.999
+    wrong = Pooling("cls" if mode == "mean" else "mean", max_seq_length=16)
+    with pytest.raises(ModelError, match="differ from sentence-transformers"):
+        check_parity(model, tokenizer, folder, wrong, CPU)
+
+
+def test_builtin_minilm_matches_sentence_transformers(one_thread):
+    from transformers import AutoModel
+
+    from tuneforge.models.resolve import resolve_base_model
+
+    folder, _ = resolve_base_model("minilm-l6")
+    pooling = read_pooling(folder)
+    assert pooling == Pooling("mean", normalize=True, max_seq_length=256)
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    assert check_parity(model, load_tokenizer(folder), folder, pooling, CPU) >= 0.9999
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"query": f"what is code zq{i}x", "positive": f"zq{i}x is item number {i} of the catalogue",
+             "negative": f"item {i + 1} of another list"} for i in range(n)]
+
+
+def embedding_cfg(tmp_path, model_dir, **over):
+    raw = {"task": "embedding", "base_model": str(model_dir), "datasets": [{"path": str(tmp_path / "train.jsonl")}],
+           "validation": {"split": 0.25}, "max_seq_len": 32, "micro_batch_size": 4, "max_steps": 4,
+           "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"), "device": "cpu", "precision": "fp32",
+           "adapter": "full", **over}
+    return config_from_dict(raw, base=tmp_path)
+
+
+def test_bad_records_are_named_by_file_and_line(tmp_path, tiny_encoder):
+    rows = pairs(6)
+    rows[2] = {"query": "no positive here"}
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    tokenizer = load_tokenizer(tiny_encoder)
+    with pytest.raises(DataError, match=r"train.jsonl:3: missing field 'positive'"):
+        prepare_pairs(embedding_cfg(tmp_path, tiny_encoder), tokenizer)
+    data = prepare_pairs(embedding_cfg(tmp_path, tiny_encoder, on_bad_record="skip", max_bad_fraction=0.5), tokenizer)
+    assert [(r.line, r.reason) for r in data.rejected] == [(3, "missing field 'positive' (or 'sentence2')")]
+    assert len(data.train) + len(data.validation) == 5
+
+
+def test_full_run_writes_a_sentence_transformers_folder_with_identical_vectors(tmp_path, tiny_encoder):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from tuneforge.train.loop import train
+
+    write_jsonl(tmp_path / "train.jsonl", pairs(16))
+    manifest = train(embedding_cfg(tmp_path, tiny_encoder, eval_every=2), reporter=QUIET)
+    run = tmp_path / "run"
+    before, after = (json.loads((run / f"eval_{w}.json").read_text()) for w in ("before", "after"))
+    for key in ("val_loss", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"):
+        assert key in before and key in after
+    assert after["queries"] == 4 and after["corpus_size"] == 4
+    assert manifest["final_metrics"]["val_loss"] is not None
+    final = run / "final"
+    texts = ["what is code zq3x", "an unrelated sentence"]
+    theirs = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    model = AutoModel.from_pretrained(str(final))
+    ours = encode_texts(model, load_tokenizer(final), texts, read_pooling(final), CPU)
+    assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
+    base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
+                        read_pooling(tiny_encoder), CPU)
+    assert not torch.allclose(ours, base, atol=1e-3)  # training changed the vectors
