@@ -173,3 +173,28 @@ def test_full_run_writes_a_sentence_transformers_folder_with_identical_vectors(t
     base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
                         read_pooling(tiny_encoder), CPU)
     assert not torch.allclose(ours, base, atol=1e-3)  # training changed the vectors
+
+
+def test_lora_run_adapter_and_merged_export_give_the_tuned_vectors(tmp_path, tiny_encoder):
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+    from tuneforge.train.loop import train
+
+    write_jsonl(tmp_path / "train.jsonl", pairs(12))
+    train(embedding_cfg(tmp_path, tiny_encoder, adapter="lora", learning_rate=1e-2,
+                        evaluation={"before_after": False}), reporter=QUIET)
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "modules.json").is_file()
+    texts = ["what is code zq3x", "an unrelated sentence"]
+    tuned = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_encoder)), str(final))
+    ours = encode_texts(tuned, load_tokenizer(final), texts, read_pooling(final), CPU)
+    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "export", dtype="float32")
+    merged = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True).cpu()
+    assert torch.allclose(ours, merged, atol=1e-5)
+    base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
+                        read_pooling(tiny_encoder), CPU)
+    assert not torch.allclose(ours, base, atol=1e-4)

@@ -14,9 +14,11 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import check_out, output_folder
+from tuneforge.methods.build import function_at
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.run import Run, base_folder
-from tuneforge.train.outputs import write_final, write_json
+from tuneforge.train.outputs import write_json
 
 MERGE_TARGETS = ("dequantized", "original")
 
@@ -44,7 +46,7 @@ def merge_base(run: Run, target: str):
         from tuneforge.models.quantize import dequantized_model
 
         return dequantized_model(base_folder(run), run.config.quantization, trust)
-    return load_model(base_folder(run), torch.device("cpu"), trust, torch.float32)
+    return load_model(base_folder(run), torch.device("cpu"), trust, torch.float32, head=method_facts(run.config).model_head)
 
 
 def merged_model(run: Run, target: str):
@@ -80,6 +82,6 @@ def merge_run(run: Run, out: Path, dtype: torch.dtype = torch.float32, target: s
     tokenizer = load_tokenizer(run.final, "auto", run.config.trust_remote_code)
     merged = merged_model(run, target).to(dtype)
     with output_folder(out, "merge", overwrite) as tmp:
-        write_final(merged, tokenizer, tmp, run.stop_ids)
+        function_at(method_facts(run.config).final)(merged, tokenizer, tmp, run.stop_ids)
         write_json(tmp / "run.json", {**run.manifest, "merged_from": str(run.final), "merge": merge_facts(run, target, dtype)})
     return out
