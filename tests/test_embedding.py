@@ -150,29 +150,68 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, tiny_encoder):
     assert len(data.train) + len(data.validation) == 5
 
 
-def test_full_run_writes_a_sentence_transformers_folder_with_identical_vectors(tmp_path, tiny_encoder):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_encoder):
+    from tuneforge.train.loop import train
+
+    tmp_path = tmp_path_factory.mktemp("full")
+    write_jsonl(tmp_path / "train.jsonl", pairs(16))
+    manifest = train(embedding_cfg(tmp_path, tiny_encoder, eval_every=2), reporter=QUIET)
+    return tmp_path / "run", manifest
+
+
+TEXTS = ["what is code zq3x", "an unrelated sentence"]
+
+
+def test_full_run_writes_a_sentence_transformers_folder_with_identical_vectors(full_run, tiny_encoder):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from tuneforge.train.loop import train
-
-    write_jsonl(tmp_path / "train.jsonl", pairs(16))
-    manifest = train(embedding_cfg(tmp_path, tiny_encoder, eval_every=2), reporter=QUIET)
-    run = tmp_path / "run"
+    run, manifest = full_run
     before, after = (json.loads((run / f"eval_{w}.json").read_text()) for w in ("before", "after"))
     for key in ("val_loss", "recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"):
         assert key in before and key in after
     assert after["queries"] == 4 and after["corpus_size"] == 4
     assert manifest["final_metrics"]["val_loss"] is not None
     final = run / "final"
-    texts = ["what is code zq3x", "an unrelated sentence"]
-    theirs = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    theirs = SentenceTransformer(str(final), device="cpu").encode(TEXTS, convert_to_tensor=True)
     model = AutoModel.from_pretrained(str(final))
-    ours = encode_texts(model, load_tokenizer(final), texts, read_pooling(final), CPU)
+    ours = encode_texts(model, load_tokenizer(final), TEXTS, read_pooling(final), CPU)
     assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
-    base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
+    base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), TEXTS,
                         read_pooling(tiny_encoder), CPU)
     assert not torch.allclose(ours, base, atol=1e-3)  # training changed the vectors
+
+
+def test_serve_answers_openai_embeddings_with_the_tuned_vectors(full_run):
+    import threading
+
+    import openai
+    from sentence_transformers import SentenceTransformer
+
+    from tuneforge.serve import make_server
+
+    run, _ = full_run
+    expected = SentenceTransformer(str(run / "final"), device="cpu").encode(TEXTS, convert_to_tensor=True).cpu()
+    server = make_server(run, port=0, quiet=True, device="cpu")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0) as client:
+            for fmt in ("float", openai.NOT_GIVEN):  # the client asks for base64 when not told otherwise
+                got = client.embeddings.create(model="run", input=TEXTS, encoding_format=fmt)
+                assert [d.index for d in got.data] == [0, 1] and got.usage.prompt_tokens > 0
+                assert torch.allclose(torch.tensor([d.embedding for d in got.data]), expected, atol=1e-5)
+            one = client.embeddings.create(model="run", input=TEXTS[0], encoding_format="float")
+            assert torch.allclose(torch.tensor(one.data[0].embedding), expected[0], atol=1e-5)
+            with pytest.raises(openai.BadRequestError, match="input"):
+                client.embeddings.create(model="run", input=[])
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_lora_run_adapter_and_merged_export_give_the_tuned_vectors(tmp_path, tiny_encoder):

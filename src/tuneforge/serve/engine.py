@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -61,6 +62,7 @@ class Engine:
     stop_ids: list[int]
     end_of_turn: str | None
     default_id: str
+    routes: ClassVar[dict[str, str]] = {"/v1/chat/completions": "POST", "/v1/completions": "POST"}
     base_id: str | None = None  # the model with every adapter switched off (a PEFT model only)
     adapters: dict[str, str] = field(default_factory=dict)  # model id -> PEFT adapter name
     limits: Limits = field(default_factory=Limits)
