@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuneforge.config import config_from_dict
-from tuneforge.data.pairs_text import prepare_pairs
+from tuneforge.data.pairs_text import prepare_pairs, spread_duplicates
 from tuneforge.errors import DataError, ModelError
 from tuneforge.eval.retrieval import retrieval_metrics, top_k
 from tuneforge.methods.embedding import check_parity, contrastive_losses, distinct
@@ -76,10 +76,17 @@ def test_no_batch_holds_a_positive_twice():
 
     recs = [R(positive="p1", negative=[]), R(positive="p2", negative=["p1"]), R(positive="p1", negative=[]),
             R(positive="p3", negative=["n"]), R(positive="n", negative=[])]
-    kept, dropped = distinct(recs, [0, 1, 2, 3, 4])
+    kept, dropped = distinct(recs, [0, 1, 2, 3, 4])  # collate's last line of defence
     assert kept == [0, 3] and dropped == 3
-    texts = [t for i in kept for t in [recs[i].positive, *recs[i].negative]]
-    assert len(texts) == len(set(texts))
+    # The epoch order is rearranged first, so repeats wait for a later batch instead of being dropped.
+    six = [R(positive=f"p{k}", negative=["p0"] if k == 1 else []) for k in range(6)] * 2  # each positive twice
+    texts = lambda i: [six[i].positive, *six[i].negative]  # noqa: E731
+    order = [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]  # as given, every batch of 3 would repeat a text
+    arranged = spread_duplicates(order, texts, 3)
+    assert sorted(arranged) == sorted(order) and arranged == spread_duplicates(order, texts, 3)
+    batches = [arranged[i:i + 3] for i in range(0, 12, 3)]
+    assert all(distinct(six, batch)[1] == 0 for batch in batches), batches
+    assert any(distinct(six, order[i:i + 3])[1] for i in range(0, 12, 3))
 
 
 def test_retrieval_metrics_against_hand_values():

@@ -89,6 +89,11 @@ class PreparedData:
     train_rejected: TokenizedSet | None = None
     validation_rejected: TokenizedSet | None = None
 
+    def arrange(self, order: list[int], micro_batch_size: int) -> list[int]:
+        """An epoch's order as its micro-batches will take it; data whose batches have rules (embedding
+        pairs: no text twice in a micro-batch) rearranges it, as a pure function of the order."""
+        return order
+
 
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, or of every file in a folder (a saved `datasets` folder), names included."""

@@ -44,6 +44,38 @@ class PairData(PreparedData):
     scored: bool = False
     corpus: list[str] = field(default_factory=list)
 
+    def arrange(self, order: list[int], micro_batch_size: int) -> list[int]:
+        if self.scored:  # scored pairs have no in-batch negatives
+            return order
+        records = self.train.records
+        return spread_duplicates(order, lambda i: [records[i].positive, *records[i].negative], micro_batch_size)
+
+
+def spread_duplicates(order: list[int], texts, size: int) -> list[int]:
+    """The order rearranged so that no run of `size` (a micro-batch) holds a text twice: an example whose
+    positive or negative is already in the batch being filled waits for the next batch, ahead of the rest.
+
+    Only when nothing else is left does a batch take a repeat (the objective's collate then drops it).
+    A pure function of the order, which is one of (seed, epoch): a resumed run rearranges it identically.
+    """
+    pending, out = list(order), []
+    while pending:
+        batch, seen, waiting = [], set(), []
+        for pos, i in enumerate(pending):
+            if len(batch) == size:
+                waiting += pending[pos:]
+                break
+            mine = texts(i)
+            if seen.isdisjoint(mine):
+                batch.append(i)
+                seen.update(mine)
+            else:
+                waiting.append(i)
+        short = size - len(batch)
+        out += batch + waiting[:short]
+        pending = waiting[short:]
+    return out
+
 
 def _text(obj: dict, *names: str) -> str:
     for name in names:
