@@ -66,7 +66,7 @@ METHODS = {m.name: m for m in (
     MethodFacts("kto", "tuneforge.methods.kto:KTO", ("kto",), chunked_loss=True, reference="model"),
     MethodFacts("grpo", "tuneforge.methods.grpo:GRPO", ("prompt",), lr_family="grpo", chunked_loss=True,
                 online=True, spec=_grpo),
-    MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), model_head="encoder",
+    MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), rows=2, model_head="encoder",
                 lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
                 final="tuneforge.methods.embedding:write_final"),
 )}

