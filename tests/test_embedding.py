@@ -226,7 +226,8 @@ def test_lora_run_adapter_and_merged_export_give_the_tuned_vectors(tmp_path, tin
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from tuneforge.export.run_export import export_run
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.export.run_export import export_run, verify_run_export
     from tuneforge.models.run import open_run
     from tuneforge.train.loop import train
 
@@ -238,9 +239,13 @@ def test_lora_run_adapter_and_merged_export_give_the_tuned_vectors(tmp_path, tin
     texts = ["what is code zq3x", "an unrelated sentence"]
     tuned = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_encoder)), str(final))
     ours = encode_texts(tuned, load_tokenizer(final), texts, read_pooling(final), CPU)
-    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "export", dtype="float32")
+    run = open_run(tmp_path / "run")
+    out = export_run(run, "hf", tmp_path / "export", dtype="float32")
     merged = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True).cpu()
     assert torch.allclose(ours, merged, atol=1e-5)
+    assert verify_run_export(run, "hf", out, dtype="float32")["cosine"] > 0.9999  # what `tuneforge export` checks
+    with pytest.raises(TuneforgeError, match="--to gguf"):
+        export_run(run, "gguf", tmp_path / "gguf")
     base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
                         read_pooling(tiny_encoder), CPU)
     assert not torch.allclose(ours, base, atol=1e-4)

@@ -177,8 +177,7 @@ def cmd_export(args) -> int:
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and run.manifest.get("eval_after"):
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
-        console.print(f"Checked in a fresh process with plain transformers: held-out perplexity "
-                      f"{check['perplexity']:.4f} (tuned model {check['tuned_perplexity']:.4f}, allowed {check['allowed']:.4f})")
+        console.print(f"Checked in a fresh process: {check['summary']}")
     if args.to == "ollama":
         console.print(f"Use it: cd {out} && ollama create {run.dir.name} -f Modelfile && ollama run {run.dir.name}")
     return 0

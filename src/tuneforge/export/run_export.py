@@ -15,6 +15,8 @@ import yaml
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
+from tuneforge.methods.build import function_at
+from tuneforge.methods.facts import method_facts
 from tuneforge.output_folders import output_folder
 from tuneforge.models.run import Run
 from tuneforge.train.outputs import write_json
@@ -136,6 +138,9 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
     `out` must be new or empty; `overwrite` replaces an earlier export there (never another folder)."""
     if to not in TARGETS:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    if to in ("gguf", "ollama") and method_facts(run.config).model_head != "causal_lm":
+        raise TuneforgeError(f"--to {to}: {run.dir} is a task: {run.config.task} run, which llama.cpp and Ollama "
+                             "do not run as trained; use --to hf (or adapter)")
     with output_folder(out, "export", overwrite) as tmp:
         if to == "hf":
             path = export_hf(run, tmp, dtype, merge_target)
@@ -150,9 +155,7 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
 
 def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:
     """Reload an export in a fresh process and compare its held-out perplexity with the tuned model's."""
-    from tuneforge.export.verify import verify_export
-
     if to == "ollama":
         path = next(path.glob("*.gguf"))
     weights = {"hf": dtype, "adapter": "float32"}.get(to, quant)
-    return verify_export(run, path, weights)
+    return function_at(method_facts(run.config).verify)(run, path, weights)

@@ -40,6 +40,9 @@ class MethodFacts:
     # "module:function" writing final/ (model, tokenizer, folder, stop_ids, initial_adapter, state_dict): a task
     # whose clients need more than the weights and tokenizer (a sentence-transformers folder) writes its own.
     final: str = "tuneforge.train.outputs:write_final"
+    # "module:function" (run, export path, weights) -> report: how `tuneforge export` checks an export in a fresh
+    # process against the tuned model (held-out perplexity; an embedding run's sentence vectors).
+    verify: str = "tuneforge.export.verify:verify_export"
 
     @property
     def peft_task(self) -> str:
@@ -68,7 +71,7 @@ METHODS = {m.name: m for m in (
                 online=True, spec=_grpo),
     MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), rows=2, model_head="encoder",
                 lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
-                final="tuneforge.methods.embedding:write_final"),
+                final="tuneforge.methods.embedding:write_final", verify="tuneforge.export.verify:verify_sentence_vectors"),
 )}
 
 
