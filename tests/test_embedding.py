@@ -249,3 +249,26 @@ def test_lora_run_adapter_and_merged_export_give_the_tuned_vectors(tmp_path, tin
     base = encode_texts(AutoModel.from_pretrained(str(tiny_encoder)), load_tokenizer(tiny_encoder), texts,
                         read_pooling(tiny_encoder), CPU)
     assert not torch.allclose(ours, base, atol=1e-4)
+
+
+def test_resume_is_bit_exact_with_repeated_positives(tmp_path, tiny_encoder):
+    from safetensors.torch import load_file
+
+    from tuneforge.train.loop import train
+
+    rows = [{"query": f"question {i} about zq{i % 6}x", "positive": f"zq{i % 6}x is item {i % 6}"} for i in range(12)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    over = {"max_steps": 6, "save_every": 2, "keep_last": 5, "validation": None, "evaluation": {"before_after": False}}
+    train(embedding_cfg(tmp_path, tiny_encoder, output_dir=str(tmp_path / "full"), **over), reporter=QUIET)
+    cut = embedding_cfg(tmp_path, tiny_encoder, output_dir=str(tmp_path / "cut"), **over)
+    assert train(cut, reporter=QUIET, stop_after=3) == {"stopped_at": 3}
+    train(cut, resume=True, reporter=QUIET)
+    logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("full", "cut")]
+    steps = [[m for m in log if "loss" in m] for log in logs]
+    assert [m["examples"] for m in steps[1]] == [m["examples"] for m in steps[0]]
+    assert [m["loss"] for m in steps[1]] == [m["loss"] for m in steps[0]]
+    # Repeats wait for a later batch; only an epoch's last batch (steps 3 and 6 here) may be left one.
+    assert [m["step"] for m in steps[0] if m["duplicates_dropped"]] in ([], [3], [6], [3, 6])
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
