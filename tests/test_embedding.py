@@ -272,3 +272,12 @@ def test_resume_is_bit_exact_with_repeated_positives(tmp_path, tiny_encoder):
     assert [m["step"] for m in steps[0] if m["duplicates_dropped"]] in ([], [3], [6], [3, 6])
     a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_sizes_an_embedding_run_from_its_own_data(tmp_path, tiny_encoder):
+    from tuneforge.plan import plan_config
+
+    write_jsonl(tmp_path / "train.jsonl", pairs(20))
+    report = plan_config(embedding_cfg(tmp_path, tiny_encoder))
+    assert report.data.train_examples == 15  # 20 records, validation.split 0.25
+    assert report.params > 0 and report.rows and report.rows[0].fits
