@@ -154,7 +154,8 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
 
 
 def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:
-    """Reload an export in a fresh process and compare its held-out perplexity with the tuned model's."""
+    """Reload an export in a fresh process and compare it with the tuned model as its row says (methods/facts.py
+    `verify`: held-out perplexity, or an embedding run's sentence vectors)."""
     if to == "ollama":
         path = next(path.glob("*.gguf"))
     weights = {"hf": dtype, "adapter": "float32"}.get(to, quant)
