@@ -281,3 +281,10 @@ def test_plan_sizes_an_embedding_run_from_its_own_data(tmp_path, tiny_encoder):
     report = plan_config(embedding_cfg(tmp_path, tiny_encoder))
     assert report.data.train_examples == 15  # 20 records, validation.split 0.25
     assert report.params > 0 and report.rows and report.rows[0].fits
+
+
+def test_several_processes_are_refused_with_the_reason(tmp_path):
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task: embedding trains in one process"):
+        embedding_cfg(tmp_path, tmp_path, distributed={"strategy": "ddp"})

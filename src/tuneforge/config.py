@@ -622,6 +622,10 @@ def frozen_reference(cfg: Config) -> bool:
 def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
     """What several processes cannot train yet; `why` names what asked for them (a key or the launch),
     `strategy` the distributed.strategy chosen (auto: not known yet)."""
+    if cfg.task == "embedding":
+        raise ValueError(f"task: embedding trains in one process for now ({why}): its prepared pairs are not cached "
+                         "for other processes to read, and in-batch negatives would stay within each process; "
+                         "run it without torchrun / distributed settings")
     if strategy == "fsdp" and frozen_reference(cfg):
         if cfg.method == "dpo":
             fix = "set dpo.precompute_reference: true (the reference log-probs are computed once before training), "
