@@ -51,30 +51,48 @@ class PairData(PreparedData):
         return spread_duplicates(order, lambda i: [records[i].positive, *records[i].negative], micro_batch_size)
 
 
+LOOK_BACK = 8  # earlier micro-batches searched for a swap when only repeats are left
+
+
 def spread_duplicates(order: list[int], texts, size: int) -> list[int]:
     """The order rearranged so that no run of `size` (a micro-batch) holds a text twice: an example whose
     positive or negative is already in the batch being filled waits for the next batch, ahead of the rest.
 
-    Only when nothing else is left does a batch take a repeat (the objective's collate then drops it).
+    When only repeats are left (the end of an epoch), each is swapped into one of the last LOOK_BACK batches
+    for an example that fits here; failing that the batch takes the repeat (collate then drops it).
     A pure function of the order, which is one of (seed, epoch): a resumed run rearranges it identically.
     """
-    pending, out = list(order), []
+    pending, batches = list(order), []
     while pending:
         batch, seen, waiting = [], set(), []
         for pos, i in enumerate(pending):
             if len(batch) == size:
                 waiting += pending[pos:]
                 break
-            mine = texts(i)
-            if seen.isdisjoint(mine):
+            if seen.isdisjoint(texts(i)):
                 batch.append(i)
-                seen.update(mine)
+                seen.update(texts(i))
             else:
                 waiting.append(i)
-        short = size - len(batch)
-        out += batch + waiting[:short]
-        pending = waiting[short:]
-    return out
+        while len(batch) < size and waiting:  # only repeats of this batch's texts are left
+            x = waiting.pop(0)
+            y = _swap_into(x, batches[-LOOK_BACK:], seen, texts)
+            batch.append(x if y is None else y)
+            seen.update(texts(batch[-1]))
+        batches.append(batch)
+        pending = waiting
+    return [i for batch in batches for i in batch]
+
+
+def _swap_into(x: int, earlier: list[list[int]], seen: set[str], texts) -> int | None:
+    """Put x into an earlier batch in place of an example that fits the current one (`seen`); returns that example."""
+    for batch in reversed(earlier):
+        for k, y in enumerate(batch):
+            others = {t for j in batch if j != y for t in texts(j)}
+            if seen.isdisjoint(texts(y)) and others.isdisjoint(texts(x)):
+                batch[k] = x
+                return y
+    return None
 
 
 def _text(obj: dict, *names: str) -> str:
