@@ -14,7 +14,7 @@ from tuneforge.config import config_from_dict
 from tuneforge.data.pairs_text import prepare_pairs, spread_duplicates
 from tuneforge.errors import DataError, ModelError
 from tuneforge.eval.retrieval import retrieval_metrics, top_k
-from tuneforge.methods.embedding import check_parity, contrastive_losses, distinct
+from tuneforge.methods.embedding import check_parity, contrastive_losses, cosine_losses, distinct
 from tuneforge.models.encoder import Pooling, embed, encode_texts, read_pooling, tokenize, write_sentence_transformers
 from tuneforge.models.load import load_tokenizer
 from tuneforge.track.console import Reporter
@@ -69,6 +69,27 @@ def test_contrastive_loss_equals_sentence_transformers_mnrl(tiny_encoder):
     ours = contrastive_losses(q, d, 20.0).mean().item()
     assert abs(ours - expected) < 1e-5
     assert expected > 0.01  # a random model does not already rank perfectly: the comparison means something
+
+
+def test_cosine_loss_equals_sentence_transformers_and_scored_pairs_are_read(tmp_path, tiny_encoder):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
+
+    write_jsonl(tmp_path / "train.jsonl", [{"sentence1": f"a cat number {i}", "sentence2": f"a dog {i}",
+                                            "score": i / 8} for i in range(8)])
+    data = prepare_pairs(embedding_cfg(tmp_path, tiny_encoder), load_tokenizer(tiny_encoder))
+    assert data.scored and len(data.train) == 6
+    recs = data.train.records
+    st = SentenceTransformer(str(tiny_encoder), device="cpu")
+    features = [st.tokenize([r.query for r in recs]), st.tokenize([r.positive for r in recs])]
+    scores = torch.tensor([r.fields["score"] for r in recs])
+    expected = CosineSimilarityLoss(st)(features, scores).item()
+    model, tokenizer = loaded(tiny_encoder)
+    pooling = read_pooling(tiny_encoder)
+    with torch.no_grad():
+        a = embed(model, tokenize(tokenizer, [r.query for r in recs], pooling), pooling)
+        b = embed(model, tokenize(tokenizer, [r.positive for r in recs], pooling), pooling)
+    assert abs(cosine_losses(a, b, scores).mean().item() - expected) < 1e-5
 
 
 def test_no_batch_holds_a_positive_twice():
