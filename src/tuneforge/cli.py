@@ -177,7 +177,7 @@ def cmd_export(args) -> int:
     console.print(f"Exported {run.dir.name} as {args.to} to {path}")
     if args.verify and "perplexity" in (run.manifest.get("eval_after") or {}):  # a language model's, to compare
         check = verify_run_export(run, args.to, path, args.quant, args.dtype)
-        console.print(f"Checked in a fresh process with plain transformers: {check['summary']}")
+        console.print(f"Checked in a fresh process: {check['summary']}")
     if args.to == "ollama":
         console.print(f"Use it: cd {out} && ollama create {run.dir.name} -f Modelfile && ollama run {run.dir.name}")
     return 0

@@ -296,6 +296,23 @@ class ImageClassificationSpec(_Strict):
         5, ge=0, le=1000, description="The most confidently wrong validation images listed in eval_after.json.")
 
 
+class EmbeddingSpec(_Strict):
+    """task: embedding (methods/embedding.py): the loss follows the data, pooling follows the model folder."""
+
+    loss: Literal["auto", "contrastive", "cosine"] = Field(
+        "auto", description="contrastive: in-batch negatives (sentence-transformers' MultipleNegativesRankingLoss), "
+        "for query/positive[/negative] records; cosine: mean squared error of the cosine against `score`, for "
+        "scored pairs; auto: the one the data calls for.")
+    scale: float = Field(20.0, gt=0, le=1000, description="Contrastive: cosine similarities are multiplied by this "
+                         "before the softmax (1 / temperature).")
+    corpus: str | None = Field(
+        None, description="Extra documents for the held-out retrieval evaluation (records with a \"text\" field), "
+        "searched together with the validation positives; relative to the config file.")
+    parity_tolerance: float = Field(
+        0.999, gt=0, le=1, description="Before training, tuneforge's vectors of the base model must have at least "
+        "this cosine with sentence-transformers' own on fixed strings, or the run stops.")
+
+
 class RewardFunctionSpec(_Strict):
     function: str = Field(description="A built-in (exact_match, regex, json_valid, length_penalty), module:function, "
                           "or file.py:function with the file relative to the config.")
@@ -506,6 +523,7 @@ class Config(_Strict):
     architecture: ArchitectureSpec | None = Field(None, description="init: random only: the model's size.")
     tokenizer: TokenizerSpec | None = Field(
         None, description="init: random only: the tokenizer (reuse or train); default the folder's own.")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="task: embedding settings.")
     stages: list[dict[str, Any]] | None = Field(
         None, description="Run several methods in a chain, e.g. [{method: sft, ...}, {method: dpo, ...}]; each "
         "stage overrides keys of this config and starts from the previous stage's result.",
@@ -702,6 +720,10 @@ def frozen_reference(cfg: Config) -> bool:
 def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
     """What several processes cannot train yet; `why` names what asked for them (a key or the launch),
     `strategy` the distributed.strategy chosen (auto: not known yet)."""
+    if cfg.task == "embedding":
+        raise ValueError(f"task: embedding trains in one process for now ({why}): its prepared pairs are not cached "
+                         "for other processes to read, and in-batch negatives would stay within each process; "
+                         "run it without torchrun / distributed settings")
     if strategy == "fsdp" and frozen_reference(cfg):
         if cfg.method == "dpo":
             fix = "set dpo.precompute_reference: true (the reference log-probs are computed once before training), "
@@ -837,6 +859,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
     if cfg.validation and cfg.validation.path:
         cfg.validation.path = _resolve(cfg.validation.path, base)
     cfg.output_dir = _resolve(cfg.output_dir, base)
+    if cfg.embedding.corpus:
+        cfg.embedding.corpus = _resolve(cfg.embedding.corpus, base)
     if _looks_like_path(cfg.base_model) and not Path(cfg.base_model).is_absolute():
         candidate = base / cfg.base_model
         if candidate.exists() or cfg.base_model.startswith("."):

@@ -95,6 +95,11 @@ class PreparedData:
     head_config: dict = field(default_factory=dict)
     labels: list[str] | None = None  # a classifier's class names, in the order of its outputs
 
+    def arrange(self, order: list[int], micro_batch_size: int) -> list[int]:
+        """An epoch's order as its micro-batches will take it; data whose batches have rules (embedding
+        pairs: no text twice in a micro-batch) rearranges it, as a pure function of the order."""
+        return order
+
 
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, or of every file in a folder (a saved `datasets` folder), names included."""

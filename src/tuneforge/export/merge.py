@@ -14,8 +14,9 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import check_out, output_folder
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.models.run import Run, base_folder, load_base, load_processor
-from tuneforge.train.outputs import write_final, write_json
+from tuneforge.train.outputs import write_json
 
 MERGE_TARGETS = ("dequantized", "original")
 
@@ -79,6 +80,6 @@ def merge_run(run: Run, out: Path, dtype: torch.dtype = torch.float32, target: s
     tokenizer = load_processor(run)
     merged = merged_model(run, target).to(dtype)
     with output_folder(out, "merge", overwrite) as tmp:
-        write_final(merged, tokenizer, tmp, run.stop_ids)
+        function_at(method_facts(run.config).final)(merged, tokenizer, tmp, run.stop_ids)
         write_json(tmp / "run.json", {**run.manifest, "merged_from": str(run.final), "merge": merge_facts(run, target, dtype)})
     return out

@@ -15,6 +15,7 @@ import yaml
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.output_folders import output_folder
 from tuneforge.models.run import Run
 from tuneforge.train.outputs import write_json
@@ -136,9 +137,9 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
     `out` must be new or empty; `overwrite` replaces an earlier export there (never another folder)."""
     if to not in TARGETS:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
-    if to in ("gguf", "ollama") and run.config.task != "causal_lm":
-        raise TuneforgeError(f"--to {to}: llama.cpp and Ollama run language models, and {run.dir} trained a model "
-                             f"for task: {run.config.task}; export it with --to hf (or --to adapter)")
+    if to in ("gguf", "ollama") and method_facts(run.config).model_head != "causal_lm":
+        raise TuneforgeError(f"--to {to}: {run.dir} is a task: {run.config.task} run, which llama.cpp and Ollama "
+                             "do not run as trained; use --to hf (or adapter)")
     with output_folder(out, "export", overwrite) as tmp:
         if to == "hf":
             path = export_hf(run, tmp, dtype, merge_target)
@@ -152,10 +153,9 @@ def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "
 
 
 def verify_run_export(run: Run, to: str, path: Path, quant: str = "q8_0", dtype: str = "bfloat16") -> dict:
-    """Reload an export in a fresh process and compare its held-out perplexity with the tuned model's."""
-    from tuneforge.export.verify import verify_export
-
+    """Reload an export in a fresh process and compare it with the tuned model as its row says (methods/facts.py
+    `verify`: held-out perplexity, or an embedding run's sentence vectors)."""
     if to == "ollama":
         path = next(path.glob("*.gguf"))
     weights = {"hf": dtype, "adapter": "float32"}.get(to, quant)
-    return verify_export(run, path, weights)
+    return function_at(method_facts(run.config).verify)(run, path, weights)

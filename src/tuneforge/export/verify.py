@@ -118,3 +118,45 @@ def verify_export(run: Run, path: Path, weights: str) -> dict:
             f"{ref:.4f}: it does not behave like the model that was evaluated"
         )
     return report
+
+
+# Lowest cosine allowed between an export's sentence vectors and the tuned model's, per kind of weights.
+COSINES = {"float32": 0.9999, "fp32": 0.9999}
+_VECTORS_SCRIPT = r"""
+import json, sys
+from sentence_transformers import SentenceTransformer
+texts = json.load(open(sys.argv[2]))
+print(json.dumps(SentenceTransformer(sys.argv[1], device="cpu").encode(texts).tolist()))
+"""
+
+
+def verify_sentence_vectors(run: Run, path: Path, weights: str) -> dict:
+    """An embedding export loaded by sentence-transformers in a fresh process must give the tuned model's
+    vectors for the validation queries (cosine >= 0.9999 in fp32, 0.99 in 16 bits)."""
+    import torch
+
+    from tuneforge.data.pairs_text import prepare_pairs
+    from tuneforge.models.encoder import encode_texts, read_pooling
+    from tuneforge.models.run import load_tuned
+
+    model, tokenizer = load_tuned(run, torch.device("cpu"))
+    texts = [r.query for r in prepare_pairs(run.config, tokenizer).validation.records][:64] or ["a test sentence"]
+    ours = encode_texts(model, tokenizer, texts, read_pooling(run.final), torch.device("cpu"))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(texts, f)
+    try:
+        out = subprocess.run([sys.executable, "-c", _VECTORS_SCRIPT, str(path), f.name], capture_output=True,
+                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if out.returncode != 0:
+        raise TuneforgeError(f"the export at {path} does not load in sentence-transformers:\n{out.stderr[-2000:]}")
+    theirs = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    worst = torch.nn.functional.cosine_similarity(ours, theirs).min().item()
+    allowed = COSINES.get(weights, 0.99)
+    if worst < allowed:
+        raise TuneforgeError(f"the export at {path} gives sentence vectors with cosine {worst:.5f} to the tuned "
+                             f"model's (allowed {allowed}): it does not behave like the model that was evaluated")
+    return {"cosine": worst, "allowed": allowed, "texts": len(texts),
+            "summary": f"sentence vectors of {len(texts)} validation queries at cosine >= {worst:.5f} to the tuned "
+                       f"model's (allowed {allowed})"}

@@ -21,7 +21,8 @@ class MethodFacts:
     parts: int = 1  # sequences one record encodes to: a preference pair's chosen and rejected answers
     rows: int = 1  # sequences the model runs per example (plan's memory and time)
     # The transformers head loaded (models/load.py HEADS): causal_lm (next token) | score (one number) |
-    # classifier (one logit per class of the data's labels).
+    # classifier (one logit per class of the data's labels) | image_classifier (the same for images) |
+    # encoder (the bare encoder; methods/embedding.py pools its token vectors).
     model_head: str = "causal_lm"
     lr_family: str = "preference"  # which usual learning-rate range applies (track/diagnose.py)
     chunked_loss: bool = False  # its loss can read the output layer in chunks (fast/chunked_loss.py)
@@ -40,11 +41,18 @@ class MethodFacts:
     prepare: str = "tuneforge.data.dataset:prepare_data"
     # "module:function" (cfg, report) adding the task's own findings to `tuneforge data check` (data/check.py).
     checks: str = ""
+    # "module:function" writing final/ (model, tokenizer, folder, stop_ids, initial_adapter, state_dict): a task
+    # whose clients need more than the weights and tokenizer (a sentence-transformers folder) writes its own.
+    final: str = "tuneforge.train.outputs:write_final"
+    # "module:function" (run, export path, weights) -> report: how `tuneforge export` checks an export in a fresh
+    # process against the tuned model (held-out perplexity; an embedding run's sentence vectors).
+    verify: str = "tuneforge.export.verify:verify_export"
 
     @property
     def peft_task(self) -> str:
         """PEFT's task type: SEQ_CLS also trains and saves a score head."""
-        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "classifier": "SEQ_CLS", "image_classifier": None}[self.model_head]
+        return {"causal_lm": "CAUSAL_LM", "score": "SEQ_CLS", "classifier": "SEQ_CLS", "image_classifier": None,
+                "encoder": "FEATURE_EXTRACTION"}[self.model_head]
 
     @property
     def saved_modules(self) -> list[str] | None:
@@ -81,6 +89,9 @@ METHODS = {m.name: m for m in (
     # Raw text (data/shards.py): fixed-length blocks of token shards, every token trained.
     MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True,
                 prepare="tuneforge.data.dataset:prepare_raw"),
+    MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), rows=2, model_head="encoder",
+                lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
+                final="tuneforge.methods.embedding:write_final", verify="tuneforge.export.verify:verify_sentence_vectors"),
 )}
 
 

@@ -107,6 +107,13 @@ def _image_classifier(folder: Path, pad_token_id: int | None, head_config: dict,
     return AutoModelForImageClassification.from_pretrained(str(folder), **_named(head_config), **kw)
 
 
+def _encoder(folder: Path, pad_token_id: int | None, head_config: dict, **kw):
+    """The bare encoder: methods/embedding.py pools its token vectors."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(folder), **kw)
+
+
 # How each row's `model_head` is loaded: (folder, the tokenizer's pad id, the head built from the data
 # (num_labels, id2label, ...), from_pretrained's keywords) -> model.
 HEADS = {
@@ -114,6 +121,7 @@ HEADS = {
     "score": lambda folder, pad_id, _, **kw: _sequence_head(folder, pad_id, {"num_labels": 1}, **kw),
     "classifier": _sequence_head,
     "image_classifier": _image_classifier,
+    "encoder": _encoder,
 }
 
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from tuneforge.config import Config
 from tuneforge.data.formats import Record
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.facts import function_at, method_facts
 
+PREPARE_DATA = "tuneforge.data.dataset:prepare_data"  # the chat/text preparation that the sampling below mirrors
 SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache, at most
 # Encoding costs ~0.6 ms a record on a small CPU: a first MIN_SAMPLE records are encoded, the rest
 # only when the token count's stated error is still above TARGET_ERROR (the stand-in tokenizer of a
@@ -201,8 +202,20 @@ def from_sample(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEsti
     return _estimate(cfg, sizes, per_set, trained, over, how, not partial and not split, error)
 
 
+def from_prepared(cfg: Config, tokenizer) -> DataEstimate:
+    """A task that reads its own kind of data (its row's `prepare`, e.g. embedding pairs): prepared whole."""
+    data = function_at(method_facts(cfg).prepare)(cfg, tokenizer)
+    bounds = np.cumsum([0, *data.dataset_sizes])
+    per_set = [data.train.lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return _estimate(cfg, [float(n) for n in data.dataset_sizes], per_set, float(data.train.trained_tokens()), 0.0,
+                     f"all {len(data.train)} training records, prepared now", True)
+
+
 def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:
-    """From the cache when there is one for these settings, else from a sample."""
+    """From the cache when there is one for these settings, else from a sample (or, for a task with its
+    own data preparation, from that preparation)."""
+    if method_facts(cfg).prepare != PREPARE_DATA:
+        return from_prepared(cfg, tokenizer)
     return from_cache(cfg, tokenizer) or from_sample(cfg, tokenizer, limit)
 
 

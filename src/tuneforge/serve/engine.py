@@ -46,9 +46,9 @@ class Limits:
                 raise TuneforgeError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
 
 
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
-# The POST routes a model answers, by its head; a head not listed generates text.
-HEAD_ROUTES = {"classifier": ("/v1/classify",)}
+GENERATION_ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST"}
+# The routes a model answers, by its head; a head not listed generates text (serve/embeddings.py has its own engine).
+HEAD_ROUTES = {"classifier": {"/v1/classify": "POST"}}
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Engine:
         return model_id
 
     @property
-    def routes(self) -> tuple[str, ...]:
+    def routes(self) -> dict[str, str]:
         return HEAD_ROUTES.get(self.head, GENERATION_ROUTES)
 
     def classify(self, model_id: str, texts: list[str]) -> torch.Tensor:

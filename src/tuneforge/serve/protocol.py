@@ -5,7 +5,9 @@ Pure functions only, so every rule a client can trip over is tested without a mo
 
 from __future__ import annotations
 
+import base64
 import math
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -233,3 +235,38 @@ def models_list(ids: list[str]) -> dict:
 
 def model_card(model_id: str) -> dict:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "tuneforge"}
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on the texts of one request
+
+
+def parse_embeddings(body: dict) -> tuple[str | None, list[str], str]:
+    """(model, texts, encoding_format) of a POST /v1/embeddings body: `input` a string or a list of strings."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or len(texts) > MAX_EMBEDDING_INPUTS:
+        raise _bad("input", f"must be a string or a list of 1 to {MAX_EMBEDDING_INPUTS} strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise _bad(f"input[{i}]", "must be a non-empty string (token arrays are not accepted; send the text)")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad("encoding_format", f"{fmt!r}: expected float or base64")
+    if body.get("dimensions") is not None:
+        raise _bad("dimensions", "this model's vectors have one size; leave dimensions out")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "must be a string")
+    return model, texts, fmt
+
+
+def embeddings_response(model: str, vectors: list[list[float]], tokens: int, encoding_format: str = "float") -> dict:
+    """OpenAI's embeddings list; base64 is the little-endian float32 bytes, as the openai client decodes them."""
+    def encoded(vector: list[float]):
+        if encoding_format == "float":
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

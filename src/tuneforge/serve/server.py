@@ -24,13 +24,13 @@ from jinja2 import TemplateError
 from tuneforge.errors import TuneforgeError
 from tuneforge.serve import protocol as p
 from tuneforge.serve.classify import parse_classify, pipeline_shape
+from tuneforge.serve.embeddings import load_embedding_engine, serves_embeddings
 from tuneforge.serve.engine import ClientGone, Engine, Limits, Result, ShuttingDown, load_engine
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # past this a too-large body is not read to the end; the connection is dropped
 GONE = (BrokenPipeError, ConnectionResetError, TimeoutError, ShuttingDown, ClientGone)
-ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST",
-          "/v1/classify": "POST"}
+ROUTES = {"/health": "GET", "/v1/models": "GET"}  # every server's; its engine adds the routes of its task
 
 
 class Server(ThreadingHTTPServer):
@@ -128,28 +128,34 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, body: dict | None) -> None:
         is_model = path.startswith("/v1/models/")
-        if path not in ROUTES and not is_model:
-            raise p.ApiError(404, f"{path}: no such route; this server has GET /v1/models, "
-                             "POST /v1/chat/completions, POST /v1/completions and (classifiers) POST /v1/classify",
-                             code="not_found")
-        allowed = ROUTES.get(path, "GET")
+        engine = self.server.engine
+        routes = {**ROUTES, **engine.routes}
+        if path not in routes and not is_model:
+            listed = ", ".join(f"{m} {r}" for r, m in routes.items() if r != "/health")
+            raise p.ApiError(404, f"{path}: no such route; this server has {listed}", code="not_found")
+        allowed = routes.get(path, "GET")
         if method != allowed:
             raise p.ApiError(405, f"{method} {path}: use {allowed}", code="method_not_allowed",
                              headers={"Allow": allowed})
         if path == "/health":
             return self._send_json(200, {"status": "ok"})
         self._check_key()
-        engine = self.server.engine
         if path == "/v1/models":
             return self._send_json(200, p.models_list(engine.model_ids()))
         if is_model:
             return self._send_json(200, p.model_card(engine.resolve(unquote(path.removeprefix("/v1/models/")))))
-        if path not in engine.routes:
-            raise p.ApiError(404, f"{path}: the served model ({engine.head} head) does not answer this route; it "
-                             f"answers POST {', '.join(engine.routes)}", code="not_found")
         if path == "/v1/classify":
             return self._classify(body)
+        if path == "/v1/embeddings":
+            return self._embeddings(body)
         return self._answer(path == "/v1/chat/completions", body)
+
+    def _embeddings(self, body: dict) -> None:
+        engine = self.server.engine
+        model, texts, fmt = p.parse_embeddings(body)
+        model_id = engine.resolve(model)
+        vectors, tokens = engine.embed(texts)
+        return self._send_json(200, p.embeddings_response(model_id, vectors, tokens, fmt))
 
     def _classify(self, body: dict) -> None:
         engine = self.server.engine
@@ -336,7 +342,10 @@ def make_server(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
     port=0 picks a free port; read it back from .port.
     """
-    engine = load_engine(target, adapters, device, limits, trust_remote_code)
+    if serves_embeddings(Path(target)):
+        engine = load_embedding_engine(target, device, trust_remote_code, adapters)
+    else:
+        engine = load_engine(target, adapters, device, limits, trust_remote_code)
     return Server(engine, host, port, api_key, max_body_bytes, quiet)
 
 

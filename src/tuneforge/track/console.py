@@ -141,6 +141,7 @@ def before_after_table(before: dict | None, after: dict) -> Table:
             ("KL to reference", "val_kl", False), ("mean reward", "mean_reward", False),
             ("accuracy", "accuracy", True), ("macro F1", "macro_f1", True), ("weighted F1", "weighted_f1", True)]
     rows += [(f"mean reward: {k.split('/', 1)[1]}", k, False) for k in after if k.startswith("mean_reward/")]
+    rows += [(key, key, True) for key in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")]  # embeddings
     for label, key, pct in rows:
         if key in after:
             table.add_row(label, _fmt(b.get(key), pct), _fmt(after.get(key), pct))

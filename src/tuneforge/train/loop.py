@@ -293,7 +293,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if not world.main:
         return {"rank": world.rank, "steps": step}
     check_saved_tensors(model, gathered if gathered is not None else dict(trainable_parameters(model)))
-    final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg), state_dict=gathered)
+    final = save_final(model, tokenizer, run_dir / "final", stops, initial_adapter_dir(cfg), state_dict=gathered,
+                       write=function_at(facts.final))
     after = None
     if data.validation and cfg.evaluation.before_after:
         rep.note("Evaluating the tuned model on the validation set...")

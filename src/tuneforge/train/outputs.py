@@ -48,10 +48,11 @@ def git_sha() -> str | None:
 
 
 def save_final(model, tokenizer, out: Path, stop_ids: list[int], initial_adapter: Path | None = None,
-               state_dict: dict | None = None) -> Path:
-    """final/: written beside it and renamed into place; replaces only an earlier final/ that tuneforge wrote."""
+               state_dict: dict | None = None, write=None) -> Path:
+    """final/: written beside it and renamed into place; replaces only an earlier final/ that tuneforge wrote.
+    `write` fills it (a row's `final` function; default write_final)."""
     with output_folder(out, "final", overwrite=True) as tmp:
-        write_final(model, tokenizer, tmp, stop_ids, initial_adapter, state_dict)
+        (write or write_final)(model, tokenizer, tmp, stop_ids, initial_adapter, state_dict)
     return out
 
 

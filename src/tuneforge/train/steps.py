@@ -58,7 +58,8 @@ def next_step_batches(cfg: Config, data: PreparedData, counts: StepCounts, curso
     epoch = cursor["epoch"]
     if epoch not in orders:
         orders.clear()
-        orders[epoch] = epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, epoch)
+        orders[epoch] = data.arrange(epoch_order(data.dataset_sizes, data.dataset_weights, cfg.seed, epoch),
+                                     cfg.micro_batch_size)
     order = orders[epoch]
     batches = []
     while len(batches) < counts.micro_per_step and cursor["micro"] < counts.micro_per_epoch:
