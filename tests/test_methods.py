@@ -26,7 +26,8 @@ def _config(tmp_path, **keys):
 
 
 def test_every_method_is_one_row_and_one_objective():
-    assert set(typing.get_args(Method)) <= set(METHODS) <= set(typing.get_args(Method)) | set(typing.get_args(Task))
+    tasks = set(typing.get_args(Task)) - {"causal_lm"}  # a task other than causal_lm is a row of its own
+    assert set(METHODS) == set(typing.get_args(Method)) | tasks
     members = set(typing.get_type_hints(Objective)) | {n for n in vars(Objective) if not n.startswith("_")}
     for facts in METHODS.values():
         module, name = facts.objective.split(":")
