@@ -134,13 +134,23 @@ def test_suite_on_a_trained_run_reaches_files_console_and_report(tmp_path, tiny_
     assert "scores" not in manifest["eval_after"]["suite"]["chrf"]
     assert "forgetting" in manifest["evaluation"] and manifest["evaluation"]["forgetting"]["tokens"] == 63
 
+    from test_judge import serve
+
+    server, seen = serve(lambda prompt: "[[A]]")
     suite = tmp_path / "suite.yaml"
-    suite.write_text("suite: [normalized_match, bleu]\nmax_new_tokens: 4\nmax_examples: 3\n")
-    assert main(["eval", str(run), "--suite", str(suite)]) == 0
+    suite.write_text("suite: [normalized_match, bleu]\nmax_new_tokens: 4\nmax_examples: 3\n"
+                     f"judge: {{base_url: 'http://127.0.0.1:{server.server_port}/v1', model: stub}}\n")
+    try:
+        assert main(["eval", str(run), "--suite", str(suite)]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
     out = capsys.readouterr().out
     assert "Evaluation suite (95% intervals)" in out and "normalized_match" in out
     manifest = json.loads((run / "run.json").read_text())
     assert set(manifest["evaluation"]["suite"]) == {"normalized_match", "bleu"}
     assert manifest["evaluation"]["suite"]["bleu"]["n"] == 3
+    assert manifest["judge"]["rates"]["tie"]["count"] == 3 and len(seen) == 6 and "LLM judge" in out
+    assert len((run / "judge_replies.jsonl").read_text().splitlines()) == 3
     page = (run / "report.html").read_text()
-    assert "Suite (95% intervals" in page and "normalized_match" in page
+    assert "Suite (95% intervals" in page and "normalized_match" in page and "LLM judge (pairwise" in page
