@@ -114,3 +114,41 @@ def test_lm_eval_against_serve_equals_lm_eval_on_the_model(served, tiny_models, 
     own_ll = run("hf", {"pretrained": folder, "device": "cpu", "dtype": "float32"})
     assert len(served_ll) == 7
     assert served_ll == pytest.approx(own_ll, abs=1e-4)
+
+
+def write_task(tmp_path, data) -> str:
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny_mc.yaml").write_text(TASK.format(data=data))
+    return str(folder)
+
+
+def test_a_task_whose_data_is_not_on_disk_is_a_clear_error(tmp_path):
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.harness import check_task_data
+
+    folder = write_task(tmp_path, tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match=r"task tiny_mc needs the data files .*missing\.jsonl.*not on disk"):
+        check_task_data(folder, ["tiny_mc"])
+    check_task_data(folder, ["another_task"])  # only the asked tasks are checked
+    (tmp_path / "tasks" / "hub.yaml").write_text("task: hub_task\ndataset_path: cais/mmlu\noutput_type: multiple_choice\n")
+    with pytest.raises(ConfigError, match="task hub_task reads dataset_path 'cais/mmlu', which is not on disk"):
+        check_task_data(folder, ["hub_task"])
+
+
+def test_harness_entry_scores_base_and_tuned_of_a_lora_run(tmp_path, tiny_models):
+    """The lm_eval suite entry: one server for a LoRA run, base (adapter off) and tuned scored on the task."""
+    pytest.importorskip("tenacity", reason="lm-eval's local-completions needs tenacity: pip install 'tuneforge[eval]'")
+    from test_train import QUIET, make_cfg
+    from tuneforge.config import LmEvalSpec
+    from tuneforge.eval.harness import harness_before_after
+    from tuneforge.models.run import open_run
+    from tuneforge.track.console import harness_rows
+    from tuneforge.train.loop import train
+
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Repeat alpha", "choices": [" ALPHA", " BRAVO"], "answer": 0}])
+    spec = LmEvalSpec(tasks=["tiny_mc"], include_path=write_task(tmp_path, data))
+    train(make_cfg(tmp_path, tiny_models["llama"], max_steps=1, **{"evaluation.before_after": False}), reporter=QUIET)
+    out = harness_before_after(spec, open_run(tmp_path / "run"), tiny_models["llama"], "cpu")
+    assert set(out) == {"before", "after"} and out["before"]["tiny_mc"]["acc"] in (0.0, 1.0)
+    assert [r[:2] for r in harness_rows(out)] == [["tiny_mc", "acc"]]

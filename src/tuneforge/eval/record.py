@@ -11,8 +11,11 @@ from pydantic import ValidationError
 from tuneforge.config import EvaluationSpec, read_yaml, resolve_evaluation_paths
 from tuneforge.errors import ConfigError
 from tuneforge.eval.compare import compare, headline
+from tuneforge.eval.harness import check_task_data, harness_before_after
 from tuneforge.eval.judge import JUDGES
 from tuneforge.eval.run_eval import evaluate_run, open_target
+from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.run import base_folder
 from tuneforge.track.report import write_report
 from tuneforge.train.outputs import write_json
 
@@ -38,9 +41,15 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
     cfg, run = open_target(target, overrides, trust_remote_code)
     if suite_file is not None:
         cfg.evaluation = load_suite(suite_file)
+    harness = cfg.evaluation.lm_eval
+    if harness is not None:
+        check_task_data(harness.include_path, harness.tasks)  # before any model loads
     before, after = evaluate_run(cfg, run)
     out = {"before": before, "after": after, "comparison": compare(before, after, cfg.evaluation), "judge": None,
            "run_dir": run.dir if run else None}
+    if harness is not None:
+        base = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]
+        out["comparison"]["lm_eval"] = harness_before_after(harness, run, base, cfg.device)
     spec = cfg.evaluation.judge
     if spec is not None and after is not None and before.get("samples"):
         out["judge"] = JUDGES[spec.mode](spec, before["samples"], after["samples"])

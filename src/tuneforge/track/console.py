@@ -154,10 +154,32 @@ def suite_table(comparison: dict) -> Table:
     return table
 
 
+def harness_rows(harness: dict) -> list[list]:
+    """[task, metric, before, after] for each lm-eval score (stderr beside the value, as lm-eval reports it)."""
+    before, after = harness.get("before") or {}, harness.get("after") or {}
+    rows = []
+    for task in sorted({*before, *after}):
+        b, a = before.get(task, {}), after.get(task, {})
+        rows += [[task, m, b.get(m), a.get(m), b.get(f"{m}_stderr"), a.get(f"{m}_stderr")]
+                 for m in sorted({*b, *a}) if not m.endswith("_stderr")]
+    return rows
+
+
+def harness_table(harness: dict) -> Table:
+    table = Table(title="lm-evaluation-harness", title_justify="left")
+    for name in ("task", "metric", "before", "after", "stderr before", "stderr after"):
+        table.add_column(name, justify="left" if name in ("task", "metric") else "right")
+    for row in harness_rows(harness):
+        table.add_row(*row[:2], *(_fmt(v) for v in row[2:]))
+    return table
+
+
 def print_comparison(console: Console, comparison: dict) -> None:
     """The suite's table, the forgetting check and the comparison's warnings."""
     if comparison.get("suite"):
         console.print(suite_table(comparison))
+    if comparison.get("lm_eval"):
+        console.print(harness_table(comparison["lm_eval"]))
     f = comparison.get("forgetting")
     if f:
         line = f"general-text perplexity {f['before']:.3f} -> {f['after']:.3f} ({100 * f['rise']:+.1f}%, {f['tokens']} tokens)"

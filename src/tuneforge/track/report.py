@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import is_empty, mark, marked_kind
+from tuneforge.track.console import harness_rows
 from tuneforge.track.plots import run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
@@ -69,6 +70,10 @@ def suite_html(comparison: dict | None, judge: dict | None) -> str:
                 for name, c in comparison["suite"].items()]
         parts.append("<h3>Suite (95% intervals; the difference's from a paired bootstrap)</h3>"
                      + _table(["metric", "n", "before", "after", "after - before", "interval", ""], rows))
+    if comparison.get("lm_eval"):
+        parts.append("<h3>lm-evaluation-harness</h3>" + _table(
+            ["task", "metric", "before", "after", "stderr before", "stderr after"], harness_rows(comparison["lm_eval"]),
+            numeric_from=2))
     f = comparison.get("forgetting")
     if f:
         line = (f"General-text perplexity {_num(f['before'])} &rarr; {_num(f['after'])} ({100 * f['rise']:+.1f}%, "
