@@ -141,7 +141,7 @@ def test_harness_entry_scores_base_and_tuned_of_a_lora_run(tmp_path, tiny_models
     pytest.importorskip("tenacity", reason="lm-eval's local-completions needs tenacity: pip install 'tuneforge[eval]'")
     from test_train import QUIET, make_cfg
     from tuneforge.config import LmEvalSpec
-    from tuneforge.eval.harness import harness_before_after
+    from tuneforge.serve.harness import harness_before_after
     from tuneforge.models.run import open_run
     from tuneforge.track.console import harness_rows
     from tuneforge.train.loop import train

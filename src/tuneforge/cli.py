@@ -83,9 +83,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from tuneforge.eval.record import run_suite
+    from tuneforge.serve.harness import harness_before_after
     from tuneforge.track.console import before_after_table, print_comparison, print_judge
 
-    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite)
+    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after)
     before, after = out["before"], out["after"]
     if after is None:
         console.print("The run has not finished; the base model only:")

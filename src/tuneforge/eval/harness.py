@@ -1,4 +1,5 @@
-"""lm-evaluation-harness tasks on base and tuned, through `tuneforge serve` (lm-eval's local-completions model).
+"""lm-evaluation-harness tasks scored through an OpenAI-compatible URL (lm-eval's local-completions model);
+serve/harness.py puts base and tuned behind `tuneforge serve` for them.
 
 Nothing is downloaded: the task YAMLs under `include_path` must read local files (`dataset_path: json` with
 `data_files`), checked before lm-eval starts; any other task whose data is not on disk fails with its name.
@@ -8,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from pathlib import Path
 
 import yaml
 
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.needs import need
-from tuneforge.serve.server import Server, make_server
 
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 
@@ -57,16 +56,6 @@ def check_task_data(include_path: str | None, tasks: list[str]) -> None:
                               "(relative to the folder tuneforge eval runs in)")
 
 
-@contextlib.contextmanager
-def serving(server: Server):
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def run_tasks(spec, url: str, model_id: str, tokenizer: str | Path) -> dict:
     """{task: {metric: value}} for one served model id, lm-eval scoring through `url`'s /completions."""
     lm_eval = need("lm_eval", "lm_eval")
@@ -88,17 +77,3 @@ def run_tasks(spec, url: str, model_id: str, tokenizer: str | Path) -> dict:
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "sample_len"}
             for task, metrics in (out or {}).get("results", {}).items()}
 
-
-def harness_before_after(spec, run, base: Path, device: str) -> dict:
-    """{before: {task: metrics}, after: ...} for the base model folder and the finished run (None: base only).
-    A LoRA run is served once (its base is the adapter switched off); a full fine-tune beside its base."""
-    check_task_data(spec.include_path, spec.tasks)
-    if run is None:
-        with serving(make_server(base, port=0, device=device, quiet=True)) as server:
-            return {"before": run_tasks(spec, server.url, server.engine.default_id, base), "after": None}
-    with serving(make_server(run.dir, port=0, device=device, quiet=True)) as tuned:
-        after = run_tasks(spec, tuned.url, tuned.engine.default_id, run.final)
-        if tuned.engine.base_id is not None:
-            return {"before": run_tasks(spec, tuned.url, tuned.engine.base_id, run.final), "after": after}
-    with serving(make_server(base, port=0, device=device, quiet=True)) as server:
-        return {"before": run_tasks(spec, server.url, server.engine.default_id, run.final), "after": after}

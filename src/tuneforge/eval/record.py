@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from pydantic import ValidationError
 
 from tuneforge.config import EvaluationSpec, read_yaml, resolve_evaluation_paths
 from tuneforge.errors import ConfigError
 from tuneforge.eval.compare import compare, headline
-from tuneforge.eval.harness import check_task_data, harness_before_after
+from tuneforge.eval.harness import check_task_data
 from tuneforge.eval.judge import JUDGES
 from tuneforge.eval.run_eval import evaluate_run, open_target
 from tuneforge.models.resolve import resolve_base_model
@@ -36,12 +37,16 @@ def load_suite(path: str | Path) -> EvaluationSpec:
 
 
 def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remote_code: bool = False,
-              suite_file: str | Path | None = None) -> dict:
-    """{before, after, comparison, judge, run_dir}; a finished run's folder gets the files and report rewritten."""
+              suite_file: str | Path | None = None, benchmark: Callable | None = None) -> dict:
+    """{before, after, comparison, judge, run_dir}; a finished run's folder gets the files and report rewritten.
+    `benchmark(spec, run, base_folder, device)` runs the lm_eval entry (serve/harness.py: it needs the server,
+    which evaluation does not import)."""
     cfg, run = open_target(target, overrides, trust_remote_code)
     if suite_file is not None:
         cfg.evaluation = load_suite(suite_file)
     harness = cfg.evaluation.lm_eval
+    if harness is not None and benchmark is None:
+        raise ConfigError("evaluation.lm_eval: runs under `tuneforge eval`, which serves the models for lm-eval")
     if harness is not None:
         check_task_data(harness.include_path, harness.tasks)  # before any model loads
     before, after = evaluate_run(cfg, run)
@@ -49,7 +54,7 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
            "run_dir": run.dir if run else None}
     if harness is not None:
         base = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]
-        out["comparison"]["lm_eval"] = harness_before_after(harness, run, base, cfg.device)
+        out["comparison"]["lm_eval"] = benchmark(harness, run, base, cfg.device)
     spec = cfg.evaluation.judge
     if spec is not None and after is not None and before.get("samples"):
         out["judge"] = JUDGES[spec.mode](spec, before["samples"], after["samples"])
