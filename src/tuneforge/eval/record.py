@@ -74,6 +74,6 @@ def record(run_dir: Path, out: dict) -> None:
     manifest = json.loads((run_dir / "run.json").read_text())
     manifest.update(eval_before=headline(out["before"]), eval_after=headline(out["after"]),
                     evaluation=out["comparison"],
-                    judge={k: v for k, v in judge.items() if k != "replies"} if judge else manifest.get("judge"))
+                    judge={k: v for k, v in judge.items() if k != "replies"} if judge else None)
     write_json(run_dir / "run.json", manifest)
     write_report(run_dir)

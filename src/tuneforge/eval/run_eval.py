@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from tuneforge.config import Config, EvaluationSpec, load_config
+from tuneforge.config import Config, load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.build import build_objective
@@ -42,14 +42,10 @@ def open_target(target: str | Path, overrides: list[str] | None = None,
     return cfg, run
 
 
-def evaluate_target(target: str | Path, overrides: list[str] | None = None, trust_remote_code: bool = False,
-                    suite: EvaluationSpec | None = None) -> tuple[dict | None, dict | None]:
-    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet.
-    `suite` replaces the config's `evaluation:` section."""
-    cfg, run = open_target(target, overrides, trust_remote_code)
-    if suite is not None:
-        cfg.evaluation = suite
-    return evaluate_run(cfg, run)
+def evaluate_target(target: str | Path, overrides: list[str] | None = None,
+                    trust_remote_code: bool = False) -> tuple[dict | None, dict | None]:
+    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet."""
+    return evaluate_run(*open_target(target, overrides, trust_remote_code))
 
 
 def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None]:
