@@ -66,6 +66,8 @@ def test_scoring_requests_it_cannot_honour_are_refused(served):
     assert post(served, {"prompt": "a b", "echo": True, "logprobs": 1, "max_tokens": 5})[0] == 400
     assert post(served, {"prompt": "a b", "logprobs": 9})[0] == 400
     assert post(served, {"prompt": [[1, -2]], "echo": True})[0] == 400
+    status, out = post(served, {"prompt": [[1, 10**7]], "echo": True})
+    assert status == 400 and "outside this model's vocabulary" in out["error"]["message"]
     status, out = post(served, {"prompt": "a b", "echo": True, "stream": True})
     assert status == 400 and "stream" in out["error"]["message"]
 

@@ -24,11 +24,6 @@ def compare(before: dict | None, after: dict | None, spec) -> dict:
     return out
 
 
-def warnings_of(comparison: dict) -> list[str]:
-    """The comparison's warnings, for the console and run.json."""
-    return [w for w in [(comparison.get("forgetting") or {}).get("warning")] if w]
-
-
 def headline(result: dict | None) -> dict | None:
     """An evaluation without its bulky parts (generated samples, per-example scores), for run.json."""
     if result is None:

@@ -171,6 +171,10 @@ class Engine:
         prompt token (the first has no log-prob), and with `next_token` one greedy token after them: what lm-eval's
         log-likelihood requests read. One forward pass in fp32 log-softmax, as the model's own scoring does."""
         self.check_length(ids, Sampling(max_tokens=1) if next_token else Sampling(max_tokens=None))
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if max(ids) >= vocab:
+            raise ApiError(400, f"prompt: token id {max(ids)} is outside this model's vocabulary (0-{vocab - 1})",
+                           param="prompt")
         with self.turns.turn(), self._use(model_id), torch.no_grad():
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
