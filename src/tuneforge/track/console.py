@@ -139,18 +139,17 @@ def _interval(ci: list[float], pct: bool) -> str:
 
 
 def suite_table(comparison: dict) -> Table:
-    """Each suite metric before and after with its 95% interval, and the paired difference with its own."""
+    """Each suite metric before and after, and the paired difference with its 95% interval (the intervals of
+    before and after themselves are in run.json and the report: an 80-column terminal has no room for them)."""
     table = Table(title="Evaluation suite (95% intervals)", title_justify="left")
     table.add_column("metric", no_wrap=True)
     for name in ("n", "before", "after", "change", "change 95%"):
-        table.add_column(name, justify="right")
-    table.add_column("")
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("beyond noise")
     for name, c in comparison.get("suite", {}).items():
         pct = c["rate"]
-        table.add_row(name, str(c["n"]), f"{_fmt(c['before'], pct)} {_interval(c['before_ci95'], pct)}",
-                      f"{_fmt(c['after'], pct)} {_interval(c['after_ci95'], pct)}",
-                      _fmt(c["difference"], pct), _interval(c["ci95"], pct),
-                      "significant" if c["significant"] else "noise")
+        table.add_row(name, str(c["n"]), _fmt(c["before"], pct), _fmt(c["after"], pct), _fmt(c["difference"], pct),
+                      _interval(c["ci95"], pct), "yes" if c["significant"] else "no")
     return table
 
 
