@@ -82,14 +82,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tuneforge.eval.run_eval import evaluate_target
-    from tuneforge.track.console import before_after_table
+    from tuneforge.eval.record import run_suite
+    from tuneforge.serve.harness import harness_before_after
+    from tuneforge.track.console import before_after_table, print_comparison, print_judge
 
-    before, after = evaluate_target(args.target, args.overrides, args.trust_remote_code)
+    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after)
+    before, after = out["before"], out["after"]
     if after is None:
         console.print("The run has not finished; the base model only:")
     console.print(before_after_table(None if after is None else before, after or before))
-    return 0
+    print_comparison(console, out["comparison"])
+    if out["judge"]:
+        print_judge(console, out["judge"])
+    if out["run_dir"] is not None:
+        console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json, run.json, report.html")
+    return 1 if out["judge"] and out["judge"].get("error") else 0
 
 
 def _load_for_chat(run_path: str, trust_remote_code: bool):
@@ -472,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, perplexity and exact match, base vs tuned")
     p.add_argument("target", help="a config file or a run folder")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    p.add_argument("--suite", metavar="FILE", help="a YAML file with an `evaluation:` section (metrics, judge, "
+                   "forgetting, lm_eval) to run instead of the config's")
     _trust_arg(p)
     p.set_defaults(func=cmd_eval)
 

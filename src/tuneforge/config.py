@@ -163,6 +163,40 @@ class ValidationSpec(_Strict):
         return self
 
 
+class MetricEntry(_Strict):
+    metric: str = Field(description="exact_match, normalized_match, rouge_l, bleu, chrf, json_valid, json_fields, "
+                        "bertscore, or module:function / file.py:function with GRPO's reward signature.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments bound to the function "
+                                 "(json_fields: {fields: [...]}; bertscore: {model: minilm-l6, num_layers: 6}).")
+
+
+class JudgeSpec(_Strict):
+    base_url: str = Field(description="An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="The judge model's name at that endpoint.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key (never the key itself).")
+    mode: Literal["pairwise", "single"] = Field(
+        "pairwise", description="pairwise: base vs tuned, judged in both orders; single: each answer graded 1-10.")
+    prompt: str | None = Field(None, description="A file with the judge's prompt and rubric (its placeholders: "
+                               "{question}, {reference}, and {answer_a} {answer_b} or {answer}); default built in.")
+    max_examples: int = Field(100, ge=1, description="Held-out prompts judged.")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a failed request (with a pause) before it counts as failed.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take.")
+    max_tokens: int = Field(256, ge=1, description="The judge's reply budget.")
+
+
+class ForgettingSpec(_Strict):
+    path: str = Field(description="General text (plain .txt, or .jsonl with a text field) the tuning should not hurt.")
+    max_tokens: int = Field(20000, ge=16, description="Tokens of it scored.")
+    threshold: float = Field(0.05, gt=0, description="Warn when perplexity rises by more than this share (0.05: 5%).")
+
+
+class LmEvalSpec(_Strict):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (yours via include_path).")
+    include_path: str | None = Field(None, description="A folder of task YAMLs over local files (dataset_path: json).")
+    limit: int | None = Field(None, ge=1, description="At most this many documents per task.")
+
+
 class EvaluationSpec(_Strict):
     before_after: bool = Field(True, description="Evaluate the base model before and the tuned model after training.")
     max_examples: int = Field(200, ge=1, description="At most this many validation examples are generated for exact match.")
@@ -171,6 +205,19 @@ class EvaluationSpec(_Strict):
         description="Generation budget; default twice the longest reference answer in tokens."
     )
     batch_size: int = Field(16, ge=1, le=MAX_MICRO_BATCH, description="Prompts generated together.")
+    suite: list[MetricEntry] = Field(
+        default_factory=list, description="Reference metrics on the greedy answers, each with its 95% interval and "
+        "the before/after difference (docs/evaluation.md); a bare name is short for {metric: name}.")
+    judge: JudgeSpec | None = Field(None, description="An LLM judge comparing base and tuned answers (tuneforge eval).")
+    forgetting: ForgettingSpec | None = Field(
+        None, description="Perplexity on general text before and after, warning when it rises past a threshold.")
+    lm_eval: LmEvalSpec | None = Field(
+        None, description="lm-evaluation-harness tasks run on base and tuned through tuneforge serve (tuneforge eval).")
+
+    @field_validator("suite", mode="before")
+    @classmethod
+    def _bare_metric(cls, value):
+        return [{"metric": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 class PerformanceSpec(_Strict):
@@ -591,7 +638,7 @@ class Config(_Strict):
     eval_every: int | None = Field(None, ge=1, description="Steps between validation-loss evaluations.")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always written at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="`auto`: the task's default.")
     prepare: PrepareSpec = Field(default_factory=PrepareSpec)
     # Tracking and live diagnosis (docs/tracking.md).
     track: TrackSpec = Field(default_factory=TrackSpec, description="Metric back-ends; a list is short for {to: [...]}.")
@@ -605,6 +652,11 @@ class Config(_Strict):
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Training on several processes (docs/distributed.md)."
     )
+
+    @field_validator("evaluation", mode="before")
+    @classmethod
+    def _evaluation_auto(cls, value):
+        return {} if value == "auto" else value
 
     @field_validator("performance", mode="before")
     @classmethod
@@ -867,12 +919,26 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
             cfg.base_model = str(candidate.resolve())
     if cfg.chat_template.endswith(".jinja"):
         cfg.chat_template = _resolve(cfg.chat_template, base)
+    resolve_evaluation_paths(cfg.evaluation, base)
     if cfg.grpo is not None:  # file.py:function names a file beside the config
         for reward in cfg.grpo.rewards:
             reward.function = _resolve_function(reward.function, base)
         if cfg.grpo.environment:
             cfg.grpo.environment = _resolve_function(cfg.grpo.environment, base)
     return cfg
+
+
+def resolve_evaluation_paths(spec: EvaluationSpec, base: Path) -> EvaluationSpec:
+    """The suite's files (user metrics, judge prompt, general text, task folder) are relative to its own file."""
+    for entry in spec.suite:
+        entry.metric = _resolve_function(entry.metric, base)
+    if spec.judge and spec.judge.prompt:
+        spec.judge.prompt = _resolve(spec.judge.prompt, base)
+    if spec.forgetting:
+        spec.forgetting.path = _resolve(spec.forgetting.path, base)
+    if spec.lm_eval and spec.lm_eval.include_path:
+        spec.lm_eval.include_path = _resolve(spec.lm_eval.include_path, base)
+    return spec
 
 
 def _resolve_function(name: str, base: Path) -> str:

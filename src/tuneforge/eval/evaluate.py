@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from tuneforge.data.batching import collate
 from tuneforge.data.tokenized import Example
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, generation_prompt
+from tuneforge.eval.forgetting import general_perplexity
+from tuneforge.eval.suite import score_suite
 from tuneforge.models.decode import greedy_generate, stop_token_ids
 from tuneforge.models.precision import autocast_for
 
@@ -72,13 +75,20 @@ def reference_pair(tokenizer, ex: Example, end_of_turn: str | None = None) -> tu
     return None
 
 
+def question(ex: Example) -> str:
+    """The prompt as a person would read it (the last user turn, or a completion's prompt), for a judge."""
+    rec = ex.record
+    users = [m.get("content") for m in rec.messages if m.get("role") == "user"]
+    return str(users[-1]) if rec.kind == "chat" and users else str(rec.prompt)
+
+
 def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | None, device,
                 max_examples: int = 200, max_new_tokens: int | None = None, batch_size: int = 16) -> dict | None:
     """Share of held-out prompts whose greedy answer equals the reference, and share that stopped by itself."""
-    pairs = [p for p in (reference_pair(tokenizer, ex, end_of_turn) for ex in examples[:max_examples]) if p is not None]
-    if not pairs:
+    kept = [(ex, p) for ex in examples[:max_examples] if (p := reference_pair(tokenizer, ex, end_of_turn)) is not None]
+    if not kept:
         return None
-    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    prompts, refs = [p for _, (p, _) in kept], [r for _, (_, r) in kept]
     if max_new_tokens is None:
         longest = max(len(tokenizer(r, add_special_tokens=False).input_ids) for r in refs)
         max_new_tokens = 2 * longest + 8
@@ -87,8 +97,9 @@ def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | No
     answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in gens]
     hits = [a == r.strip() for a, r in zip(answers, refs)]
     samples = [
-        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": r, "answer": a, "stopped": s}
-        for p, r, a, (_, s) in zip(prompts, refs, answers, gens)
+        {"prompt": tokenizer.decode(p, skip_special_tokens=False), "reference": r, "answer": a, "stopped": s,
+         "where": ex.record.where, "fields": ex.record.fields, "question": question(ex)}
+        for (ex, _), p, r, a, (_, s) in zip(kept, prompts, refs, answers, gens)
     ]
     return {
         "exact_match": sum(hits) / len(hits),
@@ -98,14 +109,20 @@ def exact_match(model, tokenizer, examples: list[Example], end_of_turn: str | No
     }
 
 
-def evaluate(model, tokenizer, examples: list[Example], end_of_turn: str | None, device, dtype, cfg) -> dict:
-    """Everything the before/after table shows, for one model state."""
+def evaluate(model, tokenizer, examples: list[Example], end_of_turn: str | None, device, dtype, cfg,
+             base: Path | None = None) -> dict:
+    """Everything the before/after table shows, for one model state: the suite's metrics on the greedy answers
+    and the general-text perplexity too when the config asks (`base`: where user metric modules are found)."""
+    spec = cfg.evaluation
     result = validation_loss(model, examples, tokenizer.pad_token_id, device, dtype, cfg.micro_batch_size)
     with autocast_for(device, dtype):
-        em = exact_match(
-            model, tokenizer, examples, end_of_turn, device, cfg.evaluation.max_examples,
-            cfg.evaluation.max_new_tokens, cfg.evaluation.batch_size,
-        )
+        em = exact_match(model, tokenizer, examples, end_of_turn, device, spec.max_examples, spec.max_new_tokens,
+                         spec.batch_size)
     if em is not None:
         result.update(em)
+        if spec.suite:
+            result["suite"] = score_suite(spec.suite, em["samples"], base)
+    if spec.forgetting:
+        result.update(general_perplexity(model, tokenizer, spec.forgetting.path, spec.forgetting.max_tokens,
+                                         cfg.max_seq_len, device, dtype))
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from tuneforge.config import load_config
+from tuneforge.config import Config, load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.build import build_objective
@@ -18,29 +18,39 @@ from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder, open_run
 
 
-def evaluate_target(target: str | Path, overrides: list[str] | None = None,
-                    trust_remote_code: bool = False) -> tuple[dict | None, dict | None]:
-    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet.
+def open_target(target: str | Path, overrides: list[str] | None = None,
+                trust_remote_code: bool = False) -> tuple[Config, Run | None]:
+    """(config, finished run or None) for a config file or a run folder.
 
     Model code runs with `trust_remote_code` (the command line's flag) or, for a config file, the config's own key;
     never because a run folder's run.json says so."""
     target = Path(target)
-    run: Run | None = None
     if target.is_dir():
         run = open_run(target, trust_remote_code)
-        cfg = run.config
-    else:
-        cfg = load_config(target, overrides)
-        if trust_remote_code:
-            cfg.trust_remote_code = True
-        if (Path(cfg.output_dir) / "run.json").is_file():
-            run = open_run(cfg.output_dir, cfg.trust_remote_code)
-            if run.config.chat_template != cfg.chat_template:
-                warnings.warn(
-                    f"chat_template: {target} says {cfg.chat_template!r} but the run was trained with "
-                    f"{run.config.chat_template!r}; evaluating with the template the run was trained with",
-                    stacklevel=2,
-                )
+        return run.config, run
+    cfg = load_config(target, overrides)
+    if trust_remote_code:
+        cfg.trust_remote_code = True
+    if not (Path(cfg.output_dir) / "run.json").is_file():
+        return cfg, None
+    run = open_run(cfg.output_dir, cfg.trust_remote_code)
+    if run.config.chat_template != cfg.chat_template:
+        warnings.warn(
+            f"chat_template: {target} says {cfg.chat_template!r} but the run was trained with "
+            f"{run.config.chat_template!r}; evaluating with the template the run was trained with",
+            stacklevel=2,
+        )
+    return cfg, run
+
+
+def evaluate_target(target: str | Path, overrides: list[str] | None = None,
+                    trust_remote_code: bool = False) -> tuple[dict | None, dict | None]:
+    """(before, after) results for a config file or a run folder; after is None when nothing was trained yet."""
+    return evaluate_run(*open_target(target, overrides, trust_remote_code))
+
+
+def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None]:
+    """(before, after) for the config's base model and, when given, the finished run."""
     if cfg.validation is None:
         raise TuneforgeError("validation: the config has no held-out data; add `validation: {split: 0.1}` or `{path: FILE}`")
     folder = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]

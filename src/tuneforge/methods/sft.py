@@ -78,7 +78,7 @@ class SFT:
         """Validation loss during training; before/after, generation quality too (eval/evaluate.py)."""
         run, cfg = self.run, self.run.cfg
         if final:
-            return evaluate(model, run.tokenizer, data.validation, data.end_of_turn, run.device, run.dtype, cfg)
+            return evaluate(model, run.tokenizer, data.validation, data.end_of_turn, run.device, run.dtype, cfg, run.base)
         return validation_loss(model, data.validation, self.pad_id, run.device, run.dtype, cfg.micro_batch_size,
                                hardest=cfg.diagnose.hardest_examples)
 

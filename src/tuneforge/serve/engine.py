@@ -183,6 +183,33 @@ class Engine:
                 result.finish_reason = "stop"
                 return
 
+    def score(self, model_id: str, ids: list[int], top: int, next_token: bool) -> list[tuple[int, float | None, dict]]:
+        """(token id, log-prob given the tokens before it, {id: log-prob} of the `top` likeliest there) for each
+        prompt token (the first has no log-prob), and with `next_token` one greedy token after them: what lm-eval's
+        log-likelihood requests read. One forward pass in fp32 log-softmax, as the model's own scoring does."""
+        self.check_length(ids, Sampling(max_tokens=1) if next_token else Sampling(max_tokens=None))
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if max(ids) >= vocab:
+            raise ApiError(400, f"prompt: token id {max(ids)} is outside this model's vocabulary (0-{vocab - 1})",
+                           param="prompt")
+        with self.turns.turn(), self._use(model_id), torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0]
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        chosen = ids + ([int(logp[-1].argmax())] if next_token else [])
+
+        def at(i: int) -> tuple[int, float | None, dict]:  # token i, predicted from position i - 1
+            if i == 0:
+                return chosen[0], None, {}
+            row = logp[i - 1]
+            best = row.topk(top) if top else None
+            tops = {} if best is None else {int(j): float(v) for v, j in zip(best.values, best.indices)}
+            return chosen[i], float(row[chosen[i]]), tops
+        return [at(i) for i in range(len(chosen))]
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        with self.turns.turn():
+            return [self.tokenizer.decode([i]) for i in ids]
+
     def _use(self, model_id: str):
         """Switch the PEFT model to this id's adapter, or off for the base id."""
         if model_id == self.base_id:

@@ -194,6 +194,65 @@ def parse_completion(body: dict) -> Request:
     return Request(model, sampling, stream, usage, prompt=prompt)
 
 
+MAX_TOP_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+
+
+@dataclass
+class Scoring:
+    """A completions request that asks for log-probabilities (lm-eval's log-likelihood requests): each prompt's
+    tokens scored in one forward pass (`echo`), then at most one greedy token."""
+
+    model: str | None
+    prompts: list  # each a string or a list of token ids
+    echo: bool
+    top: int  # top log-probs listed per position (0: none)
+    max_tokens: int  # 0 or 1
+
+
+def _prompts(value) -> list:
+    """A string, a list of token ids, or a list of either (a batch)."""
+    def one(v) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and bool(v) and
+                                      all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v))
+    if one(value):
+        return [value]
+    if isinstance(value, list) and value and all(one(v) for v in value):
+        return value
+    raise _bad("prompt", "must be a string, a list of token ids, or a non-empty list of either")
+
+
+def parse_scoring(body: dict) -> Scoring | None:
+    """The scoring request in `body`, or None when it asks for neither `echo` nor `logprobs` (plain generation)."""
+    echo, top = body.get("echo"), body.get("logprobs")
+    if echo in (None, False) and top in (None, False, 0):
+        return None
+    if not isinstance(echo, (bool, type(None))):
+        raise _bad("echo", f"must be true or false, got {type(echo).__name__}")
+    top = 0 if top in (None, False) else top
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise _bad("logprobs", f"must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+    max_tokens = body.get("max_tokens", 1 if not echo else 0)
+    if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
+        raise _bad("max_tokens", f"with echo or logprobs only 0 or 1 (a greedy token) is supported, got {max_tokens!r}")
+    if body.get("stream"):
+        raise _bad("stream", "is not supported with echo or logprobs; send stream: false")
+    rest = {k: v for k, v in body.items() if k not in ("echo", "logprobs", "max_tokens", "prompt")}
+    model, _, _, _ = _common(rest)
+    return Scoring(model, _prompts(body.get("prompt")), bool(echo), top, max_tokens)
+
+
+def scoring_choice(index: int, tokens: list[str], logprobs: list[float | None], tops: list[dict | None],
+                   echoed: int) -> dict:
+    """One choice in OpenAI's legacy logprobs shape; `echoed` of the tokens are the prompt's own."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    finish = "length" if len(tokens) > echoed else "stop"
+    return {"index": index, "text": "".join(tokens), "finish_reason": finish,
+            "logprobs": {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -217,8 +276,12 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> 
 
 def completion_response(rid: str, model: str, text: str, finish: str | None, counts: dict | None = None) -> dict:
     """The whole completion, or (counts None) one streamed chunk of it."""
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    return completion_choices(rid, model, [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                              counts)
+
+
+def completion_choices(rid: str, model: str, choices: list[dict], counts: dict | None = None) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices}
     if counts is not None:
         body["usage"] = counts
     return body

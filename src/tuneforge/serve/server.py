@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import math
 import select
 import socket
 import sys
@@ -148,7 +149,30 @@ class Handler(BaseHTTPRequestHandler):
             return self._classify(body)
         if path == "/v1/embeddings":
             return self._embeddings(body)
+        scoring = p.parse_scoring(body) if path == "/v1/completions" else None
+        if scoring is not None:
+            return self._score(scoring)
         return self._answer(path == "/v1/chat/completions", body)
+
+    def _score(self, req: p.Scoring) -> None:
+        """Log-probabilities of each prompt's tokens (echo) and of at most one greedy token after them."""
+        engine = self.server.engine
+        model_id = engine.resolve(req.model)
+        choices, prompt_tokens = [], 0
+        with engine.admit():
+            for index, prompt in enumerate(req.prompts):
+                ids = engine.text_prompt(prompt) if isinstance(prompt, str) else prompt
+                scored = engine.score(model_id, ids, req.top, req.max_tokens == 1)
+                shown = scored if req.echo else scored[len(ids):]
+                texts = engine.token_texts([t for t, _, _ in shown])
+                listed = sorted({j for _, _, top in shown for j in top})
+                name = dict(zip(listed, engine.token_texts(listed)))
+                tops = [None if lp is None else _top_by_text(top, name) for _, lp, top in shown]
+                choices.append(p.scoring_choice(index, texts, [lp for _, lp, _ in shown], tops,
+                                                len(ids) if req.echo else 0))
+                prompt_tokens += len(ids)
+        counts = p.usage(prompt_tokens, len(req.prompts) * req.max_tokens)
+        self._send_json(200, p.completion_choices(p.new_id("cmpl"), model_id, choices, counts))
 
     def _embeddings(self, body: dict) -> None:
         engine = self.server.engine
@@ -315,6 +339,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         if not self.server.quiet:
             super().log_message(format, *args)
+
+
+def _top_by_text(top: dict[int, float], name: dict[int, str]) -> dict[str, float]:
+    """{token text: log-prob}; two ids that decode alike keep the higher, so the listed maximum stays the true one."""
+    out: dict[str, float] = {}
+    for j, lp in top.items():
+        out[name[j]] = max(lp, out.get(name[j], -math.inf))
+    return out
 
 
 def client_closed(sock: socket.socket) -> bool:

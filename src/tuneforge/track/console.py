@@ -110,10 +110,12 @@ class Reporter:
             self._progress.stop()
             self._progress = None
 
-    def before_after(self, before: dict | None, after: dict | None, examples: int = 3) -> None:
+    def before_after(self, before: dict | None, after: dict | None, examples: int = 3,
+                     comparison: dict | None = None) -> None:
         if self.quiet or after is None:
             return
         self.console.print(before_after_table(before, after))
+        print_comparison(self.console, comparison or {})
         for i, tuned in enumerate(after.get("samples", [])[:examples]):
             base = before["samples"][i]["answer"] if before and "samples" in before else "-"
             self.console.print(f"\n[bold]Example {i + 1}[/bold] reference: {tuned['reference']!r}")
@@ -148,6 +150,70 @@ def before_after_table(before: dict | None, after: dict) -> Table:
     if "n" in after:
         table.add_row("examples generated", str(b.get("n", "-")), str(after["n"]))
     return table
+
+
+def _interval(ci: list[float], pct: bool) -> str:
+    return f"[{_fmt(ci[0], pct)},{_fmt(ci[1], pct)}]"
+
+
+def suite_table(comparison: dict) -> Table:
+    """Each suite metric before and after, and the paired difference with its 95% interval (the intervals of
+    before and after themselves are in run.json and the report: an 80-column terminal has no room for them)."""
+    table = Table(title="Evaluation suite (95% intervals)", title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    for name in ("n", "before", "after", "change", "change 95%"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("beyond noise")
+    for name, c in comparison.get("suite", {}).items():
+        pct = c["rate"]
+        table.add_row(name, str(c["n"]), _fmt(c["before"], pct), _fmt(c["after"], pct), _fmt(c["difference"], pct),
+                      _interval(c["ci95"], pct), "yes" if c["significant"] else "no")
+    return table
+
+
+def harness_rows(harness: dict) -> list[list]:
+    """[task, metric, before, after] for each lm-eval score (stderr beside the value, as lm-eval reports it)."""
+    before, after = harness.get("before") or {}, harness.get("after") or {}
+    rows = []
+    for task in sorted({*before, *after}):
+        b, a = before.get(task, {}), after.get(task, {})
+        rows += [[task, m, b.get(m), a.get(m), b.get(f"{m}_stderr"), a.get(f"{m}_stderr")]
+                 for m in sorted({*b, *a}) if not m.endswith("_stderr")]
+    return rows
+
+
+def harness_table(harness: dict) -> Table:
+    table = Table(title="lm-evaluation-harness", title_justify="left")
+    for name in ("task", "metric", "before", "after", "stderr before", "stderr after"):
+        table.add_column(name, justify="left" if name in ("task", "metric") else "right")
+    for row in harness_rows(harness):
+        table.add_row(*row[:2], *(_fmt(v) for v in row[2:]))
+    return table
+
+
+def print_comparison(console: Console, comparison: dict) -> None:
+    """The suite's table, the forgetting check and the comparison's warnings."""
+    if comparison.get("suite"):
+        console.print(suite_table(comparison))
+    if comparison.get("lm_eval"):
+        console.print(harness_table(comparison["lm_eval"]))
+    f = comparison.get("forgetting")
+    if f:
+        line = f"general-text perplexity {f['before']:.3f} -> {f['after']:.3f} ({100 * f['rise']:+.1f}%, {f['tokens']} tokens)"
+        console.print(f"[yellow]warning:[/yellow] {f['warning']}" if "warning" in f else f"Forgetting check: {line}")
+
+
+def print_judge(console: Console, judge: dict) -> None:
+    """The judge's rates with their 95% intervals, and its failures (never hidden)."""
+    table = Table(title=f"LLM judge ({judge['mode']}, {judge['model']}, n={judge['n']})", title_justify="left")
+    for name in ("", "rate" if judge["mode"] == "pairwise" else "mean grade", "95% interval", "count"):
+        table.add_column(name, justify="left" if not name else "right")
+    pct = judge["mode"] == "pairwise"
+    for k, v in judge["rates"].items():
+        table.add_row(k, _fmt(v["rate"], pct), _interval(v["ci95"], pct), str(v["count"]))
+    console.print(table)
+    if judge.get("error"):
+        console.print(f"[red]judge:[/red] {judge['error']}")
 
 
 def _short(path: str) -> str:

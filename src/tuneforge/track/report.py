@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import is_empty, mark, marked_kind
+from tuneforge.track.console import harness_rows
 from tuneforge.track.plots import confusion_png, run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
@@ -56,6 +57,37 @@ def eval_rows(before: dict | None, after: dict | None) -> list[list]:
     return [[k, b.get(k), a.get(k)] for k in EVAL_KEYS if k in b or k in a]
 
 
+def _ci(ci) -> str:
+    return f"[{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def suite_html(comparison: dict | None, judge: dict | None) -> str:
+    """The evaluation suite (each metric with n and 95% intervals), the forgetting check and the judge's verdicts."""
+    comparison, parts = comparison or {}, []
+    if comparison.get("suite"):
+        rows = [[name, c["n"], f"{_num(c['before'])} {_ci(c['before_ci95'])}", f"{_num(c['after'])} {_ci(c['after_ci95'])}",
+                 c["difference"], _ci(c["ci95"]), "significant" if c["significant"] else "within noise"]
+                for name, c in comparison["suite"].items()]
+        parts.append("<h3>Suite (95% intervals; the difference's from a paired bootstrap)</h3>"
+                     + _table(["metric", "n", "before", "after", "after - before", "interval", ""], rows))
+    if comparison.get("lm_eval"):
+        parts.append("<h3>lm-evaluation-harness</h3>" + _table(
+            ["task", "metric", "before", "after", "stderr before", "stderr after"], harness_rows(comparison["lm_eval"]),
+            numeric_from=2))
+    f = comparison.get("forgetting")
+    if f:
+        line = (f"General-text perplexity {_num(f['before'])} &rarr; {_num(f['after'])} ({100 * f['rise']:+.1f}%, "
+                f"threshold {100 * f['threshold']:.0f}%, {_e(f['tokens'])} tokens).")
+        parts.append(f"<h3>Forgetting check</h3><p>{line}</p>"
+                     + (f"<p class='warning'>{_e(f['warning'])}</p>" if "warning" in f else ""))
+    if judge:
+        rows = [[k, v["rate"], _ci(v["ci95"]), v["count"]] for k, v in judge.get("rates", {}).items()]
+        parts.append(f"<h3>LLM judge ({_e(judge.get('mode'))}, {_e(judge.get('model'))}, n={_e(judge.get('n'))})</h3>"
+                     + _table(["", "rate", "95% interval", "count"], rows)
+                     + (f"<p class='error'>{_e(judge['error'])}</p>" if judge.get("error") else ""))
+    return "".join(parts)
+
+
 def hardest_examples(run: RunFiles) -> tuple[int | None, list[dict]]:
     """The hardest validation examples of the newest evaluation that listed them."""
     for m in reversed(run.steps):
@@ -95,7 +127,8 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
                  if curves else "<h2>Curves</h2><p>No step was logged.</p>")
     rows = eval_rows(run.before, run.after)
     if rows:
-        parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows))
+        parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows)
+                     + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge")))
     if "confusion" in (run.after or {}):
         labels = run.after["labels"]
         image = _img(pngs["confusion"]) if "confusion" in pngs else ""

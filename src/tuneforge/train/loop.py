@@ -23,6 +23,7 @@ from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import shard_step
 from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TrainingError
+from tuneforge.eval.compare import compare, headline
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
@@ -303,6 +304,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         with adapter_merged(tuned):  # final/ is saved: the weights may change in their last bits
             after = objective.held_out(tuned, data, final=True)
         write_json(run_dir / "eval_after.json", after)
+    comparison = compare(before, after, cfg.evaluation)
     manifest = run_manifest(
         config_to_dict(cfg),
         base_model={"name": cfg.base_model, "source": source, "folder": str(folder)},
@@ -324,8 +326,9 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         plan=counts.__dict__,
         adapted_modules=adapted,
         final=str(final),
-        eval_before=_headline(before),
-        eval_after=_headline(after),
+        eval_before=headline(before),
+        eval_after=headline(after),
+        evaluation=comparison,
         objective=loss_info,
         performance=fast.__dict__,
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
@@ -336,11 +339,5 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
     tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
-    rep.before_after(before, after)
+    rep.before_after(before, after, comparison=comparison)
     return manifest
-
-
-def _headline(result: dict | None) -> dict | None:
-    if result is None:
-        return None
-    return {k: v for k, v in result.items() if k != "samples"}
