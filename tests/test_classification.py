@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tuneforge.config import config_from_dict
 from tuneforge.data.labels import prepare_labelled
 from tuneforge.errors import DataError
+from tuneforge.eval.run_eval import evaluate_target
 from tuneforge.methods.classification import Classification, predicted_sets
 from tuneforge.methods.objective import Runtime
 from tuneforge.models.load import load_model, load_tokenizer
@@ -176,6 +177,10 @@ def test_pipeline_loads_final_and_predicts_label_names(tmp_path, tiny_bert):
     assert after["labels"] == ["neg", "neu", "pos"] and "confusion" in after and "confidently_wrong" in after
     assert json.loads((run / "run.json").read_text())["head"]["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
     assert "val_accuracy" in read_metrics(run / "metrics.jsonl")[4]
+    # `tuneforge eval RUN` loads the run's head and reads its labelled data as training did
+    before, again = evaluate_target(run)
+    assert again["accuracy"] == after["accuracy"] and again["confusion"] == after["confusion"]
+    assert before["labels"] == after["labels"]
     from tuneforge.track.report import write_report
 
     page = write_report(run)

@@ -9,11 +9,11 @@ from tuneforge.config import Config, load_config
 from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.build import build_objective
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.methods.reference import Reference
 from tuneforge.models.adapters import adapter_merged
 from tuneforge.models.decode import stop_token_ids
-from tuneforge.models.load import load_model, load_tokenizer, pick_device, pick_dtype
+from tuneforge.models.load import load_model, pick_device, pick_dtype
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder, open_run
 
@@ -54,14 +54,16 @@ def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None
     if cfg.validation is None:
         raise TuneforgeError("validation: the config has no held-out data; add `validation: {split: 0.1}` or `{path: FILE}`")
     folder = base_folder(run) if run else resolve_base_model(cfg.base_model)[0]
-    # The tuned run's tokenizer carries the template it was trained with.
-    tokenizer = load_tokenizer(run.final if run else folder, "auto" if run else cfg.chat_template, cfg.trust_remote_code)
+    facts = method_facts(cfg)
+    # The tuned run's tokenizer carries the template it was trained with (an image task reads a processor).
+    tokenizer = function_at(facts.processor)(run.final if run else folder, "auto" if run else cfg.chat_template,
+                                             cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    head = method_facts(cfg).model_head
-    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=head,
-                       pad_token_id=tokenizer.pad_token_id)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    model = load_model(folder, device, cfg.trust_remote_code, quantization=cfg.quantization, head=facts.model_head,
+                       pad_token_id=pad_id, head_config=data.head_config)
     measure = _measure(cfg, model, tokenizer, data, device, dtype)
     before = measure(model, model)
     if run is None:
@@ -72,8 +74,8 @@ def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None
         tuned = PeftModel.from_pretrained(model, str(run.final))
         with adapter_merged(tuned):
             return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
-    return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=head,
-                                      pad_token_id=tokenizer.pad_token_id), model)
+    return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=facts.model_head,
+                                      pad_token_id=pad_id), model)
 
 
 def _measure(cfg, base, tokenizer, data, device, dtype):
@@ -82,7 +84,7 @@ def _measure(cfg, base, tokenizer, data, device, dtype):
            "end_of_turn": data.end_of_turn, "device": device, "dtype": dtype, "base": Path.cwd()}
     reference = method_facts(cfg).reference
     free = reference == "uniform"
-    objective = build_objective(cfg, data, tokenizer.pad_token_id, Reference(free=free), **run)
+    objective = build_objective(cfg, data, getattr(tokenizer, "pad_token_id", None), Reference(free=free), **run)
 
     def measure(model, reference_model):
         return objective.held_out(model, data, final=True,
