@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from tuneforge.config import ArchitectureSpec, config_from_dict
@@ -134,7 +137,9 @@ def test_from_scratch_final_loads_in_plain_transformers(tmp_path, corpus):
 
     cfg = make_cfg(tmp_path, max_steps=2, grad_accum=1, validation={"split": 0.1}, eval_every=2,
                    evaluation={"before_after": True})
-    manifest = train(cfg, reporter=QUIET)
+    console = Console(file=io.StringIO(), width=120)  # the console's data summary and tables, as a user sees them
+    manifest = train(cfg, reporter=Reporter(console))
+    assert "bits per byte" in console.file.getvalue()
     assert manifest["eval_after"]["val_bpb"] < manifest["eval_before"]["val_bpb"]
     assert [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_samples" in m]
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))

@@ -42,7 +42,7 @@ class Reporter:
                 str(c["truncated"]), str(c["dropped_too_long"]), str(c["no_trained_tokens"]),
             )
         self.console.print(table)
-        if isinstance(data.train, TokenizedSet):
+        if data.labels is None or isinstance(data.train, TokenizedSet):
             self._token_summary(data, cfg, tokenizer)
         else:  # images: how many of each class
             for split in ("train", "validation"):
