@@ -119,7 +119,7 @@ def test_bad_labels_rejected_with_file_and_line(tmp_path, tiny_bert):
     skip = make_cfg(tmp_path, tiny_bert, validation=None, on_bad_record="skip", max_bad_fraction=0.5)
     data = prepare_labelled(skip, load_tokenizer(tiny_bert))
     assert sorted(r.line for r in data.rejected) == [13, 14, 15, 16]
-    assert len(data.train) == 12 and data.label_names == ["neg", "neu", "pos"]
+    assert len(data.train) == 12 and data.labels == ["neg", "neu", "pos"]
 
 
 def test_unknown_validation_label_is_a_bad_record(tmp_path, tiny_bert):
@@ -148,7 +148,7 @@ def test_column_mapping_and_label_findings(tmp_path, tiny_bert):
     cfg = make_cfg(tmp_path, tiny_bert, rows, validation=None)
     cfg.datasets[0].columns = {"text": "sentence", "label": "y"}
     data = prepare_labelled(cfg, load_tokenizer(tiny_bert))
-    assert data.label_names == ["neg", "neu", "odd", "pos"]
+    assert data.labels == ["neg", "neu", "odd", "pos"]
     notes = " ".join(data.findings)
     assert "Rare classes" in notes and "odd (1)" in notes
     assert "Class imbalance" in notes
@@ -292,4 +292,4 @@ def test_csv_columns_and_integer_labels_keep_numeric_order(tmp_path, tiny_bert):
     cfg = make_cfg(tmp_path, tiny_bert, [], validation=None,
                    datasets=[{"path": str(tmp_path / "train.csv"), "columns": {"text": "sentence", "label": "stars"}}])
     data = prepare_labelled(cfg, load_tokenizer(tiny_bert))
-    assert data.label_names == ["1", "2", "10"] and len(data.train) == 9
+    assert data.labels == ["1", "2", "10"] and len(data.train) == 9

@@ -42,10 +42,9 @@ SHOWN = 5  # examples named in a finding
 @dataclass
 class LabelledData(PreparedData):
     """PreparedData whose examples carry classes: `*_targets` is one multi-hot row per example over
-    `label_names` (a single-label row has one 1). Token arrays hold the input ids; the per-token array
+    `labels`, the class names (a single-label row has one 1). Token arrays hold the input ids; the per-token array
     holds the token type ids (0: text, 1: text_pair), which BERT-style encoders read."""
 
-    label_names: list[str] = field(default_factory=list)
     multi_label: bool = False
     train_targets: np.ndarray | None = None
     validation_targets: np.ndarray | None = None
@@ -325,14 +324,14 @@ def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
     sizes = [kept_per_file[str(ds.path)] for ds in cfg.datasets]
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
     return LabelledData(sets[0], sets[1], sizes, weights, bad + left_out, summary, None, hashes,
-                        head_config=head_config(names, multi), label_names=names, multi_label=multi,
+                        head_config=head_config(names, multi), labels=names, multi_label=multi,
                         train_targets=targets[0], validation_targets=targets[1],
                         token_types="token_type_ids" in tokenizer.model_input_names, findings=findings)
 
 
 def label_counts(data: LabelledData) -> dict[str, int]:
     """Training examples per class, in label order."""
-    return dict(zip(data.label_names, data.train_targets.sum(0).astype(int).tolist()))
+    return dict(zip(data.labels, data.train_targets.sum(0).astype(int).tolist()))
 
 
 def check_labelled(cfg: Config, report: CheckReport) -> None:

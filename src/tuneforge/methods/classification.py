@@ -130,12 +130,12 @@ class Classification:
         model.train(was_training)
         probs = torch.cat(all_probs)
         pred = predicted_sets(probs, data.multi_label, self.spec.threshold)
-        metrics = label_metrics(gold, pred, data.label_names)
+        metrics = label_metrics(gold, pred, data.labels)
         loss = float(torch.cat(losses).mean())
         if not final:
             return {"val_loss": loss, "val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"]}
         return {"val_loss": loss, **metrics, **({"threshold": self.spec.threshold} if data.multi_label else {}),
-                "confidently_wrong": confidently_wrong(data.validation.records, gold, pred, probs, data.label_names,
+                "confidently_wrong": confidently_wrong(data.validation.records, gold, pred, probs, data.labels,
                                                        self.spec.wrong_examples)}
 
     def preflight(self, model) -> None:
@@ -143,7 +143,7 @@ class Classification:
 
     def describe(self) -> dict:
         multi = self.data.multi_label
-        return {"method": self.name, "classes": len(self.data.label_names),
+        return {"method": self.name, "classes": len(self.data.labels),
                 "loss": "binary cross-entropy per class (sigmoid)" if multi else "cross-entropy over the classes",
                 **({"threshold": self.spec.threshold} if multi else {}),
                 "normalised_by": "examples of the accumulated batch"}

@@ -16,7 +16,7 @@ import torch
 from tuneforge.data.bpe import token_byte_lengths
 from tuneforge.fast import FastPath
 from tuneforge.methods.objective import Runtime
-from tuneforge.methods.sft import count_trained, sft_loss_sum
+from tuneforge.methods.sft import SFT, count_trained, sft_loss_sum
 from tuneforge.models.decode import greedy_generate
 from tuneforge.models.precision import autocast_for
 
@@ -84,15 +84,8 @@ class Pretrain:
     def collate(self, indices: list[int], place: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
         return block_batch(self.data.train, indices)
 
-    def units(self, batch) -> dict[str, int]:
-        return {"tokens": count_trained(batch)}
-
-    def prepare(self, model, batch):
-        return batch
-
-    def loss(self, model, batch, totals) -> tuple[torch.Tensor, dict]:
-        loss_sum = sft_loss_sum(model, batch, self.fast.chunked_loss, self.fast.loss_chunk_tokens, self.fast.kernels)
-        return loss_sum / totals["tokens"], {}
+    # The loss is SFT's, over every token of the block: normalised by the trained tokens of the accumulated batch.
+    units, prepare, loss = SFT.units, SFT.prepare, SFT.loss
 
     def samples(self, model) -> list[dict]:
         """Greedy continuations of the fixed prompts, each started as a new document (after EOS)."""

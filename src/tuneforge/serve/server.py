@@ -393,6 +393,11 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: no --api-key, so anyone who can reach {host}:{server.port} can use the model",
               file=sys.stderr, flush=True)
+    serve_until_stopped(server)
+
+
+def serve_until_stopped(server) -> None:
+    """Answer until Ctrl-C, then close: requests being answered finish first (server_close joins them)."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.resolve import locate_base_model
 from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
-from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server
+from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
@@ -318,10 +318,5 @@ def studio(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 
     """`tuneforge studio`: answer until Ctrl-C; a job in training then continues at the next start."""
     server = make_studio(home, host, port, api_keys, limits, quiet=quiet)
     print(f"tuneforge studio at {server.url} (home {server.store.home}; Ctrl-C to stop)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_stopped(server)
 
