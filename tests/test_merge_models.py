@@ -316,3 +316,11 @@ def test_config_resolves_paths_against_the_yaml_folder(tmp_path):
         "models": [{"model": "../m/a"}, {"model": "../m/b"}]}))
     assert cfg.models[0].model == str(tmp_path / "m" / "a")
     assert cfg.slerp_ends() == (1, 0)  # base_model is slerp's t=0 end, as in mergekit
+
+
+def test_config_key_given_twice_names_its_line(tmp_path):
+    # yaml.safe_load keeps the last of two equal keys; a merge file must not drop a setting silently.
+    path = tmp_path / "merge.yaml"
+    path.write_text("merge_method: linear\nmodels:\n  - model: a\nmerge_method: slerp\n")
+    with pytest.raises(ConfigError, match=r"merge\.yaml:4: .*merge_method"):
+        load_merge_config(path)

@@ -156,6 +156,8 @@ def _out_folder(args, run, default: str) -> Path:
 
 def cmd_merge(args) -> int:
     from tuneforge.export.merge import check_target, merge_run
+    from tuneforge.methods.facts import method_facts
+    from tuneforge.models.load import LOADED_BY
     from tuneforge.models.run import open_run
 
     run = open_run(args.run, args.trust_remote_code)
@@ -169,8 +171,8 @@ def cmd_merge(args) -> int:
     out = _out_folder(args, run, "merged")
     target = check_target(run, args.merge_target)
     merge_run(run, out, target=target, overwrite=args.overwrite)
-    console.print(f"Merged onto the {target} base weights; written to {out} "
-                  "(load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    loader = LOADED_BY[method_facts(run.config).model_head]
+    console.print(f"Merged onto the {target} base weights; written to {out} (load it with {loader})")
     return 0
 
 

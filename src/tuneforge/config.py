@@ -870,7 +870,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` inside a raw config dict, making sections on the way (--set, sweeps, the studio)."""
     parts = dotted.split(".")
     node = raw
     for part in parts[:-1]:
@@ -1000,7 +1001,7 @@ def apply_overrides(raw: object, overrides: list[str] | None) -> object:
     """`--set KEY=VALUE` pairs laid over a raw config, before it is validated like the rest."""
     if isinstance(raw, dict):
         for key, value in parse_overrides(overrides).items():
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     return raw
 
 

@@ -11,9 +11,9 @@ import difflib
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tuneforge.config import read_yaml
 from tuneforge.errors import ConfigError
 
 Method = Literal["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock"]
@@ -244,14 +244,7 @@ def merge_config_from_dict(raw: object, source: str = "<merge config>", base: Pa
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read, validate and resolve a merge YAML; every problem is a ConfigError naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: merge config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    raw = read_yaml(path, "merge config file")
     return merge_config_from_dict(raw, str(path), path.parent.resolve())
 
 

@@ -123,6 +123,14 @@ HEADS = {
     "image_classifier": _image_classifier,
     "encoder": _encoder,
 }
+# What loads a merged folder of each head in plain transformers (said after a merge or an export).
+LOADED_BY = {
+    "causal_lm": "transformers.AutoModelForCausalLM.from_pretrained",
+    "score": "transformers.AutoModelForSequenceClassification.from_pretrained",
+    "classifier": "transformers.AutoModelForSequenceClassification.from_pretrained",
+    "image_classifier": "transformers.AutoModelForImageClassification.from_pretrained",
+    "encoder": "sentence_transformers.SentenceTransformer",
+}
 
 
 def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,

@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneforge.config import Config, _set_dotted, config_from_dict, read_yaml
+from tuneforge.config import Config, set_dotted, config_from_dict, read_yaml
 from tuneforge.errors import ConfigError
 
 Scalar = Union[bool, int, float, str, None]
@@ -174,7 +174,7 @@ def trial_config(spec: SweepSpec, base_raw: dict, base_dir: Path, values: dict[s
     """The base config with the sweep's `set` keys, then this trial's values, laid over it, and its own output_dir."""
     raw = copy.deepcopy(base_raw)
     for key, value in {**spec.set, **values}.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     raw["output_dir"] = str(run_dir)
     return config_from_dict(raw, source, base_dir)
 
