@@ -20,6 +20,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.sweep.run import run_sweep
 from tuneforge.sweep.spec import load_sweep
 from tuneforge.sweep.study import open_study
+from tuneforge.track.trackers import Trackers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -64,12 +65,16 @@ def test_grid_sweep_ranks_trials_and_writes_the_best_config(tmp_path, tiny_model
     assert result.comparison is not None and len(result.comparison.runs) == 3
 
 
-def test_tpe_sweep_prunes_a_trial_from_its_intermediate_metric(tmp_path, tiny_models):
+def test_tpe_sweep_prunes_a_trial_from_its_intermediate_metric(tmp_path, tiny_models, monkeypatch):
     # learning_rate 1e-7 barely moves val_loss, 5e-2 lowers it at every step: after the first finished trial,
     # any such trial is worse than the median at step 1 and is stopped there.
     path = write_sweep(tmp_path, tiny_models["llama"], {
         "search": "tpe", "trials": 6, "seed": 1, "prune": {"kind": "median", "startup_trials": 1},
         "parameters": {"learning_rate": [1e-7, 5e-2]}})
+    statuses = []
+    finish = Trackers.finish
+    monkeypatch.setattr(Trackers, "finish", lambda self, facts, status: (statuses.append(status),
+                                                                         finish(self, facts, status)))
     rows = run_sweep(path, say=lambda _: None).rows
     assert len(rows) == 6
     pruned = [r for r in rows if r["state"] == "pruned"]
@@ -78,6 +83,8 @@ def test_tpe_sweep_prunes_a_trial_from_its_intermediate_metric(tmp_path, tiny_mo
     # a pruned trial is an ordinary, unfinished run folder: no run.json, its steps in metrics.jsonl
     assert not (Path(pruned[0]["run_dir"]) / "run.json").exists()
     assert (Path(pruned[0]["run_dir"]) / "metrics.jsonl").is_file()
+    # trackers hear that a pruned trial was stopped on purpose, not that it failed
+    assert sorted(statuses) == sorted(["FINISHED"] * (6 - len(pruned)) + ["KILLED"] * len(pruned))
 
 
 def test_killed_sweep_continues_without_running_a_trial_twice(tmp_path, tiny_models):

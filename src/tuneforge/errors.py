@@ -25,6 +25,11 @@ class TrainingError(TuneforgeError):
     pass
 
 
+class RunStopped(Exception):
+    """Raised to end a run on purpose before its last step (a pruned sweep trial): trackers record the run
+    as KILLED, as after Ctrl-C, not FAILED."""
+
+
 def read_utf8(path: Path, error: type[TuneforgeError], advice: str) -> str:
     """A text file's contents (a leading BOM dropped); bytes that are not UTF-8 are `error`, naming
     the file, the line and the byte, then `advice`."""

@@ -14,10 +14,14 @@ from pathlib import Path
 import optuna
 
 from tuneforge.config import Config
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import RunStopped, TuneforgeError
 from tuneforge.track.console import Reporter
 from tuneforge.train.checkpoints import list_checkpoints
 from tuneforge.train.loop import train
+
+
+class Pruned(optuna.TrialPruned, RunStopped):
+    """Optuna's pruning signal, which the run's trackers also read as a stop on purpose."""
 
 
 class TrialReporter(Reporter):
@@ -33,7 +37,7 @@ class TrialReporter(Reporter):
         if isinstance(value, (int, float)) and math.isfinite(value):
             self.trial.report(float(value), m["step"])
             if self.trial.should_prune():
-                raise optuna.TrialPruned(f"{self.metric} {value:.4g} at step {m['step']} is worse than the "
+                raise Pruned(f"{self.metric} {value:.4g} at step {m['step']} is worse than the "
                                          "median of earlier trials there")
 
 

@@ -22,7 +22,7 @@ import torch
 from tuneforge.config import Config, check_distributable, config_to_dict
 from tuneforge.data.batching import shard_step
 from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
-from tuneforge.errors import ConfigError, TrainingError
+from tuneforge.errors import ConfigError, RunStopped, TrainingError
 from tuneforge.eval.compare import compare, headline
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
@@ -277,8 +277,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 watchdog.pet("checkpoint")
             if watch.early_stopped:
                 break
-    except BaseException:
-        tracking.finish({"steps": step}, "FAILED")
+    except BaseException as err:
+        tracking.finish({"steps": step}, "KILLED" if isinstance(err, (RunStopped, KeyboardInterrupt)) else "FAILED")
         raise
     finally:
         watchdog.stop()
