@@ -134,3 +134,66 @@ def test_keys_apply_to_the_session_and_the_token_survives_a_restart(tmp_path):
         assert call(server, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, headers)[0] == 404
     finally:
         stop(server)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_file(studio, tmp_path_factory):
+    """The memorise chats with line 3 planted bad (no answer) and a `<script>` in line 1, uploaded."""
+    lines = [json.dumps(r) for r in memorise_records(24)]
+    lines[0] = json.dumps({"messages": [{"role": "user", "content": "<script>alert(1)</script>"},
+                                        {"role": "assistant", "content": "ok"}]})
+    lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
+    return upload(studio, "train.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+def model_query(tiny_models) -> str:
+    return f"model={tiny_models['llama']}"
+
+
+def test_check_names_the_planted_bad_line_with_what_to_do(studio, data_file, tiny_models):
+    status, _, report = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?{model_query(tiny_models)}")
+    assert status == 200, report
+    assert report["file"] == {"id": data_file["id"], "filename": "train.jsonl", "bytes": data_file["bytes"]}
+    assert report["format"] == "messages" and report["records"] == 24 and report["ok"] is False
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    assert [f["line"] for f in errors] == [3] and "no assistant turn" in errors[0]["message"]
+    assert errors[0]["fix"] and errors[0]["code"] == "bad-record"
+    assert all(str(studio.store.files_dir) not in f["message"] for f in report["findings"])
+    status, _, err = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?method=grpo")
+    assert status == 400 and err["error"]["param"] == "method"
+    assert call(studio, "GET", "/v1/tuneforge/files/file-nope/check")[0] == 404
+
+
+def test_preview_marks_trained_tokens_and_stats_count_them(studio, data_file, tiny_models):
+    status, _, preview = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/preview?"
+                                             f"{model_query(tiny_models)}&n=2")
+    assert status == 200, preview
+    first, second = preview["examples"]
+    assert (first["line"], second["line"]) == (1, 2)  # line 3 is bad: left out, as training leaves it out
+    assert "".join(s["text"] for s in first["segments"]).count("<script>alert(1)</script>") == 1
+    trained = "".join(s["text"] for s in second["segments"] if s["trained"])
+    assert trained.startswith("ALPHA BRAVO") and "Repeat" not in trained
+    assert 0 < second["trained_tokens"] < second["tokens"]
+    stats_url = f"/v1/tuneforge/files/{data_file['id']}/stats?{model_query(tiny_models)}"
+    status, _, stats = call(studio, "GET", stats_url)
+    assert status == 200, stats
+    assert stats["records"] == 24 and stats["left_out"] == 1 and stats["max_seq_len"] == 1024
+    counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
+    assert sum(counts) == 23 and len(edges) == len(counts) + 1 and stats["over_max_seq_len"] == 0
+    assert stats["tokens"]["min"] <= stats["tokens"]["p50"] <= stats["tokens"]["max"] and stats["tokens_per_epoch"] > 0
+    cut = call(studio, "GET", f"{stats_url}&max_seq_len=40")[2]
+    assert cut["max_seq_len"] == 40 and cut["over_max_seq_len"] == 23 - sum(cut["histogram"]["counts"]) > 0
+
+
+def test_convert_writes_a_new_messages_file(studio):
+    alpaca = upload(studio, "alpaca.jsonl", b'{"instruction": "Say hi", "output": "Hi!"}\n{"oops": 1}\n')
+    status, _, new = call(studio, "POST", f"/v1/tuneforge/files/{alpaca['id']}/convert", {"to": "messages"})
+    assert status == 200, new
+    assert new["object"] == "file" and new["filename"] == "alpaca.messages.jsonl" and new["id"] != alpaca["id"]
+    assert new["converted"] == {"read": 2, "written": 1, "rejected": 1}
+    content = call(studio, "GET", f"/v1/files/{new['id']}/content")[2]
+    assert json.loads(content) == {"messages": [{"role": "user", "content": "Say hi"},
+                                                {"role": "assistant", "content": "Hi!"}]}
+    assert new["id"] in [f["id"] for f in call(studio, "GET", "/v1/files")[2]["data"]]
