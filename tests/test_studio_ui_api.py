@@ -7,9 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 from conftest import memorise_records, write_jsonl
 
 from tuneforge.studio import make_studio
@@ -197,3 +199,77 @@ def test_convert_writes_a_new_messages_file(studio):
     assert json.loads(content) == {"messages": [{"role": "user", "content": "Say hi"},
                                                 {"role": "assistant", "content": "Hi!"}]}
     assert new["id"] in [f["id"] for f in call(studio, "GET", "/v1/files")[2]["data"]]
+
+
+# --- config, presets, plan -------------------------------------------------------------------------------
+
+def test_schema_describes_every_key_and_what_the_studio_owns(studio):
+    status, _, schema = call(studio, "GET", "/v1/tuneforge/schema")
+    assert status == 200
+    assert "learning_rate" in schema["properties"] and schema["properties"]["learning_rate"]["description"]
+    assert "LoraConfig" in schema["$defs"] and schema["$defs"]["LoraConfig"]["properties"]["r"]["description"]
+    assert {"base_model", "datasets", "output_dir", "trust_remote_code"} <= set(schema["x-studio"]["owned"])
+    assert "grpo" not in schema["x-studio"]["method_types"] and "kto" in schema["x-studio"]["method_types"]
+
+
+def test_presets_check_and_pretrain_says_it_cannot_start(studio, data_file):
+    status, _, presets = call(studio, "GET", "/v1/tuneforge/presets")
+    names = [p["name"] for p in presets["data"]]
+    assert status == 200 and names[:4] == ["chat-sft", "dpo", "classification", "embedding"] and "pretrain" in names
+    for preset in presets["data"]:
+        assert "datasets" not in preset["config"] and preset["title"] and preset["description"]
+        status, _, checked = call(studio, "POST", "/v1/tuneforge/config",
+                                  {"yaml": preset["yaml"], "training_file": data_file["id"]})
+        assert status == 200
+        assert checked["ok"] is preset["startable"], (preset["name"], checked["errors"])
+    pretrain = next(p for p in presets["data"] if p["name"] == "pretrain")
+    assert pretrain["note"] and not pretrain["startable"]
+
+
+def test_config_errors_name_their_keys(studio):
+    bad = "base_model: smollm2-135m-instruct\nlora:\n  r: 0\nlearning_rat: 0.001\n"
+    status, _, answer = call(studio, "POST", "/v1/tuneforge/config", {"yaml": bad})
+    assert status == 200 and answer["ok"] is False
+    by_key = {e["key"]: e["message"] for e in answer["errors"]}
+    assert "lora.r" in by_key and "did you mean learning_rate" in by_key["learning_rat"]
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": {"trust_remote_code": True}})[2]
+    assert [e["key"] for e in answer["errors"]] == ["trust_remote_code"]
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": {"method": "grpo"}})[2]
+    assert [e["key"] for e in answer["errors"]] == ["method"]
+    status, _, err = call(studio, "POST", "/v1/tuneforge/config", {"yaml": "a: [1,\n"})
+    assert status == 400 and err["error"]["code"] == "invalid_yaml" and "yaml:" in err["error"]["message"]
+
+
+def test_the_job_request_runs_exactly_the_config_shown(studio, data_file, tiny_models):
+    yaml_text = (f"base_model: {tiny_models['llama']}\nmethod: dpo\nlora: {{r: 4}}\nepochs: 2\nlearning_rate: 1.0e-4\n"
+                 "datasets: [{path: elsewhere.jsonl}]\nmax_seq_len: 128\n")
+    status, _, answer = call(studio, "POST", "/v1/tuneforge/config", {"yaml": yaml_text, "training_file": data_file["id"],
+                                                                     "suffix": "ui"})
+    assert status == 200 and answer["ok"], answer["errors"]
+    assert answer["warnings"] and answer["warnings"][0].startswith("datasets:")
+    config = answer["config"]
+    assert (config["lora"]["r"], config["epochs"], config["method"], config["max_seq_len"]) == (4, 2, "dpo", 128)
+    assert config["save_every"] == 10 and config["micro_batch_size"] == 4  # the studio's defaults, as the job gets
+    request = answer["job_request"]
+    assert request["model"] == str(tiny_models["llama"]) and request["training_file"] == data_file["id"]
+    assert request["method"]["dpo"]["hyperparameters"]["n_epochs"] == 2
+    status, _, job = call(studio, "POST", "/v1/fine_tuning/jobs", request)
+    assert status == 200, job
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})
+    stored = studio.store.job(job["id"])["config"]
+    assert {k: v for k, v in stored.items() if k not in ("datasets", "output_dir")} == yaml.safe_load(answer["yaml"])
+    assert job["hyperparameters"]["n_epochs"] == 2 and job["user_provided_suffix"] == "ui"
+
+
+def test_plan_answers_fit_memory_and_cost_without_data(studio, tiny_models):
+    started = time.monotonic()
+    status, _, plan = call(studio, "POST", "/v1/tuneforge/plan", {"config": {"base_model": "smollm2-135m-instruct"}})
+    assert status == 200, plan
+    assert time.monotonic() - started < 10
+    assert plan["fits"] is True and plan["device"] and plan["peak_memory_gb"] > 0
+    assert {"weights", "adapter", "optimizer", "gradients", "activations"} <= set(plan["memory_by_part"])
+    h200 = next(r for r in plan["rows"] if r["gpu"] == "H200")
+    assert h200["fits"] and h200["hours"] > 0 and h200["cost_usd"] > 0
+    assert "1,000 examples" in plan["data"]["how"]
+    status, _, err = call(studio, "POST", "/v1/tuneforge/plan", {"config": {"lora": {"r": -1}}})
+    assert status == 400 and err["error"]["param"] == "lora.r"

@@ -21,7 +21,7 @@ from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
 from tuneforge import __version__
-from tuneforge.studio import data_api, guard
+from tuneforge.studio import config_api, data_api, guard
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
@@ -53,6 +53,10 @@ ROUTES = [  # (pattern, {method: handler name})
     (rf"/v1/tuneforge/files/{ID}/preview", {"GET": data_api.preview}),
     (rf"/v1/tuneforge/files/{ID}/stats", {"GET": data_api.stats}),
     (rf"/v1/tuneforge/files/{ID}/convert", {"POST": data_api.convert}),
+    (r"/v1/tuneforge/schema", {"GET": config_api.schema}),
+    (r"/v1/tuneforge/presets", {"GET": config_api.presets}),
+    (r"/v1/tuneforge/config", {"POST": config_api.check_config}),
+    (r"/v1/tuneforge/plan", {"POST": config_api.plan}),
 ]
 PUBLIC = ("health", "index", "static")  # answered without a key: the page must load to show its login box
 
