@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import memorise_records, write_jsonl
+from conftest import chat, memorise_records
 
 from tuneforge.studio import make_studio
 from tuneforge.studio.keys import new_key
@@ -273,3 +273,73 @@ def test_plan_answers_fit_memory_and_cost_without_data(studio, tiny_models):
     assert "1,000 examples" in plan["data"]["how"]
     status, _, err = call(studio, "POST", "/v1/tuneforge/plan", {"config": {"lora": {"r": -1}}})
     assert status == 400 and err["error"]["param"] == "lora.r"
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+def wait_for(what, timeout: float = 180, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def trained(studio, tiny_models):
+    """One tiny LoRA job trained to the end, with validation and the before/after evaluation, started the way
+    the page starts it: POST /v1/tuneforge/config, then its job_request to the jobs API."""
+    train = upload(studio, "memo.jsonl", "".join(json.dumps(r) + "\n" for r in memorise_records(16)).encode())
+    held = upload(studio, "held.jsonl", "".join(json.dumps(chat(f"Say {w} twice", f"{w} {w}".upper())) + "\n"
+                                                for w in ("golf", "kilo", "lima")).encode())
+    config = {"base_model": str(tiny_models["llama"]), "max_steps": 6, "save_every": 3, "eval_every": 3,
+              "device": "cpu", "precision": "fp32", "max_seq_len": 64, "learning_rate": 5e-3,
+              "lora": {"r": 8, "alpha": 16}, "diagnose": {"enabled": False},
+              "evaluation": {"before_after": True, "max_new_tokens": 4}}
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": config, "training_file": train["id"],
+                                                          "validation_file": held["id"], "suffix": "ui"})[2]
+    assert answer["ok"], answer["errors"]
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", answer["job_request"])[2]
+    job = wait_for(lambda: (j := call(studio, "GET", f"/v1/fine_tuning/jobs/{job['id']}")[2])["status"] in
+                   ("succeeded", "failed", "cancelled") and j)
+    log = studio.store.jobs_dir / job["id"] / "train.log"
+    assert job["status"] == "succeeded", (job["error"], log.is_file() and log.read_text()[-3000:])
+    return job
+
+
+def test_metrics_hold_every_logged_step_and_the_validation(studio, trained):
+    status, _, m = call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/metrics")
+    assert status == 200
+    assert m["status"] == "succeeded" and m["total_steps"] == 6
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert all(s["loss"] > 0 and s["lr"] > 0 and "grad_norm" in s and "examples" not in s for s in m["steps"])
+    assert [v["step"] for v in m["validation"]] == [3, 6] and all(v["val_loss"] > 0 for v in m["validation"])
+    assert m["config"]["max_steps"] == 6 and m["diagnoses"] == []
+    events = call(studio, "GET", f"/v1/fine_tuning/jobs/{trained['id']}/events?limit=100")[2]["data"]
+    logged = {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
+    assert logged == {s["step"]: s["loss"] for s in m["steps"]}  # the same numbers as the jobs API's events
+
+
+def test_evaluation_before_and_after_side_by_side(studio, trained):
+    status, _, ev = call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/evaluation")
+    assert status == 200 and ev["before"] and ev["after"]
+    rows = {r["name"]: r for r in ev["rows"]}
+    assert rows["val_loss"]["better"] == "lower" and rows["val_loss"]["after"] == ev["after"]["val_loss"]
+    assert rows["exact_match"]["better"] == "higher" and "samples" not in rows
+
+
+def test_compare_lists_the_config_keys_that_differ_and_the_curves(studio, trained, tiny_models):
+    other = dict(trained["method"])
+    request = {"model": trained["model"], "training_file": trained["training_file"], "method": other,
+               "tuneforge": {"lora": {"r": 4}, "max_steps": 6, "device": "cpu"}}
+    second = call(studio, "POST", "/v1/fine_tuning/jobs", request)[2]
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{second['id']}/cancel", {})
+    status, _, c = call(studio, "GET", f"/v1/tuneforge/compare?jobs={trained['id']},{second['id']}")
+    assert status == 200
+    assert [j["id"] for j in c["jobs"]] == [trained["id"], second["id"]]
+    diff = {d["key"]: d["values"] for d in c["config_diff"]}
+    assert diff["lora.r"] == [8, 4] and "output_dir" not in diff
+    assert [p["step"] for p in c["curves"][trained["id"]]] == [1, 2, 3, 4, 5, 6] and c["curves"][second["id"]] == []
+    assert call(studio, "GET", f"/v1/tuneforge/compare?jobs={trained['id']}")[0] == 400

@@ -21,7 +21,7 @@ from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
 from tuneforge import __version__
-from tuneforge.studio import config_api, data_api, guard
+from tuneforge.studio import config_api, data_api, guard, runs_api
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
@@ -57,6 +57,9 @@ ROUTES = [  # (pattern, {method: handler name})
     (r"/v1/tuneforge/presets", {"GET": config_api.presets}),
     (r"/v1/tuneforge/config", {"POST": config_api.check_config}),
     (r"/v1/tuneforge/plan", {"POST": config_api.plan}),
+    (rf"/v1/tuneforge/jobs/{ID}/metrics", {"GET": runs_api.metrics}),
+    (rf"/v1/tuneforge/jobs/{ID}/evaluation", {"GET": runs_api.evaluation}),
+    (r"/v1/tuneforge/compare", {"GET": runs_api.compare}),
 ]
 PUBLIC = ("health", "index", "static")  # answered without a key: the page must load to show its login box
 
