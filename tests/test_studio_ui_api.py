@@ -5,16 +5,20 @@ export endpoints on tiny models and files."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import threading
 import time
+import zipfile
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from conftest import chat, memorise_records
 
+from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
+from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
 
 
@@ -343,3 +347,51 @@ def test_compare_lists_the_config_keys_that_differ_and_the_curves(studio, traine
     assert diff["lora.r"] == [8, 4] and "output_dir" not in diff
     assert [p["step"] for p in c["curves"][trained["id"]]] == [1, 2, 3, 4, 5, 6] and c["curves"][second["id"]] == []
     assert call(studio, "GET", f"/v1/tuneforge/compare?jobs={trained['id']}")[0] == 400
+
+
+# --- review and export -----------------------------------------------------------------------------------
+
+def test_a_blind_review_writes_one_preference_pair_to_the_reviews_file(studio, trained, monkeypatch):
+    monkeypatch.setattr(review_module, "MAX_TOKENS", 6)  # a random tiny model never ends its answer
+    status, _, review = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})
+    assert status == 200, review
+    assert review["prompt"][-1]["role"] == "user" and review["prompt"][-1]["content"].startswith("Say ")
+    tuned = call(studio, "POST", "/v1/chat/completions", {"model": trained["fine_tuned_model"], "temperature": 0,
+                                                          "max_tokens": 6, "messages": review["prompt"]})[2]
+    assert tuned["choices"][0]["message"]["content"] in review["answers"].values()
+    assert "tuned" not in json.dumps(review) and "base" not in json.dumps(review)  # the order stays hidden
+    status, _, saved = call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": "B"})
+    assert status == 200 and saved["saved"] and saved["pairs"] == 1
+    assert saved["file"]["filename"] == "reviews.jsonl" and saved["file"]["purpose"] == "fine-tune"
+    assert call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": "A"})[0] == 400
+    [pair] = [json.loads(line) for line in call(studio, "GET", f"/v1/files/{saved['file']['id']}/content")[2]
+              .decode().splitlines()]
+    assert pair == {"prompt": review["prompt"], "chosen": [{"role": "assistant", "content": review["answers"]["B"]}],
+                    "rejected": [{"role": "assistant", "content": review["answers"]["A"]}]}
+    [record] = read_records(studio.store.file_path(saved["file"]["id"]))
+    assert record.kind == "preference"  # what method: dpo trains on
+    tie = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})[2]
+    after = call(studio, "POST", f"/v1/tuneforge/reviews/{tie['review_id']}", {"choice": "tie"})[2]
+    assert after["saved"] is False and after["pairs"] == 1 and after["ties"] == 1
+    assert after["file"]["bytes"] == saved["file"]["bytes"]
+
+
+def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studio, trained):
+    base = f"/v1/tuneforge/jobs/{trained['id']}"
+    status, _, guess = call(studio, "GET", f"{base}/export/estimate?to=gguf&quant=q8_0")
+    assert status == 200, guess
+    status, _, made = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "q8_0"})
+    assert status == 200, made
+    assert abs(made["bytes"] - guess["bytes"]) < 0.2 * made["bytes"], (made["bytes"], guess["bytes"])
+    status, response, data = call(studio, "GET", made["download"])
+    assert status == 200 and len(data) == made["bytes"] and data[:4] == b"GGUF"
+    assert response.getheader("Content-Disposition").startswith("attachment; filename=")
+    guess = call(studio, "GET", f"{base}/export/estimate?to=adapter")[2]
+    made = call(studio, "POST", f"{base}/exports", {"to": "adapter"})[2]
+    assert abs(made["bytes"] - guess["bytes"]) < 0.1 * made["bytes"]
+    status, response, data = call(studio, "GET", made["download"])
+    assert status == 200 and response.getheader("Content-Type") == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert "adapter_model.safetensors" in z.namelist() and "README.md" in z.namelist()
+    assert call(studio, "GET", f"{base}/export/estimate?to=tflite")[0] == 400
+    assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404
