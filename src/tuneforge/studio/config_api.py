@@ -159,7 +159,11 @@ def plan(studio: Studio, owner: str, body: dict, query=None) -> dict:
     if cfg is None:
         first = errors[0]
         raise ApiError(400, f"{first['key']}: {first['message']}", param=first["key"], code="invalid_config")
-    size = DataSize(seq_len=body.get("seq_len", ASSUMED.seq_len), examples=body.get("examples", ASSUMED.examples))
+    given = {key: body.get(key, getattr(ASSUMED, key)) for key in ("seq_len", "examples")}
+    for key, value in given.items():
+        if type(value) is not int or value < 1:
+            raise ApiError(400, f"{key}: a positive whole number, got {value!r}", param=key)
+    size = DataSize(**given)
     try:
         data = None if body.get("training_file") else assumed_data(size, cfg.max_seq_len)
         report = plan_config(cfg, data=data)

@@ -29,8 +29,6 @@ from tuneforge.studio.context import Studio
 from tuneforge.studio.store import new_id
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-METHODS_OFFERED = ("sft", "dpo", "orpo", "simpo", "kto")  # causal_lm methods a studio job may train
-TASKS_OFFERED = ("classification", "embedding")
 # What to do about each kind of finding of `tuneforge data check` (its message says what was found).
 FIXES = {
     "bad-record": "Fix or remove this line: each line must be one JSON object in a supported format.",
@@ -74,18 +72,18 @@ def file_config(studio: Studio, owner: str, file_id: str, query: dict, **setting
     file_row(studio, owner, file_id)
     raw = {**j.DEFAULTS, **settings, "base_model": query.get("model") or DEFAULT_MODEL,
            "datasets": [{"path": str(studio.store.file_path(file_id))}]}
-    task = _choice(query, "task", TASKS_OFFERED, None)
-    if task:
+    task = _choice(query, "task", j.CHOSEN["task"], None)
+    if task and task != "causal_lm":
         raw["task"] = task
         raw.pop("adapter")  # an encoder or classifier's own default
     else:
-        raw["method"] = _choice(query, "method", METHODS_OFFERED, "sft")
+        raw["method"] = _choice(query, "method", j.CHOSEN["method"], "sft")
     if "max_seq_len" in query:
         raw["max_seq_len"] = query["max_seq_len"]
     try:
         return config_from_dict(raw, "the query")
     except TuneforgeError as err:
-        raise ApiError(400, str(err), param="model") from None
+        raise ApiError(400, str(err), code="invalid_query") from None
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,12 +16,12 @@ from email.parser import BytesParser
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tuneforge import __version__
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.resolve import locate_base_model
 from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
-from tuneforge import __version__
 from tuneforge.studio import config_api, data_api, exports, guard, review, runs_api
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
@@ -32,7 +32,7 @@ from tuneforge.studio.worker import Worker
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATIC = Path(__file__).parent / "static"
 ID = r"([A-Za-z0-9_-]{1,64})"
-ROUTES = [  # (pattern, {method: handler name})
+ROUTES = [  # (pattern, {method: handler method's name, or a function of (studio, owner, *ids, body, query)})
     (r"/v1/files", {"GET": "list_files", "POST": "upload"}),
     (rf"/v1/files/{ID}", {"GET": "get_file", "DELETE": "delete_file"}),
     (rf"/v1/files/{ID}/content", {"GET": "file_content"}),
