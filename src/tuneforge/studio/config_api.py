@@ -83,7 +83,8 @@ def job_request(raw: dict, training_file: str | None, body: dict) -> dict:
             hyper[name] = raw[key]
     if type(raw.get("learning_rate")) in (int, float) and raw["learning_rate"] > 0:
         hyper["learning_rate_multiplier"] = raw["learning_rate"] / j.BASE_LR[kind]
-    beta = (raw.get("dpo") or {}).get("beta") if isinstance(raw.get("dpo"), dict) else None
+    dpo = raw.get("dpo")
+    beta = dpo.get("beta") if isinstance(dpo, dict) else None
     if kind == "dpo" and type(beta) in (int, float) and beta > 0:
         hyper["beta"] = beta
     extension = {k: v for k, v in raw.items() if k not in ("base_model", "seed", *DATA_KEYS)}
@@ -112,9 +113,9 @@ def checked(studio: Studio, owner: str, body: dict) -> tuple[dict, dict, Config 
     # A pasted example's data paths are not used: the studio trains on the chosen files.
     warnings = [f"{key}: not used; the studio trains on the training file chosen on this page" for key in DATA_KEYS
                 if key in raw]
+    training, validation = _path(studio, owner, body, "training_file"), _path(studio, owner, body, "validation_file")
     try:
-        config, _ = j.job_raw_config(request, _path(studio, owner, body, "training_file") or NO_FILE,
-                                     _path(studio, owner, body, "validation_file"))
+        config, _ = j.job_raw_config(request, training or NO_FILE, validation)
     except ApiError as err:
         key = (err.param or "").removeprefix("tuneforge.")
         return request, raw, None, [{"key": key, "message": err.message.removeprefix(f"{err.param}: ")}], warnings

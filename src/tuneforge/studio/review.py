@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from tuneforge.data.formats import Record, read_records
+from tuneforge.errors import TuneforgeError
 from tuneforge.models.decode import Sampling
 from tuneforge.serve.engine import Engine, Result
 from tuneforge.serve.protocol import ApiError
@@ -60,7 +61,10 @@ def held_out_prompt(studio: Studio, job: dict) -> list[dict]:
     path = studio.store.file_path(file_id)
     if not path.is_file():
         raise ApiError(400, f"the job's file {file_id} was deleted; no prompt to review", code="file_not_found")
-    prompts = [p for r in read_records(path) if isinstance(r, Record) and (p := _prompt(r))]
+    try:
+        prompts = [p for r in read_records(path) if isinstance(r, Record) and (p := _prompt(r))]
+    except TuneforgeError as err:
+        raise ApiError(400, str(err).replace(str(path), file_id), code="invalid_file") from None
     if not prompts:
         raise ApiError(400, f"{file_id}: holds no chat prompt to review", param="training_file")
     return random.choice(prompts[-CANDIDATES:])
