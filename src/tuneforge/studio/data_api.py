@@ -66,6 +66,14 @@ def file_row(studio: Studio, owner: str, file_id: str) -> dict:
     return row
 
 
+def room_for_a_file(studio: Studio, owner: str, param: str | None = None) -> None:
+    """Refuse a key's next file past --max-files: an upload, or one the studio writes (a conversion, reviews)."""
+    if len(studio.store.files(owner)) >= studio.limits.max_files:
+        raise ApiError(400, f"{param + ': ' if param else ''}you have {studio.limits.max_files} files, the most "
+                       "this studio keeps per key (--max-files); delete some with DELETE /v1/files/{id}",
+                       param=param, code="too_many_files")
+
+
 def file_config(studio: Studio, owner: str, file_id: str, query: dict, **settings) -> Config:
     """The config a studio job of this file would train with, as far as data goes: model, method or task,
     max_seq_len (the studio's default 1024); `settings` are laid over it."""
@@ -181,6 +189,7 @@ def convert(studio: Studio, owner: str, file_id: str, body: dict, query=None) ->
     if body.get("to", "messages") != "messages":
         raise ApiError(400, f"to: only \"messages\" is written (preference records stay preference pairs in "
                        f"messages), got {body.get('to')!r}", param="to")
+    room_for_a_file(studio, owner)
     work = studio.store.home / "tmp" / new_id("convert")
     work.mkdir(parents=True)
     try:

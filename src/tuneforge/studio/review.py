@@ -21,6 +21,7 @@ from tuneforge.serve.engine import Engine, Result
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio import jobs as j
 from tuneforge.studio.context import Studio
+from tuneforge.studio.data_api import room_for_a_file
 from tuneforge.studio.runs_api import job_row
 from tuneforge.studio.store import new_id
 
@@ -106,6 +107,7 @@ def _reviews_file(studio: Studio, owner: str, tally: dict) -> dict:
     """The owner's reviews file (made at the first pair, made again if it was deleted)."""
     row = studio.store.file(owner, tally.get("file_id") or "")
     if row is None:
+        room_for_a_file(studio, owner)
         row = studio.store.add_file(owner, REVIEWS_FILE, "fine-tune", b"")
         tally.update(file_id=row["id"], pairs=0)
     return row

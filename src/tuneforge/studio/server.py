@@ -162,16 +162,13 @@ class StudioHandler(Handler):
     # --- files ---------------------------------------------------------------------------------------
 
     def upload(self, owner: str, body: dict) -> None:
-        store, limits = self.server.store, self.server.limits
+        store = self.server.store
         if body.get("purpose") != "fine-tune":
             raise p.ApiError(400, f"purpose: must be \"fine-tune\", got {body.get('purpose')!r}", param="purpose")
         if "file" not in body:
             raise p.ApiError(400, "file: is required: the JSONL file as a multipart part named `file`", param="file")
         filename, content = body["file"]
-        if len(store.files(owner)) >= limits.max_files:
-            raise p.ApiError(400, f"file: you have {limits.max_files} files, the most this studio keeps per key "
-                             "(--max-files); delete some with DELETE /v1/files/{id}", param="file",
-                             code="too_many_files")
+        data_api.room_for_a_file(self.server, owner, "file")
         self._send_json(200, j.file_object(store.add_file(owner, filename, "fine-tune", content)))
 
     def _file(self, owner: str, file_id: str) -> dict:
