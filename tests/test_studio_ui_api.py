@@ -20,6 +20,7 @@ from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
 from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
+from tuneforge.studio.worker import file_errors
 
 
 def call(server, method: str, path: str, body: dict | bytes | None = None, headers: dict | None = None):
@@ -398,3 +399,15 @@ def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studi
         assert "adapter_model.safetensors" in z.namelist() and "README.md" in z.namelist()
     assert call(studio, "GET", f"{base}/export/estimate?to=tflite")[0] == 400
     assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404
+
+
+def test_a_classification_preset_job_passes_validation_as_its_row_reads_the_file(studio):
+    labelled = upload(studio, "labels.jsonl", b"".join(json.dumps({"text": f"{w} {i}", "label": w}).encode() + b"\n"
+                                                        for i in range(6) for w in ("yes", "no")))
+    preset = next(p for p in call(studio, "GET", "/v1/tuneforge/presets")[2]["data"] if p["name"] == "classification")
+    request = call(studio, "POST", "/v1/tuneforge/config", {"config": preset["config"],
+                                                           "training_file": labelled["id"]})[2]["job_request"]
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", request)[2]
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})  # checked here, not trained
+    assert job["method"]["type"] == "supervised" and studio.store.job(job["id"])["config"]["task"] == "classification"
+    assert file_errors(studio.store, studio.store.job(job["id"])) is None
