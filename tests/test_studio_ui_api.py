@@ -10,7 +10,6 @@ import json
 import threading
 import time
 import zipfile
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
