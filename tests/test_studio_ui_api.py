@@ -82,9 +82,10 @@ def test_browser_posts_need_the_csrf_token_and_our_origin_while_api_clients_need
     assert status == 403 and err["error"]["code"] == "csrf"
     status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, browser(studio, "0" * 64))
     assert status == 403 and err["error"]["code"] == "csrf"
-    evil = {"Origin": "http://evil.example", "X-CSRF-Token": token}
-    status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, evil)
-    assert status == 403 and err["error"]["code"] == "origin_not_allowed"
+    for origin in ("http://evil.example", "null", "http://[bad", f"http://127.0.0.1:{studio.port}.evil.example"):
+        status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {},
+                              {"Origin": origin, "X-CSRF-Token": token})
+        assert status == 403 and err["error"]["code"] == "origin_not_allowed", origin
     status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {},
                           {"Sec-Fetch-Site": "cross-site", "X-CSRF-Token": token})
     assert status == 403 and err["error"]["code"] == "csrf"
@@ -99,7 +100,7 @@ def test_browser_posts_need_the_csrf_token_and_our_origin_while_api_clients_need
 
 
 def test_a_rebinding_host_is_refused_on_loopback(studio):
-    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io"):
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "[bad"):
         status, _, err = call(studio, "GET", "/v1/tuneforge/session", headers={"Host": host})
         assert status == 403 and err["error"]["code"] == "host_not_allowed", host
     for host in (f"localhost:{studio.port}", f"127.0.0.1:{studio.port}", "[::1]"):
