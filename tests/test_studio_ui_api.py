@@ -167,7 +167,7 @@ def test_check_names_the_planted_bad_line_with_what_to_do(studio, data_file, tin
     assert [f["line"] for f in errors] == [3] and "no assistant turn" in errors[0]["message"]
     assert errors[0]["fix"] and errors[0]["code"] == "bad-record"
     assert all(str(studio.store.files_dir) not in f["message"] for f in report["findings"])
-    builtin = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check")[2]  # the built-in's tokenizer
+    builtin = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?model=&method=")[2]  # the built-in
     assert builtin["settings"]["base_model"] == "smollm2-135m-instruct"
     assert [f["line"] for f in builtin["findings"] if f["severity"] == "error"] == [3]
     status, _, err = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?method=grpo")

@@ -53,7 +53,7 @@ DEFAULT_FIX = "Fix this record and upload the file again."
 
 
 def _choice(query: dict, key: str, allowed: tuple[str, ...], default: str | None) -> str | None:
-    value = query.get(key, default)
+    value = query.get(key) or default  # `?method=` left empty: the default
     if value is not None and value not in allowed:
         raise ApiError(400, f"{key}: must be one of {', '.join(allowed)}, got {value!r}", param=key)
     return value
@@ -86,7 +86,7 @@ def file_config(studio: Studio, owner: str, file_id: str, query: dict, **setting
         raw.pop("adapter")  # an encoder or classifier's own default
     else:
         raw["method"] = _choice(query, "method", j.CHOSEN["method"], "sft")
-    if "max_seq_len" in query:
+    if query.get("max_seq_len"):
         raw["max_seq_len"] = query["max_seq_len"]
     try:
         return config_from_dict(raw, "the query")
