@@ -148,7 +148,7 @@ def preview(studio: Studio, owner: str, file_id: str, body=None, query: dict | N
     """GET /v1/tuneforge/files/{id}/preview: the first examples as the model receives them, trained tokens marked."""
     query = query or {}
     cfg = file_config(studio, owner, file_id, query)
-    n = query.get("n", "5")
+    n = query.get("n") or "5"
     if not n.isdigit() or not 1 <= int(n) <= 50:
         raise ApiError(400, f"n: must be a whole number from 1 to 50, got {n!r}", param="n")
 
