@@ -30,6 +30,7 @@ SETTINGS = {"max_steps": 24, "save_every": 4, "device": "cpu", "precision": "fp3
             "lora": {"r": 8, "alpha": 16}, "diagnose": {"enabled": False}}
 METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4, "learning_rate_multiplier": 25}}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+NOWHERE = Path("/nonexistent-studio-home")  # a studio home with no models/ folder
 
 
 def wait_for(what, timeout: float = 120, every: float = 0.05):
@@ -245,17 +246,44 @@ def test_openai_preference_records_are_read_as_prompt_chosen_rejected(tmp_path):
 def test_job_request_becomes_a_config():
     config, method = job_config({"model": "m", "method": {"type": "dpo", "dpo": {"hyperparameters": {
         "beta": 0.5, "n_epochs": 2, "learning_rate_multiplier": "auto"}}},
-        "tuneforge": {"lora.r": 4, "lora": {"alpha": 8}}}, "/t.jsonl", "/v.jsonl")
+        "tuneforge": {"lora.r": 4, "lora": {"alpha": 8}}}, "/t.jsonl", "/v.jsonl", NOWHERE, False)
     assert (config["method"], config["dpo"]["beta"], config["epochs"], config["learning_rate"]) == ("dpo", 0.5, 2, 2e-5)
     assert config["lora"] == {"r": 4, "alpha": 8} and config["validation"] == {"path": "/v.jsonl"}
     assert method["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0,
                                                 "beta": 0.5}
-    legacy, _ = job_config({"model": "m", "hyperparameters": {"n_epochs": 1, "batch_size": 2}}, "/t.jsonl", None)
+    legacy, _ = job_config({"model": "m", "hyperparameters": {"n_epochs": 1, "batch_size": 2}}, "/t.jsonl", None, NOWHERE, False)
     assert (legacy["method"], legacy["epochs"], legacy["micro_batch_size"]) == ("sft", 1, 2)
     for body, param in (({"model": "m", "tuneforge": {"output_dir": "/etc"}}, "tuneforge.output_dir"),
                         ({"model": "m", "hyperparameters": {"beta": 1}}, "hyperparameters.beta"),
                         ({"model": "m", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
                         ({"model": "m", "tuneforge": {"lora": {"r": 0}}}, "tuneforge")):
         with pytest.raises(ApiError) as err:
-            job_config(body, "/t.jsonl", None)
+            job_config(body, "/t.jsonl", None, NOWHERE, False)
         assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("extension", [
+    {"evaluation": {"suite": [{"metric": "builtins:exec"}]}},          # code to import
+    {"evaluation.judge": {"endpoint": "http://elsewhere.example/v1"}},  # data sent elsewhere
+    {"evaluation": {"forgetting": {"path": "/etc/passwd"}}},            # a file on the server
+    {"chat_template": "../../secret.jinja"},
+    {"tokenizer": {"reuse": "~/models/x"}},
+])
+def test_a_job_request_names_no_file_url_or_code(extension):
+    with pytest.raises(ApiError) as err:
+        job_config({"model": "m", "tuneforge": extension}, "/t.jsonl", None, NOWHERE, False)
+    assert err.value.status == 400 and err.value.param == f"tuneforge.{next(iter(extension))}"
+    assert "names a file, a URL or code" in err.value.message
+
+
+def test_with_keys_a_model_is_a_built_in_or_a_folder_under_home_models(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    config, _ = job_config({"model": "mine"}, "/t.jsonl", None, tmp_path, True)
+    assert config["base_model"] == str(tmp_path / "models" / "mine")
+    assert job_config({"model": "smollm2-135m-instruct"}, "/t.jsonl", None, tmp_path, True)[0]["base_model"] == \
+        "smollm2-135m-instruct"
+    with pytest.raises(ApiError) as err:
+        job_config({"model": "/home/someone/model"}, "/t.jsonl", None, tmp_path, True)
+    assert err.value.param == "model" and "not read" in err.value.message
+    # on 127.0.0.1 without keys the caller is this machine's user: a local folder is theirs to name
+    assert job_config({"model": "/opt/m"}, "/t.jsonl", None, tmp_path, False)[0]["base_model"] == "/opt/m"

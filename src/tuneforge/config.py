@@ -901,7 +901,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """Whether a config value names a file or folder rather than a built-in name (paths, model files)."""
     return value.startswith((".", "/", "~")) or value.endswith((".gguf", ".jinja", ".jsonl", ".json")) or "/" in value
 
 
@@ -919,7 +920,7 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.output_dir = _resolve(cfg.output_dir, base)
     if cfg.embedding.corpus:
         cfg.embedding.corpus = _resolve(cfg.embedding.corpus, base)
-    if _looks_like_path(cfg.base_model) and not Path(cfg.base_model).is_absolute():
+    if looks_like_path(cfg.base_model) and not Path(cfg.base_model).is_absolute():
         candidate = base / cfg.base_model
         if candidate.exists() or cfg.base_model.startswith("."):
             cfg.base_model = str(candidate.resolve())

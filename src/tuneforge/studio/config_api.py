@@ -115,7 +115,8 @@ def checked(studio: Studio, owner: str, body: dict) -> tuple[dict, dict, Config 
                 if key in raw]
     training, validation = _path(studio, owner, body, "training_file"), _path(studio, owner, body, "validation_file")
     try:
-        config, _ = j.job_raw_config(request, training or NO_FILE, validation)
+        config, _ = j.job_raw_config(request, training or NO_FILE, validation, studio.store.home,
+                                       studio.keys is not None)
     except ApiError as err:
         key = (err.param or "").removeprefix("tuneforge.")
         return request, raw, None, [{"key": key, "message": err.message.removeprefix(f"{err.param}: ")}], warnings

@@ -78,7 +78,8 @@ def file_config(studio: Studio, owner: str, file_id: str, query: dict, **setting
     """The config a studio job of this file would train with, as far as data goes: model, method or task,
     max_seq_len (the studio's default 1024); `settings` are laid over it."""
     file_row(studio, owner, file_id)
-    raw = {**j.DEFAULTS, **settings, "base_model": query.get("model") or DEFAULT_MODEL,
+    model = j.base_model_for(query.get("model") or DEFAULT_MODEL, studio.store.home, studio.keys is not None)
+    raw = {**j.DEFAULTS, **settings, "base_model": model,
            "datasets": [{"path": str(studio.store.file_path(file_id))}]}
     task = _choice(query, "task", j.CHOSEN["task"], None)
     if task and task != "causal_lm":

@@ -21,9 +21,10 @@ grpo, which runs user code) are refused.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
-from tuneforge.config import config_from_dict
+from tuneforge.config import config_from_dict, looks_like_path
 from tuneforge.errors import ConfigError
 from tuneforge.serve.protocol import ApiError
 
@@ -76,12 +77,25 @@ def _hyperparameters(body: dict) -> tuple[str, dict]:
     return kind, out
 
 
+def _outside(value: Any) -> str | None:
+    """A string in a setting that names a file, a folder, a URL or a `module:function` (code to import), if any:
+    a request reaches the machine only through uploaded files and the studio's own model names."""
+    if isinstance(value, str):
+        return value if looks_like_path(value) or ":" in value or value.endswith(".py") else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((hit for hit in map(_outside, items) if hit is not None), None)
+
+
 def _lay_over(raw: dict, extension: dict) -> dict:
-    """The extension's keys (nested or dotted) laid over the derived config, refusing the owned ones."""
+    """The extension's keys (nested or dotted) laid over the derived config, refusing the owned ones and any
+    value that names a file, a URL or code."""
     for dotted, value in extension.items():
         if not isinstance(dotted, str) or dotted.split(".")[0] in OWNED:
             raise _bad(f"tuneforge.{dotted}", f"is set by the studio (one of {', '.join(OWNED)}); use the job's own "
                        "fields (model, training_file, validation_file, method) instead")
+        if (hit := _outside(value)) is not None:
+            raise _bad(f"tuneforge.{dotted}", f"{hit!r} names a file, a URL or code; a studio job reads only uploaded "
+                       "files and runs no code of a request's naming (train such a config with `tuneforge train`)")
         if dotted in CHOSEN and value not in CHOSEN[dotted]:
             raise _bad(f"tuneforge.{dotted}", f"the studio trains {dotted} {' | '.join(CHOSEN[dotted])}, "
                        f"got {value!r}")
@@ -98,12 +112,13 @@ def _lay_over(raw: dict, extension: dict) -> dict:
     return raw
 
 
-def job_config(body: dict, training_path: str, validation_path: str | None) -> tuple[dict, dict]:
+def job_config(body: dict, training_path: str, validation_path: str | None, home: Path,
+               keys_required: bool) -> tuple[dict, dict]:
     """(the run's config as a dict, the hyperparameters as OpenAI reports them); 400 for anything wrong.
 
     The config is validated here, so a bad key is refused at once; output_dir is filled in by the worker.
     """
-    raw, method = job_raw_config(body, training_path, validation_path)
+    raw, method = job_raw_config(body, training_path, validation_path, home, keys_required)
     try:
         config_from_dict(raw, "the job's settings")
     except ConfigError as err:
@@ -111,7 +126,8 @@ def job_config(body: dict, training_path: str, validation_path: str | None) -> t
     return raw, method
 
 
-def job_raw_config(body: dict, training_path: str, validation_path: str | None) -> tuple[dict, dict]:
+def job_raw_config(body: dict, training_path: str, validation_path: str | None, home: Path,
+                   keys_required: bool) -> tuple[dict, dict]:
     """job_config's two answers, the config not yet validated by the schema (the web UI lists each bad key)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -126,7 +142,7 @@ def job_raw_config(body: dict, training_path: str, validation_path: str | None) 
     filled = {**AUTO, **hyper}
     raw: dict[str, Any] = {
         **DEFAULTS, "evaluation": dict(DEFAULTS["evaluation"]),
-        "base_model": model, "method": METHODS[kind], "datasets": [{"path": training_path}],
+        "base_model": base_model_for(model, home, keys_required), "method": METHODS[kind], "datasets": [{"path": training_path}],
         "epochs": filled["n_epochs"], "micro_batch_size": filled["batch_size"], "grad_accum": 1,
         "learning_rate": BASE_LR[kind] * filled["learning_rate_multiplier"], "output_dir": "run",
     }
@@ -141,6 +157,18 @@ def job_raw_config(body: dict, training_path: str, validation_path: str | None) 
         raw["eval_every"] = raw["save_every"]  # each checkpoint reports a valid_loss, as OpenAI's do
     reported = {k: filled[k] for k in HYPERPARAMETERS[kind]}
     return raw, {"type": kind, kind: {"hyperparameters": reported}}
+
+
+def base_model_for(model: str, home: Path, keys_required: bool) -> str:
+    """A job's `model` as its config's base_model: a folder under <home>/models by its name, a built-in name,
+    or (only on a studio without API keys, where the caller is this machine's user) a local folder."""
+    named = home / "models" / model
+    if "/" not in model and model not in (".", "..") and named.is_dir():
+        return str(named)
+    if keys_required and looks_like_path(model):
+        raise _bad("model", f"{model!r}: a studio with API keys trains its built-in models and the folders under "
+                   f"{home / 'models'}, named by folder name; a path from a request is not read", "model_not_found")
+    return model
 
 
 def parse_suffix(body: dict) -> str | None:

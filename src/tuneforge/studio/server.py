@@ -16,6 +16,10 @@ from email.parser import BytesParser
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# Imported once, here: the first import of transformers from two request threads at once (models/load.py imports
+# it where it is used) can see a half-initialised module and fail with "cannot import name AutoTokenizer".
+import transformers  # noqa: F401
+
 from tuneforge import __version__
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.resolve import locate_base_model
@@ -216,7 +220,8 @@ class StudioHandler(Handler):
             raise p.ApiError(400, "integrations: not supported by tuneforge studio; leave it out (metrics are in "
                              "the job's events and checkpoints)", param="integrations")
         suffix = j.parse_suffix(body)
-        config, method = j.job_config(body, paths["training_file"], paths.get("validation_file"))
+        config, method = j.job_config(body, paths["training_file"], paths.get("validation_file"),
+                                      self.server.store.home, self.server.keys is not None)
         try:
             locate_base_model(config["base_model"])
         except ModelError as err:
