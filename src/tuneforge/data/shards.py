@@ -58,7 +58,7 @@ def _decoded(raw: bytes, source: str, line: int, offset: int, on_bad: OnBad) -> 
         return None
 
 
-def _txt(path: Path, on_bad: OnBad) -> Iterator[str]:
+def _txt(path: Path, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     """Documents of a text file: runs of lines separated by one or more blank lines."""
     lines: list[bytes] = []
     start = (1, 0)
@@ -72,16 +72,16 @@ def _txt(path: Path, on_bad: OnBad) -> Iterator[str]:
             elif lines:
                 text = _decoded(b"".join(lines).rstrip(b"\r\n"), str(path), *start, on_bad)
                 if text is not None:
-                    yield text
+                    yield start[0], text
                 lines = []
             offset += len(raw)
     if lines:
         text = _decoded(b"".join(lines).rstrip(b"\r\n"), str(path), *start, on_bad)
         if text is not None:
-            yield text
+            yield start[0], text
 
 
-def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
+def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -102,10 +102,10 @@ def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
             elif not text.strip():
                 on_bad(BadDocument(str(path), n, here, "empty document"))
             else:
-                yield text
+                yield n, text
 
 
-def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
+def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -119,11 +119,16 @@ def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
             if not isinstance(text, str) or not text.strip():
                 on_bad(BadDocument(str(path), row, -1, "empty document"))
             else:
-                yield text
+                yield row, text
 
 
 def iter_documents(path: str | Path, on_bad: OnBad, field: str = "text") -> Iterator[str]:
     """The documents of one raw-text file, streamed; each bad one goes to `on_bad` with its file, line and byte."""
+    return (text for _, text in located_documents(path, on_bad, field))
+
+
+def located_documents(path: str | Path, on_bad: OnBad, field: str = "text") -> Iterator[tuple[int, str]]:
+    """(line where it starts, document) of one raw-text file (a Parquet row's number is its line)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (raw text: .txt, .jsonl or .parquet)")
