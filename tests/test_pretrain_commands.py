@@ -7,9 +7,11 @@ import json
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from tuneforge.cli import main
 from tuneforge.config import load_config
+from tuneforge.data.dataset import prepare_data
 from tuneforge.models.init import model_folder, random_model
 
 STORY = "{who} had a {what}. One day the {what} was lost; {who} was sad. Then {who} found the {what}."
@@ -51,8 +53,13 @@ def test_data_preview_shows_the_first_blocks_as_trained(project, capsys):
     out = capsys.readouterr().out
     assert "train block:0: 33 tokens, 32 trained" in out and "train block:1: 33 tokens" in out
     assert "max_seq_len" not in out  # a block of max_seq_len + 1 tokens is never cut or dropped
-    assert out.count("\n[[") == 2 and f"[[{docs[0][:30]}" in out  # every token trained, from the first document on
-    assert f"{docs[1]}<|endoftext|>{docs[2][:1]}]]" in out  # documents joined by EOS, block 1 ending in the third
+    cfg = load_config(root / "pretrain.yaml")
+    tok = AutoTokenizer.from_pretrained(str(model_folder(cfg)[0]))
+    blocks = prepare_data(cfg, tok).train
+    for i in range(2):  # each block whole, every token trained (inside [[ ]]), documents joined by EOS
+        assert f"\n[[{tok.decode(blocks.block(i))}]]\n" in out
+    assert out.count("\n[[") == 2 and out.startswith("First 2") and f"[[{docs[0][:30]}" in out
+    assert "<|endoftext|>" in out
 
 
 def test_data_stats_counts_blocks(project, capsys):
@@ -60,8 +67,6 @@ def test_data_stats_counts_blocks(project, capsys):
     assert main(["data", "stats", str(root / "pretrain.yaml"), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     folder, _ = model_folder(load_config(root / "pretrain.yaml"))
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(folder))
     text = (root / "corpus.txt").read_text().strip().split("\n\n")
     tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in text)

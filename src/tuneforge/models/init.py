@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge.config import Config
-from tuneforge.data.bpe import first_bytes, train_bpe
+from tuneforge.data.bpe import CHAT_TEMPLATE, END_OF_TEXT, TURN_TOKENS, first_bytes, train_bpe
 from tuneforge.data.dataset import sha256_file
 from tuneforge.data.shards import iter_documents
 from tuneforge.errors import ConfigError
@@ -177,7 +177,7 @@ def run_tokenizer(cfg: Config):
         return AutoTokenizer.from_pretrained(str(folder))
     paths = [ds.path for ds in cfg.datasets]
     settings = {"vocab_size": spec.train.vocab_size, "sample_bytes": spec.train.sample_bytes,
-                "field": cfg.pretrain.text_field}
+                "field": cfg.pretrain.text_field, "special": [END_OF_TEXT, *TURN_TOKENS], "template": CHAT_TEMPLATE}
     folder = cache_root() / "tokenizers" / _files_key(paths, settings)
 
     def write(tmp: Path) -> None:
