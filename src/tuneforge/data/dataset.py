@@ -426,11 +426,11 @@ def _streams(cfg: Config) -> tuple[list[int], list[DatasetSpec]]:
 
 
 def _shard_settings(cfg: Config) -> dict:
-    streams = _streams(cfg)[0]
+    held = [0] if cfg.validation and cfg.validation.path else []  # a validation file's stream is not read
     return {"split": cfg.validation.split if cfg.validation else None, "seed": cfg.seed,
             "field": cfg.pretrain.text_field, "shard_tokens": cfg.pretrain.shard_tokens,
             "validation": cfg.validation.path if cfg.validation else None, "on_bad_record": cfg.on_bad_record,
-            "streams": streams + [0] * (len(_raw_sources(cfg)) - len(streams))}
+            "streams": _streams(cfg)[0] + held}
 
 
 def _shards_folder(cfg: Config, tokenizer, hashes: dict[str, str]) -> Path:
@@ -449,7 +449,7 @@ def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
     cached = (folder / "manifest.json").is_file()
     manifest = build_shards(folder, _raw_sources(cfg), tokenizer, hashes, _shard_settings(cfg), cfg.on_bad_record)
     rejected = [Rejected(b["source"], b["line"], f"byte {b['offset']}: {b['reason']}") for b in manifest["rejected"]]
-    total = manifest["train"]["documents"] + manifest["validation"]["documents"] + len(rejected)
+    total = sum(part["documents"] for part in manifest["streams"]) + manifest["validation"]["documents"] + len(rejected)
     if len(rejected) > cfg.max_bad_fraction * total:
         _raise_bad(rejected, total, f"more than max_bad_fraction ({cfg.max_bad_fraction}) of the documents are bad")
     streams = [BlockSet(folder, part, manifest["dtype"], cfg.max_seq_len, name=part["name"])

@@ -220,7 +220,7 @@ def write_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, split
                                                                                   len(text.encode("utf-8")))
                 count["documents"] += 1
                 count["tokens"] += len(ids) + 1
-    parts = {name: w.close() for name, w in writers.items()}
+    parts = {name: w.close() for name, w in writers.items()}  # "train" is the first of "streams"
     return {"version": SHARDS_VERSION, "dtype": dtype.name, "eos": eos, "files": files, "train": parts["train"],
             "validation": parts["validation"], "streams": [parts[name] for name in names[1:]]}
 

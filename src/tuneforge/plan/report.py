@@ -246,9 +246,8 @@ def token_budget(params: int, run_tokens: float, results: list[DeviceResult]) ->
     """What pre-training from scratch asks first: the compute-optimal budget (~20 tokens per parameter),
     the share of it this run trains, and that whole budget's time and cost on each device."""
     optimal = TOKENS_PER_PARAMETER * params
-    devices = [{"device": r.device.name, "hours": optimal / r.speed.tokens_per_second / 3600,
-                "cost": None if r.device.price is None else optimal / r.speed.tokens_per_second / 3600 * r.device.price}
-               for r in results if r.speed.tokens_per_second]
+    hours = [(r.device, optimal / r.speed.tokens_per_second / 3600) for r in results if r.speed.tokens_per_second]
+    devices = [{"device": d.name, "hours": h, "cost": None if d.price is None else h * d.price} for d, h in hours]
     return {"parameters": params, "tokens_per_parameter": TOKENS_PER_PARAMETER, "compute_optimal_tokens": optimal,
             "run_tokens": run_tokens, "share_of_optimal": run_tokens / optimal, "devices": devices}
 
