@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import chat, memorise_records, write_jsonl
+from test_pretrain import stories
 from safetensors.torch import load_file
 
 from tuneforge.config import config_from_dict, config_to_dict
@@ -74,6 +75,7 @@ GRPO_RUNS = {
     "fsdp_grpo": ("fsdp", {"max_turns": 2}, {"validation": {"path": "VAL"}, "eval_every": 2}),
 }
 GRPO_STATS = ("reward", "reward_std", "frac_zero_std", "completion_length", "kl", "rewards/")
+PRETRAIN = {"ddp_pretrain": "ddp", "fsdp_pretrain": "fsdp"}  # method: pretrain from random init, full weights
 MAX_COMPLETION = 6
 
 
@@ -91,6 +93,19 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         # references run the same arithmetic as the FSDP runs, since Adam turns last-bit gradient differences
         # into whole steps.
         "performance": PLAIN_ARITHMETIC, **extra,
+    }
+
+
+def pretrain_config(root: Path, out: str, strategy: str = "none", **extra) -> dict:
+    """The pretrain row from random init (its tokenizer trained on the corpus, cached for every process): blocks
+    of 33 tokens in micro-batches of 2, a global batch of 8 (2 x 2 on each of 2 processes, 2 x 4 on one)."""
+    return {
+        "base_model": "llama", "init": "random", "adapter": "full", "method": "pretrain",
+        "architecture": {"depth": 1}, "tokenizer": {"train": {"vocab_size": 320}},
+        "datasets": [{"path": str(root / "corpus.txt")}], "max_seq_len": 32, "micro_batch_size": 2,
+        "global_batch_size": 8, "max_steps": 4, "learning_rate": 3e-3, "warmup_steps": 1,
+        "output_dir": str(root / out), "device": "cpu", "precision": "fp32", "evaluation": {"before_after": False},
+        "distributed": {"strategy": strategy}, "performance": PLAIN_ARITHMETIC, **extra,
     }
 
 
@@ -177,7 +192,9 @@ def runs(tmp_path_factory, tiny_models):
     write_preference_data(root)
     model = tiny_models["llama"]
     write_grpo_data(root, model)
+    (root / "corpus.txt").write_text("\n\n".join(stories(120)) + "\n")
     cut = raw_config(root, model, "cut", "fsdp", save_every=2, keep_last=3)
+    pretrain_cut = pretrain_config(root, "pretrain_cut", "fsdp", save_every=2)
     spec = {
         "runs": [{"config": raw_config(root, model, name, *s)} for name, s in SCENARIOS.items()] + [
             {"config": cut, "stop_after": 3},
@@ -190,7 +207,9 @@ def runs(tmp_path_factory, tiny_models):
             {"config": raw_config(root, model, name, strategy, performance={**PLAIN_ARITHMETIC, **perf})}
             for name, (strategy, perf, _) in CHECKPOINTED.items()
         ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()]
-          + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()],
+          + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()]
+          + [{"config": pretrain_config(root, name, strategy)} for name, strategy in PRETRAIN.items()]
+          + [{"config": pretrain_cut, "stop_after": 2}],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
         "reload": {"config": raw_config(root, model, "reload", "fsdp"),
                    "checkpoint": str(root / "cut" / "checkpoints" / "step-2"), "out": str(root / "reload.safetensors")},
@@ -214,6 +233,9 @@ def runs(tmp_path_factory, tiny_models):
     for name in GRPO_RUNS:
         train(config_from_dict(grpo_config(root, name)), reporter=QUIET)
     train(config_from_dict(pissa_config(root, model, "ref_pissa")), reporter=QUIET)
+    train(config_from_dict(pretrain_config(root, "ref_pretrain")), reporter=QUIET)
+    shutil.copytree(root / "pretrain_cut", root / "pretrain_cut_one")  # FSDP on 2 processes, resumed on 1
+    train(config_from_dict({**pretrain_cut, "output_dir": str(root / "pretrain_cut_one")}), resume=True, reporter=QUIET)
     shutil.copytree(root / "cut", root / "cut_one")  # before resuming it, keep the 2-process checkpoint as saved
     train(config_from_dict({**cut, "output_dir": str(root / "cut_one")}), resume=True, reporter=QUIET)
     yield {"root": root, "model": model, "launch_s": launch_s}
@@ -253,6 +275,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs, name):
 
 
 STATISTICS = ("rewards/", "logps/", "kl", "nll_loss", "log_odds", "val_")
+
+
+@pytest.mark.parametrize("name", [*PRETRAIN, "pretrain_cut_one"])
+def test_pretraining_on_two_processes_equals_one(runs, name):
+    """method: pretrain from random init under DDP and FSDP (and FSDP stopped at step 2, resumed on one process):
+    the same blocks each step (the data position), per-step losses within 1e-5 and final weights within 1e-5
+    (fp32; the processes' gradients are summed in another order) of the one-process run with the same global batch."""
+    assert_same_run(runs["root"] / name, runs["root"] / "ref_pretrain", "full")
+    blocks = [i for m in read_metrics(runs["root"] / name / "metrics.jsonl") for i in m["examples"]]
+    assert len(blocks) == len(set(blocks)) == 4 * 8  # 4 steps of 8 blocks, none repeated or skipped
 
 
 @pytest.mark.parametrize("name", list(PREFERENCE))

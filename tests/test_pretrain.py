@@ -162,7 +162,6 @@ def test_token_bytes_add_up_to_the_text_so_bits_per_byte_compare(tmp_path, corpu
 @pytest.mark.parametrize("over, message", [
     ({"adapter": "lora"}, "init: random trains every weight from scratch, but adapter is lora"),
     ({"init": "pretrained", "base_model": "smollm2-135m-instruct"}, "architecture and tokenizer: only used with init: random"),
-    ({"datasets": [{"path": "a.txt"}, {"path": "b.jsonl", "ratio": 0.2}]}, "weight and ratio are not supported"),
 ])
 def test_init_settings_that_cannot_work_are_refused(tmp_path, over, message):
     from tuneforge.errors import ConfigError

@@ -1,7 +1,9 @@
 """Generate the bundled pre-training corpus: short children's stories from a small grammar.
 
 Writes ``data/stories.txt`` next to this script: about 290 KB of stories, one per paragraph
-(separated by a blank line, which is how tuneforge reads documents out of a .txt file). The
+(separated by a blank line, which is how tuneforge reads documents out of a .txt file), and
+``data/story_chat.jsonl``: a tiny chat set for the example's second (SFT) stage, each a request
+for a story about a child and a thing, answered by a new story of the same grammar about them. The
 grammar has enough structure (characters, objects, places, a problem and its resolution, names
 carried through a story) that a small model learns it well within minutes on a CPU, and a model
 that learned it writes stories that plainly look like these. Deterministic: rerunning rewrites the
@@ -10,11 +12,15 @@ file byte-identically.
 Usage: python examples/data/make_pretrain_data.py
 """
 
+import json
 import random
+import re
 from pathlib import Path
 
 SEED = 19
 N_STORIES = 700
+CHAT_SEED = 20
+N_CHATS = 120
 
 NAMES = ["Tom", "Anna", "Ben", "Lily", "Max", "Sue", "Sam", "Mia", "Leo", "Zoe", "Tim", "Eva", "Jack", "Rosa"]
 ANIMALS = ["cat", "dog", "bird", "frog", "duck", "rabbit", "fox", "bear"]
@@ -51,11 +57,23 @@ def story(r: random.Random) -> str:
     return " ".join(lines)
 
 
+def chat(r: random.Random) -> dict:
+    """A request naming a story's child and thing, answered by that story."""
+    text = story(r)
+    who, thing = re.match(r"Once upon a time, there was a child named (\w+)\. \1 had a ([\w ]+)\.", text).groups()
+    ask = r.choice(["Tell me a story about {} and the {}.", "Can you tell a story about {} and a {}?"])
+    return {"messages": [{"role": "user", "content": ask.format(who, thing)}, {"role": "assistant", "content": text}]}
+
+
 def main() -> None:
     r = random.Random(SEED)
     out = Path(__file__).parent / "stories.txt"
     out.write_text("\n\n".join(story(r) for _ in range(N_STORIES)) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
+    r = random.Random(CHAT_SEED)
+    chats = Path(__file__).parent / "story_chat.jsonl"
+    chats.write_text("".join(json.dumps(chat(r)) + "\n" for _ in range(N_CHATS)))
+    print(f"wrote {chats} ({chats.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

@@ -312,11 +312,11 @@ def cmd_launch(args) -> int:
 
 def _data_config(target: str, overrides: list[str] | None):
     from tuneforge.data.check import load_check_target
+    from tuneforge.models.init import model_folder
     from tuneforge.models.load import load_tokenizer
-    from tuneforge.models.resolve import resolve_base_model
 
     cfg = load_check_target(target, overrides)
-    folder, _ = resolve_base_model(cfg.base_model)
+    folder, _ = model_folder(cfg)
     return cfg, folder, load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
 
 

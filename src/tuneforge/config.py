@@ -685,9 +685,6 @@ class Config(_Strict):
         if self.task == "classification" and self.adapter == "qlora":
             raise ValueError("task: classification trains a classifier head, which is not supported on a quantized "
                              "base yet; use adapter: lora")
-        if self.method == "pretrain" and any(d.ratio is not None or d.weight != 1 for d in self.datasets):
-            raise ValueError("datasets: weight and ratio are not supported with method: pretrain yet (its files are "
-                             "tokenized into one stream of blocks); remove them, or repeat a file to weight it")
         if self.method == "reward" and self.adapter == "qlora":
             raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
                              "use adapter: lora")

@@ -23,9 +23,9 @@ from typing import Iterator
 
 from jinja2 import TemplateError
 
-from tuneforge.config import Config
+from tuneforge.config import Config, DatasetSpec
 from tuneforge.data.formats import Record, read_records
-from tuneforge.data.shards import BlockSet, build_shards, shards_key
+from tuneforge.data.shards import BlockSet, MixedBlocks, build_shards, shards_key
 from tuneforge.data.template import (
     IGNORE_INDEX,
     Encoded,
@@ -417,10 +417,20 @@ def file_hashes(cfg: Config) -> dict[str, str]:
     return hashes
 
 
+def _streams(cfg: Config) -> tuple[list[int], list[DatasetSpec]]:
+    """(training stream of each dataset entry, the entry that sets each stream's weight or ratio): entries
+    without either share one stream; an entry with one (a replay share of general text) is a stream alone."""
+    keys = [None if ds.weight == 1 and ds.ratio is None else k for k, ds in enumerate(cfg.datasets)]
+    order = list(dict.fromkeys(keys))
+    return [order.index(key) for key in keys], [cfg.datasets[keys.index(key)] for key in order]
+
+
 def _shard_settings(cfg: Config) -> dict:
+    held = [0] if cfg.validation and cfg.validation.path else []  # a validation file's stream is not read
     return {"split": cfg.validation.split if cfg.validation else None, "seed": cfg.seed,
             "field": cfg.pretrain.text_field, "shard_tokens": cfg.pretrain.shard_tokens,
-            "validation": cfg.validation.path if cfg.validation else None, "on_bad_record": cfg.on_bad_record}
+            "validation": cfg.validation.path if cfg.validation else None, "on_bad_record": cfg.on_bad_record,
+            "streams": _streams(cfg)[0] + held}
 
 
 def _shards_folder(cfg: Config, tokenizer, hashes: dict[str, str]) -> Path:
@@ -439,15 +449,21 @@ def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
     cached = (folder / "manifest.json").is_file()
     manifest = build_shards(folder, _raw_sources(cfg), tokenizer, hashes, _shard_settings(cfg), cfg.on_bad_record)
     rejected = [Rejected(b["source"], b["line"], f"byte {b['offset']}: {b['reason']}") for b in manifest["rejected"]]
-    total = manifest["train"]["documents"] + manifest["validation"]["documents"] + len(rejected)
+    total = sum(part["documents"] for part in manifest["streams"]) + manifest["validation"]["documents"] + len(rejected)
     if len(rejected) > cfg.max_bad_fraction * total:
         _raise_bad(rejected, total, f"more than max_bad_fraction ({cfg.max_bad_fraction}) of the documents are bad")
-    train = BlockSet(folder, manifest["train"], manifest["dtype"], cfg.max_seq_len)
+    streams = [BlockSet(folder, part, manifest["dtype"], cfg.max_seq_len, name=part["name"])
+               for part in manifest["streams"]]
     validation = BlockSet(folder, manifest["validation"], manifest["dtype"], cfg.max_seq_len, tail=True,
                           name="validation")
-    if not len(train):
-        raise DataError(f"the training text holds {manifest['train']['tokens']} tokens, fewer than one block of "
-                        f"max_seq_len + 1 = {cfg.max_seq_len + 1}; lower max_seq_len or add text")
+    stream_of, leaders = _streams(cfg)
+    for k, (stream, part) in enumerate(zip(streams, manifest["streams"])):
+        if not len(stream):
+            files = ", ".join(ds.path for ds, s in zip(cfg.datasets, stream_of) if s == k)
+            raise DataError(f"{files}: the training text holds {part['tokens']} tokens, fewer than one block of "
+                            f"max_seq_len + 1 = {cfg.max_seq_len + 1}; lower max_seq_len or add text")
+    sizes = [len(s) for s in streams]
+    weights = effective_weights(sizes, [ds.weight for ds in leaders], [ds.ratio for ds in leaders])
     summary = DataSummary()
     for path, count in manifest["files"].items():
         summary.count(path, "records", count["documents"])
@@ -456,7 +472,8 @@ def prepare_raw(cfg: Config, tokenizer) -> PreparedData:
     for r in rejected:
         summary.count(r.source, "records")
         summary.count(r.source, "bad_record")
-    return PreparedData(train, validation, [len(train)], [1.0], rejected, summary, None, hashes, from_cache=cached)
+    train = streams[0] if len(streams) == 1 else MixedBlocks(streams)
+    return PreparedData(train, validation, sizes, weights, rejected, summary, None, hashes, from_cache=cached)
 
 
 def prepared_marker(cfg: Config, tokenizer):

@@ -35,12 +35,17 @@ def preview_rich(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
 
 
 def first_examples(cfg, tokenizer, n: int) -> list[dict]:
-    """The first n good records of the training files, encoded as training encodes them (before the length policy)."""
+    """The first n good records of the training files, encoded as training encodes them (before the length policy);
+    raw text: the first n blocks of its token shards (built and cached as the run builds them)."""
     from itertools import islice
 
-    from tuneforge.data.dataset import good_records, record_segments
+    from tuneforge.data.dataset import good_records, prepare_data, record_segments
     from tuneforge.data.template import encode_segment_lists
+    from tuneforge.methods.facts import method_facts
 
+    if "raw" in method_facts(cfg).records:
+        return [{"record": ex.record, "ids": ex.input_ids, "labels": ex.labels}
+                for ex in prepare_data(cfg, tokenizer).train[:n]]
     records = []
     for ds in cfg.datasets:
         records += islice(good_records(ds), n - len(records))
@@ -56,7 +61,7 @@ def render_preview(tokenizer, example: dict, color: bool, max_len: int, policy: 
     n_trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
     head = f"{example['record'].where}: {n} tokens, {n_trained} trained"
     pieces, marker = [(ids, labels)], None
-    if n > max_len:
+    if n > max_len and example["record"].kind != "raw":  # a raw-text block is max_seq_len + 1 tokens: never cut
         if policy in ("drop", "error"):
             head += f"; longer than max_seq_len {max_len}: the example is {'dropped' if policy == 'drop' else 'an error'}"
         elif policy == "truncate_right":

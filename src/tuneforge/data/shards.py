@@ -8,6 +8,10 @@ hash. Memory stays flat in corpus size: nothing holds more than one batch of doc
 Blocks are `max_seq_len + 1` tokens starting every `max_seq_len` tokens, so every token after the
 first is predicted exactly once per epoch; block i is a pure function of i, which is what lets the
 loop's cursor (epoch, micro-batch) resume at the exact block on any number of processes.
+
+A file given a `weight` or a `ratio` (a replay share of general text) is tokenized into a stream of
+its own; `MixedBlocks` numbers the streams' blocks one after another, and the epoch order
+(data/batching.epoch_order, a function of the seed and the epoch) draws each stream's share of them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from tuneforge.data.formats import Record
 from tuneforge.data.tokenized import Example
 from tuneforge.errors import DataError
 
-SHARDS_VERSION = 2
+SHARDS_VERSION = 3
 ENCODE_BATCH = 256  # documents tokenized together
 
 
@@ -58,7 +62,7 @@ def _decoded(raw: bytes, source: str, line: int, offset: int, on_bad: OnBad) -> 
         return None
 
 
-def _txt(path: Path, on_bad: OnBad) -> Iterator[str]:
+def _txt(path: Path, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     """Documents of a text file: runs of lines separated by one or more blank lines."""
     lines: list[bytes] = []
     start = (1, 0)
@@ -72,16 +76,16 @@ def _txt(path: Path, on_bad: OnBad) -> Iterator[str]:
             elif lines:
                 text = _decoded(b"".join(lines).rstrip(b"\r\n"), str(path), *start, on_bad)
                 if text is not None:
-                    yield text
+                    yield start[0], text
                 lines = []
             offset += len(raw)
     if lines:
         text = _decoded(b"".join(lines).rstrip(b"\r\n"), str(path), *start, on_bad)
         if text is not None:
-            yield text
+            yield start[0], text
 
 
-def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
+def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     offset = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -102,10 +106,10 @@ def _jsonl(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
             elif not text.strip():
                 on_bad(BadDocument(str(path), n, here, "empty document"))
             else:
-                yield text
+                yield n, text
 
 
-def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
+def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[tuple[int, str]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -119,11 +123,16 @@ def _parquet(path: Path, field: str, on_bad: OnBad) -> Iterator[str]:
             if not isinstance(text, str) or not text.strip():
                 on_bad(BadDocument(str(path), row, -1, "empty document"))
             else:
-                yield text
+                yield row, text
 
 
 def iter_documents(path: str | Path, on_bad: OnBad, field: str = "text") -> Iterator[str]:
     """The documents of one raw-text file, streamed; each bad one goes to `on_bad` with its file, line and byte."""
+    return (text for _, text in located_documents(path, on_bad, field))
+
+
+def located_documents(path: str | Path, on_bad: OnBad, field: str = "text") -> Iterator[tuple[int, str]]:
+    """(line where it starts, document) of one raw-text file (a Parquet row's number is its line)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (raw text: .txt, .jsonl or .parquet)")
@@ -171,16 +180,23 @@ class _ShardWriter:
         if self.buffered:
             self._flush(self.buffered)
         self.starts.close()
-        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "text_bytes": self.bytes}
+        return {"name": self.prefix, "shards": self.shards, "tokens": self.tokens, "documents": self.documents,
+                "text_bytes": self.bytes}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def stream_name(stream: int) -> str:
+    """The file prefix of training stream `stream`: train, train1, train2, ..."""
+    return f"train{stream or ''}"
+
+
 def write_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, split: float | None, seed: int,
-                 field: str, shard_tokens: int, on_bad: OnBad) -> dict:
-    """Tokenize every document of `sources` ((path, is validation file)) into train / validation shards.
+                 field: str, shard_tokens: int, on_bad: OnBad, streams: list[int] | None = None) -> dict:
+    """Tokenize every document of `sources` ((path, is validation file)) into train / validation shards;
+    `streams` (one per source, default all 0) puts a training file's documents into a stream of its own.
 
     With `split`, each training document goes to validation with that probability, drawn from a
     generator seeded by `seed`, so the split is a pure function of the corpus and the seed."""
@@ -188,21 +204,25 @@ def write_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, split
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, which separates documents in the token stream")
-    writers = {name: _ShardWriter(folder, name, dtype, shard_tokens) for name in ("train", "validation")}
+    streams = streams or [0] * len(sources)
+    names = ["validation", *(stream_name(k) for k in range(max(streams) + 1))]
+    writers = {name: _ShardWriter(folder, name, dtype, shard_tokens) for name in names}
     rng = random.Random(seed)
     files = {}
-    for path, held in sources:
+    for (path, held), stream in zip(sources, streams):
         docs = iter_documents(path, on_bad, field)
         count = files.setdefault(path, {"documents": 0, "tokens": 0})
         while batch := [d for _, d in zip(range(ENCODE_BATCH), docs)]:
             encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
             for text, ids in zip(batch, encoded):
                 to_validation = held or (split is not None and rng.random() < split)
-                writers["validation" if to_validation else "train"].add(ids + [eos], len(text.encode("utf-8")))
+                writers["validation" if to_validation else stream_name(stream)].add(ids + [eos],
+                                                                                  len(text.encode("utf-8")))
                 count["documents"] += 1
                 count["tokens"] += len(ids) + 1
-    return {"version": SHARDS_VERSION, "dtype": dtype.name, "eos": eos, "files": files,
-            **{name: w.close() for name, w in writers.items()}}
+    parts = {name: w.close() for name, w in writers.items()}  # "train" is the first of "streams"
+    return {"version": SHARDS_VERSION, "dtype": dtype.name, "eos": eos, "files": files, "train": parts["train"],
+            "validation": parts["validation"], "streams": [parts[name] for name in names[1:]]}
 
 
 def _tokenizer_hash(tokenizer) -> str:
@@ -229,7 +249,7 @@ def build_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, file_
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
         manifest = write_shards(tmp, sources, tokenizer, settings.get("split"), settings["seed"],
-                                settings["field"], settings["shard_tokens"], bad.append)
+                                settings["field"], settings["shard_tokens"], bad.append, settings.get("streams"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -314,3 +334,47 @@ class BlockSet:
 
     def trained_tokens(self) -> int:
         return int((self.lengths - 1).sum())
+
+
+class MixedBlocks:
+    """Several training streams as one index space: block i of the first stream, then of the next, ...
+    Which blocks an epoch takes, and how many of each stream, is the epoch order's (dataset sizes and weights)."""
+
+    def __init__(self, streams: list[BlockSet]):
+        self.streams = streams
+        self.offsets = np.cumsum([0] + [len(s) for s in streams])
+        self.maps = [m for s in streams for m in s.maps]  # every training token, for the unigram baseline
+        self.seq = streams[0].seq
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _at(self, i: int) -> tuple[BlockSet, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.streams[k], i - int(self.offsets[k])
+
+    def block(self, i: int) -> np.ndarray:
+        stream, j = self._at(i)
+        return stream.block(j)
+
+    def positions(self, i: int) -> np.ndarray:
+        stream, j = self._at(i)
+        return stream.positions(j)
+
+    def __getitem__(self, i: int | slice) -> Example | list[Example]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        stream, j = self._at(i)
+        return stream[j]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([s.lengths for s in self.streams])
+
+    def trained_tokens(self) -> int:
+        return sum(s.trained_tokens() for s in self.streams)

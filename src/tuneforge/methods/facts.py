@@ -88,7 +88,7 @@ METHODS = {m.name: m for m in (
                 processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images"),
     # Raw text (data/shards.py): fixed-length blocks of token shards, every token trained.
     MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True,
-                prepare="tuneforge.data.dataset:prepare_raw"),
+                prepare="tuneforge.data.dataset:prepare_raw", checks="tuneforge.data.raw_check:check_raw"),
     MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), rows=2, model_head="encoder",
                 lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
                 final="tuneforge.methods.embedding:write_final", verify="tuneforge.export.verify:verify_sentence_vectors"),

@@ -22,15 +22,17 @@ import shutil
 import tempfile
 from itertools import chain
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tuneforge.config import Config
-from tuneforge.data.bpe import first_bytes, train_bpe
+from tuneforge.data.bpe import CHAT_TEMPLATE, END_OF_TEXT, TURN_TOKENS, first_bytes, train_bpe
 from tuneforge.data.dataset import sha256_file
 from tuneforge.data.shards import iter_documents
 from tuneforge.errors import ConfigError
 from tuneforge.models.resolve import cache_root, locate_base_model, resolve_base_model
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES = ("llama", "qwen2")
 INIT_FILE = "tuneforge_init.json"
@@ -83,9 +85,9 @@ def locate_model(cfg: Config) -> None:
                           "architecture: {depth: 4} (docs/pretrain.md)")
 
 
-def architecture_config(cfg: Config, tokenizer):
-    """The transformers config of the model to build: base_model's architecture at `architecture`'s size,
-    with the tokenizer's vocabulary and special tokens."""
+def sized_config(cfg: Config, vocab_size: int):
+    """base_model's architecture at `architecture`'s size with this vocabulary: what plan sizes before a
+    tokenizer is trained (the vocabulary asked for is an upper bound)."""
     locate_model(cfg)
     config = _base_config(cfg.base_model)
     if cfg.architecture is not None:
@@ -97,30 +99,41 @@ def architecture_config(cfg: Config, tokenizer):
     # A family's default context (e.g. llama's 2048) gives way to the blocks trained: max_seq_len + 1 tokens.
     context = cfg.max_seq_len + 1 if cfg.base_model.lower() in FAMILIES else \
         max(cfg.max_seq_len + 1, config.max_position_embeddings)
-    config.update({"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None, "max_position_embeddings": context})
+    config.update({"vocab_size": vocab_size, "pad_token_id": None, "max_position_embeddings": context})
     return config
 
 
-@torch.no_grad()
+def architecture_config(cfg: Config, tokenizer):
+    """The transformers config of the model to build: base_model's architecture at `architecture`'s size,
+    with the tokenizer's vocabulary and special tokens."""
+    config = sized_config(cfg, len(tokenizer))
+    config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+    return config
+
+
 def init_weights(model, std: float, seed: int) -> None:
     """The stated initialisation (module docstring), identical for the same seed on any device."""
+    import torch  # here, not at the top: plan reads this module's shapes without torch
+
     n_layer = model.config.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if name.endswith("bias"):
-            p.zero_()
-        elif p.dim() == 1:
-            p.fill_(1.0)
-        else:
-            scale = std / math.sqrt(2 * n_layer) if name.endswith(RESIDUAL_OUTPUTS) else std
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                scale = std / math.sqrt(2 * n_layer) if name.endswith(RESIDUAL_OUTPUTS) else std
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def random_model(folder: Path, dtype: torch.dtype = torch.float32):
-    """The model of a folder `model_folder` wrote, initialised by its recipe."""
+def random_model(folder: Path, dtype: torch.dtype | None = None):
+    """The model of a folder `model_folder` wrote, initialised by its recipe (fp32 unless `dtype`)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     recipe = json.loads((folder / INIT_FILE).read_text())
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=dtype)
     init_weights(model, recipe["std"], recipe["seed"])
@@ -164,7 +177,7 @@ def run_tokenizer(cfg: Config):
         return AutoTokenizer.from_pretrained(str(folder))
     paths = [ds.path for ds in cfg.datasets]
     settings = {"vocab_size": spec.train.vocab_size, "sample_bytes": spec.train.sample_bytes,
-                "field": cfg.pretrain.text_field}
+                "field": cfg.pretrain.text_field, "special": [END_OF_TEXT, *TURN_TOKENS], "template": CHAT_TEMPLATE}
     folder = cache_root() / "tokenizers" / _files_key(paths, settings)
 
     def write(tmp: Path) -> None:

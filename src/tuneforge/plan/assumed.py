@@ -1,21 +1,25 @@
-"""Data described by flags instead of files: `tuneforge plan --seq-len L --examples N` (or `--tokens N`).
+"""What plan assumes where nothing is on disk yet: data described by flags instead of files
+(`tuneforge plan --seq-len L --examples N` or `--tokens N`), and a model not yet built (init: random).
 
 "Will an 8B LoRA fit a 24 GB card, and what will 50M tokens cost?" is asked before the data
 exists, so a config without `datasets:` is planned from the size the user gives. Nothing is read
-or tokenized, which also makes this the fastest plan.
+or tokenized, which also makes this the fastest plan. A from-scratch model is sized from its
+`architecture:` section; no weight exists to read.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from tuneforge.config import Config, apply_overrides, config_from_dict, read_yaml
 from tuneforge.errors import ConfigError
+from tuneforge.models.init import model_folder, sized_config
 from tuneforge.plan.data import SAMPLE_RECORDS, DataEstimate
+from tuneforge.plan.model import ModelInfo, model_info, shape_from_hf_config
 
 FLAGS = "--seq-len L --examples N (or --tokens N)"
 # Stands in for the missing `datasets:` so the rest of the config is validated as usual; plan never reads it.
@@ -71,3 +75,19 @@ def assumed_data(size: DataSize, max_seq_len: int) -> DataEstimate:
         how += f"; cut to max_seq_len {max_seq_len}"
     return DataEstimate(float(examples), float(examples), lengths, total, total,
                         1.0 if seq_len > max_seq_len else 0.0, how, False)
+
+
+def planned_model(cfg: Config, read_data: bool) -> ModelInfo:
+    """The shape plan sizes: base_model's, or for init: random the architecture at its size
+    (models/init.py). The tokenizer is trained (and cached for the run) when plan reads the data; planned
+    from flags, a tokenizer still to train counts its `vocab_size`, an upper bound."""
+    if cfg.init == "pretrained":
+        return model_info(cfg.base_model)
+    train = cfg.tokenizer.train if cfg.tokenizer else None
+    if train is not None and not read_data:
+        shape, _ = shape_from_hf_config(sized_config(cfg, train.vocab_size).to_dict(), cfg.base_model)
+        return ModelInfo(shape, f"init: random, {cfg.base_model} at the architecture: size, the vocabulary "
+                                f"tokenizer.train.vocab_size {train.vocab_size} (trained, it may stop short)")
+    folder, source = model_folder(cfg)
+    info = model_info(str(folder))
+    return ModelInfo(replace(info.shape, name=cfg.base_model), source, info.tokenizer_folder)

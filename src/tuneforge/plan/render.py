@@ -124,6 +124,14 @@ def print_plan(report: PlanReport, console: Console) -> None:
             console.print(f"  tuneforge train {report.config or 'CONFIG'} {set_flags(rec.changes)}", highlight=False)
     if report.cpu_alternative is not None:
         console.print(f"This machine's CPU also runs it: about {duration(report.cpu_alternative.run_hours)}.")
+    b = report.budget
+    if b is not None:
+        where = "; ".join(f"{d['device']} {duration(d['hours'])}" + (f" {money(d['cost'])}" if d["cost"] else "")
+                          for d in b["devices"])
+        console.print(f"[bold]Token budget[/bold] this run trains {b['run_tokens']:,.0f} tokens, "
+                      f"{b['share_of_optimal']:.0%} of the compute-optimal ~{b['tokens_per_parameter']} x "
+                      f"{b['parameters']:,} parameters = {b['compute_optimal_tokens']:,} tokens"
+                      + (f" (that budget: {where})" if where else ""))
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     for n in report.notes:

@@ -16,6 +16,7 @@ from tuneforge.data.stats import padding_waste
 from tuneforge.fast import chunked_loss_requested, kernels_requested
 from tuneforge.methods.facts import method_facts
 from tuneforge.plan.advice import candidates, settings_warnings
+from tuneforge.plan.assumed import planned_model
 from tuneforge.plan.recompute import for_device, from_request, requested, with_level
 from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, image_estimate, load_tokenizer_quickly
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
@@ -26,6 +27,7 @@ from tuneforge.plan.shapes import ModelShape
 from tuneforge.plan.throughput import Speed, speed
 
 QUICK_CPU_HOURS = 1.0  # a run this short on this machine's CPU is worth mentioning next to renting a GPU
+TOKENS_PER_PARAMETER = 20  # a compute-optimal token budget (Hoffmann et al. 2022, "Chinchilla")
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,7 @@ class PlanReport:
     cpu_alternative: DeviceResult | None
     warnings: list[str]
     notes: list[str]
+    budget: dict | None = None  # raw-text pre-training: token_budget's numbers
 
     @property
     def params(self) -> int:
@@ -235,7 +238,18 @@ class PlanReport:
             "cpu_alternative": self.cpu_alternative.as_json() if self.cpu_alternative else None,
             "warnings": self.warnings,
             "notes": self.notes,
+            "token_budget": self.budget,
         }
+
+
+def token_budget(params: int, run_tokens: float, results: list[DeviceResult]) -> dict:
+    """What pre-training from scratch asks first: the compute-optimal budget (~20 tokens per parameter),
+    the share of it this run trains, and that whole budget's time and cost on each device."""
+    optimal = TOKENS_PER_PARAMETER * params
+    hours = [(r.device, optimal / r.speed.tokens_per_second / 3600) for r in results if r.speed.tokens_per_second]
+    devices = [{"device": d.name, "hours": h, "cost": None if d.price is None else h * d.price} for d, h in hours]
+    return {"parameters": params, "tokens_per_parameter": TOKENS_PER_PARAMETER, "compute_optimal_tokens": optimal,
+            "run_tokens": run_tokens, "share_of_optimal": run_tokens / optimal, "devices": devices}
 
 
 def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path | None = None,
@@ -243,7 +257,7 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     """Everything `tuneforge plan` prints, for a loaded config; `data` given (plan.assumed) reads no data
     and loads no tokenizer."""
     table = devices(gpus, load_prices(prices))
-    info = model_info(cfg.base_model)
+    info = planned_model(cfg, data is None)
     tokenizer_note = ""
     if data is None and method_facts(cfg).model_head == "image_classifier":  # no tokenizer: patches per image
         data = image_estimate(cfg, image_positions(Path(cfg.base_model)))
@@ -273,5 +287,12 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
                     for o, _ in candidates(s))
         warnings.append(f"no GPU in the table fits this run, even with checkpointing, micro-batch 1 and a "
                         f"quantised base ({least / GIB:.0f} GiB at the least); use several GPUs (FSDP) or a smaller model")
-    return PlanReport(config_path, info, s, data, rows, fitted, recommendation, cpu_alternative, warnings, notes)
+    budget = None
+    if "raw" in method_facts(cfg).records:
+        steps = work.steps(s)[1]
+        tokens_per_example = data.trained_tokens_per_epoch / max(data.examples_per_epoch, 1)
+        shown = [r for r in (recommendation, cpu) if r is not None]
+        budget = token_budget(shape.params(), steps * s.micro_batch * s.grad_accum * tokens_per_example, shown)
+    return PlanReport(config_path, info, s, data, rows, fitted, recommendation, cpu_alternative, warnings, notes,
+                      budget)
 

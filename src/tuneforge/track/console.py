@@ -90,7 +90,7 @@ class Reporter:
         if self.quiet:
             return
         info = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s"
-        for key, label in (("rewards/accuracies", "acc"), ("reward", "reward"), ("kl", "kl")):
+        for key, label in (("mfu", "mfu"), ("rewards/accuracies", "acc"), ("reward", "reward"), ("kl", "kl")):
             if key in m:
                 info += f" {label} {m[key]:.3f}"
         if "val_loss" in m:

@@ -48,6 +48,7 @@ from tuneforge.parallel.apply import choose_strategy, parallelize
 from tuneforge.parallel.watchdog import Watchdog
 from tuneforge.parallel.world import SINGLE, World, init_world
 from tuneforge.track.diagnose import Watch
+from tuneforge.track.mfu import mfu_meter
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
 from tuneforge.train.checkpoints import load_checkpoint, read_state, save_checkpoint, trainable_parameters
@@ -213,6 +214,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
                                                      base_model=cfg.base_model, started=started))
     watch = Watch(cfg, counts.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
+    mfu = mfu_meter(model.config.to_dict(), cfg, device, dtype)
     batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": counts.micro_per_step,
                    "adapter_facts": adapter_facts(cfg)}
     if ckpt is None:
@@ -242,10 +244,11 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
             grad_norm = optimizer_step(optimizer, lr, cfg.max_grad_norm)
             elapsed = time.perf_counter() - t0
             watchdog.pet("step")
+            speed = throughput(totals, data_s, elapsed)
             record = {
                 "step": step + 1, "epoch": round(cursor["epoch"] + cursor["micro"] / counts.micro_per_epoch, 4),
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": totals.get("tokens"),
-                **throughput(totals, data_s, elapsed), **system_stats(device),
+                **speed, **mfu(speed["tokens_per_s"]), **system_stats(device),
                 **stats, "examples": [i for idx in index_batches for i in idx],
             }
             action = watch.after_step(record, lambda: [data.train[i].record.where for idx in index_batches for i in idx])

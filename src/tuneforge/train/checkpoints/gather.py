@@ -30,7 +30,11 @@ def gather_for_save(model, adapter: bool) -> dict[str, torch.Tensor] | None:
     if not adapter:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # A tied weight (lm_head = embed_tokens) is one parameter under two names; final/ keeps the first, as
+        # save_pretrained does for an unsharded model, instead of a second copy of the embedding matrix.
+        tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+        return {name: t for name, t in whole.items() if name not in tied}
     out = {}
     for name, p in trainable_parameters(model):
         whole = p.full_tensor() if _is_sharded_param(p) else p  # a collective: every process, same order
