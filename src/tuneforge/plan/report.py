@@ -243,7 +243,7 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     """Everything `tuneforge plan` prints, for a loaded config; `data` given (plan.assumed) reads no data
     and loads no tokenizer."""
     table = devices(gpus, load_prices(prices))
-    info = model_info(cfg.base_model)
+    info = model_info(cfg.base_model, method_facts(cfg).model_head)
     tokenizer_note = ""
     if data is None and method_facts(cfg).model_head == "image_classifier":  # no tokenizer: patches per image
         data = image_estimate(cfg, image_positions(Path(cfg.base_model)))
