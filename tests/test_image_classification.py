@@ -195,3 +195,54 @@ def test_two_micro_batches_make_the_gradient_of_one_batch(tmp_path, vit, images,
         grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     assert totals["examples"] == 7 and abs(grads[0][0] - grads[1][0]) < 1e-6
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_serve_classifies_images_sent_as_base64_as_the_pipeline_does(tmp_path, vit, images, one_thread):
+    """/v1/classify of an image run takes base64 bytes or data URLs, answers the image pipeline's labels and
+    scores, and refuses paths, URLs, non-images and oversized images by entry, without opening any."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from transformers import pipeline
+
+    from tuneforge.serve import make_server
+    from tuneforge.serve.classify import MAX_IMAGE_BYTES
+
+    cfg = make_cfg(tmp_path, vit, images, max_steps=2, evaluation={"before_after": False})
+    train(cfg, reporter=QUIET)
+    files = [images / "red" / "1.png", images / "blue" / "2.png"]
+    raw = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    classify = pipeline("image-classification", model=str(tmp_path / "run" / "final"))
+    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(server.url.removesuffix("/v1") + "/v1/classify", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())["data"]
+
+    def refused(value) -> str:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post({"input": value})
+        assert err.value.code == 400
+        return json.loads(err.value.read())["error"]["message"]
+
+    def same(a, b) -> bool:
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-5
+
+    try:
+        one = post({"input": "data:image/png;base64," + raw[0]})
+        assert same(one, classify(str(files[0]), top_k=1))
+        assert same(post({"input": raw, "top_k": None}), classify([str(f) for f in files], top_k=2))
+        assert "paths and URLs are not opened" in refused(str(files[0]))
+        assert "paths and URLs are not opened" in refused("https://example.com/cat.png")
+        assert "input[1]: the image does not open" in refused([raw[0], base64.b64encode(b"not an image").decode()])
+        assert "over 2 MiB" in refused(base64.b64encode(b"\0" * (MAX_IMAGE_BYTES + 3)).decode())
+    finally:
+        server.shutdown()
+        server.server_close()
