@@ -341,6 +341,9 @@ class ImageClassificationSpec(_Strict):
         "sees the same images. Turn off for classes a mirror image changes (digits, text, left/right).")
     wrong_examples: int = Field(
         5, ge=0, le=1000, description="The most confidently wrong validation images listed in eval_after.json.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Multi-label data (list labels): a class is predicted when its sigmoid "
+        "probability is at least this (single-label data takes the most probable class).")
 
 
 class EmbeddingSpec(_Strict):
