@@ -285,3 +285,18 @@ def test_multi_label_images_train_with_a_sigmoid_per_class(tmp_path, vit, one_th
     assert {s["label"] for s in scores} == {"blue", "red"} and abs(sum(s["score"] for s in scores) - 1) > 1e-3
     report = check_images(cfg)
     assert report.records["training images of class red"] == 8 and not report.findings
+
+
+def test_a_photo_is_read_the_right_way_up_as_the_pipeline_reads_it(tmp_path):
+    """EXIF orientation 6 (a phone held upright): training pixels are the pipeline's, not the sensor's."""
+    from transformers.image_utils import load_image
+
+    from tuneforge.data.images import open_rgb
+
+    im = Image.new("RGB", (40, 20), (200, 10, 10))
+    im.paste(Image.new("RGB", (10, 20), (10, 10, 200)), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    ours, theirs = open_rgb(str(tmp_path / "photo.jpg")), load_image(str(tmp_path / "photo.jpg"))
+    assert ours.size == theirs.size == (20, 40) and ours.tobytes() == theirs.tobytes()

@@ -147,9 +147,15 @@ def unreadable(image: str) -> str | None:
     return None
 
 
+def as_rgb(im):
+    """RGB pixels the right way up, as transformers' pipelines read an image: a photo's EXIF orientation applied,
+    so a model trains on what it will be served."""
+    return pil().ImageOps.exif_transpose(im).convert("RGB")
+
+
 def open_rgb(image: str):
     with pil().Image.open(image) as im:
-        return im.convert("RGB")
+        return as_rgb(im)
 
 
 def pixel_batch(processor, records: list[ImageRecord], flip: random.Random | None = None):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from tuneforge.data.images import pil
+from tuneforge.data.images import as_rgb, pil
 from tuneforge.serve.protocol import ApiError
 
 MAX_TEXTS = 256  # texts in one request: a bigger batch is a client that should page
@@ -71,7 +71,7 @@ def _image(item, i: int):
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ApiError(400, f"{where}: {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS:,} "
                                "this server decodes; send a smaller image", param="input")
-            return PIL.ImageOps.exif_transpose(im).convert("RGB")
+            return as_rgb(im)
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise ApiError(400, f"{where}: the image does not open ({err})", param="input") from None
 
