@@ -263,9 +263,8 @@ def check_pairs(cfg: Config, report: CheckReport) -> None:
             except BadRecord as err:
                 report.add(ERROR, "bad-record", str(spec.path), line, str(err))
                 continue
-            first = first_of_kind.setdefault(rec.kind, rec)
-            other = next((r for k, r in first_of_kind.items() if k != rec.kind), None)
-            if other is not None and first is rec:
+            if first_of_kind.setdefault(rec.kind, rec) is rec and len(first_of_kind) == 2:  # the other kind's first
+                other = next(iter(first_of_kind.values()))
                 report.add(ERROR, "mixed-kinds", rec.source, line, f"a {rec.kind} record, but {other.where} is a "
                            f"{other.kind} record; train contrastive (query, positive[, negative]) or scored pairs, not both")
             _pair_findings(report, rec, pairs, train_queries, held_out)

@@ -14,7 +14,7 @@ import torch
 
 from tuneforge.data.images import pixel_batch
 from tuneforge.eval.labels import label_metrics
-from tuneforge.methods.classification import class_probabilities, classification_losses, predicted_sets
+from tuneforge.methods.classification import class_probabilities, classification_losses, gold_sets, predicted_sets
 from tuneforge.methods.objective import Runtime
 from tuneforge.models.precision import autocast_for
 
@@ -67,9 +67,7 @@ class ImageClassification:
         return predicted_sets(class_probabilities(logits, self.multi), self.multi, self.spec.threshold)
 
     def _gold(self, targets: torch.Tensor) -> list[set[int]]:
-        if self.multi:
-            return [set(torch.nonzero(row > 0).flatten().tolist()) for row in targets]
-        return [{int(i)} for i in targets]
+        return gold_sets(targets, self.multi)
 
     @torch.no_grad()
     def logits(self, model, examples: list) -> torch.Tensor:

@@ -20,7 +20,8 @@ VISION = {"vit", "deit", "dinov2"}
 ENCODER_TYPES = BERT_LIKE | VISION | {"modernbert"}
 # Model types whose sequence classifier puts a dense layer before its output layer instead of BertPooler.
 DENSE_HEADS = {"roberta", "xlm-roberta", "camembert", "electra", "modernbert"}
-# Exactly counted against transformers (tests/test_plan.py); the rest of ENCODER_TYPES read as BERT with a note.
+# Counted exactly as transformers builds them (tests/test_plan_encoders.py; XLM-R is RoBERTa's code); the rest of
+# ENCODER_TYPES are read as BERT, with a note.
 EXACT = {"bert", "roberta", "xlm-roberta", "vit", "modernbert"}
 
 
@@ -48,21 +49,12 @@ class EncoderShape:
     dropout: bool = False  # dropout after attention and MLP while training (BERT's hidden_dropout_prob): a mask each
     name: str = ""
     bidirectional: bool = True  # every position attends to every other (plan.memory and plan.throughput)
-    tied: bool = False
-    kv_heads: int = 0
-    qk_norm: bool = False
-    norms_per_layer: int = 2
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kv_heads", self.heads)
+    tied: bool = False  # no output matrix shares the token embedding
 
     @property
     def dim(self) -> int:
+        """Width of one attention head."""
         return self.hidden // self.heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one block, by the module names PEFT matches."""
@@ -165,11 +157,10 @@ def encoder_shape(config: dict, head: str = "", labels: int = 0, name: str = "",
     embedding = vocab * h + positions * h + config.get("type_vocab_size", 2) * h + 2 * h
     dense_head = model_type in DENSE_HEADS
     pooler = h * h + h if head == "encoder" or not dense_head else 0
+    head_size = ((h * h + h if dense_head else 0) + h * n + n) if n else 0  # PEFT saves the whole `classifier`
     return EncoderShape(
         **common, vocab=vocab, embedding=embedding, small=common["layers"] * (4 * h + i + h + 2 * 2 * h),
-        pooler=pooler, classifier=((h * h + h if dense_head else 0) + h * n + n) if n else 0,
-        saved=((h * h + h if dense_head else 0) + h * n + n) if n else 0,
-        outside={"pooler.dense": (h, h)} if pooler else {},
+        pooler=pooler, classifier=head_size, saved=head_size, outside={"pooler.dense": (h, h)} if pooler else {},
         names={"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
                "intermediate.dense": (h, i), "output.dense": (i, h)}), note
 
