@@ -18,15 +18,15 @@ IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "cls_token_id": 
 def tiny(kind: str, **over):
     from transformers import BertConfig, LlamaConfig, ModernBertConfig, RobertaConfig, ViTConfig
 
-    sizes = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 2}
+    sizes = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 2, **over}
     if kind == "vit":
-        return ViTConfig(image_size=32, patch_size=8, num_labels=5, **sizes, **over)
+        return ViTConfig(**{"image_size": 32, "patch_size": 8, "num_labels": 5, **sizes})
     if kind == "modernbert":
-        return ModernBertConfig(vocab_size=100, **IDS, **sizes, **over)
+        return ModernBertConfig(**{"vocab_size": 100, **IDS, **sizes})
     if kind == "llama":
-        return LlamaConfig(vocab_size=100, num_key_value_heads=1, pad_token_id=0, **sizes, **over)
-    over = {"vocab_size": 100, "num_labels": 3, **over}
-    return {"bert": BertConfig, "roberta": RobertaConfig}[kind](max_position_embeddings=64, **sizes, **over)
+        return LlamaConfig(**{"vocab_size": 100, "num_key_value_heads": 1, "pad_token_id": 0, **sizes})
+    config = {"bert": BertConfig, "roberta": RobertaConfig}[kind]
+    return config(**{"vocab_size": 100, "num_labels": 3, "max_position_embeddings": 64, **sizes})
 
 
 def count(model) -> int:
@@ -108,3 +108,49 @@ def test_plan_of_a_classifier_has_encoder_parts_and_no_language_model_head(tmp_p
 
     shape = report.model.shape
     assert forward_flops(shape, 64) - forward_flops(shape, 32) == 2 * 2 * shape.layers * shape.hidden * 32
+
+
+def saved_bytes(model, inputs: dict) -> int:
+    """Bytes autograd keeps for the backward pass of one forward (weights aside), each storage once."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind,tolerance", [("bert", 0), ("vit", 0), ("modernbert", 0.03)])
+def test_activation_bytes_per_block_equal_what_autograd_keeps(kind, tolerance):
+    """One more block adds what plan says it keeps per token (ModernBERT: within its attention masks, which
+    plan counts with the padding mask)."""
+    import torch
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from tuneforge.plan.memory import Settings, encoder_layer_token_bytes
+
+    b, s = 4, 64
+    over = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, "layer_types": None}  # layer_types: ModernBERT's, for the depth
+    if kind == "vit":
+        inputs, tokens, build = {"pixel_values": torch.randn(b, 3, 64, 64)}, b * 65, AutoModelForImageClassification
+        over.update(image_size=64)
+    else:
+        inputs, tokens, build = {"input_ids": torch.randint(3, 100, (b, s))}, b * s, AutoModelForSequenceClassification
+    measured = []
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        config = tiny(kind, **{**over, "num_hidden_layers": layers})
+        measured.append(saved_bytes(build.from_config(config).train(), inputs))
+    per_token = (measured[1] - measured[0]) / 2 / tokens
+    shape, _ = shape_from_hf_config(json.loads(config.to_json_string()), head="classifier")
+    predicted = encoder_layer_token_bytes(shape, Settings(adapter="full"), "fp32")
+    assert predicted == pytest.approx(per_token, rel=tolerance), (predicted, per_token)

@@ -44,6 +44,7 @@ class EncoderShape:
     outside: dict[str, tuple[int, int]] = field(default_factory=dict)
     saved: int = 0  # parameters of the head module PEFT trains and saves whole (`classifier`)
     glu: bool = False  # a gated MLP (ModernBERT): its first layer is twice as wide
+    rotary: bool = False  # rotary positions (ModernBERT): q and k are rotated copies
     pre_norm: bool = False  # norms before attention and MLP (ViT, ModernBERT), not after (BERT)
     patch_inputs: int = 0  # a vision encoder's patch projection: channels x patch_size^2 inputs per position
     dropout: bool = False  # dropout after attention and MLP while training (BERT's hidden_dropout_prob): a mask each
@@ -177,4 +178,4 @@ def _modernbert(config: dict, common: dict) -> EncoderShape:
         small=(2 * layers - 1) * norm + layers * biases + norm, pooler=0, classifier=head_params,
         saved=h * n + n if n else 0, outside={"head.dense": (h, h)} if n else {},
         names={"attn.Wqkv": (h, 3 * h), "attn.Wo": (h, h), "mlp.Wi": (h, 2 * i), "mlp.Wo": (i, h)},
-        glu=True, pre_norm=True)
+        glu=True, rotary=True, pre_norm=True)

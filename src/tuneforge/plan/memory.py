@@ -158,18 +158,20 @@ def lora_token_bytes(shape: ModelShape, s: Settings, cb: int) -> float:
 
 
 def encoder_layer_token_bytes(shape: EncoderShape, s: Settings, compute: str) -> float:
-    """Bytes one encoder block saves for backward, per token. Attention is bidirectional through SDPA: q, k, v
-    and its output are kept, not the scores (a CPU's math fallback for dropout on the attention weights keeps
-    them, which is not counted). Each of the two LayerNorms keeps its fp32 input, and the one that feeds
-    the MLP its output; a GELU MLP keeps the activation's input and output, a gated one (ModernBERT) both
-    halves, the gate and the product; BERT-style blocks keep a one-byte dropout mask after attention and MLP."""
+    """Bytes one encoder block saves for backward, per token, as measured with autograd's saved-tensor hooks
+    (tests/test_plan_encoders.py). Attention is bidirectional through SDPA, which keeps q, k, v, its output
+    (also o's input) and a logsumexp per head, never the scores; rotary positions keep the rotated q and k too.
+    Each LayerNorm keeps its fp32 input, mean and rstd; the MLP's first layer keeps a norm's output; a GELU MLP
+    keeps the activation's input and output, a gated one (ModernBERT) the first layer's output, the activation
+    and the product. With dropout (BERT's hidden_dropout_prob), a one-byte mask after attention and after the
+    MLP (CUDA's; a CPU keeps them in the compute dtype)."""
     cb = compute_bytes(compute)
     h, i = shape.hidden, shape.intermediate
-    norms = 2 * 4 * h + cb * h
-    attention = cb * 6 * h  # the q/k/v input, q, k, v, SDPA's output, and o's contiguous input
+    attention = cb * (7 if shape.rotary else 5) * h + 4 * shape.heads
+    norms = 2 * (4 * h + 8) + cb * h
     mlp = cb * i * (4 if shape.glu else 2)
     dropout = 2 * h if shape.dropout else 0
-    return norms + attention + mlp + dropout + lora_token_bytes(shape, s, cb)
+    return attention + norms + mlp + dropout + lora_token_bytes(shape, s, cb)
 
 
 def residual_bytes(s: Settings, compute: str) -> int:
