@@ -685,12 +685,6 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
-        if self.task == "classification" and self.adapter == "qlora":
-            raise ValueError("task: classification with adapter: qlora is not supported yet: tuneforge does not build "
-                             "a classification head on a 4-bit base. Use adapter: lora (on a GPU the frozen base is "
-                             "kept in bf16, half of fp32); if that does not fit, `tuneforge plan CONFIG` shows the "
-                             "memory by part and the changes that fit (activation checkpointing, a smaller "
-                             "micro_batch_size or max_seq_len), or choose a smaller base model")
         if self.method == "pretrain" and any(d.ratio is not None or d.weight != 1 for d in self.datasets):
             raise ValueError("datasets: weight and ratio are not supported with method: pretrain yet (its files are "
                              "tokenized into one stream of blocks); remove them, or repeat a file to weight it")

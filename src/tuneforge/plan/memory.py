@@ -111,7 +111,7 @@ def weights_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     """The base model as stored: quantised blocks under QLoRA, else every weight at weight_bytes."""
     wb = weight_bytes(s.adapter, compute)
     if s.adapter == "qlora":
-        return quantized_bytes(shape, s.bits, s.double_quant) + (shape.embedding_params() + shape.small_params()) * wb
+        return quantized_bytes(shape, s.bits, s.double_quant) + (shape.params() - shape.layer_linear_params()) * wb
     return shape.params() * wb
 
 
