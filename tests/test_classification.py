@@ -293,3 +293,81 @@ def test_csv_columns_and_integer_labels_keep_numeric_order(tmp_path, tiny_bert):
                    datasets=[{"path": str(tmp_path / "train.csv"), "columns": {"text": "sentence", "label": "stars"}}])
     data = prepare_labelled(cfg, load_tokenizer(tiny_bert))
     assert data.labels == ["1", "2", "10"] and len(data.train) == 9
+
+
+def test_decoder_llm_classifier_trains_exports_for_the_pipeline_and_serves(tmp_path, smol_tokenizer):
+    """A tiny Llama whose config has no pad id: LoRA and a score head per class; the adapter loads onto the base
+    with PEFT, `export --to hf` makes a folder the text-classification pipeline loads, and /v1/classify agrees.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from conftest import make_tiny_model
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+
+    llama = make_tiny_model(tmp_path / "llama", "llama", smol_tokenizer)
+    # A random decoder's logits start wide: one batch's loss may be several times another's without diverging.
+    cfg = make_cfg(tmp_path, llama, sentiment(24), adapter="lora", max_steps=4, learning_rate=2e-3,
+                   lora={"r": 4, "alpha": 8}, diagnose={"explode_factor": 100})
+    manifest = train(cfg, reporter=QUIET)
+    assert set(manifest["eval_after"]["labels"]) == {"neg", "neu", "pos"}
+    head = json.loads((tmp_path / "run" / "run.json").read_text())["head"]
+    assert head["pad_token_id"] == smol_tokenizer.pad_token_id
+
+    labels = {"id2label": {0: "neg", 1: "neu", 2: "pos"}, "label2id": {"neg": 0, "neu": 1, "pos": 2}}
+    base = AutoModelForSequenceClassification.from_pretrained(str(llama), num_labels=3, **labels,
+                                                              pad_token_id=smol_tokenizer.pad_token_id)
+    tuned = PeftModel.from_pretrained(base, str(tmp_path / "run" / "final")).eval()
+    texts = ["good table", "an awful blue chair"]
+    with torch.no_grad():
+        expected = torch.softmax(tuned(**smol_tokenizer(texts, padding=True, return_tensors="pt")).logits, -1)
+
+    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "hf", dtype="float32")
+    got = pipeline("text-classification", model=str(out), device=-1)(texts, top_k=None)
+    for row, preds in zip(expected, got):
+        by_name = {p["label"]: p["score"] for p in preds}
+        assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
+
+    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert same(post(server, "/v1/classify", {"input": texts, "top_k": None})["data"], got)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_qlora_classifier_keeps_its_head_unquantized_merges_and_serves(tmp_path, smol_tokenizer):
+    """QLoRA on CPU (bitsandbytes): a 4-bit Llama base with a full-precision score head; export merges onto the
+    dequantized base, and the pipeline on it agrees with /v1/classify, which serves the 4-bit base + adapter."""
+    import bitsandbytes as bnb
+    from transformers import pipeline
+
+    from conftest import make_tiny_model
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+
+    llama = make_tiny_model(tmp_path / "llama", "llama", smol_tokenizer)
+    cfg = make_cfg(tmp_path, llama, sentiment(24), adapter="qlora", max_steps=3, learning_rate=2e-3,
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0}, diagnose={"explode_factor": 100},
+                   evaluation={"before_after": False})
+    labels = prepare_labelled(cfg, smol_tokenizer).head_config
+    model = load_model(llama, CPU, quantization=cfg.quantization, head="classifier", head_config=labels,
+                       pad_token_id=smol_tokenizer.pad_token_id)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert type(model.score) is torch.nn.Linear and model.score.out_features == 3
+    train(cfg, reporter=QUIET)
+    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "hf", dtype="float32")
+    texts = ["good table", "an awful blue chair"]
+    got = pipeline("text-classification", model=str(out), device=-1)(texts, top_k=None)
+    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served = post(server, "/v1/classify", {"input": texts, "top_k": None})["data"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    for a, b in zip(served, got):  # 4-bit matmuls against the dequantized weights in fp32
+        assert [p["label"] for p in a] == [p["label"] for p in b]
+        assert [p["score"] for p in a] == pytest.approx([p["score"] for p in b], abs=1e-4)

@@ -308,3 +308,34 @@ def test_several_processes_are_refused_with_the_reason(tmp_path):
 
     with pytest.raises(ConfigError, match="task: embedding trains in one process"):
         embedding_cfg(tmp_path, tmp_path, distributed={"strategy": "ddp"})
+
+
+def test_data_check_names_pair_problems_by_file_and_line(tmp_path, tiny_encoder):
+    from tuneforge.cli import main
+    from tuneforge.data.check import check_data
+
+    rows = pairs(6)
+    rows[1] = {"positive": "an answer without its question"}  # line 2: no query
+    rows[2] = {"query": "what is zq2x", "positive": "  "}  # line 3: an empty positive
+    rows[3] = {"query": "Same  Text", "positive": "same text"}  # line 4: nothing to learn
+    rows.append(dict(pairs(6)[0]))  # line 7: line 1 again
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "val.jsonl", [{"query": "what is code zq5x", "positive": "another answer"},  # leaked
+                                         {"query": "fresh question", "positive": "fresh answer"},
+                                         {"sentence1": "a", "sentence2": "b", "score": 4.0}])  # scored among pairs
+    cfg = embedding_cfg(tmp_path, tiny_encoder, validation={"path": str(tmp_path / "val.jsonl")})
+    report = check_data(cfg, load_tokenizer(tiny_encoder))
+    train, val = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    found = {(f.severity, f.code, f.source, f.line) for f in report.findings}
+    assert found == {("error", "bad-record", train, 2), ("error", "bad-record", train, 3),
+                     ("warning", "query-is-positive", train, 4), ("warning", "duplicate", train, 7),
+                     ("error", "leakage", val, 1), ("error", "mixed-kinds", val, 3),
+                     ("warning", "score-range", val, 3)}, report.findings
+    messages = {(f.code, f.line): f.message for f in report.findings}
+    assert "missing field 'query'" in messages["bad-record", 2] and "is empty" in messages["bad-record", 3]
+    assert messages["duplicate", 7].endswith(f"{train}:1") and messages["leakage", 1].endswith(f"{train}:6")
+    assert report.records[train] == 7
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"task": "embedding", "base_model": str(tiny_encoder),
+                                  "datasets": [{"path": train}], "output_dir": str(tmp_path / "run")}))
+    assert main(["data", "check", str(config)]) != 0  # errors fail the command

@@ -105,7 +105,7 @@ def test_jsonl_labels_and_bad_records_with_file_and_line(tmp_path, vit, images):
     with pytest.raises(DataError) as err:
         prepare_images(make_cfg(tmp_path, vit, path, on_bad_record="error"))
     assert f"{path}:7: the image does not open" in str(err.value)
-    assert f"{path}:8: " in str(err.value) and "multi-label" in str(err.value)
+    assert f"{path}:8: the image does not open" in str(err.value)  # a list label is multi-label data, not an error
     data = prepare_images(make_cfg(tmp_path, vit, path, validation=None))
     assert (len(data.train), data.labels, sorted(r.line for r in data.rejected)) == (6, ["blue", "red"], [7, 8])
 
@@ -195,3 +195,108 @@ def test_two_micro_batches_make_the_gradient_of_one_batch(tmp_path, vit, images,
         grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     assert totals["examples"] == 7 and abs(grads[0][0] - grads[1][0]) < 1e-6
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_serve_classifies_images_sent_as_base64_as_the_pipeline_does(tmp_path, vit, images, one_thread):
+    """/v1/classify of an image run takes base64 bytes or data URLs, answers the image pipeline's labels and
+    scores, and refuses paths, URLs, non-images and oversized images by entry, without opening any."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from transformers import pipeline
+
+    from tuneforge.serve import make_server
+    from tuneforge.serve.classify import MAX_IMAGE_BYTES
+
+    cfg = make_cfg(tmp_path, vit, images, max_steps=2, evaluation={"before_after": False})
+    train(cfg, reporter=QUIET)
+    files = [images / "red" / "1.png", images / "blue" / "2.png"]
+    raw = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    classify = pipeline("image-classification", model=str(tmp_path / "run" / "final"))
+    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def post(body: dict) -> dict:
+        req = urllib.request.Request(server.url.removesuffix("/v1") + "/v1/classify", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())["data"]
+
+    def refused(value) -> str:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post({"input": value})
+        assert err.value.code == 400
+        return json.loads(err.value.read())["error"]["message"]
+
+    def same(a, b) -> bool:
+        if isinstance(a, list):
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-5
+
+    try:
+        one = post({"input": "data:image/png;base64," + raw[0]})
+        assert same(one, classify(str(files[0]), top_k=1))
+        assert same(post({"input": raw, "top_k": None}), classify([str(f) for f in files], top_k=2))
+        assert "paths and URLs are not opened" in refused(str(files[0]))
+        assert "paths and URLs are not opened" in refused("https://example.com/cat.png")
+        assert "input[1]: the image does not open" in refused([raw[0], base64.b64encode(b"not an image").decode()])
+        assert "over 2 MiB" in refused(base64.b64encode(b"\0" * (MAX_IMAGE_BYTES + 3)).decode())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_multi_label_images_train_with_a_sigmoid_per_class(tmp_path, vit, one_thread):
+    """List labels make multi-label data: ViT's own multi-label loss, per-class metrics and the threshold before
+    and after, final/ read by the image pipeline with sigmoid scores, and data check counting every class."""
+    from transformers import pipeline
+
+    lines = []
+    for i in range(12):
+        kind = ("red", "blue", "both")[i % 3]
+        im = Image.new("RGB", (40, 40), (128, 128, 128))
+        if kind != "blue":
+            im.paste(Image.new("RGB", (12, 12), COLOURS["red"]), (2 + i % 4, 2))
+        if kind != "red":
+            im.paste(Image.new("RGB", (12, 12), COLOURS["blue"]), (24, 24 - i % 4))
+        im.save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "label": ["red", "blue"] if kind == "both" else [kind]})
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = make_cfg(tmp_path, vit, path, image_classification={"augment": False, "threshold": 0.4})
+    processor = load_image_processor(vit)
+    data = prepare_images(cfg, processor)
+    assert data.multi_label and data.labels == ["blue", "red"] and data.train[2].targets == {0, 1}
+    model = load_model(vit, CPU, head="image_classifier", head_config=data.head_config)
+    objective = build_objective(cfg, data, None, tokenizer=processor, device=CPU, dtype=torch.float32)
+    batch = objective.collate([0, 1, 2, 3])
+    ours, _ = objective.loss(model, batch, {"examples": 4})
+    theirs = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert model.config.problem_type == "multi_label_classification"
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+    manifest = train(cfg, reporter=QUIET)
+    after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
+    assert after["threshold"] == 0.4 and set(after["per_class"]) == {"blue", "red"}
+    assert after["val_loss"] < manifest["eval_before"]["val_loss"]
+    scores = pipeline("image-classification", model=str(tmp_path / "run" / "final"))(str(tmp_path / "2.png"), top_k=None)
+    assert {s["label"] for s in scores} == {"blue", "red"} and abs(sum(s["score"] for s in scores) - 1) > 1e-3
+    report = check_images(cfg)
+    assert report.records["training images of class red"] == 8 and not report.findings
+
+
+def test_a_photo_is_read_the_right_way_up_as_the_pipeline_reads_it(tmp_path):
+    """EXIF orientation 6 (a phone held upright): training pixels are the pipeline's, not the sensor's."""
+    from transformers.image_utils import load_image
+
+    from tuneforge.data.images import open_rgb
+
+    im = Image.new("RGB", (40, 20), (200, 10, 10))
+    im.paste(Image.new("RGB", (10, 20), (10, 10, 200)), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    ours, theirs = open_rgb(str(tmp_path / "photo.jpg")), load_image(str(tmp_path / "photo.jpg"))
+    assert ours.size == theirs.size == (20, 40) and ours.tobytes() == theirs.tobytes()

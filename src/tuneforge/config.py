@@ -341,6 +341,9 @@ class ImageClassificationSpec(_Strict):
         "sees the same images. Turn off for classes a mirror image changes (digits, text, left/right).")
     wrong_examples: int = Field(
         5, ge=0, le=1000, description="The most confidently wrong validation images listed in eval_after.json.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Multi-label data (list labels): a class is predicted when its sigmoid "
+        "probability is at least this (single-label data takes the most probable class).")
 
 
 class EmbeddingSpec(_Strict):
@@ -682,9 +685,6 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
-        if self.task == "classification" and self.adapter == "qlora":
-            raise ValueError("task: classification trains a classifier head, which is not supported on a quantized "
-                             "base yet; use adapter: lora")
         if self.method == "reward" and self.adapter == "qlora":
             raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
                              "use adapter: lora")

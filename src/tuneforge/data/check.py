@@ -7,6 +7,7 @@ tokenizer and chat template.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -18,7 +19,9 @@ from jinja2 import TemplateError
 
 from tuneforge.config import Config
 from tuneforge.data.dataset import chunks, good_records, record_segments, record_text
-from tuneforge.data.formats import Record
+from tuneforge.data.formats import Record, apply_mapping
+from tuneforge.data.pairs_text import pair_record
+from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.methods.facts import function_at
@@ -232,6 +235,58 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
                        f"the chat template uses {', '.join(bad)}, whose embeddings are untrained in this model; "
                        "train with `adapter: full` or choose a template the model knows")
     return report
+
+
+def _pair_key(*texts: str) -> bytes:
+    """A 16-byte key of texts compared as a reader would: case and runs of whitespace ignored."""
+    joined = "\x1f".join(" ".join(t.split()).casefold() for t in texts)
+    return hashlib.blake2b(joined.encode(), digest_size=16).digest()
+
+
+def check_pairs(cfg: Config, report: CheckReport) -> None:
+    """`tuneforge data check` for embedding pairs (the embedding row's `checks`), each finding with file:line.
+    Errors: a record that cannot be read (a missing field, an empty text, a negative equal to the positive),
+    contrastive and scored records mixed, a validation query that is also a training query (the retrieval
+    evaluation would measure recall of trained pairs). Warnings: a query equal to its positive (nothing to
+    learn), a pair repeated, a score outside [-1, 1] (a cosine cannot reach it)."""
+    files = [(ds, False) for ds in cfg.datasets]
+    if cfg.validation and cfg.validation.path:
+        files.append((cfg.validation, True))
+    train_queries: dict[bytes, str] = {}
+    first_of_kind: dict[str, Record] = {}
+    for spec, held_out in files:
+        pairs: dict[bytes, str] = {}
+        for line, obj in iter_rows(spec.path):
+            report.records[spec.path] += 1
+            try:
+                rec = pair_record(apply_mapping(obj, spec.columns, {}), str(spec.path), line)
+            except BadRecord as err:
+                report.add(ERROR, "bad-record", str(spec.path), line, str(err))
+                continue
+            if first_of_kind.setdefault(rec.kind, rec) is rec and len(first_of_kind) == 2:  # the other kind's first
+                other = next(iter(first_of_kind.values()))
+                report.add(ERROR, "mixed-kinds", rec.source, line, f"a {rec.kind} record, but {other.where} is a "
+                           f"{other.kind} record; train contrastive (query, positive[, negative]) or scored pairs, not both")
+            _pair_findings(report, rec, pairs, train_queries, held_out)
+
+
+def _pair_findings(report: CheckReport, rec: Record, pairs: dict, train_queries: dict, held_out: bool) -> None:
+    query = _pair_key(rec.query)
+    if query == _pair_key(rec.positive):
+        report.add(WARNING, "query-is-positive", rec.source, rec.line,
+                   "the query equals its positive (case and spacing aside): the pair teaches nothing")
+    pair = _pair_key(rec.query, rec.positive)
+    if pair in pairs:
+        report.add(WARNING, "duplicate", rec.source, rec.line, f"the same query and positive as {pairs[pair]}")
+    pairs.setdefault(pair, rec.where)
+    if held_out and query in train_queries:
+        report.add(ERROR, "leakage", rec.source, rec.line, f"the query is also a training query at {train_queries[query]}")
+    elif not held_out:
+        train_queries.setdefault(query, rec.where)
+    score = rec.fields.get("score") if rec.kind == "scored" else None
+    if score is not None and not -1 <= score <= 1:
+        report.add(WARNING, "score-range", rec.source, rec.line, f"score {score:g} is outside [-1, 1], which a cosine "
+                   "similarity cannot reach; rescale the scores (e.g. divide 0-5 ratings by 5)")
 
 
 def load_check_target(target: str | Path, overrides: list[str] | None = None) -> Config:

@@ -39,18 +39,34 @@ class ImageRecord:
     source: str  # the JSONL file, or the image folder
     line: int  # the JSONL line; 0 for an image of a folder
     image: str  # the image file
-    label: str
+    label: str | tuple[str, ...]  # one class, or (multi-label JSONL) every class the image shows
     raw: object = None
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.line else self.image
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.label if isinstance(self.label, tuple) else (self.label,)
+
 
 @dataclass(frozen=True)
 class ImageExample:
     record: ImageRecord
-    label: int  # index into PreparedData.labels
+    label: int  # index into PreparedData.labels (multi-label: the first of `classes`)
+    classes: tuple[int, ...] = ()  # multi-label: every class of the image
+
+    @property
+    def targets(self) -> set[int]:
+        return set(self.classes or (self.label,))
+
+
+@dataclass
+class ImageData(PreparedData):
+    """PreparedData of images; `multi_label` when any training label is a list (a sigmoid per class)."""
+
+    multi_label: bool = False
 
 
 def is_image_folder(path: str | Path) -> bool:
@@ -72,11 +88,17 @@ def load_image_processor(folder: Path, chat_template: str = "auto", trust_remote
 
 
 def _label_problem(value) -> str | None:
-    """Why a JSONL label is not one class name or number, or None."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        kind = "a list (multi-label images are not supported yet)" if isinstance(value, list) else repr(value)
-        return f"label {kind}; give one class name (a string) or number"
+    """Why a JSONL label is not a class name or number, nor a non-empty list of distinct ones, or None."""
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (str, int)) or v == "" for v in values):
+        return f"label {value!r}; give a class name (a string) or number, or a non-empty list of them (multi-label)"
+    if len({str(v) for v in values}) < len(values):
+        return f"label {value!r} names a class twice"
     return None
+
+
+def _label(value) -> str | tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
 def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iterator[ImageRecord | Rejected]:
@@ -100,7 +122,7 @@ def read_image_records(path: str, columns: dict[str, str] | None = None) -> Iter
         if problem:
             yield Rejected(path, line, problem, obj)
             continue
-        yield ImageRecord(path, line, str(root.parent / str(obj[image_key])), str(obj[label_key]), obj)
+        yield ImageRecord(path, line, str(root.parent / str(obj[image_key])), _label(obj[label_key]), obj)
 
 
 def pil():
@@ -125,9 +147,15 @@ def unreadable(image: str) -> str | None:
     return None
 
 
+def as_rgb(im):
+    """RGB pixels the right way up, as transformers' pipelines read an image: a photo's EXIF orientation applied,
+    so a model trains on what it will be served."""
+    return pil().ImageOps.exif_transpose(im).convert("RGB")
+
+
 def open_rgb(image: str):
     with pil().Image.open(image) as im:
-        return im.convert("RGB")
+        return as_rgb(im)
 
 
 def pixel_batch(processor, records: list[ImageRecord], flip: random.Random | None = None):
@@ -151,7 +179,7 @@ def label_names(records: list[ImageRecord], given: list[str] | None) -> list[str
     """The classes in output order: those configured, else the training labels sorted (numbers as numbers)."""
     if given:
         return list(given)
-    names = sorted({r.label for r in records})
+    names = sorted({name for r in records for name in r.labels})
     return sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else names
 
 
@@ -195,18 +223,21 @@ def _examples(records: list[ImageRecord], index: dict[str, int], summary: DataSu
               bad: list[Rejected]) -> list[ImageExample]:
     out = []
     for r in records:
-        if r.label not in index:
-            bad.append(Rejected(r.source if r.line else r.image, r.line, f"label {r.label!r} is not one of "
+        unknown = [name for name in r.labels if name not in index]
+        if unknown:
+            bad.append(Rejected(r.source if r.line else r.image, r.line, f"label {unknown[0]!r} is not one of "
                                 f"image_classification.labels ({', '.join(index)})", r.raw))
             summary.count(r.source, "bad_record")
             continue
         summary.count(r.source, "kept")
-        summary.count(r.source, f"class {r.label}")
-        out.append(ImageExample(r, index[r.label]))
+        for name in r.labels:
+            summary.count(r.source, f"class {name}")
+        classes = tuple(index[name] for name in r.labels)
+        out.append(ImageExample(r, classes[0], classes if isinstance(r.label, tuple) else ()))
     return out
 
 
-def prepare_images(cfg: Config, processor=None) -> PreparedData:
+def prepare_images(cfg: Config, processor=None) -> ImageData:
     """Read and check a config's image data: every image opened once, labels numbered, the split made."""
     train, validation, bad, summary = read_checked(cfg)
     every = [r for group in train for r in group]
@@ -232,8 +263,9 @@ def prepare_images(cfg: Config, processor=None) -> PreparedData:
             hashes[f"{ds.path} (images)"] = _images_hash(
                 [e.record for e in [*[x for s in train_sets for x in s], *val] if e.record.source == ds.path])
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
-    return PreparedData([x for s in train_sets for x in s], val, sizes, weights, bad, summary, None, hashes,
-                        labels=names, head_config=head_config(names, multi_label=False))
+    multi = any(isinstance(r.label, tuple) for r in every)
+    return ImageData([x for s in train_sets for x in s], val, sizes, weights, bad, summary, None, hashes,
+                     labels=names, head_config=head_config(names, multi_label=multi), multi_label=multi)
 
 
 def check_images(cfg: Config) -> CheckReport:
@@ -245,9 +277,9 @@ def check_images(cfg: Config) -> CheckReport:
         report.add(ERROR, "bad-record", r.source, r.line, r.reason)
     for source, counts in summary.per_file.items():
         report.records[source] = counts["records"]
-    per_class = Counter(r.label for group in train for r in group)
+    per_class = Counter(name for group in train for r in group for name in r.labels)
     for split, groups in (("training", train), ("validation", validation)):
-        for name, n in sorted(Counter(r.label for g in groups for r in g).items()):
+        for name, n in sorted(Counter(name for g in groups for r in g for name in r.labels).items()):
             report.records[f"{split} images of class {name}"] = n
     names = label_names([r for g in train for r in g], cfg.image_classification.labels)
     if len(per_class) < 2:
@@ -260,7 +292,7 @@ def check_images(cfg: Config) -> CheckReport:
             report.add(WARNING, "rare-class", cfg.datasets[0].path, 0,
                        f"class {name} has {per_class[name]} training images, under 1/{RARE_RATIO} of the largest class "
                        f"({max(per_class.values())}): collect more, or expect it to be predicted rarely")
-    for r in (r for g in [*train, *validation] for r in g if r.label not in names):
+    for r in (r for g in [*train, *validation] for r in g if not set(r.labels) <= set(names)):
         report.add(ERROR, "unknown-label", r.source if r.line else r.image, r.line,
                    f"label {r.label!r} is not one of image_classification.labels")
     return report

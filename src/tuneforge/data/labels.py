@@ -52,11 +52,14 @@ class LabelledData(PreparedData):
     findings: list[str] = field(default_factory=list)  # warnings about the labels, shown before training
 
 
-def head_config(names: list[str], multi_label: bool) -> dict:
-    """What the classifier head is built with, and what final/config.json then carries for the pipeline."""
+def head_config(names: list[str], multi_label: bool, pad_token_id: int | None = None) -> dict:
+    """What the classifier head is built with, and what final/config.json then carries for the pipeline. The
+    tokenizer's pad id is kept too (run.json's `head`): a decoder's score head finds each row's last token by it,
+    and a base without one in its config could not be rebuilt for export or serving otherwise."""
+    pad = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {n: i for i, n in enumerate(names)},
-            "problem_type": "multi_label_classification" if multi_label else "single_label_classification"}
+            "problem_type": "multi_label_classification" if multi_label else "single_label_classification", **pad}
 
 
 def _label_value(value: object, what: str) -> str | int:
@@ -324,7 +327,7 @@ def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
     sizes = [kept_per_file[str(ds.path)] for ds in cfg.datasets]
     weights = effective_weights(sizes, [ds.weight for ds in cfg.datasets], [ds.ratio for ds in cfg.datasets])
     return LabelledData(sets[0], sets[1], sizes, weights, bad + left_out, summary, None, hashes,
-                        head_config=head_config(names, multi), labels=names, multi_label=multi,
+                        head_config=head_config(names, multi, tokenizer.pad_token_id), labels=names, multi_label=multi,
                         train_targets=targets[0], validation_targets=targets[1],
                         token_types="token_type_ids" in tokenizer.model_input_names, findings=findings)
 

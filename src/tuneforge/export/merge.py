@@ -15,7 +15,7 @@ import torch
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import check_out, output_folder
 from tuneforge.methods.facts import function_at, method_facts
-from tuneforge.models.run import Run, base_folder, load_base, load_processor
+from tuneforge.models.run import Run, load_base, load_processor
 from tuneforge.train.outputs import write_json
 
 MERGE_TARGETS = ("dequantized", "original")
@@ -39,11 +39,8 @@ def check_target(run: Run, target: str | None) -> str:
 
 def merge_base(run: Run, target: str):
     """The fp32 base weights the adapter is added to."""
-    trust = run.config.trust_remote_code
-    if target == "dequantized":
-        from tuneforge.models.quantize import dequantized_model
-
-        return dequantized_model(base_folder(run), run.config.quantization, trust)
+    if target == "dequantized":  # quantized with the run's config (and the run's head), then dequantized (R-MRG-1)
+        return load_base(run, torch.device("cpu"), torch.float32, run.config.quantization).dequantize(dtype=torch.float32)
     return load_base(run, torch.device("cpu"), torch.float32)
 
 

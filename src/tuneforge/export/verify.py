@@ -64,9 +64,14 @@ _PIPELINE_SCRIPT = r"""
 import json, sys
 from transformers import pipeline
 folder, data_path = sys.argv[1], sys.argv[2]
-items = json.load(open(data_path))
+items, threshold = json.load(open(data_path))
 classify = pipeline("image-classification", model=folder)
-right = sum(classify(x["image"])[0]["label"] == x["label"] for x in items)
+
+def predicted(image):
+    scores = classify(image, top_k=None)
+    return {p["label"] for p in scores if p["score"] >= threshold} if threshold else {scores[0]["label"]}
+
+right = sum(predicted(x["image"]) == set(x["labels"]) for x in items)
 print(json.dumps({"accuracy": right / max(len(items), 1), "examples": len(items)}))
 """
 
@@ -78,7 +83,9 @@ def verify_image_classifier(run: Run, path: Path, weights: str, after: dict) -> 
 
     data = prepare_images(run.config)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump([{"image": e.record.image, "label": data.labels[e.label]} for e in data.validation], f)
+        threshold = run.config.image_classification.threshold if data.multi_label else None
+        json.dump([[{"image": e.record.image, "labels": [data.labels[c] for c in e.targets]} for e in data.validation],
+                   threshold], f)
     try:
         got = _fresh_process(_PIPELINE_SCRIPT, str(path), f.name)
     finally:

@@ -49,6 +49,13 @@ def predicted_sets(probs: torch.Tensor, multi_label: bool, threshold: float) -> 
     return [{int(i)} for i in probs.argmax(-1)]
 
 
+def gold_sets(targets: torch.Tensor, multi_label: bool) -> list[set[int]]:
+    """The true classes of each row of targets: class indices, or multi-hot rows (multi-label)."""
+    if multi_label:
+        return [set(torch.nonzero(row > 0).flatten().tolist()) for row in targets]
+    return [{int(i)} for i in targets]
+
+
 def class_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     return torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
 
@@ -106,9 +113,7 @@ class Classification:
         return losses.sum() / totals["examples"], {"accuracy": (float(right), float(len(pred)))}
 
     def _gold(self, targets: torch.Tensor) -> list[set[int]]:
-        if self.data.multi_label:
-            return [set(torch.nonzero(row > 0).flatten().tolist()) for row in targets]
-        return [{int(i)} for i in targets]
+        return gold_sets(targets, self.data.multi_label)
 
     @torch.no_grad()
     def held_out(self, model, data, final: bool = False, reference=None) -> dict:

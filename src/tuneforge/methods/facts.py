@@ -90,7 +90,7 @@ METHODS = {m.name: m for m in (
     MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True,
                 prepare="tuneforge.data.dataset:prepare_raw", checks="tuneforge.data.raw_check:check_raw"),
     MethodFacts("embedding", "tuneforge.methods.embedding:Embedding", ("pair", "scored"), rows=2, model_head="encoder",
-                lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs",
+                lr_family="sft", prepare="tuneforge.data.pairs_text:prepare_pairs", checks="tuneforge.data.check:check_pairs",
                 final="tuneforge.methods.embedding:write_final", verify="tuneforge.export.verify:verify_sentence_vectors"),
 )}
 

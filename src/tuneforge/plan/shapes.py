@@ -31,6 +31,9 @@ class ModelShape:
     norms_per_layer: int = 2
     qk_norm: bool = False
     name: str = ""
+    # A score head of this many outputs (a classifier or reward model) in place of the language-model head.
+    score_outputs: int = 0
+    bidirectional: bool = False  # attention over the whole sequence (plan/encoders.py); a decoder's is causal
 
     def __post_init__(self) -> None:
         if not self.head_dim:  # most configs leave it out: hidden_size / num_attention_heads
@@ -53,7 +56,17 @@ class ModelShape:
 
     def embedding_params(self) -> int:
         """The token embedding, plus the output head when it is a separate matrix."""
+        if self.score_outputs:
+            return self.vocab * self.hidden + self.output_head_params()
         return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def output_head_params(self) -> int:
+        """The output layer's weight: the language-model head (tied or not), or a score head."""
+        return self.hidden * (self.score_outputs or self.vocab)
+
+    def logit_count(self, sequences: int, seq_len: int) -> int:
+        """Logits of a micro-batch: every position gets one per output (a score head, too, before one is read)."""
+        return sequences * seq_len * (self.score_outputs or self.vocab)
 
     def small_params(self) -> int:
         """Norm weights and biases: too small to quantise, counted so the total is exact."""
@@ -71,7 +84,7 @@ class ModelShape:
     def matmul_params(self) -> int:
         """Weights that take part in a matrix multiply for every token: the blocks' linear layers
         and the output head (an embedding lookup costs no FLOPs; a tied head still multiplies)."""
-        return self.layer_linear_params() + self.vocab * self.hidden
+        return self.layer_linear_params() + self.output_head_params()
 
     def lora_modules(self, targets: str | tuple[str, ...] | list[str]) -> dict[str, tuple[int, int]]:
         """The projections a LoRA config adapts: "all-linear" (every linear layer but the output
@@ -84,5 +97,7 @@ class ModelShape:
         return {name: shapes[name] for name in targets if name in shapes}
 
     def lora_params(self, r: int, targets: str | tuple[str, ...] | list[str]) -> int:
-        """Adapter parameters: r x (in + out) for A and B of every adapted projection of every block."""
-        return self.layers * sum(r * (i + o) for i, o in self.lora_modules(targets).values())
+        """Adapter parameters: r x (in + out) for A and B of every adapted projection of every block, and a
+        score head, which PEFT trains and saves whole."""
+        adapters = self.layers * sum(r * (i + o) for i, o in self.lora_modules(targets).values())
+        return adapters + (self.output_head_params() if self.score_outputs else 0)

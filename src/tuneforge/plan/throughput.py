@@ -30,8 +30,8 @@ class Speed:
 
 def forward_flops(shape: ModelShape, width: float) -> float:
     """FLOPs of one token's forward pass: 2 per weight of every matmul, and the attention scores and
-    weighted sum over, on average, half of a causal window of `width` tokens."""
-    attention = 2 * shape.layers * shape.heads * shape.dim * width
+    weighted sum over, on average, half of a causal window of `width` tokens (all of it for an encoder)."""
+    attention = 2 * shape.layers * shape.heads * shape.dim * width * (2 if shape.bidirectional else 1)
     return 2 * shape.matmul_params() + attention
 
 

@@ -18,7 +18,7 @@ from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
-from tuneforge.serve.classify import class_scores
+from tuneforge.serve.classify import INPUTS, class_scores
 from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 from tuneforge.serve.turns import Turns
@@ -48,7 +48,7 @@ class Limits:
 
 GENERATION_ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST"}
 # The routes a model answers, by its head; a head not listed generates text (serve/embeddings.py has its own engine).
-HEAD_ROUTES = {"classifier": {"/v1/classify": "POST"}}
+HEAD_ROUTES = {head: {"/v1/classify": "POST"} for head in INPUTS}
 
 
 @dataclass
@@ -93,10 +93,11 @@ class Engine:
     def routes(self) -> dict[str, str]:
         return HEAD_ROUTES.get(self.head, GENERATION_ROUTES)
 
-    def classify(self, model_id: str, texts: list[str]) -> torch.Tensor:
-        """Class probabilities of each text (a classifier's /v1/classify), one model call in the engine's turn."""
+    def classify(self, model_id: str, inputs: list) -> torch.Tensor:
+        """Class probabilities of each text or image (a classifier's /v1/classify), one model call in the engine's turn."""
         with self.turns.turn(), self._use(model_id):
-            return class_scores(self.model, self.tokenizer, texts, self.device)
+            batch = INPUTS[self.head].batch(self.tokenizer, self.model, inputs)
+            return class_scores(self.model, batch, self.device)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:

@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.serve import protocol as p
-from tuneforge.serve.classify import parse_classify, pipeline_shape
+from tuneforge.serve.classify import INPUTS, parse_classify, pipeline_shape
 from tuneforge.serve.embeddings import load_embedding_engine, serves_embeddings
 from tuneforge.serve.engine import ClientGone, Engine, Limits, Result, ShuttingDown, load_engine
 
@@ -183,10 +183,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _classify(self, body: dict) -> None:
         engine = self.server.engine
-        model, texts, single, top_k = parse_classify(body)
+        kind = INPUTS[engine.head]
+        model, inputs, single, top_k = parse_classify(body, kind.read)
         model_id = engine.resolve(model)
-        probs = engine.classify(model_id, texts)
-        data = pipeline_shape(probs, engine.model.config.id2label, single, top_k)
+        probs = engine.classify(model_id, inputs)
+        data = pipeline_shape(probs, engine.model.config.id2label, single, top_k, kind.one_per_input)
         return self._send_json(200, {"object": "list", "model": model_id, "data": data})
 
     def _answer(self, chat: bool, body: dict, engine: Engine | None = None) -> None:
