@@ -228,9 +228,8 @@ def test_presets_check_and_those_a_job_cannot_run_say_so(studio, data_file):
         status, _, checked = call(studio, "POST", "/v1/tuneforge/config",
                                   {"yaml": preset["yaml"], "training_file": data_file["id"]})
         assert status == 200 and (checked["ok"] or not preset["startable"]), (preset["name"], checked["errors"])
-    assert by_name["chat-sft"]["startable"] and by_name["dpo"]["startable"] and by_name["classification"]["startable"]
-    for name in ("pretrain", "embedding"):
-        assert not by_name[name]["startable"] and "tuneforge train" in by_name[name]["note"]
+    assert all(by_name[name]["startable"] for name in ("chat-sft", "dpo", "classification", "embedding"))
+    assert not by_name["pretrain"]["startable"] and "tuneforge train" in by_name["pretrain"]["note"]
 
 
 def test_config_errors_name_their_keys(studio):
