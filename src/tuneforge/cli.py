@@ -84,18 +84,22 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tuneforge.eval.record import run_suite
     from tuneforge.serve.harness import harness_before_after
-    from tuneforge.track.console import before_after_table, print_comparison, print_judge
+    from tuneforge.track.console import before_after_table, print_comparison, print_judge, side_by_side_table
 
-    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after)
+    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after,
+                    args.others)
     before, after = out["before"], out["after"]
     if after is None:
         console.print("The run has not finished; the base model only:")
     console.print(before_after_table(None if after is None else before, after or before))
     print_comparison(console, out["comparison"])
+    if out["side_by_side"]:
+        console.print(side_by_side_table(out["side_by_side"]))
     if out["judge"]:
         print_judge(console, out["judge"])
     if out["run_dir"] is not None:
-        console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json, run.json, report.html")
+        extra = "".join(f" eval_{name}.json," for name in out["others"])
+        console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json,{extra} run.json, report.html")
     return 1 if out["judge"] and out["judge"].get("error") else 0
 
 
@@ -481,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--suite", metavar="FILE", help="a YAML file with an `evaluation:` section (metrics, judge, "
                    "forgetting, lm_eval) to run instead of the config's")
+    p.add_argument("--with", dest="others", action="append", metavar="OTHER", default=[],
+                   help="also evaluate another run folder, model folder or built-in model, side by side (repeatable)")
     _trust_arg(p)
     p.set_defaults(func=cmd_eval)
 

@@ -171,6 +171,60 @@ def suite_table(comparison: dict) -> Table:
     return table
 
 
+def _side_by_side_cells(cell: dict | None, pct: bool) -> list[str]:
+    """[value and 95% interval, difference from the first model with its interval] of one model's metric."""
+    if not cell:
+        return ["-", ""]
+    value = _fmt(cell["value"], pct) + (f" {_interval(cell['ci95'], pct)}" if "ci95" in cell else "")
+    diff = (f"{_fmt(cell['difference'], pct)} {_interval(cell['diff_ci95'], pct)}"
+            + ("" if cell["significant"] else " noise")) if "difference" in cell else ""
+    return [value, diff]
+
+
+def side_by_side_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of `tuneforge eval --with`: a column per model with its value [95% interval], and after
+    the base each model's paired difference from it."""
+    names = table["models"]
+    header = ["metric", "n", names[0], *[h for name in names[1:] for h in (name, f"{name} - {names[0]}")]]
+    rows = []
+    for metric, cells in table["rows"].items():
+        pct = any(c.get("rate") for c in cells.values())
+        row = [metric, next((str(c["n"]) for c in cells.values() if "n" in c), "")]
+        for i, name in enumerate(names):
+            value, diff = _side_by_side_cells(cells.get(name), pct)
+            row += [value, diff] if i else [value]
+        rows.append(row)
+    return header, rows
+
+
+def _compact(value, pct: bool = False) -> str:
+    return f"{100 * value:.0f}%" if pct else f"{value:.3g}"
+
+
+def side_by_side_table(table: dict) -> Table:
+    """A column per model; each cell its value, 95% interval and (after the base) difference from the base,
+    one to a line, so that four models fit in 80 columns (run.json and the report have the full numbers)."""
+    out = Table(title="Side by side (95% intervals; differences from the base, paired)", title_justify="left")
+    out.add_column("metric", no_wrap=True)
+    out.add_column("n", justify="right")
+    for name in table["models"]:
+        out.add_column(name, justify="right")
+    for metric, cells in table["rows"].items():
+        pct = any(c.get("rate") for c in cells.values())
+        row = [metric, next((str(c["n"]) for c in cells.values() if "n" in c), "")]
+        for name in table["models"]:
+            c = cells.get(name)
+            lines = [] if not c else [_compact(c["value"], pct)] if c["value"] is not None else ["-"]
+            if c and "ci95" in c:
+                lines.append(f"[{_compact(c['ci95'][0], pct)}, {_compact(c['ci95'][1], pct)}]")
+            if c and "difference" in c:
+                lines.append(f"{'+' if c['difference'] >= 0 else ''}{_compact(c['difference'], pct)} "
+                             f"{'beyond noise' if c['significant'] else 'noise'}")
+            row.append("\n".join(lines) or "-")
+        out.add_row(*row)
+    return out
+
+
 def harness_rows(harness: dict) -> list[list]:
     """[task, metric, before, after] for each lm-eval score (stderr beside the value, as lm-eval reports it)."""
     before, after = harness.get("before") or {}, harness.get("after") or {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import is_empty, mark, marked_kind
-from tuneforge.track.console import harness_rows
+from tuneforge.track.console import harness_rows, side_by_side_rows
 from tuneforge.track.plots import confusion_png, run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
@@ -88,6 +88,15 @@ def suite_html(comparison: dict | None, judge: dict | None) -> str:
     return "".join(parts)
 
 
+def side_by_side_html(table: dict | None) -> str:
+    """`tuneforge eval --with`: a column per model (value and 95% interval) and each one's difference from the base."""
+    if not table:
+        return ""
+    header, rows = side_by_side_rows(table)
+    return ("<h3>Side by side (95% intervals; each difference from the base is paired over the same examples)</h3>"
+            + _table(header, rows))
+
+
 def hardest_examples(run: RunFiles) -> tuple[int | None, list[dict]]:
     """The hardest validation examples of the newest evaluation that listed them."""
     for m in reversed(run.steps):
@@ -128,7 +137,8 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
     rows = eval_rows(run.before, run.after)
     if rows:
         parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows)
-                     + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge")))
+                     + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge"))
+                     + side_by_side_html(run.manifest.get("side_by_side")))
     if "confusion" in (run.after or {}):
         labels = run.after["labels"]
         image = _img(pngs["confusion"]) if "confusion" in pngs else ""
