@@ -14,9 +14,10 @@ from tuneforge.train.loop import train
 
 @pytest.fixture(scope="module")
 def suite_run(tmp_path_factory, tiny_models):
-    """A 2-step LoRA run whose suite has a rate (exact match) and a mean (chrF)."""
+    """A 2-step LoRA run whose suite has a rate (exact match) and a mean (chrF), logged to TensorBoard."""
     tmp = tmp_path_factory.mktemp("suite_run")
-    cfg = make_cfg(tmp, tiny_models["llama"], max_steps=2, **{"evaluation.suite": ["exact_match", "chrf"]})
+    cfg = make_cfg(tmp, tiny_models["llama"], max_steps=2, track={"to": ["tensorboard"]},
+                   **{"evaluation.suite": ["exact_match", "chrf"]})
     manifest = train(cfg, reporter=QUIET)
     return tmp / "run", manifest
 
@@ -45,3 +46,30 @@ def test_eval_with_sets_other_runs_and_folders_beside_base_and_tuned(suite_run, 
     assert "Side by side" in out and "copy" in out and "eval_copy.json" in out
     page = (run / "report.html").read_text()
     assert "<th>copy</th><th>copy - base</th><th>llama</th>" in page
+
+
+def test_suite_rows_reach_the_model_cards_and_the_trackers(suite_run, tmp_path):
+    """final/README.md and an export's card show each suite row before/after with intervals; the trackers'
+    summaries hold eval/<metric>/before, /after and /difference."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tuneforge.export.run_export import export_run
+    from tuneforge.models.run import open_run
+    from tuneforge.track.trackers import summary_metrics
+
+    run, manifest = suite_run
+    row = manifest["evaluation"]["suite"]["chrf"]
+    line = f"| chrf | {row['n']} | {row['before']:.4g} [{row['before_ci95'][0]:.4g}, {row['before_ci95'][1]:.4g}] |"
+    exported = export_run(open_run(run), "adapter", tmp_path / "adapter")
+    for card in ((run / "final" / "README.md").read_text(), (exported / "README.md").read_text()):
+        assert "## Evaluation suite" in card and line in card and "| exact_match | 4 | 0 [0, 0.4899] |" in card
+        assert card.startswith("---\nlibrary_name: peft")
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert any(b"eval/chrf/after" in v for v in acc.PluginTagToContent("hparams").values())
+    # What every back-end (TensorBoard's hparams, MLflow's metrics, W&B's summary) is given at the end:
+    summary = summary_metrics(manifest)
+    for key in ("before", "after", "difference"):
+        assert summary[f"eval/chrf/{key}"] == pytest.approx(row[key])
+    assert summary["final/train_loss"] == manifest["final_metrics"]["train_loss"]

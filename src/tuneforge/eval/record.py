@@ -18,6 +18,7 @@ from tuneforge.eval.judge import JUDGES
 from tuneforge.eval.run_eval import evaluate_other, evaluate_run, open_target
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import base_folder
+from tuneforge.track.card import write_final_card
 from tuneforge.track.report import write_report
 from tuneforge.train.outputs import write_json
 
@@ -96,4 +97,5 @@ def record(run_dir: Path, out: dict) -> None:
                     evaluation=out["comparison"], side_by_side=out.get("side_by_side"),
                     judge={k: v for k, v in judge.items() if k != "replies"} if judge else None)
     write_json(run_dir / "run.json", manifest)
+    write_final_card(run_dir, manifest)
     write_report(run_dir)

@@ -47,6 +47,7 @@ from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
 from tuneforge.parallel.watchdog import Watchdog
 from tuneforge.parallel.world import SINGLE, World, init_world
+from tuneforge.track.card import write_final_card
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.system import system_stats, throughput
 from tuneforge.track.trackers import Trackers, artefacts, build_trackers, require_packages
@@ -338,6 +339,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
+    write_final_card(run_dir, manifest)
     tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
     rep.before_after(before, after, comparison=comparison)
     return manifest
