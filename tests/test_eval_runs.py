@@ -73,3 +73,48 @@ def test_suite_rows_reach_the_model_cards_and_the_trackers(suite_run, tmp_path):
     for key in ("before", "after", "difference"):
         assert summary[f"eval/chrf/{key}"] == pytest.approx(row[key])
     assert summary["final/train_loss"] == manifest["final_metrics"]["train_loss"]
+
+
+def test_select_best_makes_the_best_checkpoint_final(tmp_path, tiny_models):
+    """Every kept checkpoint is scored on the validation split; final/ holds the winner's weights (here the
+    highest val_loss, so that the winner is not simply the last step), recorded in run.json, card and report."""
+    from safetensors.torch import load_file
+
+    from tuneforge.track.report import write_report
+
+    cfg = make_cfg(tmp_path, tiny_models["llama"], max_steps=3, save_every=1, keep_last=3,
+                   **{"evaluation.select_best": {"metric": "val_loss", "mode": "max"}, "evaluation.max_examples": 1,
+                      "evaluation.max_new_tokens": 2})
+    manifest = train(cfg, reporter=QUIET)
+    chosen = manifest["select_best"]
+    values = {int(s): v for s, v in chosen["values"].items()}
+    assert sorted(values) == [1, 2, 3] and chosen["step"] == max(values, key=values.get) != 3
+    run = tmp_path / "run"
+    final = load_file(run / "final" / "adapter_model.safetensors")
+    for step in values:
+        kept = {k.replace(".default", ""): v for k, v in load_file(run / "checkpoints" / f"step-{step}" /
+                                                                  "trainable.safetensors").items()}
+        same = kept.keys() == final.keys() and all(kept[k].equal(final[k]) for k in final)
+        assert same == (step == chosen["step"]), step
+    assert json.loads((run / "run.json").read_text())["select_best"]["step"] == chosen["step"]
+    assert f"final/ is step {chosen['step']}" in (run / "final" / "README.md").read_text()
+    page = write_report(run).read_text()
+    assert "Checkpoint chosen by val_loss (max) on the validation split" in page and f"step {chosen['step']} (final/)" in page
+
+
+def test_select_best_names_a_metric_the_evaluation_has(tmp_path):
+    from tuneforge.config import config_from_dict
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.compare import metric_value
+
+    raw = {"base_model": "x", "datasets": [{"path": "a.jsonl"}], "validation": {"split": 0.1}}
+    with pytest.raises(ConfigError, match="select_best.metric: 'rouge' is neither a suite entry"):
+        config_from_dict({**raw, "evaluation": {"suite": ["rouge_l"], "select_best": {"metric": "rouge"}}})
+    with pytest.raises(ConfigError, match="early_stopping and evaluation.select_best"):
+        config_from_dict({**raw, "early_stopping": {}, "evaluation": {"select_best": {}}})
+    spec = config_from_dict({**raw, "evaluation": {"suite": ["rouge_l"], "select_best": {"metric": "rouge_l"}}})
+    assert not spec.evaluation.select_best.lower_is_better
+    assert config_from_dict({**raw, "evaluation": {"select_best": {}}}).evaluation.select_best.lower_is_better
+    assert metric_value({"suite": {"rouge_l": {"value": 0.5}}, "val_loss": 2.0}, "rouge_l") == 0.5
+    with pytest.raises(ConfigError, match="has no 'exact_match'; it has rouge_l, val_loss"):
+        metric_value({"suite": {"rouge_l": {"value": 0.5}}, "val_loss": 2.0}, "exact_match")

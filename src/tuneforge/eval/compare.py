@@ -3,6 +3,7 @@ forgetting check; what the console, run.json and the report show."""
 
 from __future__ import annotations
 
+from tuneforge.errors import ConfigError
 from tuneforge.eval.forgetting import forgetting_check
 from tuneforge.eval.intervals import paired_difference
 
@@ -69,3 +70,14 @@ def side_by_side(results: dict[str, dict]) -> dict:
 def _same_records(a: dict, b: dict) -> bool:
     """Both answered the same held-out records in the same order (another tokenizer may drop a long one)."""
     return [s.get("where") for s in a.get("samples", [])] == [s.get("where") for s in b.get("samples", [])]
+
+
+def metric_value(result: dict, metric: str) -> float:
+    """A named number of one evaluation: a suite entry's mean, or a held-out number such as val_loss."""
+    suite = result.get("suite") or {}
+    value = suite[metric]["value"] if metric in suite else result.get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        have = [*suite, *(k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool))]
+        raise ConfigError(f"evaluation.select_best.metric: this run's evaluation has no {metric!r}; it has "
+                          f"{', '.join(have)}")
+    return float(value)

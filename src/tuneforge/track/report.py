@@ -97,6 +97,15 @@ def side_by_side_html(table: dict | None) -> str:
             + _table(header, rows))
 
 
+def chosen_html(chosen: dict | None) -> str:
+    """evaluation.select_best: which checkpoint became final/, and every kept checkpoint's value."""
+    if not chosen:
+        return ""
+    rows = [[f"step {s}" + (" (final/)" if int(s) == chosen["step"] else ""), v] for s, v in chosen["values"].items()]
+    return (f"<h3>Checkpoint chosen by {_e(chosen['metric'])} ({_e(chosen['mode'])}) on the validation split</h3>"
+            + _table(["checkpoint", chosen["metric"]], rows))
+
+
 def hardest_examples(run: RunFiles) -> tuple[int | None, list[dict]]:
     """The hardest validation examples of the newest evaluation that listed them."""
     for m in reversed(run.steps):
@@ -138,7 +147,8 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
     if rows:
         parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows)
                      + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge"))
-                     + side_by_side_html(run.manifest.get("side_by_side")))
+                     + side_by_side_html(run.manifest.get("side_by_side"))
+                     + chosen_html(run.manifest.get("select_best")))
     if "confusion" in (run.after or {}):
         labels = run.after["labels"]
         image = _img(pngs["confusion"]) if "confusion" in pngs else ""

@@ -60,6 +60,7 @@ from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.train.resume import adapter_facts, check_resumable, check_same_data, resume_point
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
+from tuneforge.train.select_best import select_checkpoint
 from tuneforge.train.steps import count_steps, next_step_batches
 from tuneforge.validate import check_data_files
 
@@ -289,6 +290,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         return {"stopped_at": step}
 
     best = load_best(run_dir, model) if watch.early_stopped else None
+    chosen = select_checkpoint(cfg.evaluation.select_best, run_dir, model, optimizer,
+                               lambda: objective.held_out(model, data, final=True), rep.note)
     # final/ always holds whole tensors: gathered from the shards under FSDP (every process takes part),
     # then written by rank 0, which alone goes on to evaluate and write run.json.
     gathered = gather_for_save(model, adapter=cfg.adapter != "full")
@@ -334,6 +337,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         performance=fast.__dict__,
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
         early_stopped=best,
+        select_best=chosen,
         diagnoses=watch.codes,
         overhead_s={"tracking": round(tracking.seconds, 4), "diagnosis": round(watch.seconds, 4)},
     )
