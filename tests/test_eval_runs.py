@@ -118,3 +118,44 @@ def test_select_best_names_a_metric_the_evaluation_has(tmp_path):
     assert metric_value({"suite": {"rouge_l": {"value": 0.5}}, "val_loss": 2.0}, "rouge_l") == 0.5
     with pytest.raises(ConfigError, match="has no 'exact_match'; it has rouge_l, val_loss"):
         metric_value({"suite": {"rouge_l": {"value": 0.5}}, "val_loss": 2.0}, "exact_match")
+
+
+def test_train_runs_the_judge_and_lm_eval_after_training_and_says_their_cost_first(tmp_path, tiny_models):
+    """The judge and lm-eval are suite entries of `tuneforge train` too: their cost is said before the first
+    step, and their results reach run.json, judge_replies.jsonl, the card and the trackers' summary."""
+    import io
+
+    from rich.console import Console
+
+    from conftest import write_jsonl
+    from test_judge import serve
+    from test_lm_eval import write_task
+    from tuneforge.serve.harness import harness_before_after
+    from tuneforge.track.console import Reporter
+    from tuneforge.track.trackers import summary_metrics
+
+    pytest.importorskip("tenacity", reason="lm-eval's local-completions needs tenacity: pip install 'tuneforge[eval]'")
+    data = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Repeat alpha", "choices": [" ALPHA", " BRAVO"], "answer": 0}])
+    server, seen = serve(lambda prompt: "[[A]]")  # always the first position: every pair a tie
+    judge = {"base_url": f"http://127.0.0.1:{server.server_port}/v1", "model": "stub", "concurrency": 2}
+    cfg = make_cfg(tmp_path, tiny_models["llama"], max_steps=1, **{
+        "evaluation.judge": judge, "evaluation.lm_eval": {"tasks": ["tiny_mc"], "include_path": write_task(tmp_path, data)}})
+    printed = io.StringIO()
+    try:
+        manifest = train(cfg, reporter=Reporter(Console(file=printed, width=200)), benchmark=harness_before_after)
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = printed.getvalue()
+    cost = "the judge stub at http://127.0.0.1:{}/v1 is asked 8 times (4 held-out prompts x 2, both orders)"
+    assert cost.format(server.server_port) in out and "lm-eval runs tiny_mc" in out
+    assert out.index("lm-eval runs tiny_mc") < out.index("Evaluating the base model")
+    assert manifest["judge"]["rates"]["tie"]["count"] == 4 and len(seen) == 8 and "LLM judge" in out
+    assert set(manifest["evaluation"]["lm_eval"]) == {"before", "after"} and "lm-evaluation-harness" in out
+    run = tmp_path / "run"
+    assert len((run / "judge_replies.jsonl").read_text().splitlines()) == 4
+    assert json.loads((run / "run.json").read_text())["judge"]["n"] == 4
+    card = (run / "final" / "README.md").read_text()
+    assert "## LLM judge" in card and "| tiny_mc | acc |" in card
+    summary = summary_metrics(manifest)
+    assert summary["eval/judge/tie"] == 1.0 and "eval/tiny_mc/acc/after" in summary

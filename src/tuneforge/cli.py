@@ -56,6 +56,7 @@ def _launch_train(args) -> int:
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.parallel.world import env_world, shutdown_world
+    from tuneforge.serve.harness import harness_before_after
     from tuneforge.track.console import Reporter
     from tuneforge.train.loop import train
 
@@ -73,7 +74,7 @@ def cmd_train(args) -> int:
         console.print(f"\nStages written to {cfg.output_dir}/<n>-<method>/; the chain is described in {cfg.output_dir}/run.json")
         return 0 if manifest and "stopped_at" not in manifest else 1
     try:
-        manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
+        manifest = train(cfg, resume=args.resume, reporter=Reporter(console), benchmark=harness_before_after)
     finally:
         shutdown_world()
     if env_world().main:

@@ -111,11 +111,13 @@ class Reporter:
             self._progress = None
 
     def before_after(self, before: dict | None, after: dict | None, examples: int = 3,
-                     comparison: dict | None = None) -> None:
+                     comparison: dict | None = None, judge: dict | None = None) -> None:
         if self.quiet or after is None:
             return
         self.console.print(before_after_table(before, after))
         print_comparison(self.console, comparison or {})
+        if judge:
+            print_judge(self.console, judge)
         for i, tuned in enumerate(after.get("samples", [])[:examples]):
             base = before["samples"][i]["answer"] if before and "samples" in before else "-"
             self.console.print(f"\n[bold]Example {i + 1}[/bold] reference: {tuned['reference']!r}")

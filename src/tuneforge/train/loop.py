@@ -16,6 +16,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ from tuneforge.data.batching import shard_step
 from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.eval.compare import compare, headline
+from tuneforge.eval.record import after_training, suite_costs
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
@@ -115,10 +117,13 @@ def _quantization_for(cfg: Config, strategy: str):
     return q.model_copy(update={"storage": "compute"})
 
 
-def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None,
+          benchmark: Callable | None = None) -> dict:
     """Run a whole fine-tune; returns the run.json contents (on rank 0; the other ranks get a short summary).
 
     `stop_after` ends the loop after that step without a final save, as a crash would (tests of resume).
+    `benchmark(spec, run, base_folder, device)` runs evaluation.lm_eval after training (serve/harness.py serves
+    the models; training does not import the server); without it lm-eval is left to `tuneforge eval`.
     """
     world, device = init_world(cfg.distributed, pick_device(cfg.device))
     rep = reporter or Reporter()
@@ -166,7 +171,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep.note(fast.describe())
     objective = build_objective(cfg, data, pad_id, reference, fast, **online)
     loss_info = objective.describe()
-    for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes]:
+    costs = suite_costs(cfg.evaluation, len(data.validation), benchmark is not None)
+    for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes, *costs]:
         rep.note(note)
 
     before_path = run_dir / "eval_before.json"
@@ -344,6 +350,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
     write_final_card(run_dir, manifest)
+    manifest = after_training(run_dir, cfg, manifest, folder, before, after, benchmark, rep.warn)
     tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
-    rep.before_after(before, after, comparison=comparison)
+    rep.before_after(before, after, comparison=manifest["evaluation"], judge=manifest.get("judge"))
     return manifest
