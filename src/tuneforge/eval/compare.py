@@ -35,7 +35,6 @@ def headline(result: dict | None) -> dict | None:
     return out
 
 
-
 # Held-out numbers without per-example scores: shown side by side as values, with no interval.
 PLAIN_KEYS = ("val_loss", "perplexity", "general_perplexity")
 

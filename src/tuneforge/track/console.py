@@ -199,8 +199,8 @@ def side_by_side_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _compact(value, pct: bool = False) -> str:
-    return f"{100 * value:.0f}%" if pct else f"{value:.3g}"
+def _compact(value, pct: bool = False, sign: str = "") -> str:
+    return f"{100 * value:{sign}.0f}%" if pct else f"{value:{sign}.3g}"
 
 
 def side_by_side_table(table: dict) -> Table:
@@ -215,14 +215,13 @@ def side_by_side_table(table: dict) -> Table:
         pct = any(c.get("rate") for c in cells.values())
         row = [metric, next((str(c["n"]) for c in cells.values() if "n" in c), "")]
         for name in table["models"]:
-            c = cells.get(name)
-            lines = [] if not c else [_compact(c["value"], pct)] if c["value"] is not None else ["-"]
-            if c and "ci95" in c:
+            c = cells.get(name) or {}
+            lines = ["-" if c.get("value") is None else _compact(c["value"], pct)]
+            if "ci95" in c:
                 lines.append(f"[{_compact(c['ci95'][0], pct)}, {_compact(c['ci95'][1], pct)}]")
-            if c and "difference" in c:
-                lines.append(f"{'+' if c['difference'] >= 0 else ''}{_compact(c['difference'], pct)} "
-                             f"{'beyond noise' if c['significant'] else 'noise'}")
-            row.append("\n".join(lines) or "-")
+            if "difference" in c:
+                lines.append(f"{_compact(c['difference'], pct, '+')} {'beyond noise' if c['significant'] else 'noise'}")
+            row.append("\n".join(lines))
         out.add_row(*row)
     return out
 
