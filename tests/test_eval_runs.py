@@ -26,6 +26,8 @@ def test_eval_with_sets_other_runs_and_folders_beside_base_and_tuned(suite_run, 
     """The same model given with --with scores exactly as it did in its own column; each gets eval_<name>.json,
     a column in the console and the report, and a paired difference from the base."""
     from tuneforge.cli import main
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.eval.record import run_suite
 
     run, _ = suite_run
     copy = shutil.copytree(run, tmp_path / "copy")  # another run, with the tuned model's weights
@@ -46,6 +48,8 @@ def test_eval_with_sets_other_runs_and_folders_beside_base_and_tuned(suite_run, 
     assert "Side by side" in out and "copy" in out and "eval_copy.json" in out
     page = (run / "report.html").read_text()
     assert "<th>copy</th><th>copy - base</th><th>llama</th>" in page
+    with pytest.raises(TuneforgeError, match=r"--with .*run\.json: .*run\.json is neither a model folder nor a \.gguf"):
+        run_suite(run, others=[str(copy / "run.json")])  # checked before any model loads
 
 
 def test_suite_rows_reach_the_model_cards_and_the_trackers(suite_run, tmp_path):

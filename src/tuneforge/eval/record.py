@@ -15,7 +15,7 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.compare import compare, headline, side_by_side
 from tuneforge.eval.harness import check_task_data
 from tuneforge.eval.judge import JUDGES
-from tuneforge.eval.run_eval import evaluate_other, evaluate_run, open_target
+from tuneforge.eval.run_eval import check_other, evaluate_other, evaluate_run, open_target
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.models.run import Run, base_folder
 from tuneforge.track.card import write_final_card
@@ -52,6 +52,8 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
         raise ConfigError("evaluation.lm_eval: runs under `tuneforge eval`, which serves the models for lm-eval")
     if cfg.evaluation.lm_eval is not None:
         check_task_data(cfg.evaluation.lm_eval.include_path, cfg.evaluation.lm_eval.tasks)  # before any model loads
+    for other in others or []:
+        check_other(other, cfg.trust_remote_code)
     names = other_names(others or [])
     before, after = evaluate_run(cfg, run)
     extra = {name: evaluate_other(cfg, other) for name, other in zip(names, others or [])}

@@ -14,7 +14,7 @@ from tuneforge.methods.reference import Reference
 from tuneforge.models.adapters import adapter_merged
 from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import load_model, pick_device, pick_dtype
-from tuneforge.models.resolve import resolve_base_model
+from tuneforge.models.resolve import locate_base_model, resolve_base_model
 from tuneforge.models.run import Run, base_folder, load_tuned, open_run
 
 
@@ -78,6 +78,18 @@ def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None
                                       pad_token_id=pad_id), model)
 
 
+def check_other(other: str | Path, trust_remote_code: bool = False) -> None:
+    """`--with OTHER` names a finished run, a model folder, a .gguf file or a built-in model: checked before any
+    model loads, with the error naming the argument."""
+    try:
+        if (Path(other) / "run.json").is_file():
+            open_run(other, trust_remote_code)
+        else:
+            locate_base_model(str(other))
+    except TuneforgeError as err:
+        raise type(err)(f"--with {other}: {str(err).removeprefix('base_model: ')}") from None
+
+
 def evaluate_other(cfg: Config, other: str | Path) -> dict:
     """The held-out evaluation of `cfg` on another model, to set beside base and tuned: a finished run's folder
     (its tuned model), a model folder or a built-in name. Its own tokenizer reads the same held-out records."""
@@ -89,7 +101,7 @@ def evaluate_other(cfg: Config, other: str | Path) -> dict:
         model, tokenizer = load_tuned(open_run(path, cfg.trust_remote_code), device)
         data = prepare_data(cfg, tokenizer)
     else:
-        folder = path if path.is_dir() else resolve_base_model(str(other))[0]
+        folder = resolve_base_model(str(other))[0]
         tokenizer = function_at(facts.processor)(folder, cfg.chat_template, cfg.trust_remote_code)
         data = prepare_data(cfg, tokenizer)
         model = load_model(folder, device, cfg.trust_remote_code, head=facts.model_head,
