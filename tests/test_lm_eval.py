@@ -180,7 +180,7 @@ def test_a_local_generation_task_runs_through_local_chat_completions(served, tin
     replies lm-eval scores are the model's own greedy ones; the suite entry sends it there, a scoring task not."""
     import lm_eval
 
-    pytest.importorskip("tenacity", reason="lm-eval's local-chat-completions needs tenacity: pip install 'tuneforge[eval]'")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity: pip install 'tuneforge[eval]'")
     from lm_eval.tasks import TaskManager
 
     from tuneforge.config import LmEvalSpec
@@ -188,7 +188,8 @@ def test_a_local_generation_task_runs_through_local_chat_completions(served, tin
     from tuneforge.eval.harness import run_tasks
 
     questions = ["Say alpha", "Repeat bravo charlie"]
-    folder = write_task(tmp_path, write_jsonl(tmp_path / "mc.jsonl", [{"question": "Repeat alpha", "choices": [" ALPHA", " BRAVO"], "answer": 0}]))
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Repeat alpha", "choices": [" ALPHA", " BRAVO"], "answer": 0}])
+    folder = write_task(tmp_path, mc)
     data = write_jsonl(tmp_path / "gen.jsonl", [{"question": q, "answer": "ALPHA"} for q in questions])
     (tmp_path / "tasks" / "tiny_gen.yaml").write_text(GEN_TASK.format(data=data))
     engine = served.engine
@@ -201,7 +202,8 @@ def test_a_local_generation_task_runs_through_local_chat_completions(served, tin
            for q in questions]
     assert [g.split("\n\n")[0].strip() for g in got] == [o.split("\n\n")[0].strip() for o in own] and any(own)
     calls, evaluate = [], lm_eval.simple_evaluate
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append((kw["model"], kw["tasks"])) or evaluate(**kw))
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda **kw: calls.append((kw["model"], kw["tasks"])) or evaluate(**kw))
     scores = run_tasks(LmEvalSpec(tasks=["tiny_mc", "tiny_gen"], include_path=folder), served.url,
                        engine.default_id, tiny_models["llama"])
     assert calls == [("local-completions", ["tiny_mc"]), ("local-chat-completions", ["tiny_gen"])]
