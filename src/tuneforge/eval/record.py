@@ -10,7 +10,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from tuneforge.config import EvaluationSpec, read_yaml, resolve_evaluation_paths
+from tuneforge.config import Config, EvaluationSpec, read_yaml, resolve_evaluation_paths
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.eval.compare import compare, headline, side_by_side
 from tuneforge.eval.harness import check_task_data
@@ -92,7 +92,7 @@ def suite_costs(spec: EvaluationSpec, held_out: int, benchmark: bool = True) -> 
     return notes
 
 
-def judge_and_benchmark(spec: EvaluationSpec, run, base: Path, before: dict | None, after: dict | None,
+def judge_and_benchmark(spec: EvaluationSpec, run: Run | None, base: Path, before: dict | None, after: dict | None,
                         benchmark: Callable | None, device: str) -> tuple[dict | None, dict | None]:
     """(judge, lm_eval): the suite entries that need both models' answers (the judge) or a server (lm-eval,
     through `benchmark`); None for an entry the suite does not have or cannot run."""
@@ -103,7 +103,7 @@ def judge_and_benchmark(spec: EvaluationSpec, run, base: Path, before: dict | No
     return judge, harness
 
 
-def after_training(run_dir: Path, cfg, manifest: dict, base: Path, before: dict | None, after: dict | None,
+def after_training(run_dir: Path, cfg: Config, manifest: dict, base: Path, before: dict | None, after: dict | None,
                    benchmark: Callable | None, warn: Callable[[str], None]) -> dict:
     """`tuneforge train`'s judge and lm-eval, once final/ and run.json are written (lm-eval serves the run from
     its folder); their results go into run.json, final/run.json and the card. A judge or lm-eval that fails is

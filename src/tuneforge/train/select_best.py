@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from tuneforge.config import SelectBestSpec
 from tuneforge.eval.compare import metric_value
 from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
 
 
-def select_checkpoint(spec, run_dir: Path, model, optimizer, evaluate: Callable[[], dict],
+def select_checkpoint(spec: SelectBestSpec | None, run_dir: Path, model, optimizer, evaluate: Callable[[], dict],
                       note: Callable[[str], None]) -> dict | None:
     """Load each kept checkpoint into `model`, score it with `evaluate()` (the held-out evaluation of the
     validation split), and leave the best one's weights in the model; {metric, mode, step, values}, None when
