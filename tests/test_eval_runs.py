@@ -24,14 +24,25 @@ def suite_run(tmp_path_factory, tiny_models):
 
 def test_eval_with_sets_other_runs_and_folders_beside_base_and_tuned(suite_run, tiny_models, tmp_path, capsys):
     """The same model given with --with scores exactly as it did in its own column; each gets eval_<name>.json,
-    a column in the console and the report, and a paired difference from the base."""
+    a column in the console and the report, a paired difference from the base, and the judge's verdicts of the
+    tuned model against it."""
+    from test_judge import serve
     from tuneforge.cli import main
     from tuneforge.errors import TuneforgeError
     from tuneforge.eval.record import run_suite
 
     run, _ = suite_run
     copy = shutil.copytree(run, tmp_path / "copy")  # another run, with the tuned model's weights
-    assert main(["eval", str(run), "--with", str(copy), "--with", str(tiny_models["llama"])]) == 0
+    server, seen = serve(lambda prompt: "[[A]]")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("suite: [exact_match, chrf]\nmax_new_tokens: 8\nmax_examples: 4\n"
+                     f"judge: {{base_url: 'http://127.0.0.1:{server.server_port}/v1', model: stub}}\n")
+    try:
+        code = main(["eval", str(run), "--suite", str(suite), "--with", str(copy), "--with", str(tiny_models["llama"])])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0
     out = capsys.readouterr().out
     manifest = json.loads((run / "run.json").read_text())
     table = manifest["side_by_side"]
@@ -48,6 +59,11 @@ def test_eval_with_sets_other_runs_and_folders_beside_base_and_tuned(suite_run, 
     assert "Side by side" in out and "copy" in out and "eval_copy.json" in out
     page = (run / "report.html").read_text()
     assert "<th>copy</th><th>copy - base</th><th>llama</th>" in page
+    # The judge: tuned against the base, then against each other model; 2 requests per prompt each.
+    assert len(seen) == 3 * 8 and manifest["judge"]["rates"]["tie"]["count"] == 4
+    assert {k: v["rates"]["tie"]["count"] for k, v in manifest["judge_with"].items()} == {"copy": 4, "llama": 4}
+    assert len((run / "judge_replies_llama.jsonl").read_text().splitlines()) == 4
+    assert "tuned vs copy" in " ".join(out.split()) and "tuned vs llama" in page
     with pytest.raises(TuneforgeError, match=r"--with .*run\.json: .*run\.json is neither a model folder nor a \.gguf"):
         run_suite(run, others=[str(copy / "run.json")])  # checked before any model loads
 

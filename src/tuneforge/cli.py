@@ -96,12 +96,13 @@ def cmd_eval(args) -> int:
     print_comparison(console, out["comparison"])
     if out["side_by_side"]:
         console.print(side_by_side_table(out["side_by_side"]))
-    if out["judge"]:
-        print_judge(console, out["judge"])
+    judges = [j for j in (out["judge"], *out["judge_with"].values()) if j]
+    for judge in judges:
+        print_judge(console, judge)
     if out["run_dir"] is not None:
         extra = "".join(f" eval_{name}.json," for name in out["others"])
         console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json,{extra} run.json, report.html")
-    return 1 if out["judge"] and out["judge"].get("error") else 0
+    return 1 if any(j.get("error") for j in judges) else 0
 
 
 def _load_for_chat(run_path: str, trust_remote_code: bool):

@@ -59,14 +59,14 @@ def side_by_side(results: dict[str, dict]) -> dict:
                 continue
             cell = {"value": s["value"], "n": s["n"], "ci95": s["ci95"], "rate": s["rate"]}
             base = (first.get("suite") or {}).get(metric)
-            if n != names[0] and base is not None and _same_records(first, results[n]):
+            if n != names[0] and base is not None and same_records(first, results[n]):
                 d = paired_difference(base["scores"], s["scores"])
                 cell.update(difference=d["difference"], diff_ci95=d["ci95"], significant=d["significant"])
             rows[metric][n] = cell
     return {"models": names, "rows": rows}
 
 
-def _same_records(a: dict, b: dict) -> bool:
+def same_records(a: dict, b: dict) -> bool:
     """Both answered the same held-out records in the same order (another tokenizer may drop a long one)."""
     return [s.get("where") for s in a.get("samples", [])] == [s.get("where") for s in b.get("samples", [])]
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from tuneforge.config import Config, EvaluationSpec, read_yaml, resolve_evaluation_paths
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.eval.compare import compare, headline, side_by_side
+from tuneforge.eval.compare import compare, headline, same_records, side_by_side
 from tuneforge.eval.harness import check_task_data
 from tuneforge.eval.judge import JUDGES
 from tuneforge.eval.run_eval import check_other, evaluate_other, evaluate_run, open_target
@@ -41,10 +41,10 @@ def load_suite(path: str | Path) -> EvaluationSpec:
 def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remote_code: bool = False,
               suite_file: str | Path | None = None, benchmark: Callable | None = None,
               others: list[str] | None = None) -> dict:
-    """{before, after, comparison, judge, others, side_by_side, run_dir}; a finished run's folder gets the files
-    and report rewritten. `benchmark(spec, run, base_folder, device)` runs the lm_eval entry (serve/harness.py: it
+    """{before, after, comparison, judge, others, side_by_side, judge_with, run_dir}; a finished run's folder gets
+    the files and report rewritten. `benchmark(spec, run, base_folder, device)` runs the lm_eval entry (serve/harness.py: it
     needs the server, which evaluation does not import). `others`: more runs or model folders, evaluated the same
-    way and set beside base and tuned."""
+    way and set beside base and tuned (and, with a judge, the tuned model's answers judged against theirs)."""
     cfg, run = open_target(target, overrides, trust_remote_code)
     if suite_file is not None:
         cfg.evaluation = load_suite(suite_file)
@@ -64,6 +64,7 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
     out["judge"], harness = judge_and_benchmark(cfg.evaluation, run, base, before, after, benchmark, cfg.device)
     if harness is not None:
         out["comparison"]["lm_eval"] = harness
+    out["judge_with"] = judge_others(cfg.evaluation, after, extra)
     if run is not None:
         record(run.dir, out)
     return out
@@ -103,6 +104,15 @@ def judge_and_benchmark(spec: EvaluationSpec, run: Run | None, base: Path, befor
     return judge, harness
 
 
+def judge_others(spec: EvaluationSpec, after: dict | None, others: dict[str, dict]) -> dict[str, dict]:
+    """{name: judge result}: the tuned model's answers judged against each `--with` model's as against the base's
+    (a win is the tuned model's), where both answered the same held-out records."""
+    if spec.judge is None or after is None or not after.get("samples"):
+        return {}
+    return {name: {**JUDGES[spec.judge.mode](spec.judge, other["samples"], after["samples"]), "against": name}
+            for name, other in others.items() if other.get("samples") and same_records(other, after)}
+
+
 def after_training(run_dir: Path, cfg: Config, manifest: dict, base: Path, before: dict | None, after: dict | None,
                    benchmark: Callable | None, warn: Callable[[str], None]) -> dict:
     """`tuneforge train`'s judge and lm-eval, once final/ and run.json are written (lm-eval serves the run from
@@ -131,8 +141,10 @@ def after_training(run_dir: Path, cfg: Config, manifest: dict, base: Path, befor
 
 
 def write_judge(run_dir: Path, judge: dict) -> dict:
-    """judge_replies.jsonl (every raw reply); returns the judge's result without them, for run.json."""
-    with open(run_dir / "judge_replies.jsonl", "w", encoding="utf-8") as f:
+    """judge_replies.jsonl (judge_replies_<name>.jsonl against a `--with` model): every raw reply; returns the
+    judge's result without them, for run.json."""
+    name = f"judge_replies_{judge['against']}.jsonl" if "against" in judge else "judge_replies.jsonl"
+    with open(run_dir / name, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in judge["replies"])
     return {k: v for k, v in judge.items() if k != "replies"}
 
@@ -156,9 +168,11 @@ def record(run_dir: Path, out: dict) -> None:
     for name, result in (out.get("others") or {}).items():
         write_json(run_dir / f"eval_{name}.json", result)
     judge = write_judge(run_dir, out["judge"]) if out["judge"] is not None else None
+    judge_with = {name: write_judge(run_dir, j) for name, j in (out.get("judge_with") or {}).items()}
     manifest = json.loads((run_dir / "run.json").read_text())
     manifest.update(eval_before=headline(out["before"]), eval_after=headline(out["after"]),
-                    evaluation=out["comparison"], side_by_side=out.get("side_by_side"), judge=judge)
+                    evaluation=out["comparison"], side_by_side=out.get("side_by_side"), judge=judge,
+                    judge_with=judge_with or None)
     write_json(run_dir / "run.json", manifest)
     write_final_card(run_dir, manifest)
     write_report(run_dir)

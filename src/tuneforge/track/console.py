@@ -260,7 +260,8 @@ def print_comparison(console: Console, comparison: dict) -> None:
 
 def print_judge(console: Console, judge: dict) -> None:
     """The judge's rates with their 95% intervals, and its failures (never hidden)."""
-    table = Table(title=f"LLM judge ({judge['mode']}, {judge['model']}, n={judge['n']})", title_justify="left")
+    title = f"LLM judge ({judge['mode']}, {judge['model']}, n={judge['n']}, tuned vs {judge.get('against', 'base')})"
+    table = Table(title=title, title_justify="left")
     for name in ("", "rate" if judge["mode"] == "pairwise" else "mean grade", "95% interval", "count"):
         table.add_column(name, justify="left" if not name else "right")
     pct = judge["mode"] == "pairwise"

@@ -81,11 +81,17 @@ def suite_html(comparison: dict | None, judge: dict | None) -> str:
         parts.append(f"<h3>Forgetting check</h3><p>{line}</p>"
                      + (f"<p class='warning'>{_e(f['warning'])}</p>" if "warning" in f else ""))
     if judge:
-        rows = [[k, v["rate"], _ci(v["ci95"]), v["count"]] for k, v in judge.get("rates", {}).items()]
-        parts.append(f"<h3>LLM judge ({_e(judge.get('mode'))}, {_e(judge.get('model'))}, n={_e(judge.get('n'))})</h3>"
-                     + _table(["", "rate", "95% interval", "count"], rows)
-                     + (f"<p class='error'>{_e(judge['error'])}</p>" if judge.get("error") else ""))
+        parts.append(judge_html(judge))
     return "".join(parts)
+
+
+def judge_html(judge: dict) -> str:
+    """The judge's rates with their intervals: tuned against the base, or against a `--with` model."""
+    rows = [[k, v["rate"], _ci(v["ci95"]), v["count"]] for k, v in judge.get("rates", {}).items()]
+    against = f", tuned vs {_e(judge['against'])}" if "against" in judge else ""
+    return (f"<h3>LLM judge ({_e(judge.get('mode'))}, {_e(judge.get('model'))}, n={_e(judge.get('n'))}{against})</h3>"
+            + _table(["", "rate", "95% interval", "count"], rows)
+            + (f"<p class='error'>{_e(judge['error'])}</p>" if judge.get("error") else ""))
 
 
 def side_by_side_html(table: dict | None) -> str:
@@ -148,6 +154,7 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
         parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows)
                      + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge"))
                      + side_by_side_html(run.manifest.get("side_by_side"))
+                     + "".join(judge_html(j) for j in (run.manifest.get("judge_with") or {}).values())
                      + chosen_html(run.manifest.get("select_best")))
     if "confusion" in (run.after or {}):
         labels = run.after["labels"]
