@@ -42,9 +42,11 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
               suite_file: str | Path | None = None, benchmark: Callable | None = None,
               others: list[str] | None = None) -> dict:
     """{before, after, comparison, judge, others, side_by_side, judge_with, run_dir}; a finished run's folder gets
-    the files and report rewritten. `benchmark(spec, run, base_folder, device)` runs the lm_eval entry (serve/harness.py: it
-    needs the server, which evaluation does not import). `others`: more runs or model folders, evaluated the same
-    way and set beside base and tuned (and, with a judge, the tuned model's answers judged against theirs)."""
+    the files and report rewritten. `benchmark(spec, run, base_folder, device)` runs the lm_eval entry
+    (serve/harness.py: it needs the server, which evaluation does not import). `others`: more runs or model
+    folders, evaluated the same way and set beside base and tuned (with a judge, the tuned model's answers are
+    judged against theirs too)."""
+    others = others or []
     cfg, run = open_target(target, overrides, trust_remote_code)
     if suite_file is not None:
         cfg.evaluation = load_suite(suite_file)
@@ -52,11 +54,10 @@ def run_suite(target: str | Path, overrides: list[str] | None = None, trust_remo
         raise ConfigError("evaluation.lm_eval: runs under `tuneforge eval`, which serves the models for lm-eval")
     if cfg.evaluation.lm_eval is not None:
         check_task_data(cfg.evaluation.lm_eval.include_path, cfg.evaluation.lm_eval.tasks)  # before any model loads
-    for other in others or []:
+    for other in others:
         check_other(other, cfg.trust_remote_code)
-    names = other_names(others or [])
     before, after = evaluate_run(cfg, run)
-    extra = {name: evaluate_other(cfg, other) for name, other in zip(names, others or [])}
+    extra = {name: evaluate_other(cfg, other) for name, other in zip(other_names(others), others)}
     out = {"before": before, "after": after, "comparison": compare(before, after, cfg.evaluation), "judge": None,
            "others": extra, "side_by_side": side_by_side({"base": before, "tuned": after, **extra}) if extra else None,
            "run_dir": run.dir if run else None}
