@@ -154,3 +154,57 @@ def test_harness_entry_scores_base_and_tuned_of_a_lora_run(tmp_path, tiny_models
     out = harness_before_after(spec, open_run(tmp_path / "run"), tiny_models["llama"], "cpu")
     assert set(out) == {"before", "after"} and out["before"]["tiny_mc"]["acc"] in (0.0, 1.0)
     assert [r[:2] for r in harness_rows(out)] == [["tiny_mc", "acc"]]
+
+
+GEN_TASK = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 6
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_a_local_generation_task_runs_through_local_chat_completions(served, tiny_models, tmp_path, monkeypatch):
+    """A generate_until task over a local file is answered by /v1/chat/completions in the chat template: the
+    replies lm-eval scores are the model's own greedy ones; the suite entry sends it there, a scoring task not."""
+    import lm_eval
+
+    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity: pip install 'tuneforge[eval]'")
+    from lm_eval.tasks import TaskManager
+
+    from tuneforge.config import LmEvalSpec
+    from tuneforge.eval.generate import answer
+    from tuneforge.eval.harness import run_tasks
+
+    questions = ["Say alpha", "Repeat bravo charlie"]
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Repeat alpha", "choices": [" ALPHA", " BRAVO"], "answer": 0}])
+    folder = write_task(tmp_path, mc)
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"question": q, "answer": "ALPHA"} for q in questions])
+    (tmp_path / "tasks" / "tiny_gen.yaml").write_text(GEN_TASK.format(data=data))
+    engine = served.engine
+    out = lm_eval.simple_evaluate(model="local-chat-completions", tasks=["tiny_gen"], apply_chat_template=True,
+                                  model_args={"base_url": served.url + "/chat/completions", "model": engine.default_id,
+                                              "max_retries": 1}, log_samples=True, batch_size=1,
+                                  task_manager=TaskManager(include_path=folder, include_defaults=False))
+    got = [s["resps"][0][0] for s in sorted(out["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
+    own = [answer(engine.model, engine.tokenizer, [{"role": "user", "content": q}], engine.stop_ids, 6)[0]
+           for q in questions]
+    assert [g.split("\n\n")[0].strip() for g in got] == [o.split("\n\n")[0].strip() for o in own] and any(own)
+    calls, evaluate = [], lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda **kw: calls.append((kw["model"], kw["tasks"])) or evaluate(**kw))
+    scores = run_tasks(LmEvalSpec(tasks=["tiny_mc", "tiny_gen"], include_path=folder), served.url,
+                       engine.default_id, tiny_models["llama"])
+    assert calls == [("local-completions", ["tiny_mc"]), ("local-chat-completions", ["tiny_gen"])]
+    assert scores["tiny_gen"]["exact_match"] == 0.0 and scores["tiny_mc"]["acc"] in (0.0, 1.0)

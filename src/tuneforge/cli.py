@@ -56,6 +56,7 @@ def _launch_train(args) -> int:
 def cmd_train(args) -> int:
     from tuneforge.config import load_config
     from tuneforge.parallel.world import env_world, shutdown_world
+    from tuneforge.serve.harness import harness_before_after
     from tuneforge.track.console import Reporter
     from tuneforge.train.loop import train
 
@@ -73,7 +74,7 @@ def cmd_train(args) -> int:
         console.print(f"\nStages written to {cfg.output_dir}/<n>-<method>/; the chain is described in {cfg.output_dir}/run.json")
         return 0 if manifest and "stopped_at" not in manifest else 1
     try:
-        manifest = train(cfg, resume=args.resume, reporter=Reporter(console))
+        manifest = train(cfg, resume=args.resume, reporter=Reporter(console), benchmark=harness_before_after)
     finally:
         shutdown_world()
     if env_world().main:
@@ -84,19 +85,24 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tuneforge.eval.record import run_suite
     from tuneforge.serve.harness import harness_before_after
-    from tuneforge.track.console import before_after_table, print_comparison, print_judge
+    from tuneforge.track.console import before_after_table, print_comparison, print_judge, side_by_side_table
 
-    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after)
+    out = run_suite(args.target, args.overrides, args.trust_remote_code, args.suite, harness_before_after,
+                    args.others)
     before, after = out["before"], out["after"]
     if after is None:
         console.print("The run has not finished; the base model only:")
     console.print(before_after_table(None if after is None else before, after or before))
     print_comparison(console, out["comparison"])
-    if out["judge"]:
-        print_judge(console, out["judge"])
+    if out["side_by_side"]:
+        console.print(side_by_side_table(out["side_by_side"]))
+    judges = [j for j in (out["judge"], *out["judge_with"].values()) if j]
+    for judge in judges:
+        print_judge(console, judge)
     if out["run_dir"] is not None:
-        console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json, run.json, report.html")
-    return 1 if out["judge"] and out["judge"].get("error") else 0
+        extra = "".join(f" eval_{name}.json," for name in out["others"])
+        console.print(f"Written to {out['run_dir']}: eval_before.json, eval_after.json,{extra} run.json, report.html")
+    return 1 if any(j.get("error") for j in judges) else 0
 
 
 def _load_for_chat(run_path: str, trust_remote_code: bool):
@@ -483,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--suite", metavar="FILE", help="a YAML file with an `evaluation:` section (metrics, judge, "
                    "forgetting, lm_eval) to run instead of the config's")
+    p.add_argument("--with", dest="others", action="append", metavar="OTHER", default=[],
+                   help="also evaluate another run folder, model folder or built-in model, side by side (repeatable)")
     _trust_arg(p)
     p.set_defaults(func=cmd_eval)
 

@@ -197,6 +197,24 @@ class LmEvalSpec(_Strict):
     limit: int | None = Field(None, ge=1, description="At most this many documents per task.")
 
 
+# Held-out numbers evaluation.select_best may name besides the suite's entries (lower is better for the first three).
+LOWER_IS_BETTER = ("val_loss", "perplexity", "general_perplexity")
+HELD_OUT_METRICS = (*LOWER_IS_BETTER, "exact_match", "stopped", "accuracy", "macro_f1", "weighted_f1",
+                    "preference_accuracy", "likelihood_accuracy", "mean_reward", "recall@1", "recall@5", "recall@10",
+                    "mrr@10", "ndcg@10")
+
+
+class SelectBestSpec(_Strict):
+    metric: str = Field("val_loss", description="A suite entry's name (e.g. rouge_l, or the function's name of "
+                        "module:function) or a held-out number (val_loss, perplexity, exact_match, accuracy, ...).")
+    mode: Literal["max", "min"] | None = Field(
+        None, description="max: larger is better; default min for val_loss and the perplexities, max otherwise.")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.mode == "min" if self.mode else self.metric in LOWER_IS_BETTER
+
+
 class EvaluationSpec(_Strict):
     before_after: bool = Field(True, description="Evaluate the base model before and the tuned model after training.")
     max_examples: int = Field(200, ge=1, description="At most this many validation examples are generated for exact match.")
@@ -213,11 +231,22 @@ class EvaluationSpec(_Strict):
         None, description="Perplexity on general text before and after, warning when it rises past a threshold.")
     lm_eval: LmEvalSpec | None = Field(
         None, description="lm-evaluation-harness tasks run on base and tuned through tuneforge serve (tuneforge eval).")
+    select_best: SelectBestSpec | None = Field(
+        None, description="After training, evaluate every kept checkpoint on the validation split and make the "
+        "best one by this metric final/ (docs/evaluation.md).")
 
     @field_validator("suite", mode="before")
     @classmethod
     def _bare_metric(cls, value):
         return [{"metric": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _selectable(self) -> "EvaluationSpec":
+        names = [e.metric.rpartition(":")[2] for e in self.suite]  # as eval/suite.py's entry_name reports them
+        if self.select_best and self.select_best.metric not in (*names, *HELD_OUT_METRICS):
+            raise ValueError(f"select_best.metric: {self.select_best.metric!r} is neither a suite entry "
+                             f"({', '.join(names) or 'none'}) nor a held-out number ({', '.join(HELD_OUT_METRICS)})")
+        return self
 
 
 class PerformanceSpec(_Strict):
@@ -669,6 +698,15 @@ class Config(_Strict):
         return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _one_choice_of_final(self) -> "Config":
+        if self.early_stopping is not None and self.evaluation.select_best is not None:
+            raise ValueError("early_stopping and evaluation.select_best both choose final/; keep one of them")
+        if self.evaluation.select_best is not None and self.validation is None:
+            raise ValueError("evaluation.select_best scores the checkpoints on held-out data; add `validation: "
+                             "{split: 0.1}` or `{path: FILE}`")
+        return self
+
+    @model_validator(mode="after")
     def _length(self) -> "Config":
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
@@ -773,6 +811,9 @@ def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
         raise ValueError(f"task: embedding trains in one process for now ({why}): its prepared pairs are not cached "
                          "for other processes to read, and in-batch negatives would stay within each process; "
                          "run it without torchrun / distributed settings")
+    if cfg.evaluation.select_best is not None:
+        raise ValueError(f"evaluation.select_best runs in one process for now ({why}); remove it, or train in one "
+                         "process")
     if strategy == "fsdp" and frozen_reference(cfg):
         if cfg.method == "dpo":
             fix = "set dpo.precompute_reference: true (the reference log-probs are computed once before training), "

@@ -57,23 +57,34 @@ def check_task_data(include_path: str | None, tasks: list[str]) -> None:
 
 
 def run_tasks(spec, url: str, model_id: str, tokenizer: str | Path) -> dict:
-    """{task: {metric: value}} for one served model id, lm-eval scoring through `url`'s /completions."""
+    """{task: {metric: value}} for one served model id. Scoring tasks (log-likelihoods) go through lm-eval's
+    local-completions model at `url`/completions; generation tasks (output_type: generate_until in a task YAML
+    under include_path) through local-chat-completions at `url`/chat/completions, in the model's chat template,
+    as a tuned chat model is used."""
     lm_eval = need("lm_eval", "lm_eval")
     need("tenacity", "lm_eval")  # lm-eval's API models need it (lm-eval[api])
+    local = local_tasks(spec.include_path)
     # lm-eval's own task list (thousands of YAMLs, slow to index) only when a task is not the user's.
-    builtin = bool(set(spec.tasks) - set(local_tasks(spec.include_path)))
-    tasks = need("lm_eval.tasks", "lm_eval").TaskManager(include_path=spec.include_path, include_defaults=builtin)
+    tasks = need("lm_eval.tasks", "lm_eval").TaskManager(include_path=spec.include_path,
+                                                         include_defaults=bool(set(spec.tasks) - set(local)))
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        out = lm_eval.simple_evaluate(
-            model="local-completions", tasks=list(spec.tasks), task_manager=tasks, limit=spec.limit, batch_size=1,
-            model_args={"base_url": url + "/completions", "model": model_id, "tokenizer_backend": "huggingface",
-                        "tokenizer": str(tokenizer), "max_retries": 1})
-    except Exception as err:  # lm-eval raises many kinds; the user needs the task and the cause
-        raise TuneforgeError(f"evaluation.lm_eval: lm-eval failed on tasks {', '.join(spec.tasks)}: "
-                             f"{type(err).__name__}: {err}; a task whose data is not on disk needs a local copy "
-                             "(dataset_path: json)") from None
+    chat = [t for t in spec.tasks if t in local and local[t][1].get("output_type") == "generate_until"]
+    scored = [t for t in spec.tasks if t not in chat]
+    runs = [(scored, "local-completions", {"base_url": url + "/completions", "tokenizer_backend": "huggingface",
+                                           "tokenizer": str(tokenizer)}, {}),
+            (chat, "local-chat-completions", {"base_url": url + "/chat/completions"}, {"apply_chat_template": True})]
+    results: dict = {}
+    for names, model, args, extra in runs:
+        if not names:
+            continue
+        try:
+            out = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=tasks, limit=spec.limit, batch_size=1,
+                                          model_args={**args, "model": model_id, "max_retries": 1}, **extra)
+        except Exception as err:  # lm-eval raises many kinds; the user needs the task and the cause
+            raise TuneforgeError(f"evaluation.lm_eval: lm-eval failed on tasks {', '.join(names)}: "
+                                 f"{type(err).__name__}: {err}; a task whose data is not on disk needs a local copy "
+                                 "(dataset_path: json)") from None
+        results.update((out or {}).get("results", {}))
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "sample_len"}
-            for task, metrics in (out or {}).get("results", {}).items()}
-
+            for task, metrics in results.items()}

@@ -14,8 +14,8 @@ from tuneforge.methods.reference import Reference
 from tuneforge.models.adapters import adapter_merged
 from tuneforge.models.decode import stop_token_ids
 from tuneforge.models.load import load_model, pick_device, pick_dtype
-from tuneforge.models.resolve import resolve_base_model
-from tuneforge.models.run import Run, base_folder, open_run
+from tuneforge.models.resolve import locate_base_model, resolve_base_model
+from tuneforge.models.run import Run, base_folder, load_tuned, open_run
 
 
 def open_target(target: str | Path, overrides: list[str] | None = None,
@@ -76,6 +76,39 @@ def evaluate_run(cfg: Config, run: Run | None) -> tuple[dict | None, dict | None
             return before, measure(tuned, None)  # the reference is the tuned model with its adapter off
     return before, measure(load_model(run.final, device, cfg.trust_remote_code, head=facts.model_head,
                                       pad_token_id=pad_id), model)
+
+
+def check_other(other: str | Path, trust_remote_code: bool = False) -> None:
+    """`--with OTHER` names a finished run, a model folder, a .gguf file or a built-in model: checked before any
+    model loads, with the error naming the argument."""
+    try:
+        if (Path(other) / "run.json").is_file():
+            open_run(other, trust_remote_code)
+        else:
+            locate_base_model(str(other))
+    except TuneforgeError as err:
+        raise type(err)(f"--with {other}: {str(err).removeprefix('base_model: ')}") from None
+
+
+def evaluate_other(cfg: Config, other: str | Path) -> dict:
+    """The held-out evaluation of `cfg` on another model, to set beside base and tuned: a finished run's folder
+    (its tuned model), a model folder or a built-in name. Its own tokenizer reads the same held-out records."""
+    facts = method_facts(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    path = Path(other)
+    if (path / "run.json").is_file():
+        model, tokenizer = load_tuned(open_run(path, cfg.trust_remote_code), device)
+        data = prepare_data(cfg, tokenizer)
+    else:
+        folder = resolve_base_model(str(other))[0]
+        tokenizer = function_at(facts.processor)(folder, cfg.chat_template, cfg.trust_remote_code)
+        data = prepare_data(cfg, tokenizer)
+        model = load_model(folder, device, cfg.trust_remote_code, head=facts.model_head,
+                           pad_token_id=getattr(tokenizer, "pad_token_id", None), head_config=data.head_config)
+    measure = _measure(cfg, model, tokenizer, data, device, dtype)
+    with adapter_merged(model):
+        return measure(model, model)  # its own reference, as the base model is before training
 
 
 def _measure(cfg, base, tokenizer, data, device, dtype):

@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
 from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.output_folders import output_folder
 from tuneforge.models.run import Run
+from tuneforge.track.card import model_card as card_text
 from tuneforge.train.outputs import write_json
 
 TARGETS = ("hf", "adapter", "gguf", "ollama")
@@ -26,38 +26,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def model_card(run: Run, kind: str) -> str:
-    """README.md: what this model is, how it was made, how it scored, how to load it."""
-    m = run.manifest
-    before, after = m.get("eval_before") or {}, m.get("eval_after") or {}
-    rows = [(k, before.get(k), after.get(k)) for k in ("val_loss", "perplexity", "exact_match", "stopped") if k in after]
-    table = "\n".join(f"| {k} | {b if b is None else round(b, 4)} | {round(a, 4)} |" for k, b, a in rows)
-    data = "\n".join(f"- `{Path(p).name}`: sha256 `{h}`" for p, h in (m.get("data_sha256") or {}).items())
-    return f"""---
-library_name: {"peft" if kind == "adapter" else "transformers"}
-base_model: {m.get("base_model", {}).get("name", "")}
-tags: [tuneforge]
----
-# {run.dir.name}
-
-Fine-tuned with tuneforge {m.get("versions", {}).get("tuneforge", "")} from `{m.get("base_model", {}).get("name", "")}`
-({m.get("config", {}).get("adapter", "")}, {m.get("steps", "?")} steps, seed {m.get("seed")}, {m.get("device")}).
-Stop tokens: ids {m.get("stop_token_ids")} (end of turn `{m.get("end_of_turn")}`).
-
-## Held-out evaluation
-
-| metric | before | after |
-|---|---|---|
-{table}
-
-## Data
-
-{data}
-
-## Config
-
-```yaml
-{yaml.safe_dump(m.get("config", {}), sort_keys=False)}```
-"""
+    """README.md: what this model is, how it was made, how it scored (the suite too), how to load it."""
+    return card_text(run.manifest, run.dir.name, adapter=kind == "adapter")
 
 
 def _finish(run: Run, out: Path, kind: str, merge: dict | None = None) -> Path:

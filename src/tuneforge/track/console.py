@@ -111,11 +111,13 @@ class Reporter:
             self._progress = None
 
     def before_after(self, before: dict | None, after: dict | None, examples: int = 3,
-                     comparison: dict | None = None) -> None:
+                     comparison: dict | None = None, judge: dict | None = None) -> None:
         if self.quiet or after is None:
             return
         self.console.print(before_after_table(before, after))
         print_comparison(self.console, comparison or {})
+        if judge:
+            print_judge(self.console, judge)
         for i, tuned in enumerate(after.get("samples", [])[:examples]):
             base = before["samples"][i]["answer"] if before and "samples" in before else "-"
             self.console.print(f"\n[bold]Example {i + 1}[/bold] reference: {tuned['reference']!r}")
@@ -171,6 +173,59 @@ def suite_table(comparison: dict) -> Table:
     return table
 
 
+def _side_by_side_cells(cell: dict | None, pct: bool) -> list[str]:
+    """[value and 95% interval, difference from the first model with its interval] of one model's metric."""
+    if not cell:
+        return ["-", ""]
+    value = _fmt(cell["value"], pct) + (f" {_interval(cell['ci95'], pct)}" if "ci95" in cell else "")
+    diff = (f"{_fmt(cell['difference'], pct)} {_interval(cell['diff_ci95'], pct)}"
+            + ("" if cell["significant"] else " noise")) if "difference" in cell else ""
+    return [value, diff]
+
+
+def side_by_side_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of `tuneforge eval --with`: a column per model with its value [95% interval], and after
+    the base each model's paired difference from it."""
+    names = table["models"]
+    header = ["metric", "n", names[0], *[h for name in names[1:] for h in (name, f"{name} - {names[0]}")]]
+    rows = []
+    for metric, cells in table["rows"].items():
+        pct = any(c.get("rate") for c in cells.values())
+        row = [metric, next((str(c["n"]) for c in cells.values() if "n" in c), "")]
+        for i, name in enumerate(names):
+            value, diff = _side_by_side_cells(cells.get(name), pct)
+            row += [value, diff] if i else [value]
+        rows.append(row)
+    return header, rows
+
+
+def _compact(value, pct: bool = False, sign: str = "") -> str:
+    return f"{100 * value:{sign}.0f}%" if pct else f"{value:{sign}.3g}"
+
+
+def side_by_side_table(table: dict) -> Table:
+    """A column per model; each cell its value, 95% interval and (after the base) difference from the base,
+    one to a line, so that four models fit in 80 columns (run.json and the report have the full numbers)."""
+    out = Table(title="Side by side (95% intervals; differences from the base, paired)", title_justify="left")
+    out.add_column("metric", no_wrap=True)
+    out.add_column("n", justify="right")
+    for name in table["models"]:
+        out.add_column(name, justify="right")
+    for metric, cells in table["rows"].items():
+        pct = any(c.get("rate") for c in cells.values())
+        row = [metric, next((str(c["n"]) for c in cells.values() if "n" in c), "")]
+        for name in table["models"]:
+            c = cells.get(name) or {}
+            lines = ["-" if c.get("value") is None else _compact(c["value"], pct)]
+            if "ci95" in c:
+                lines.append(f"[{_compact(c['ci95'][0], pct)}, {_compact(c['ci95'][1], pct)}]")
+            if "difference" in c:
+                lines.append(f"{_compact(c['difference'], pct, '+')} {'beyond noise' if c['significant'] else 'noise'}")
+            row.append("\n".join(lines))
+        out.add_row(*row)
+    return out
+
+
 def harness_rows(harness: dict) -> list[list]:
     """[task, metric, before, after] for each lm-eval score (stderr beside the value, as lm-eval reports it)."""
     before, after = harness.get("before") or {}, harness.get("after") or {}
@@ -205,7 +260,8 @@ def print_comparison(console: Console, comparison: dict) -> None:
 
 def print_judge(console: Console, judge: dict) -> None:
     """The judge's rates with their 95% intervals, and its failures (never hidden)."""
-    table = Table(title=f"LLM judge ({judge['mode']}, {judge['model']}, n={judge['n']})", title_justify="left")
+    title = f"LLM judge ({judge['mode']}, {judge['model']}, n={judge['n']}, tuned vs {judge.get('against', 'base')})"
+    table = Table(title=title, title_justify="left")
     for name in ("", "rate" if judge["mode"] == "pairwise" else "mean grade", "95% interval", "count"):
         table.add_column(name, justify="left" if not name else "right")
     pct = judge["mode"] == "pairwise"

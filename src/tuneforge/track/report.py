@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.output_folders import is_empty, mark, marked_kind
-from tuneforge.track.console import harness_rows
+from tuneforge.track.console import harness_rows, side_by_side_rows
 from tuneforge.track.plots import confusion_png, run_pngs
 from tuneforge.track.runs import EVAL_KEYS, RunFiles, metric_facts, read_run
 
@@ -81,11 +81,35 @@ def suite_html(comparison: dict | None, judge: dict | None) -> str:
         parts.append(f"<h3>Forgetting check</h3><p>{line}</p>"
                      + (f"<p class='warning'>{_e(f['warning'])}</p>" if "warning" in f else ""))
     if judge:
-        rows = [[k, v["rate"], _ci(v["ci95"]), v["count"]] for k, v in judge.get("rates", {}).items()]
-        parts.append(f"<h3>LLM judge ({_e(judge.get('mode'))}, {_e(judge.get('model'))}, n={_e(judge.get('n'))})</h3>"
-                     + _table(["", "rate", "95% interval", "count"], rows)
-                     + (f"<p class='error'>{_e(judge['error'])}</p>" if judge.get("error") else ""))
+        parts.append(judge_html(judge))
     return "".join(parts)
+
+
+def judge_html(judge: dict) -> str:
+    """The judge's rates with their intervals: tuned against the base, or against a `--with` model."""
+    rows = [[k, v["rate"], _ci(v["ci95"]), v["count"]] for k, v in judge.get("rates", {}).items()]
+    against = f", tuned vs {_e(judge['against'])}" if "against" in judge else ""
+    return (f"<h3>LLM judge ({_e(judge.get('mode'))}, {_e(judge.get('model'))}, n={_e(judge.get('n'))}{against})</h3>"
+            + _table(["", "rate", "95% interval", "count"], rows)
+            + (f"<p class='error'>{_e(judge['error'])}</p>" if judge.get("error") else ""))
+
+
+def side_by_side_html(table: dict | None) -> str:
+    """`tuneforge eval --with`: a column per model (value and 95% interval) and each one's difference from the base."""
+    if not table:
+        return ""
+    header, rows = side_by_side_rows(table)
+    return ("<h3>Side by side (95% intervals; each difference from the base is paired over the same examples)</h3>"
+            + _table(header, rows))
+
+
+def chosen_html(chosen: dict | None) -> str:
+    """evaluation.select_best: which checkpoint became final/, and every kept checkpoint's value."""
+    if not chosen:
+        return ""
+    rows = [[f"step {s}" + (" (final/)" if int(s) == chosen["step"] else ""), v] for s, v in chosen["values"].items()]
+    return (f"<h3>Checkpoint chosen by {_e(chosen['metric'])} ({_e(chosen['mode'])}) on the validation split</h3>"
+            + _table(["checkpoint", chosen["metric"]], rows))
 
 
 def hardest_examples(run: RunFiles) -> tuple[int | None, list[dict]]:
@@ -128,7 +152,10 @@ def render_html(run: RunFiles, pngs: dict[str, Path]) -> str:
     rows = eval_rows(run.before, run.after)
     if rows:
         parts.append("<h2>Held-out evaluation, before and after</h2>" + _table(["metric", "before", "after"], rows)
-                     + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge")))
+                     + suite_html(run.manifest.get("evaluation"), run.manifest.get("judge"))
+                     + side_by_side_html(run.manifest.get("side_by_side"))
+                     + "".join(judge_html(j) for j in (run.manifest.get("judge_with") or {}).values())
+                     + chosen_html(run.manifest.get("select_best")))
     if "confusion" in (run.after or {}):
         labels = run.after["labels"]
         image = _img(pngs["confusion"]) if "confusion" in pngs else ""

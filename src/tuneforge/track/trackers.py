@@ -73,6 +73,24 @@ def scalars(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def summary_metrics(facts: dict) -> dict[str, float]:
+    """A finished run's headline numbers for the trackers' summaries: final/<metric>, and each evaluation-suite
+    row as eval/<metric>/before, /after and /difference (lm-eval's as eval/<task>/<metric>/before and /after)."""
+    out = {f"final/{k}": v for k, v in scalars(facts.get("final_metrics") or {}).items()}
+    comparison = facts.get("evaluation") or {}
+    for name, row in (comparison.get("suite") or {}).items():
+        out.update(scalars({f"eval/{name}/{k}": row.get(k) for k in ("before", "after", "difference")}))
+    for when, tasks in (comparison.get("lm_eval") or {}).items():
+        for task, metrics in (tasks or {}).items():
+            out.update(scalars({f"eval/{task}/{m}/{when}": v for m, v in metrics.items()}))
+    if comparison.get("forgetting"):
+        f = comparison["forgetting"]
+        out.update(scalars({f"eval/general_perplexity/{k}": f[k] for k in ("before", "after")}))
+    judge = facts.get("judge") or {}
+    out.update(scalars({f"eval/judge/{k}": v["rate"] for k, v in (judge.get("rates") or {}).items()}))
+    return out
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     """{"lora": {"r": 8}} -> {"lora.r": 8}: hyper-parameters as flat keys, lists kept as JSON text."""
     out: dict[str, object] = {}
@@ -150,7 +168,7 @@ class TensorBoardTracker:
 
     def finish(self, facts: dict, status: str) -> None:
         params = {k: v for k, v in flatten(facts.get("config", {})).items() if isinstance(v, (int, float, str, bool))}
-        finals = {f"final/{k}": v for k, v in scalars(facts.get("final_metrics") or {}).items()}
+        finals = summary_metrics(facts)
         if params and finals:
             self.writer.add_hparams(params, finals, run_name=".")
         self.writer.add_text("facts", _code_block({**facts, "status": status}), facts.get("steps", 0))
@@ -214,7 +232,13 @@ class MlflowTracker:
         pass  # MLflow keeps every value of a step; the later one is the newest
 
     def finish(self, facts: dict, status: str) -> None:
+        from mlflow.entities import Metric
+
         self._drain()
+        now, step = int(time.time() * 1000), facts.get("steps") or 0
+        metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in summary_metrics(facts).items()]
+        for i in range(0, len(metrics), 100):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 100])
         self._tags({k: v for k, v in facts.items() if k != "config"}, "facts.")
         self.client.set_terminated(self.run_id, status=status)
 
@@ -253,7 +277,8 @@ class WandbTracker:
         pass  # W&B refuses steps below the newest; the steps after a roll-back are logged under new numbers
 
     def finish(self, facts: dict, status: str) -> None:
-        self.run.summary.update({"facts": {k: v for k, v in facts.items() if k != "config"}, "status": status})
+        self.run.summary.update({"facts": {k: v for k, v in facts.items() if k != "config"}, "status": status,
+                                 **summary_metrics(facts)})
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,7 @@ from tuneforge.data.batching import shard_step
 from tuneforge.data.dataset import prepare_data, prepared_marker, write_rejected
 from tuneforge.errors import ConfigError, RunStopped, TrainingError
 from tuneforge.eval.compare import compare, headline
+from tuneforge.eval.record import after_training, suite_costs
 from tuneforge.fast import fused_lora_blocker
 from tuneforge.fast.apply import apply_fast_path
 from tuneforge.fast.switches import resolve as resolve_fast_path
@@ -47,6 +49,7 @@ from tuneforge.models.run import Run, load_tuned
 from tuneforge.parallel.apply import choose_strategy, parallelize
 from tuneforge.parallel.watchdog import Watchdog
 from tuneforge.parallel.world import SINGLE, World, init_world
+from tuneforge.track.card import write_final_card
 from tuneforge.track.diagnose import Watch
 from tuneforge.track.mfu import mfu_meter
 from tuneforge.track.system import system_stats, throughput
@@ -60,6 +63,7 @@ from tuneforge.train.recovery import load_best, read_best, roll_back, save_best
 from tuneforge.train.resume import adapter_facts, check_resumable, check_same_data, resume_point
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
+from tuneforge.train.select_best import select_checkpoint
 from tuneforge.train.steps import count_steps, next_step_batches
 from tuneforge.validate import check_data_files
 
@@ -114,10 +118,13 @@ def _quantization_for(cfg: Config, strategy: str):
     return q.model_copy(update={"storage": "compute"})
 
 
-def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, stop_after: int | None = None,
+          benchmark: Callable | None = None) -> dict:
     """Run a whole fine-tune; returns the run.json contents (on rank 0; the other ranks get a short summary).
 
     `stop_after` ends the loop after that step without a final save, as a crash would (tests of resume).
+    `benchmark(spec, run, base_folder, device)` runs evaluation.lm_eval after training (serve/harness.py serves
+    the models; training does not import the server); without it lm-eval is left to `tuneforge eval`.
     """
     world, device = init_world(cfg.distributed, pick_device(cfg.device))
     rep = reporter or Reporter()
@@ -165,7 +172,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     rep.note(fast.describe())
     objective = build_objective(cfg, data, pad_id, reference, fast, **online)
     loss_info = objective.describe()
-    for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes]:
+    costs = suite_costs(cfg.evaluation, len(data.validation), benchmark is not None)
+    for note in ["Objective: " + ", ".join(f"{k}={v}" for k, v in loss_info.items()), *objective.notes, *costs]:
         rep.note(note)
 
     before_path = run_dir / "eval_before.json"
@@ -291,6 +299,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         return {"stopped_at": step}
 
     best = load_best(run_dir, model) if watch.early_stopped else None
+    chosen = select_checkpoint(cfg.evaluation.select_best, run_dir, model, optimizer,
+                               lambda: objective.held_out(model, data, final=True), rep.note)
     # final/ always holds whole tensors: gathered from the shards under FSDP (every process takes part),
     # then written by rank 0, which alone goes on to evaluate and write run.json.
     gathered = gather_for_save(model, adapter=cfg.adapter != "full")
@@ -336,11 +346,14 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         performance=fast.__dict__,
         final_metrics={"train_loss": last_loss, **{k: v for k, v in (last_val or {}).items() if k.startswith("val_")}},
         early_stopped=best,
+        select_best=chosen,
         diagnoses=watch.codes,
         overhead_s={"tracking": round(tracking.seconds, 4), "diagnosis": round(watch.seconds, 4)},
     )
     write_json(run_dir / "run.json", manifest)
     write_json(final / "run.json", manifest)  # the artefact carries its own provenance
+    write_final_card(run_dir, manifest)
+    manifest = after_training(run_dir, cfg, manifest, folder, before, after, benchmark, rep.warn)
     tracking.finish({**manifest, "artefacts": artefacts(run_dir)}, "FINISHED")
-    rep.before_after(before, after, comparison=comparison)
+    rep.before_after(before, after, comparison=manifest["evaluation"], judge=manifest.get("judge"))
     return manifest

@@ -1,0 +1,33 @@
+"""evaluation.select_best: after training, every kept checkpoint is evaluated on the validation split and the
+best one by the named metric becomes final/ (the last step is not always the best model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tuneforge.config import SelectBestSpec
+from tuneforge.eval.compare import metric_value
+from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
+
+
+def select_checkpoint(spec: SelectBestSpec | None, run_dir: Path, model, optimizer, evaluate: Callable[[], dict],
+                      note: Callable[[str], None]) -> dict | None:
+    """Load each kept checkpoint into `model`, score it with `evaluate()` (the held-out evaluation of the
+    validation split), and leave the best one's weights in the model; {metric, mode, step, values}, None when
+    the config does not ask. Ties go to the later step."""
+    if spec is None:
+        return None
+    ckpts = {int(c.name.removeprefix("step-")): c for c in list_checkpoints(run_dir)}
+    note(f"Choosing final/ among {len(ckpts)} checkpoint(s) by {spec.metric} on the validation split...")
+    values = {}
+    for step, ckpt in ckpts.items():
+        load_checkpoint(ckpt, model, optimizer)
+        values[step] = metric_value(evaluate(), spec.metric)
+    sign = -1 if spec.lower_is_better else 1
+    best = max(values, key=lambda s: (sign * values[s], s))
+    if best != max(values):  # the newest is loaded already
+        load_checkpoint(ckpts[best], model, optimizer)
+    note(f"final/ is step {best} ({spec.metric} {values[best]:.4g}; the last step's: {values[max(values)]:.4g})")
+    return {"metric": spec.metric, "mode": "min" if spec.lower_is_better else "max", "step": best,
+            "values": {str(s): v for s, v in values.items()}}
