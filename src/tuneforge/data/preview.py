@@ -9,7 +9,7 @@ from tuneforge.data.template import IGNORE_INDEX
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 
 
-def _runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+def token_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
     """Consecutive tokens grouped by trained/masked, decoded with special tokens kept."""
     runs: list[tuple[list[int], bool]] = []
     for tok, lab in zip(input_ids, labels):
@@ -23,13 +23,13 @@ def _runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str,
 
 def preview_plain(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """Trained text inside [[ ]]; everything else is context the loss ignores."""
-    return "".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in _runs(tokenizer, input_ids, labels))
+    return "".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in token_runs(tokenizer, input_ids, labels))
 
 
 def preview_rich(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
     """Trained text in bold green, masked text dimmed, for a terminal."""
     out = Text()
-    for t, trained in _runs(tokenizer, input_ids, labels):
+    for t, trained in token_runs(tokenizer, input_ids, labels):
         out.append(t, style="bold green" if trained else "dim")
     return out
 

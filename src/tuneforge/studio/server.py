@@ -20,6 +20,8 @@ from tuneforge.models.resolve import locate_base_model
 from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
+from tuneforge import __version__
+from tuneforge.studio import data_api, guard
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
@@ -44,7 +46,15 @@ ROUTES = [  # (pattern, {method: handler name})
     (r"/v1/completions", {"POST": "complete"}),
     (r"/health", {"GET": "health"}),
     (r"|/|/index\.html", {"GET": "index"}),
+    (r"/static/(.*)", {"GET": "static"}),
+    # The web UI's endpoints (docs/studio.md "The web UI's endpoints"): functions answering JSON.
+    (r"/v1/tuneforge/session", {"GET": "session"}),
+    (rf"/v1/tuneforge/files/{ID}/check", {"GET": data_api.check}),
+    (rf"/v1/tuneforge/files/{ID}/preview", {"GET": data_api.preview}),
+    (rf"/v1/tuneforge/files/{ID}/stats", {"GET": data_api.stats}),
+    (rf"/v1/tuneforge/files/{ID}/convert", {"POST": data_api.convert}),
 ]
+PUBLIC = ("health", "index", "static")  # answered without a key: the page must load to show its login box
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class StudioServer(Server):
     def __init__(self, store: Store, worker: Worker, models: Models, host: str, port: int,
                  keys: dict[str, str] | None, limits: StudioLimits = StudioLimits(), quiet: bool = False):
         self.store, self.worker, self.models, self.keys, self.limits = store, worker, models, keys, limits
+        self.secret, self.bound_host = guard.load_secret(store.home), host
         super().__init__(None, host, port, None, MAX_BODY_BYTES, quiet)
         self.RequestHandlerClass = StudioHandler
 
@@ -73,6 +84,16 @@ class StudioServer(Server):
 class StudioHandler(Handler):
     server: StudioServer
 
+    def _handle(self, method: str) -> None:
+        """Host, Origin and CSRF checks first (studio/guard.py), before any body is read."""
+        try:
+            guard.check_request(method, self.headers, self.server.bound_host, self.server.secret, self._owner)
+        except p.ApiError as err:
+            self.close_connection = True
+            self._send_json(err.status, err.body(), err.headers)
+            return
+        super()._handle(method)
+
     def _route(self, method: str, path: str, body: dict | None) -> None:
         for pattern, methods in ROUTES:
             match = re.fullmatch(pattern, path)
@@ -83,8 +104,10 @@ class StudioHandler(Handler):
                 raise p.ApiError(405, f"{method} {path}: use {allowed}", code="method_not_allowed",
                                  headers={"Allow": allowed})
             name = methods[method]
-            if name in ("health", "index"):
-                return getattr(self, name)()
+            if name in PUBLIC:
+                return getattr(self, name)(*match.groups())
+            if callable(name):
+                return self._reply(name(self.server, self._owner(), *match.groups(), body=body, query=self._query()))
             return getattr(self, name)(self._owner(), *match.groups(), body=body)
         raise p.ApiError(404, f"{path}: no such route; this server has /v1/files, /v1/fine_tuning/jobs, "
                          "/v1/models, /v1/chat/completions and /v1/completions", code="not_found")
@@ -263,12 +286,27 @@ class StudioHandler(Handler):
         self._send_json(200, {"status": "ok"})
 
     def index(self) -> None:
-        self._send_bytes((STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+        self._send_bytes((STATIC / "index.html").read_bytes(), guard.CONTENT_TYPES["html"], guard.PAGE_HEADERS)
 
-    def _send_bytes(self, data: bytes, content_type: str) -> None:
+    def static(self, name: str) -> None:
+        path, content_type = guard.static_file(STATIC, name)
+        self._send_bytes(path.read_bytes(), content_type, guard.PAGE_HEADERS)
+
+    def session(self, owner: str, body=None) -> None:
+        """What the page needs first: its CSRF token, and whether it must ask for a key (401 here without one)."""
+        self._send_json(200, {"csrf_token": guard.csrf_token(self.server.secret, owner),
+                              "auth_required": self.server.keys is not None,
+                              "owner": owner if self.server.keys is not None else None, "version": __version__})
+
+    def _reply(self, answer: dict) -> None:
+        self._send_json(200, answer)
+
+    def _send_bytes(self, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.headers_sent = True
         self.wfile.write(data)

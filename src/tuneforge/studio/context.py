@@ -1,0 +1,17 @@
+"""What the web UI's endpoint functions are handed: the running studio's parts, as a protocol, so that the
+endpoint modules need not import the server that calls them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tuneforge.studio.models import Models
+from tuneforge.studio.store import Store
+
+
+class Studio(Protocol):
+    store: Store
+    models: Models
+    keys: dict[str, str] | None
+    secret: bytes
+
