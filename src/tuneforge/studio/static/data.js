@@ -42,8 +42,11 @@ export async function dataPage(root, [fileId], query) {
   }
   const q = `model=${encodeURIComponent(model)}&method=${method}`;
   const base = `/v1/tuneforge/files/${fileId}`;
-  const [check, preview, stats] = await Promise.allSettled([
-    get(`${base}/check?${q}`), get(`${base}/preview?${q}&n=5`), get(`${base}/stats?${q}`)]);
+  // One after the other: the first loads the tokenizer, the next two reuse it.
+  const settle = (promise) => promise.then((value) => ({ status: "fulfilled", value }), () => ({ status: "rejected" }));
+  const check = await settle(get(`${base}/check?${q}`));
+  const stats = await settle(get(`${base}/stats?${q}`));
+  const preview = await settle(get(`${base}/preview?${q}&n=5`));
   const actions = h("div", { class: "row" },
     h("a", { class: "button", id: "use-file", href: `#/new?file=${fileId}` }, "Train on this file"),
     h("button", { id: "convert", onclick: async () => {

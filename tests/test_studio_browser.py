@@ -1,0 +1,137 @@
+"""The studio's web UI in headless Chromium (Playwright driving Debian's `chromium`): one journey on the built-in
+model, from a planted bad line to a downloaded GGUF, through a pause, a resume and a server restart mid-run; and a
+record holding `<script>` shown as text. With TUNEFORGE_SCREENSHOTS=DIR each page is saved there at 1280x800
+(`make screenshots` writes docs/screenshots/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tuneforge.studio import make_studio
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # the skip below says what to install
+    sync_playwright = None
+else:
+    expect.set_options(timeout=60_000)  # a data check loads the tokenizer; two cores are shared
+
+CHROMIUM = os.environ.get("TUNEFORGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None, reason="browser tests need Playwright's Python package: "
+                       "pip install -e '.[test]' (or pip install playwright)"),
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"browser tests need Chromium at {CHROMIUM}: "
+                       "apt-get install chromium (.ci/run does), or set TUNEFORGE_CHROMIUM to a Chromium binary"),
+]
+
+QUICKSTART = Path(__file__).parents[1] / "examples" / "data" / "quickstart_train.jsonl"
+SHOTS = os.environ.get("TUNEFORGE_SCREENSHOTS")
+STEPS = 6  # a tiny run: long enough to pause, resume and restart the server in the middle of it
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Studio:
+    """A studio on a fixed port and home, which the test can stop and start again (a server restart)."""
+
+    def __init__(self, home: Path):
+        self.home, self.port, self.server = home, 0, None
+        self.start()
+
+    def start(self) -> None:
+        self.server = make_studio(self.home, port=self.port, quiet=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return response.read()
+
+    def json(self, path: str) -> dict:
+        return json.loads(self.get(path))
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the training subprocesses share two cores with the browser
+    studio = Studio(tmp_path_factory.mktemp("home"))
+    yield studio
+    studio.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, studio):
+    """A fresh tab at 1280x800; a JavaScript error on the page fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def open_page(page, studio: Studio, route: str) -> None:
+    page.goto(f"{studio.url}/{route}")
+    expect(page.locator("#page")).to_have_attribute("data-ready", route)
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def upload(page, name: str, text: str) -> str:
+    """Upload through the Data tab's form; returns the new file's id (the page moves to #/data/<id>)."""
+    page.set_input_files("#upload-file", {"name": name, "mimeType": "application/json", "buffer": text.encode()})
+    page.click("#upload button[type=submit]")
+    page.wait_for_url("**/#/data/file-*")
+    expect(page.locator("#check-verdict")).to_be_visible()
+    return page.url.split("#/data/")[1].split("?")[0]
+
+
+def wait_status(studio: Studio, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = studio.json(f"/v1/fine_tuning/jobs/{job_id}")
+        if job["status"] in statuses:
+            return job
+        assert job["status"] not in TERMINAL, job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {statuses}")
+
+
+def test_a_record_holding_script_renders_as_text(page, studio):
+    hostile = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+    record = {"messages": [{"role": "user", "content": hostile}, {"role": "assistant", "content": "ok"}]}
+    open_page(page, studio, "#/data")
+    upload(page, "<i>x<i>.jsonl", json.dumps(record) + "\n")
+    expect(page.locator("#preview pre")).to_contain_text(hostile)
+    expect(page.locator("#file-pick")).to_contain_text("<i>x<i>.jsonl")
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#preview script, #preview img, #file-pick i").count() == 0
