@@ -135,3 +135,97 @@ def test_a_record_holding_script_renders_as_text(page, studio):
     expect(page.locator("#file-pick")).to_contain_text("<i>x<i>.jsonl")
     assert page.evaluate("window.__pwned") is None
     assert page.locator("#preview script, #preview img, #file-pick i").count() == 0
+
+
+def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
+    lines = QUICKSTART.read_text().splitlines()[:32]
+    bad = list(lines)
+    bad[2] = '{"messages": [{"role": "user", "content": "an answer is missing here"}]}'  # line 3: nothing to train on
+    open_page(page, studio, "#/data")
+    upload(page, "quickstart_bad.jsonl", "\n".join(bad) + "\n")
+    finding = page.locator("#findings tbody tr", has_text="quickstart_bad.jsonl:3")
+    expect(finding).to_have_count(1)
+    expect(finding.locator("td").nth(1)).to_have_text("error")
+    shot(page, "data")
+    clean = upload(page, "quickstart.jsonl", "\n".join(lines) + "\n")
+    expect(page.locator("#check-verdict")).to_have_class("ok")
+    expect(page.locator("#findings tbody tr", has_text="quickstart.jsonl:")).to_have_count(0)
+    expect(page.locator("#preview .seg.trained").first).to_be_visible()
+
+    # New run: the form generated from the schema sets a tiny run; the plan answers; Start goes to the run's page.
+    page.click("#use-file")
+    expect(page.locator("#page")).to_have_attribute("data-ready", f"#/new?file={clean}")
+    for key, value in {"max_steps": STEPS, "save_every": 2, "max_seq_len": 128, "micro_batch_size": 2,
+                       "lora.r": 4, "evaluation.before_after": None}.items():
+        field = page.locator(f'[data-key="{key}"]')
+        if value is None:
+            field.uncheck()
+        else:
+            field.fill(str(value))
+            field.dispatch_event("change")
+    page.wait_for_function(f"document.querySelector('#yaml').value.includes('max_steps: {STEPS}')")
+    expect(page.locator("#plan-fits")).to_be_visible()
+    expect(page.locator("#start")).to_be_enabled()
+    shot(page, "new-run")
+    page.click("#start")
+    page.wait_for_url("**/#/runs/ftjob-*")
+    job_id = page.url.split("#/runs/")[1]
+
+    # Stop (pause) and resume it, then restart the server mid-run: the page shows what the server says.
+    expect(page.locator("#status")).to_have_text("running", timeout=120_000)
+    page.click("#pause")
+    expect(page.locator("#status")).to_have_text("paused", timeout=60_000)
+    expect(page.locator("#progress-text")).to_contain_text("Paused")
+    page.click("#resume")
+    expect(page.locator("#status")).to_have_text("running", timeout=120_000)
+    studio.stop()
+    expect(page.locator("#banner")).to_contain_text("did not answer")
+    studio.start()
+    expect(page.locator("#status")).to_have_text("succeeded", timeout=240_000)
+    expect(page.locator("#banner")).to_be_hidden()
+    events = [e["message"] for e in studio.json(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100")["data"]]
+    assert any("paused" in m for m in events) and any("restart" in m for m in events), events
+
+    # The loss chart has one point per logged step, exactly the metrics endpoint's.
+    metrics = studio.json(f"/v1/tuneforge/jobs/{job_id}/metrics")
+    steps = [row["step"] for row in metrics["steps"]]
+    assert steps == list(range(1, STEPS + 1))
+    points = page.locator("#chart-loss circle.point")
+    expect(points).to_have_count(len(steps))
+    assert [int(v) for v in points.evaluate_all("els => els.map(e => e.dataset.step)")] == steps
+    expect(page.locator("#progress-text")).to_have_text(f"Finished: {STEPS} steps")
+    expect(page.locator("#pause")).to_be_disabled()
+    shot(page, "run")
+
+    # Chat: the tuned and the base model answer the same prompt.
+    open_page(page, studio, f"#/playground?job={job_id}")
+    page.fill("#prompt", "I met Ana Silva in Porto. They are 31.")
+    page.click("#send")
+    for side in ("#answer-tuned", "#answer-base"):
+        page.wait_for_function(f"!['', '…'].includes(document.querySelector('{side}').textContent)", timeout=120_000)
+        assert "no answer" not in page.text_content(side)
+
+    # A blind A/B review writes one preference pair in the DPO format.
+    page.click("#review-start")
+    expect(page.locator("#review-A")).not_to_be_empty(timeout=120_000)
+    page.click("#choose-A")
+    expect(page.locator("#review-pairs")).to_have_text("1")
+    shot(page, "playground")
+    reviews = page.text_content("#reviews-file")
+    [pair] = [json.loads(line) for line in studio.get(f"/v1/files/{reviews}/content").decode().splitlines()]
+    assert pair["chosen"] != pair["rejected"] and ("prompt" in pair or "messages" in pair)
+
+    # Export a GGUF: the size shows before writing; the download is a GGUF file.
+    open_page(page, studio, f"#/export/{job_id}")
+    page.select_option("#export-to", "gguf")
+    page.select_option("#export-quant", "q8_0")
+    expect(page.locator("#export-size")).to_contain_text("about")
+    page.click("#export-go")
+    with page.expect_download() as download:
+        page.click("#export-download")
+    assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
+    shot(page, "export")
+
+    open_page(page, studio, "#/runs")
+    expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    shot(page, "runs")

@@ -164,9 +164,21 @@ export async function newRunPage(root, _params, query) {
     }
   }
 
+  /** Show the normalised config (defaults filled in, the studio's own included) in every field not being edited. */
+  function syncForm(normalised) {
+    for (const input of form.querySelectorAll("[data-key]")) {
+      if (input === document.activeElement) continue;
+      const value = getPath(normalised, input.dataset.key);
+      if (input.type === "checkbox") input.checked = Boolean(value);
+      else if (input.classList.contains("json")) input.value = value === undefined || value === null ? "" : JSON.stringify(value);
+      else input.value = value === undefined || value === null ? "" : String(value);
+    }
+  }
+
   async function check(payload) {
     const answer = await post("/v1/tuneforge/config", body(payload), { source: "config" });
     yamlBox.value = answer.yaml;
+    if (answer.config) syncForm(answer.config);
     showErrors(answer.errors || []);
     jobRequest = answer.ok ? answer.job_request : null;
     start.disabled = !(answer.ok && fileSelect.value);
