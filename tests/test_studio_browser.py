@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -108,10 +109,11 @@ def shot(page, name: str) -> None:
 
 def upload(page, name: str, text: str) -> str:
     """Upload through the Data tab's form; returns the new file's id (the page moves to #/data/<id>)."""
+    before = page.url
     page.set_input_files("#upload-file", {"name": name, "mimeType": "application/json", "buffer": text.encode()})
     page.click("#upload button[type=submit]")
-    page.wait_for_url("**/#/data/file-*")
-    expect(page.locator("#check-verdict")).to_be_visible()
+    page.wait_for_url(lambda url: "#/data/file-" in url and url != before)
+    expect(page.locator("#page")).to_have_attribute("data-ready", page.url.split("/", 3)[3])
     return page.url.split("#/data/")[1].split("?")[0]
 
 
@@ -163,7 +165,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
         else:
             field.fill(str(value))
             field.dispatch_event("change")
-    page.wait_for_function(f"document.querySelector('#yaml').value.includes('max_steps: {STEPS}')")
+    expect(page.locator("#yaml")).to_have_value(re.compile(rf"^max_steps: {STEPS}$", re.MULTILINE))
     expect(page.locator("#plan-fits")).to_be_visible()
     expect(page.locator("#start")).to_be_enabled()
     shot(page, "new-run")
@@ -202,7 +204,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     page.fill("#prompt", "I met Ana Silva in Porto. They are 31.")
     page.click("#send")
     for side in ("#answer-tuned", "#answer-base"):
-        page.wait_for_function(f"!['', '…'].includes(document.querySelector('{side}').textContent)", timeout=120_000)
+        expect(page.locator(side)).not_to_have_text(re.compile(r"^(…)?$"), timeout=120_000)
         assert "no answer" not in page.text_content(side)
 
     # A blind A/B review writes one preference pair in the DPO format.

@@ -99,8 +99,9 @@ export async function runPage(root, [jobId]) {
       get(`/v1/tuneforge/jobs/${jobId}/metrics`, { source: "run-metrics" }),
       get(`/v1/fine_tuning/jobs/${jobId}/events?limit=100`, { source: "run-events" })]);
     job = fresh;
+    // The table is extra: if it cannot be read (the banner says why) the rest of the page still shows.
     const evaluation = job.status === "succeeded"
-      ? await get(`/v1/tuneforge/jobs/${jobId}/evaluation`, { source: "run-evaluation" }) : null;
+      ? await get(`/v1/tuneforge/jobs/${jobId}/evaluation`, { source: "run-evaluation" }).catch(() => null) : null;
     const messages = events.data.filter((e) => e.type !== "metrics");
     put(body,
       h("section", { class: "card" },
