@@ -5,14 +5,20 @@ export endpoints on tiny models and files."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import threading
+import time
+import zipfile
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import memorise_records, write_jsonl
+import yaml
+from conftest import chat, memorise_records
 
+from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
+from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
 
 
@@ -134,3 +140,258 @@ def test_keys_apply_to_the_session_and_the_token_survives_a_restart(tmp_path):
         assert call(server, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, headers)[0] == 404
     finally:
         stop(server)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_file(studio, tmp_path_factory):
+    """The memorise chats with line 3 planted bad (no answer) and a `<script>` in line 1, uploaded."""
+    lines = [json.dumps(r) for r in memorise_records(24)]
+    lines[0] = json.dumps({"messages": [{"role": "user", "content": "<script>alert(1)</script>"},
+                                        {"role": "assistant", "content": "ok"}]})
+    lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
+    return upload(studio, "train.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+def model_query(tiny_models) -> str:
+    return f"model={tiny_models['llama']}"
+
+
+def test_check_names_the_planted_bad_line_with_what_to_do(studio, data_file, tiny_models):
+    status, _, report = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?{model_query(tiny_models)}")
+    assert status == 200, report
+    assert report["file"] == {"id": data_file["id"], "filename": "train.jsonl", "bytes": data_file["bytes"]}
+    assert report["format"] == "messages" and report["records"] == 24 and report["ok"] is False
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    assert [f["line"] for f in errors] == [3] and "no assistant turn" in errors[0]["message"]
+    assert errors[0]["fix"] and errors[0]["code"] == "bad-record"
+    assert all(str(studio.store.files_dir) not in f["message"] for f in report["findings"])
+    status, _, err = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?method=grpo")
+    assert status == 400 and err["error"]["param"] == "method"
+    assert call(studio, "GET", "/v1/tuneforge/files/file-nope/check")[0] == 404
+
+
+def test_preview_marks_trained_tokens_and_stats_count_them(studio, data_file, tiny_models):
+    status, _, preview = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/preview?"
+                                             f"{model_query(tiny_models)}&n=2")
+    assert status == 200, preview
+    first, second = preview["examples"]
+    assert (first["line"], second["line"]) == (1, 2)  # line 3 is bad: left out, as training leaves it out
+    assert "".join(s["text"] for s in first["segments"]).count("<script>alert(1)</script>") == 1
+    trained = "".join(s["text"] for s in second["segments"] if s["trained"])
+    assert trained.startswith("ALPHA BRAVO") and "Repeat" not in trained
+    assert 0 < second["trained_tokens"] < second["tokens"]
+    stats_url = f"/v1/tuneforge/files/{data_file['id']}/stats?{model_query(tiny_models)}"
+    status, _, stats = call(studio, "GET", stats_url)
+    assert status == 200, stats
+    assert stats["records"] == 24 and stats["left_out"] == 1 and stats["max_seq_len"] == 1024
+    counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
+    assert sum(counts) == 23 and len(edges) == len(counts) + 1 and stats["over_max_seq_len"] == 0
+    assert stats["tokens"]["min"] <= stats["tokens"]["p50"] <= stats["tokens"]["max"] and stats["tokens_per_epoch"] > 0
+    cut = call(studio, "GET", f"{stats_url}&max_seq_len=40")[2]
+    assert cut["max_seq_len"] == 40 and cut["over_max_seq_len"] == 23 - sum(cut["histogram"]["counts"]) > 0
+
+
+def test_convert_writes_a_new_messages_file(studio):
+    alpaca = upload(studio, "alpaca.jsonl", b'{"instruction": "Say hi", "output": "Hi!"}\n{"oops": 1}\n')
+    status, _, new = call(studio, "POST", f"/v1/tuneforge/files/{alpaca['id']}/convert", {"to": "messages"})
+    assert status == 200, new
+    assert new["object"] == "file" and new["filename"] == "alpaca.messages.jsonl" and new["id"] != alpaca["id"]
+    assert new["converted"] == {"read": 2, "written": 1, "rejected": 1}
+    content = call(studio, "GET", f"/v1/files/{new['id']}/content")[2]
+    assert json.loads(content) == {"messages": [{"role": "user", "content": "Say hi"},
+                                                {"role": "assistant", "content": "Hi!"}]}
+    assert new["id"] in [f["id"] for f in call(studio, "GET", "/v1/files")[2]["data"]]
+
+
+# --- config, presets, plan -------------------------------------------------------------------------------
+
+def test_schema_describes_every_key_and_what_the_studio_owns(studio):
+    status, _, schema = call(studio, "GET", "/v1/tuneforge/schema")
+    assert status == 200
+    assert "learning_rate" in schema["properties"] and schema["properties"]["learning_rate"]["description"]
+    assert "LoraConfig" in schema["$defs"] and schema["$defs"]["LoraConfig"]["properties"]["r"]["description"]
+    assert {"base_model", "datasets", "output_dir", "trust_remote_code"} <= set(schema["x-studio"]["owned"])
+    assert "grpo" not in schema["x-studio"]["method_types"] and "kto" in schema["x-studio"]["method_types"]
+
+
+def test_presets_check_and_pretrain_says_it_cannot_start(studio, data_file):
+    status, _, presets = call(studio, "GET", "/v1/tuneforge/presets")
+    names = [p["name"] for p in presets["data"]]
+    assert status == 200 and names[:4] == ["chat-sft", "dpo", "classification", "embedding"] and "pretrain" in names
+    for preset in presets["data"]:
+        assert "datasets" not in preset["config"] and preset["title"] and preset["description"]
+        status, _, checked = call(studio, "POST", "/v1/tuneforge/config",
+                                  {"yaml": preset["yaml"], "training_file": data_file["id"]})
+        assert status == 200
+        assert checked["ok"] is preset["startable"], (preset["name"], checked["errors"])
+    pretrain = next(p for p in presets["data"] if p["name"] == "pretrain")
+    assert pretrain["note"] and not pretrain["startable"]
+
+
+def test_config_errors_name_their_keys(studio):
+    bad = "base_model: smollm2-135m-instruct\nlora:\n  r: 0\nlearning_rat: 0.001\n"
+    status, _, answer = call(studio, "POST", "/v1/tuneforge/config", {"yaml": bad})
+    assert status == 200 and answer["ok"] is False
+    by_key = {e["key"]: e["message"] for e in answer["errors"]}
+    assert "lora.r" in by_key and "did you mean learning_rate" in by_key["learning_rat"]
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": {"trust_remote_code": True}})[2]
+    assert [e["key"] for e in answer["errors"]] == ["trust_remote_code"]
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": {"method": "grpo"}})[2]
+    assert [e["key"] for e in answer["errors"]] == ["method"]
+    status, _, err = call(studio, "POST", "/v1/tuneforge/config", {"yaml": "a: [1,\n"})
+    assert status == 400 and err["error"]["code"] == "invalid_yaml" and "yaml:" in err["error"]["message"]
+
+
+def test_the_job_request_runs_exactly_the_config_shown(studio, data_file, tiny_models):
+    yaml_text = (f"base_model: {tiny_models['llama']}\nmethod: dpo\nlora: {{r: 4}}\nepochs: 2\nlearning_rate: 1.0e-4\n"
+                 "datasets: [{path: elsewhere.jsonl}]\nmax_seq_len: 128\n")
+    status, _, answer = call(studio, "POST", "/v1/tuneforge/config", {"yaml": yaml_text, "training_file": data_file["id"],
+                                                                     "suffix": "ui"})
+    assert status == 200 and answer["ok"], answer["errors"]
+    assert answer["warnings"] and answer["warnings"][0].startswith("datasets:")
+    config = answer["config"]
+    assert (config["lora"]["r"], config["epochs"], config["method"], config["max_seq_len"]) == (4, 2, "dpo", 128)
+    assert config["save_every"] == 10 and config["micro_batch_size"] == 4  # the studio's defaults, as the job gets
+    request = answer["job_request"]
+    assert request["model"] == str(tiny_models["llama"]) and request["training_file"] == data_file["id"]
+    assert request["method"]["dpo"]["hyperparameters"]["n_epochs"] == 2
+    status, _, job = call(studio, "POST", "/v1/fine_tuning/jobs", request)
+    assert status == 200, job
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})
+    stored = studio.store.job(job["id"])["config"]
+    assert {k: v for k, v in stored.items() if k not in ("datasets", "output_dir")} == yaml.safe_load(answer["yaml"])
+    assert job["hyperparameters"]["n_epochs"] == 2 and job["user_provided_suffix"] == "ui"
+
+
+def test_plan_answers_fit_memory_and_cost_without_data(studio, tiny_models):
+    started = time.monotonic()
+    status, _, plan = call(studio, "POST", "/v1/tuneforge/plan", {"config": {"base_model": "smollm2-135m-instruct"}})
+    assert status == 200, plan
+    assert time.monotonic() - started < 10
+    assert plan["fits"] is True and plan["device"] and plan["peak_memory_gb"] > 0
+    assert {"weights", "adapter", "optimizer", "gradients", "activations"} <= set(plan["memory_by_part"])
+    h200 = next(r for r in plan["rows"] if r["gpu"] == "H200")
+    assert h200["fits"] and h200["hours"] > 0 and h200["cost_usd"] > 0
+    assert "1,000 examples" in plan["data"]["how"]
+    status, _, err = call(studio, "POST", "/v1/tuneforge/plan", {"config": {"lora": {"r": -1}}})
+    assert status == 400 and err["error"]["param"] == "lora.r"
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+def wait_for(what, timeout: float = 180, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def trained(studio, tiny_models):
+    """One tiny LoRA job trained to the end, with validation and the before/after evaluation, started the way
+    the page starts it: POST /v1/tuneforge/config, then its job_request to the jobs API."""
+    train = upload(studio, "memo.jsonl", "".join(json.dumps(r) + "\n" for r in memorise_records(16)).encode())
+    held = upload(studio, "held.jsonl", "".join(json.dumps(chat(f"Say {w} twice", f"{w} {w}".upper())) + "\n"
+                                                for w in ("golf", "kilo", "lima")).encode())
+    config = {"base_model": str(tiny_models["llama"]), "max_steps": 6, "save_every": 3, "eval_every": 3,
+              "device": "cpu", "precision": "fp32", "max_seq_len": 64, "learning_rate": 5e-3,
+              "lora": {"r": 8, "alpha": 16}, "diagnose": {"enabled": False},
+              "evaluation": {"before_after": True, "max_new_tokens": 4}}
+    answer = call(studio, "POST", "/v1/tuneforge/config", {"config": config, "training_file": train["id"],
+                                                          "validation_file": held["id"], "suffix": "ui"})[2]
+    assert answer["ok"], answer["errors"]
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", answer["job_request"])[2]
+    job = wait_for(lambda: (j := call(studio, "GET", f"/v1/fine_tuning/jobs/{job['id']}")[2])["status"] in
+                   ("succeeded", "failed", "cancelled") and j)
+    log = studio.store.jobs_dir / job["id"] / "train.log"
+    assert job["status"] == "succeeded", (job["error"], log.is_file() and log.read_text()[-3000:])
+    return job
+
+
+def test_metrics_hold_every_logged_step_and_the_validation(studio, trained):
+    status, _, m = call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/metrics")
+    assert status == 200
+    assert m["status"] == "succeeded" and m["total_steps"] == 6
+    assert [s["step"] for s in m["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert all(s["loss"] > 0 and s["lr"] > 0 and "grad_norm" in s and "examples" not in s for s in m["steps"])
+    assert [v["step"] for v in m["validation"]] == [3, 6] and all(v["val_loss"] > 0 for v in m["validation"])
+    assert m["config"]["max_steps"] == 6 and m["diagnoses"] == []
+    events = call(studio, "GET", f"/v1/fine_tuning/jobs/{trained['id']}/events?limit=100")[2]["data"]
+    logged = {e["data"]["step"]: e["data"]["train_loss"] for e in events if e["type"] == "metrics"}
+    assert logged == {s["step"]: s["loss"] for s in m["steps"]}  # the same numbers as the jobs API's events
+
+
+def test_evaluation_before_and_after_side_by_side(studio, trained):
+    status, _, ev = call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/evaluation")
+    assert status == 200 and ev["before"] and ev["after"]
+    rows = {r["name"]: r for r in ev["rows"]}
+    assert rows["val_loss"]["better"] == "lower" and rows["val_loss"]["after"] == ev["after"]["val_loss"]
+    assert rows["exact_match"]["better"] == "higher" and "samples" not in rows
+
+
+def test_compare_lists_the_config_keys_that_differ_and_the_curves(studio, trained, tiny_models):
+    other = dict(trained["method"])
+    request = {"model": trained["model"], "training_file": trained["training_file"], "method": other,
+               "tuneforge": {"lora": {"r": 4}, "max_steps": 6, "device": "cpu"}}
+    second = call(studio, "POST", "/v1/fine_tuning/jobs", request)[2]
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{second['id']}/cancel", {})
+    status, _, c = call(studio, "GET", f"/v1/tuneforge/compare?jobs={trained['id']},{second['id']}")
+    assert status == 200
+    assert [j["id"] for j in c["jobs"]] == [trained["id"], second["id"]]
+    diff = {d["key"]: d["values"] for d in c["config_diff"]}
+    assert diff["lora.r"] == [8, 4] and "output_dir" not in diff
+    assert [p["step"] for p in c["curves"][trained["id"]]] == [1, 2, 3, 4, 5, 6] and c["curves"][second["id"]] == []
+    assert call(studio, "GET", f"/v1/tuneforge/compare?jobs={trained['id']}")[0] == 400
+
+
+# --- review and export -----------------------------------------------------------------------------------
+
+def test_a_blind_review_writes_one_preference_pair_to_the_reviews_file(studio, trained, monkeypatch):
+    monkeypatch.setattr(review_module, "MAX_TOKENS", 6)  # a random tiny model never ends its answer
+    status, _, review = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})
+    assert status == 200, review
+    assert review["prompt"][-1]["role"] == "user" and review["prompt"][-1]["content"].startswith("Say ")
+    tuned = call(studio, "POST", "/v1/chat/completions", {"model": trained["fine_tuned_model"], "temperature": 0,
+                                                          "max_tokens": 6, "messages": review["prompt"]})[2]
+    assert tuned["choices"][0]["message"]["content"] in review["answers"].values()
+    assert "tuned" not in json.dumps(review) and "base" not in json.dumps(review)  # the order stays hidden
+    status, _, saved = call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": "B"})
+    assert status == 200 and saved["saved"] and saved["pairs"] == 1
+    assert saved["file"]["filename"] == "reviews.jsonl" and saved["file"]["purpose"] == "fine-tune"
+    assert call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": "A"})[0] == 400
+    [pair] = [json.loads(line) for line in call(studio, "GET", f"/v1/files/{saved['file']['id']}/content")[2]
+              .decode().splitlines()]
+    assert pair == {"prompt": review["prompt"], "chosen": [{"role": "assistant", "content": review["answers"]["B"]}],
+                    "rejected": [{"role": "assistant", "content": review["answers"]["A"]}]}
+    [record] = read_records(studio.store.file_path(saved["file"]["id"]))
+    assert record.kind == "preference"  # what method: dpo trains on
+    tie = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})[2]
+    after = call(studio, "POST", f"/v1/tuneforge/reviews/{tie['review_id']}", {"choice": "tie"})[2]
+    assert after["saved"] is False and after["pairs"] == 1 and after["ties"] == 1
+    assert after["file"]["bytes"] == saved["file"]["bytes"]
+
+
+def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studio, trained):
+    base = f"/v1/tuneforge/jobs/{trained['id']}"
+    status, _, guess = call(studio, "GET", f"{base}/export/estimate?to=gguf&quant=q8_0")
+    assert status == 200, guess
+    status, _, made = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "q8_0"})
+    assert status == 200, made
+    assert abs(made["bytes"] - guess["bytes"]) < 0.2 * made["bytes"], (made["bytes"], guess["bytes"])
+    status, response, data = call(studio, "GET", made["download"])
+    assert status == 200 and len(data) == made["bytes"] and data[:4] == b"GGUF"
+    assert response.getheader("Content-Disposition").startswith("attachment; filename=")
+    guess = call(studio, "GET", f"{base}/export/estimate?to=adapter")[2]
+    made = call(studio, "POST", f"{base}/exports", {"to": "adapter"})[2]
+    assert abs(made["bytes"] - guess["bytes"]) < 0.1 * made["bytes"]
+    status, response, data = call(studio, "GET", made["download"])
+    assert status == 200 and response.getheader("Content-Type") == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert "adapter_model.safetensors" in z.namelist() and "README.md" in z.namelist()
+    assert call(studio, "GET", f"{base}/export/estimate?to=tflite")[0] == 400
+    assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404

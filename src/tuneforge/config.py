@@ -850,8 +850,9 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+def validation_errors(err: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, what is wrong with it) for each problem, a misspelt key with the closest valid one."""
+    out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = _loc(loc)
@@ -859,14 +860,18 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent = _loc(tuple(p for p in loc[:-1] if not isinstance(p, int)))
             hint = suggest_key(str(loc[-1]), parent)
             tip = f" did you mean {hint}?" if hint else " it is not a tuneforge key (see `tuneforge validate --help`)."
-            lines.append(f"  {key}: unknown key;{tip}")
+            out.append((key, f"unknown key;{tip}"))
         elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            out.append((key, "required key is missing"))
         else:
-            value = e.get("input")
             msg = e["msg"].removeprefix("Value error, ")
-            where = f"  {key}: " if key else "  "
-            lines.append(f"{where}{msg} (got {value!r})" if key else f"{where}{msg}")
+            out.append((key, f"{msg} (got {e.get('input')!r})" if key else msg))
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    lines += [f"  {key}: {message}" if key else f"  {message}" for key, message in validation_errors(err)]
     return "\n".join(lines)
 
 
@@ -988,12 +993,18 @@ def read_yaml(path: str | Path, what: str = "config file") -> object:
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise ConfigError(f"{path}:{line}: not a text file (it holds NUL bytes); give a YAML {what}")
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> object:
+    """YAML text (a file's, or one pasted into the studio's page); a key set twice or a syntax error is a
+    ConfigError naming `where` and the line."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        place = f"{where}:{mark.line + 1}" if mark else where
+        raise ConfigError(f"{place}: not valid YAML: {getattr(err, 'problem', err)}") from None
 
 
 def apply_overrides(raw: object, overrides: list[str] | None) -> object:

@@ -68,11 +68,11 @@ def file_row(studio: Studio, owner: str, file_id: str) -> dict:
     return row
 
 
-def file_config(studio: Studio, owner: str, file_id: str, query: dict) -> Config:
+def file_config(studio: Studio, owner: str, file_id: str, query: dict, **settings) -> Config:
     """The config a studio job of this file would train with, as far as data goes: model, method or task,
-    max_seq_len (the studio's default 1024)."""
+    max_seq_len (the studio's default 1024); `settings` are laid over it."""
     file_row(studio, owner, file_id)
-    raw = {**j.DEFAULTS, "base_model": query.get("model") or DEFAULT_MODEL,
+    raw = {**j.DEFAULTS, **settings, "base_model": query.get("model") or DEFAULT_MODEL,
            "datasets": [{"path": str(studio.store.file_path(file_id))}]}
     task = _choice(query, "task", TASKS_OFFERED, None)
     if task:
@@ -159,8 +159,9 @@ def preview(studio: Studio, owner: str, file_id: str, body=None, query: dict | N
 
 
 def stats(studio: Studio, owner: str, file_id: str, body=None, query: dict | None = None) -> dict:
-    """GET /v1/tuneforge/files/{id}/stats: token lengths, their histogram, what max_seq_len cuts, tokens per epoch."""
-    cfg = file_config(studio, owner, file_id, query or {})
+    """GET /v1/tuneforge/files/{id}/stats: token lengths, their histogram, what max_seq_len cuts, tokens per epoch,
+    of the records training can use (bad ones are left out and counted: the check lists them)."""
+    cfg = file_config(studio, owner, file_id, query or {}, on_bad_record="skip", max_bad_fraction=1.0)
 
     def run():
         _, tokenizer, lock = processor(cfg)

@@ -13,7 +13,9 @@ What OpenAI's fields become (each hyperparameter "auto" or a number):
   beta                       dpo.beta (auto: 0.1)
 The extension field `tuneforge` (send it with the OpenAI client's `extra_body`) holds any other config keys,
 nested or dotted ({"lora": {"r": 8}} or {"lora.r": 8}, "max_steps": 20, "save_every": 5), laid over the above;
-the keys the studio owns (paths, the base model, remote code, trackers, stages, other methods) are refused.
+it may choose another method (orpo, simpo, kto: trained on the file as that method's row reads it) or task
+(classification, embedding). The keys the studio owns (paths, the base model, remote code, trackers, stages,
+grpo, which runs user code) are refused.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multi
 AUTO = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.1}
 BASE_LR = {"supervised": 2e-4, "dpo": 2e-5}
 # Keys the extension may not set: the studio chooses them, or they would run code or send data elsewhere.
-OWNED = ("base_model", "datasets", "validation", "output_dir", "trust_remote_code", "track", "stages", "method",
-         "grpo", "task")
+OWNED = ("base_model", "datasets", "validation", "output_dir", "trust_remote_code", "track", "stages", "grpo")
+CHOSEN = {"method": ("sft", "dpo", "orpo", "simpo", "kto"), "task": ("causal_lm", "classification", "embedding")}
 DEFAULTS = {"adapter": "lora", "save_every": 10, "keep_last": 2, "evaluation": {"before_after": False},
             "max_seq_len": 1024}
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -80,6 +82,9 @@ def _lay_over(raw: dict, extension: dict) -> dict:
         if not isinstance(dotted, str) or dotted.split(".")[0] in OWNED:
             raise _bad(f"tuneforge.{dotted}", f"is set by the studio (one of {', '.join(OWNED)}); use the job's own "
                        "fields (model, training_file, validation_file, method) instead")
+        if dotted in CHOSEN and value not in CHOSEN[dotted]:
+            raise _bad(f"tuneforge.{dotted}", f"the studio trains {dotted} {' | '.join(CHOSEN[dotted])}, "
+                       f"got {value!r}")
         *parents, leaf = dotted.split(".")
         node = raw
         for part in parents:
@@ -98,6 +103,16 @@ def job_config(body: dict, training_path: str, validation_path: str | None) -> t
 
     The config is validated here, so a bad key is refused at once; output_dir is filled in by the worker.
     """
+    raw, method = job_raw_config(body, training_path, validation_path)
+    try:
+        config_from_dict(raw, "the job's settings")
+    except ConfigError as err:
+        raise ApiError(400, str(err), param="tuneforge", code="invalid_hyperparameters") from None
+    return raw, method
+
+
+def job_raw_config(body: dict, training_path: str, validation_path: str | None) -> tuple[dict, dict]:
+    """job_config's two answers, the config not yet validated by the schema (the web UI lists each bad key)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model", "is required: a built-in model name (e.g. smollm2-135m-instruct) or a local model folder")
@@ -124,10 +139,6 @@ def job_config(body: dict, training_path: str, validation_path: str | None) -> t
     raw = _lay_over(raw, extension)
     if validation_path and "eval_every" not in raw:
         raw["eval_every"] = raw["save_every"]  # each checkpoint reports a valid_loss, as OpenAI's do
-    try:
-        config_from_dict(raw, "the job's settings")
-    except ConfigError as err:
-        raise ApiError(400, str(err), param="tuneforge", code="invalid_hyperparameters") from None
     reported = {k: filled[k] for k in HYPERPARAMETERS[kind]}
     return raw, {"type": kind, kind: {"hyperparameters": reported}}
 

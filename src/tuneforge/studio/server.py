@@ -7,6 +7,7 @@ UI's JSON endpoints and its static pages (under `/`, from studio/static/) are ro
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
 from tuneforge import __version__
-from tuneforge.studio import data_api, guard
+from tuneforge.studio import config_api, data_api, exports, guard, review, runs_api
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
@@ -53,6 +54,18 @@ ROUTES = [  # (pattern, {method: handler name})
     (rf"/v1/tuneforge/files/{ID}/preview", {"GET": data_api.preview}),
     (rf"/v1/tuneforge/files/{ID}/stats", {"GET": data_api.stats}),
     (rf"/v1/tuneforge/files/{ID}/convert", {"POST": data_api.convert}),
+    (r"/v1/tuneforge/schema", {"GET": config_api.schema}),
+    (r"/v1/tuneforge/presets", {"GET": config_api.presets}),
+    (r"/v1/tuneforge/config", {"POST": config_api.check_config}),
+    (r"/v1/tuneforge/plan", {"POST": config_api.plan}),
+    (rf"/v1/tuneforge/jobs/{ID}/metrics", {"GET": runs_api.metrics}),
+    (rf"/v1/tuneforge/jobs/{ID}/evaluation", {"GET": runs_api.evaluation}),
+    (r"/v1/tuneforge/compare", {"GET": runs_api.compare}),
+    (rf"/v1/tuneforge/jobs/{ID}/review", {"POST": review.start_review}),
+    (rf"/v1/tuneforge/reviews/{ID}", {"POST": review.decide}),
+    (rf"/v1/tuneforge/jobs/{ID}/export/estimate", {"GET": exports.estimate}),
+    (rf"/v1/tuneforge/jobs/{ID}/exports", {"POST": exports.create}),
+    (rf"/v1/tuneforge/exports/{ID}/download", {"GET": exports.download}),
 ]
 PUBLIC = ("health", "index", "static")  # answered without a key: the page must load to show its login box
 
@@ -298,8 +311,19 @@ class StudioHandler(Handler):
                               "auth_required": self.server.keys is not None,
                               "owner": owner if self.server.keys is not None else None, "version": __version__})
 
-    def _reply(self, answer: dict) -> None:
-        self._send_json(200, answer)
+    def _reply(self, answer: dict | exports.Download) -> None:
+        if not isinstance(answer, exports.Download):
+            return self._send_json(200, answer)
+        size = answer.path.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Disposition", f'attachment; filename="{answer.filename}"')
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.headers_sent = True
+        with open(answer.path, "rb") as f:
+            shutil.copyfileobj(f, self.wfile, 1 << 20)
 
     def _send_bytes(self, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(200)

@@ -95,6 +95,13 @@ class Store:
                      (file_id, owner, filename, purpose, len(content), int(time.time())))
         return self.file(owner, file_id)
 
+    def append_file(self, file_id: str, content: bytes) -> None:
+        """Add bytes to the end of a stored file (the web UI's reviews file grows one pair at a time)."""
+        with self.lock:
+            with open(self.file_path(file_id), "ab") as f:
+                f.write(content)
+            self.db.execute("UPDATE files SET bytes = bytes + ? WHERE id = ?", (len(content), file_id))
+
     def file(self, owner: str, file_id: str) -> dict | None:
         rows = self.query("SELECT * FROM files WHERE id = ? AND owner = ? AND deleted = 0", (file_id, owner))
         return rows[0] if rows else None
