@@ -24,6 +24,7 @@ export async function playgroundPage(root, _params, query) {
   const temperature = h("input", { id: "temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 });
   const tuned = h("div", { class: "answer", id: "answer-tuned" });
   const base = h("div", { class: "answer", id: "answer-base" });
+  const baseId = chosen.fine_tuned_model.split(":")[1]; // ft:<base>:<suffix>:<job>: the id the base is served under
   const send = h("button", { id: "send", class: "primary", onclick: async () => {
     if (!prompt.value.trim()) return;
     send.disabled = true;
@@ -32,7 +33,7 @@ export async function playgroundPage(root, _params, query) {
     try {
       await Promise.allSettled([
         chat(chosen.fine_tuned_model, prompt.value, Number(maxTokens.value), Number(temperature.value)).then(...settle(tuned)),
-        chat(chosen.model, prompt.value, Number(maxTokens.value), Number(temperature.value)).then(...settle(base))]);
+        chat(baseId, prompt.value, Number(maxTokens.value), Number(temperature.value)).then(...settle(base))]);
     } finally { send.disabled = false; }
   } }, "Send to both");
 
@@ -45,7 +46,7 @@ export async function playgroundPage(root, _params, query) {
     h("section", { class: "card" }, prompt, h("div", { class: "row" }, send),
       h("div", { class: "side-by-side" },
         h("div", {}, h("h3", {}, "Tuned: ", h("code", {}, chosen.fine_tuned_model)), tuned),
-        h("div", {}, h("h3", {}, "Base: ", h("code", {}, chosen.model)), base))),
+        h("div", {}, h("h3", {}, "Base: ", h("code", {}, baseId)), base))),
     h("section", { class: "card" }, h("h2", {}, "Blind A/B review"),
       h("p", { class: "muted" }, "The base and the tuned model answer a held-out prompt in a hidden order. Each choice "
         + "(not a tie) is saved as a preference pair in the DPO format, ready to train the next stage on."),
