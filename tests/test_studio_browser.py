@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tuneforge.studio import make_studio
+from tuneforge.studio.keys import new_key
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -35,7 +36,7 @@ pytestmark = [
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 SHOTS = os.environ.get("TUNEFORGE_SCREENSHOTS")
-STEPS = 6  # a tiny run: long enough to pause, resume and restart the server in the middle of it
+STEPS = 4  # a tiny run: long enough to pause, resume and restart the server in the middle of it
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -117,6 +118,12 @@ def upload(page, name: str, text: str) -> str:
     return page.url.split("#/data/")[1].split("?")[0]
 
 
+def post(studio: Studio, path: str, body: dict) -> dict:
+    request = urllib.request.Request(studio.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def wait_status(studio: Studio, job_id: str, statuses: tuple[str, ...], timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +151,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     bad = list(lines)
     bad[2] = '{"messages": [{"role": "user", "content": "an answer is missing here"}]}'  # line 3: nothing to train on
     open_page(page, studio, "#/data")
-    upload(page, "quickstart_bad.jsonl", "\n".join(bad) + "\n")
+    bad_id = upload(page, "quickstart_bad.jsonl", "\n".join(bad) + "\n")
     finding = page.locator("#findings tbody tr", has_text="quickstart_bad.jsonl:3")
     expect(finding).to_have_count(1)
     expect(finding.locator("td").nth(1)).to_have_text("error")
@@ -157,7 +164,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     # New run: the form generated from the schema sets a tiny run; the plan answers; Start goes to the run's page.
     page.click("#use-file")
     expect(page.locator("#page")).to_have_attribute("data-ready", f"#/new?file={clean}")
-    for key, value in {"max_steps": STEPS, "save_every": 2, "max_seq_len": 128, "micro_batch_size": 2,
+    for key, value in {"max_steps": STEPS, "save_every": 2, "max_seq_len": 128, "micro_batch_size": 1,
                        "lora.r": 4, "evaluation.before_after": None}.items():
         field = page.locator(f'[data-key="{key}"]')
         if value is None:
@@ -202,6 +209,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     # Chat: the tuned and the base model answer the same prompt.
     open_page(page, studio, f"#/playground?job={job_id}")
     page.fill("#prompt", "I met Ana Silva in Porto. They are 31.")
+    page.fill("#max-tokens", "8")
     page.click("#send")
     tuned, base = page.locator("#answer-tuned"), page.locator("#answer-base")
     for side in (tuned, base):
@@ -234,6 +242,51 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
     shot(page, "export")
 
+    # Compare: a second job (refused in validation: the bad file) beside the first, picked in the list.
+    other = post(studio, "/v1/fine_tuning/jobs", {"model": "smollm2-135m-instruct", "training_file": bad_id,
+                                                  "tuneforge": {"lora": {"r": 8}}})
+    wait_status(studio, other["id"], ("failed",), timeout=120)
     open_page(page, studio, "#/runs")
-    expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    expect(page.locator("#jobs tbody tr")).to_have_count(2)
     shot(page, "runs")
+    for job in (job_id, other["id"]):
+        page.check(f'input.pick[value="{job}"]')
+    page.click("#compare")
+    diff = page.locator("#config-diff tbody tr", has_text="lora.r")
+    expect(diff).to_have_count(1)
+    expect(diff.locator("td")).to_have_text(["lora.r", "4", "8"])
+    expect(page.locator("#chart-compare circle.point")).to_have_count(STEPS)
+    shot(page, "compare")
+
+
+def test_with_keys_the_page_asks_for_one_and_then_works(browser, tmp_path):
+    """A studio with --api-keys: the login box takes the key; uploads then carry it and the CSRF token."""
+    home = tmp_path / "home"
+    key = new_key(home / "keys", "alice")
+    server = make_studio(home, port=0, api_keys=home / "keys", quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(f"http://127.0.0.1:{server.port}/#/runs")
+        expect(page.locator("#banner")).to_contain_text("API key")
+        page.fill("#login-key", "sk-wrong")
+        page.click("#login button")
+        expect(page.locator("#login")).to_contain_text("not accepted")
+        page.fill("#login-key", key)
+        page.click("#login button")
+        expect(page.locator("#who")).to_contain_text("signed in as alice")
+        expect(page.locator("#page")).to_contain_text("No runs yet")
+        page.goto(f"http://127.0.0.1:{server.port}/#/data")
+        expect(page.locator("#page")).to_have_attribute("data-ready", "#/data")  # the key survives a reload
+        page.set_input_files("#upload-file", {"name": "a.jsonl", "mimeType": "application/json", "buffer": b'{"text": "x"}\n'})
+        page.click("#upload button[type=submit]")
+        page.wait_for_url("**/#/data/file-*")
+        assert [f["filename"] for f in server.store.files("alice")] == ["a.jsonl"]
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
+    assert not errors, errors

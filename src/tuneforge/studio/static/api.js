@@ -91,10 +91,14 @@ export async function loadSession() {
   try {
     Object.assign(session, await get("/v1/tuneforge/session", { quiet: true }));
   } catch (err) {
-    if (err.status === 401) return askForKey(apiKey() ? "That key was not accepted." : "");
-    if (err.status !== 404) showError(err.message);
+    if (err.status === 401) {
+      askForKey(apiKey() ? "That key was not accepted." : "");
+      return false;
+    }
+    showError(err.message);
   }
   renderWho();
+  return true;
 }
 
 function renderWho() {
@@ -115,14 +119,17 @@ function signOut() {
 /** The login box: the key is kept for this tab only (sessionStorage) and sent as a Bearer token. */
 export function askForKey(why) {
   const who = document.getElementById("who");
-  if (who.querySelector("#login")) return;
+  const shownForm = who.querySelector("#login");
+  if (shownForm) {
+    shownForm.querySelector(".why").textContent = why || "This studio needs an API key.";
+    return;
+  }
   const input = h("input", { id: "login-key", type: "password", placeholder: "API key (sk-...)", autocomplete: "off" });
   const form = h("form", { id: "login", onsubmit: async (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY, input.value.trim());
     clearErrors();
-    await loadSession();
-    window.dispatchEvent(new HashChangeEvent("hashchange"));
-  } }, h("span", {}, why || "This studio needs an API key."), " ", input, " ", h("button", { type: "submit" }, "Sign in"));
+    if (await loadSession()) window.dispatchEvent(new HashChangeEvent("hashchange"));
+  } }, h("span", { class: "why" }, why || "This studio needs an API key."), " ", input, " ", h("button", { type: "submit" }, "Sign in"));
   put(who, form);
 }
