@@ -104,6 +104,7 @@ def open_page(page, studio: Studio, route: str) -> None:
 
 def shot(page, name: str) -> None:
     if SHOTS:
+        page.evaluate("window.scrollTo(0, 0)")
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
 
@@ -172,9 +173,9 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
         else:
             field.fill(str(value))
             field.dispatch_event("change")
-    expect(page.locator("#yaml")).to_have_value(re.compile(rf"^max_steps: {STEPS}$", re.MULTILINE))
-    expect(page.locator("#plan-fits")).to_be_visible()
     expect(page.locator("#start")).to_be_enabled()
+    expect(page.locator("#yaml")).to_have_value(re.compile(rf"^max_steps: {STEPS}$.*^  r: 4$", re.M | re.S))
+    expect(page.locator("#plan-fits")).to_be_visible()
     shot(page, "new-run")
     page.click("#start")
     page.wait_for_url("**/#/runs/ftjob-*")
@@ -237,6 +238,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     page.select_option("#export-quant", "q8_0")
     expect(page.locator("#export-size")).to_contain_text("about")
     page.click("#export-go")
+    expect(page.locator("#export-download")).to_be_visible(timeout=180_000)
     with page.expect_download() as download:
         page.click("#export-download")
     assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"

@@ -42,6 +42,11 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
+// A failed request inside a button's handler was already shown in the banner; anything else is shown there too.
+window.addEventListener("unhandledrejection", (event) => {
+  if (!(event.reason instanceof ApiError)) showError(`Something went wrong on this page: ${event.reason}`);
+  event.preventDefault();
+});
 window.addEventListener("DOMContentLoaded", async () => {
   await loadSession();
   route();

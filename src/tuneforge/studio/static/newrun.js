@@ -107,12 +107,12 @@ export async function newRunPage(root, _params, query) {
     h("option", { value: "" }, "start from a preset"),
     presets.data.map((p) => h("option", { value: p.name }, `${p.title}`)));
   const presetNote = h("p", { class: "muted", id: "preset-note" });
-  const fileSelect = h("select", { id: "training-file", onchange: () => refresh() },
+  const fileSelect = h("select", { id: "training-file", onchange: () => { edited(); refresh(); } },
     h("option", { value: "" }, files.data.length ? "choose a training file" : "upload one on the Data tab first"),
     files.data.map((f) => h("option", { value: f.id, selected: f.id === query.get("file") }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
   const modelInput = h("input", { id: "base-model", value: DEFAULT_MODEL, size: 30,
-    onchange: () => { setPath(config, "base_model", modelInput.value); refresh(); } });
-  const methodSelect = h("select", { id: "method", onchange: () => { setPath(config, "method", methodSelect.value); refresh(); } },
+    onchange: () => { setPath(config, "base_model", modelInput.value); edited(); refresh(); } });
+  const methodSelect = h("select", { id: "method", onchange: () => { setPath(config, "method", methodSelect.value); edited(); refresh(); } },
     (studio.method_types || ["sft"]).map((m) => h("option", { value: m }, m)));
   const form = h("form", { id: "config-form", onsubmit: (event) => event.preventDefault() });
   const errorList = h("ul", { id: "config-errors", class: "errors" });
@@ -121,12 +121,23 @@ export async function newRunPage(root, _params, query) {
   const start = h("button", { id: "start", class: "primary", disabled: true, onclick: async () => {
     start.disabled = true;
     try {
+      if (!jobRequest) await refresh();
+      if (!jobRequest) return; // the config has errors: they are listed above the form
       const job = await post("/v1/fine_tuning/jobs", jobRequest);
       location.hash = `#/runs/${job.id}`;
     } finally { start.disabled = false; }
   } }, "Start");
 
-  const onChange = (key, value) => { setPath(config, key, value); schedule(); };
+  // Each edit makes the last answer stale: Start then asks again first, so it never posts a job request from
+  // before the latest edit (a field's change event fires as Start is clicked).
+  let edits = 0;
+  const edited = () => { edits += 1; jobRequest = null; };
+  const onChange = (key, value) => {
+    if (JSON.stringify(getPath(config, key)) === JSON.stringify(value)) return;
+    setPath(config, key, value);
+    edited();
+    schedule();
+  };
 
   function renderForm() {
     put(form, [...sections(schema, studio.owned || [])].map(([name, fields]) => h("details",
@@ -140,6 +151,7 @@ export async function newRunPage(root, _params, query) {
     const preset = presets.data.find((p) => p.name === name);
     config = preset ? structuredClone(preset.config) : {};
     presetNote.textContent = preset ? preset.description : "";
+    edited();
     renderForm();
     refresh();
   }
@@ -176,7 +188,9 @@ export async function newRunPage(root, _params, query) {
   }
 
   async function check(payload) {
+    const asked = edits;
     const answer = await post("/v1/tuneforge/config", body(payload), { source: "config" });
+    if (asked !== edits) return { ...answer, ok: false }; // a newer edit's answer follows
     yamlBox.value = answer.yaml;
     if (answer.config) syncForm(answer.config);
     showErrors(answer.errors || []);
@@ -211,6 +225,7 @@ export async function newRunPage(root, _params, query) {
     setTimeout(() => { copy.textContent = "Copy"; }, 1500);
   } }, "Copy");
   const apply = h("button", { id: "apply-yaml", type: "button", onclick: async () => {
+    edited();
     const answer = await check({ yaml: yamlBox.value });
     if (answer.config) {
       config = answer.config;
