@@ -292,3 +292,18 @@ def test_with_keys_the_page_asks_for_one_and_then_works(browser, tmp_path):
         server.shutdown()
         server.server_close()
     assert not errors, errors
+
+
+def test_a_preset_fills_the_form_and_pasted_yaml_is_applied(page, studio):
+    open_page(page, studio, "#/new")
+    page.select_option("#preset", "dpo")
+    expect(page.locator('[data-key="method"]')).to_have_value("dpo")
+    expect(page.locator("#yaml")).to_have_value(re.compile(r"^method: dpo$", re.M))
+    page.fill("#yaml", "method: sft\nlora:\n  r: 7\nmax_steps: 3\n")
+    page.click("#apply-yaml")
+    expect(page.locator('[data-key="lora.r"]')).to_have_value("7")
+    expect(page.locator('[data-key="max_steps"]')).to_have_value("3")
+    expect(page.locator('[data-key="method"]')).to_have_value("sft")
+    page.fill('[data-key="lora.r"]', "0")  # out of range: the error is shown at the field, and Start posts nothing
+    page.dispatch_event('[data-key="lora.r"]', "change")
+    expect(page.locator('[data-error-for="lora.r"]')).not_to_be_empty()

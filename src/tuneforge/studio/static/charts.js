@@ -2,7 +2,7 @@
 
 import { h, s, num } from "./dom.js";
 
-const W = 560, H = 220, M = { left: 56, right: 12, top: 12, bottom: 36 };
+const W = 560, H = 220, M = { left: 66, right: 12, top: 12, bottom: 36 };
 export const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
 
 /** A colour key; the colour is set through the DOM, since the page's CSP allows no inline style attributes. */

@@ -60,3 +60,12 @@ export function num(value, digits = 4) {
 export function when(seconds) {
   return seconds ? new Date(seconds * 1000).toLocaleString() : "–";
 }
+
+/** Hours as the user reads them: "under a minute", "12 min", "3.5 h". */
+export function duration(hours) {
+  if (hours === null || hours === undefined) return "–";
+  const minutes = hours * 60;
+  if (minutes < 1) return "under a minute";
+  if (minutes < 90) return `${Math.round(minutes)} min`;
+  return `${num(hours, 3)} h`;
+}

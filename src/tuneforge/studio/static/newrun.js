@@ -2,7 +2,7 @@
 // without UI work), the YAML that will run, the plan (fits? memory, time and cost), and Start.
 
 import { get, post } from "./api.js";
-import { h, put, table, size, num } from "./dom.js";
+import { h, put, table, size, num, duration } from "./dom.js";
 import { stackedBar } from "./charts.js";
 import { DEFAULT_MODEL } from "./data.js";
 
@@ -212,8 +212,8 @@ export async function newRunPage(root, _params, query) {
         plan.fits ? `Fits on ${plan.device}` : `Does not fit on ${plan.device}`,
         `: peak memory ${num(plan.peak_memory_gb, 3)} GB`),
       stackedBar(plan.memory_by_part),
-      table(["GPU", "fits", "peak GB", "hours", "cost (USD)"], (plan.rows || []).map((r) => [
-        r.gpu, r.fits ? "yes" : "no", num(r.peak_memory_gb, 3), num(r.hours, 3),
+      table(["GPU", "fits", "peak GB", "time", "cost (USD)"], (plan.rows || []).map((r) => [
+        r.gpu, r.fits ? "yes" : "no", num(r.peak_memory_gb, 3), duration(r.hours),
         r.cost_usd === null || r.cost_usd === undefined ? "–" : r.cost_usd.toFixed(2)]), { id: "plan-rows" }),
       (plan.warnings || []).length ? h("ul", { class: "warnings" }, plan.warnings.map((w) => h("li", {}, w))) : null);
   }
@@ -228,7 +228,10 @@ export async function newRunPage(root, _params, query) {
     edited();
     const answer = await check({ yaml: yamlBox.value });
     if (answer.config) {
-      config = answer.config;
+      // Adopt what the YAML says, less the keys the studio sets itself (it refuses them in a job's settings);
+      // the base model has its own box above the form.
+      config = Object.fromEntries(Object.entries(answer.config)
+        .filter(([key]) => key === "base_model" || !(studio.owned || []).includes(key)));
       renderForm();
       if (answer.ok) renderPlan(await post("/v1/tuneforge/plan", body({ config }), { source: "plan" }));
     }
@@ -237,7 +240,7 @@ export async function newRunPage(root, _params, query) {
   put(root, h("h1", {}, "New run"),
     h("section", { class: "card row" }, h("label", {}, "Preset ", presetSelect),
       h("label", {}, "Training file ", fileSelect), h("label", {}, "Base model ", modelInput),
-      h("label", {}, "Method ", methodSelect), start),
+      (studio.owned || []).includes("method") ? h("label", {}, "Method ", methodSelect) : null, start),
     presetNote,
     h("div", { class: "columns" },
       h("section", { class: "card" }, h("h2", {}, "Settings"), errorList, form),

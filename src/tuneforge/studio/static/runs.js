@@ -21,14 +21,13 @@ function poll(tick, more) {
 }
 
 export async function runsPage(root) {
+  const picked = new Set();
   const list = h("div", { id: "job-list" });
   const compare = h("button", { id: "compare", disabled: true, onclick: () => {
-    const ids = [...list.querySelectorAll("input.pick:checked")].map((el) => el.value);
-    location.hash = `#/compare?jobs=${ids.join(",")}`;
+    location.hash = `#/compare?jobs=${[...picked].join(",")}`; // in the order they were picked
   } }, "Compare selected");
   put(root, h("h1", {}, "Runs"), h("div", { class: "row" }, h("a", { class: "button", href: "#/new" }, "New run"), compare), list);
   let jobs = [];
-  const picked = new Set();
   return poll(async () => {
     jobs = (await get("/v1/fine_tuning/jobs?limit=100", { source: "runs" })).data;
     put(list, jobs.length ? table(["", "job", "model", "status", "fine-tuned model", "created"], jobs.map((job) => [
