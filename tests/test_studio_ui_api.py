@@ -10,7 +10,6 @@ import json
 import threading
 import time
 import zipfile
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -83,9 +82,10 @@ def test_browser_posts_need_the_csrf_token_and_our_origin_while_api_clients_need
     assert status == 403 and err["error"]["code"] == "csrf"
     status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, browser(studio, "0" * 64))
     assert status == 403 and err["error"]["code"] == "csrf"
-    evil = {"Origin": "http://evil.example", "X-CSRF-Token": token}
-    status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {}, evil)
-    assert status == 403 and err["error"]["code"] == "origin_not_allowed"
+    for origin in ("http://evil.example", "null", "http://[bad", f"http://127.0.0.1:{studio.port}.evil.example"):
+        status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {},
+                              {"Origin": origin, "X-CSRF-Token": token})
+        assert status == 403 and err["error"]["code"] == "origin_not_allowed", origin
     status, _, err = call(studio, "POST", "/v1/fine_tuning/jobs/ftjob-x/cancel", {},
                           {"Sec-Fetch-Site": "cross-site", "X-CSRF-Token": token})
     assert status == 403 and err["error"]["code"] == "csrf"
@@ -100,7 +100,7 @@ def test_browser_posts_need_the_csrf_token_and_our_origin_while_api_clients_need
 
 
 def test_a_rebinding_host_is_refused_on_loopback(studio):
-    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io"):
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "[bad"):
         status, _, err = call(studio, "GET", "/v1/tuneforge/session", headers={"Host": host})
         assert status == 403 and err["error"]["code"] == "host_not_allowed", host
     for host in (f"localhost:{studio.port}", f"127.0.0.1:{studio.port}", "[::1]"):
@@ -167,6 +167,9 @@ def test_check_names_the_planted_bad_line_with_what_to_do(studio, data_file, tin
     assert [f["line"] for f in errors] == [3] and "no assistant turn" in errors[0]["message"]
     assert errors[0]["fix"] and errors[0]["code"] == "bad-record"
     assert all(str(studio.store.files_dir) not in f["message"] for f in report["findings"])
+    builtin = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?model=&method=")[2]  # the built-in
+    assert builtin["settings"]["base_model"] == "smollm2-135m-instruct"
+    assert [f["line"] for f in builtin["findings"] if f["severity"] == "error"] == [3]
     status, _, err = call(studio, "GET", f"/v1/tuneforge/files/{data_file['id']}/check?method=grpo")
     assert status == 400 and err["error"]["param"] == "method"
     assert call(studio, "GET", "/v1/tuneforge/files/file-nope/check")[0] == 404
@@ -216,18 +219,18 @@ def test_schema_describes_every_key_and_what_the_studio_owns(studio):
     assert "grpo" not in schema["x-studio"]["method_types"] and "kto" in schema["x-studio"]["method_types"]
 
 
-def test_presets_check_and_pretrain_says_it_cannot_start(studio, data_file):
+def test_presets_check_and_those_a_job_cannot_run_say_so(studio, data_file):
     status, _, presets = call(studio, "GET", "/v1/tuneforge/presets")
-    names = [p["name"] for p in presets["data"]]
-    assert status == 200 and names[:4] == ["chat-sft", "dpo", "classification", "embedding"] and "pretrain" in names
+    by_name = {p["name"]: p for p in presets["data"]}
+    assert status == 200 and list(by_name)[:4] == ["chat-sft", "dpo", "classification", "embedding"]
     for preset in presets["data"]:
         assert "datasets" not in preset["config"] and preset["title"] and preset["description"]
         status, _, checked = call(studio, "POST", "/v1/tuneforge/config",
                                   {"yaml": preset["yaml"], "training_file": data_file["id"]})
-        assert status == 200
-        assert checked["ok"] is preset["startable"], (preset["name"], checked["errors"])
-    pretrain = next(p for p in presets["data"] if p["name"] == "pretrain")
-    assert pretrain["note"] and not pretrain["startable"]
+        assert status == 200 and (checked["ok"] or not preset["startable"]), (preset["name"], checked["errors"])
+    assert by_name["chat-sft"]["startable"] and by_name["dpo"]["startable"] and by_name["classification"]["startable"]
+    for name in ("pretrain", "embedding"):
+        assert not by_name[name]["startable"] and "tuneforge train" in by_name[name]["note"]
 
 
 def test_config_errors_name_their_keys(studio):
@@ -395,3 +398,16 @@ def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studi
         assert "adapter_model.safetensors" in z.namelist() and "README.md" in z.namelist()
     assert call(studio, "GET", f"{base}/export/estimate?to=tflite")[0] == 400
     assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404
+
+
+def test_a_classification_preset_job_passes_validation_as_its_row_reads_the_file(studio):
+    labelled = upload(studio, "labels.jsonl", b"".join(json.dumps({"text": f"{w} {i}", "label": w}).encode() + b"\n"
+                                                        for i in range(6) for w in ("yes", "no")))
+    preset = next(p for p in call(studio, "GET", "/v1/tuneforge/presets")[2]["data"] if p["name"] == "classification")
+    request = call(studio, "POST", "/v1/tuneforge/config", {"config": preset["config"],
+                                                           "training_file": labelled["id"]})[2]["job_request"]
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", request)[2]
+    assert studio.store.job(job["id"])["config"]["task"] == "classification"
+    checked = wait_for(lambda: (j := studio.store.job(job["id"]))["status"] != "validating_files" and j)
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})  # validated, not trained to the end
+    assert checked["status"] in ("queued", "running"), checked["error"]

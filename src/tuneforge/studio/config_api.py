@@ -83,7 +83,8 @@ def job_request(raw: dict, training_file: str | None, body: dict) -> dict:
             hyper[name] = raw[key]
     if type(raw.get("learning_rate")) in (int, float) and raw["learning_rate"] > 0:
         hyper["learning_rate_multiplier"] = raw["learning_rate"] / j.BASE_LR[kind]
-    beta = (raw.get("dpo") or {}).get("beta") if isinstance(raw.get("dpo"), dict) else None
+    dpo = raw.get("dpo")
+    beta = dpo.get("beta") if isinstance(dpo, dict) else None
     if kind == "dpo" and type(beta) in (int, float) and beta > 0:
         hyper["beta"] = beta
     extension = {k: v for k, v in raw.items() if k not in ("base_model", "seed", *DATA_KEYS)}
@@ -112,9 +113,9 @@ def checked(studio: Studio, owner: str, body: dict) -> tuple[dict, dict, Config 
     # A pasted example's data paths are not used: the studio trains on the chosen files.
     warnings = [f"{key}: not used; the studio trains on the training file chosen on this page" for key in DATA_KEYS
                 if key in raw]
+    training, validation = _path(studio, owner, body, "training_file"), _path(studio, owner, body, "validation_file")
     try:
-        config, _ = j.job_raw_config(request, _path(studio, owner, body, "training_file") or NO_FILE,
-                                     _path(studio, owner, body, "validation_file"))
+        config, _ = j.job_raw_config(request, training or NO_FILE, validation)
     except ApiError as err:
         key = (err.param or "").removeprefix("tuneforge.")
         return request, raw, None, [{"key": key, "message": err.message.removeprefix(f"{err.param}: ")}], warnings
@@ -159,7 +160,11 @@ def plan(studio: Studio, owner: str, body: dict, query=None) -> dict:
     if cfg is None:
         first = errors[0]
         raise ApiError(400, f"{first['key']}: {first['message']}", param=first["key"], code="invalid_config")
-    size = DataSize(seq_len=body.get("seq_len", ASSUMED.seq_len), examples=body.get("examples", ASSUMED.examples))
+    given = {key: body.get(key, getattr(ASSUMED, key)) for key in ("seq_len", "examples")}
+    for key, value in given.items():
+        if type(value) is not int or value < 1:
+            raise ApiError(400, f"{key}: a positive whole number, got {value!r}", param=key)
+    size = DataSize(**given)
     try:
         data = None if body.get("training_file") else assumed_data(size, cfg.max_seq_len)
         report = plan_config(cfg, data=data)

@@ -3,7 +3,7 @@ endpoint modules need not import the server that calls them."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from tuneforge.studio.models import Models
 from tuneforge.studio.store import Store
@@ -14,4 +14,5 @@ class Studio(Protocol):
     models: Models
     keys: dict[str, str] | None
     secret: bytes
+    limits: Any  # server.StudioLimits: max_upload_bytes, max_files
 

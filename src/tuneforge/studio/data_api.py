@@ -29,8 +29,6 @@ from tuneforge.studio.context import Studio
 from tuneforge.studio.store import new_id
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-METHODS_OFFERED = ("sft", "dpo", "orpo", "simpo", "kto")  # causal_lm methods a studio job may train
-TASKS_OFFERED = ("classification", "embedding")
 # What to do about each kind of finding of `tuneforge data check` (its message says what was found).
 FIXES = {
     "bad-record": "Fix or remove this line: each line must be one JSON object in a supported format.",
@@ -55,7 +53,7 @@ DEFAULT_FIX = "Fix this record and upload the file again."
 
 
 def _choice(query: dict, key: str, allowed: tuple[str, ...], default: str | None) -> str | None:
-    value = query.get(key, default)
+    value = query.get(key) or default  # `?method=` left empty: the default
     if value is not None and value not in allowed:
         raise ApiError(400, f"{key}: must be one of {', '.join(allowed)}, got {value!r}", param=key)
     return value
@@ -68,24 +66,32 @@ def file_row(studio: Studio, owner: str, file_id: str) -> dict:
     return row
 
 
+def room_for_a_file(studio: Studio, owner: str, param: str | None = None) -> None:
+    """Refuse a key's next file past --max-files: an upload, or one the studio writes (a conversion, reviews)."""
+    if len(studio.store.files(owner)) >= studio.limits.max_files:
+        raise ApiError(400, f"{param + ': ' if param else ''}you have {studio.limits.max_files} files, the most "
+                       "this studio keeps per key (--max-files); delete some with DELETE /v1/files/{id}",
+                       param=param, code="too_many_files")
+
+
 def file_config(studio: Studio, owner: str, file_id: str, query: dict, **settings) -> Config:
     """The config a studio job of this file would train with, as far as data goes: model, method or task,
     max_seq_len (the studio's default 1024); `settings` are laid over it."""
     file_row(studio, owner, file_id)
     raw = {**j.DEFAULTS, **settings, "base_model": query.get("model") or DEFAULT_MODEL,
            "datasets": [{"path": str(studio.store.file_path(file_id))}]}
-    task = _choice(query, "task", TASKS_OFFERED, None)
-    if task:
+    task = _choice(query, "task", j.CHOSEN["task"], None)
+    if task and task != "causal_lm":
         raw["task"] = task
         raw.pop("adapter")  # an encoder or classifier's own default
     else:
-        raw["method"] = _choice(query, "method", METHODS_OFFERED, "sft")
-    if "max_seq_len" in query:
+        raw["method"] = _choice(query, "method", j.CHOSEN["method"], "sft")
+    if query.get("max_seq_len"):
         raw["max_seq_len"] = query["max_seq_len"]
     try:
         return config_from_dict(raw, "the query")
     except TuneforgeError as err:
-        raise ApiError(400, str(err), param="model") from None
+        raise ApiError(400, str(err), code="invalid_query") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -142,7 +148,7 @@ def preview(studio: Studio, owner: str, file_id: str, body=None, query: dict | N
     """GET /v1/tuneforge/files/{id}/preview: the first examples as the model receives them, trained tokens marked."""
     query = query or {}
     cfg = file_config(studio, owner, file_id, query)
-    n = query.get("n", "5")
+    n = query.get("n") or "5"
     if not n.isdigit() or not 1 <= int(n) <= 50:
         raise ApiError(400, f"n: must be a whole number from 1 to 50, got {n!r}", param="n")
 
@@ -183,6 +189,7 @@ def convert(studio: Studio, owner: str, file_id: str, body: dict, query=None) ->
     if body.get("to", "messages") != "messages":
         raise ApiError(400, f"to: only \"messages\" is written (preference records stay preference pairs in "
                        f"messages), got {body.get('to')!r}", param="to")
+    room_for_a_file(studio, owner)
     work = studio.store.home / "tmp" / new_id("convert")
     work.mkdir(parents=True)
     try:

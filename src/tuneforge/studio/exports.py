@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,7 @@ def create(studio: Studio, owner: str, job_id: str, body: dict, query=None) -> d
     try:
         path = export_run(run, to, folder / "out", quant)
     except TuneforgeError as err:
+        shutil.rmtree(folder, ignore_errors=True)
         raise ApiError(400, str(err).replace(str(folder / "out"), "the export"), param="to") from None
     size = path.stat().st_size if path.is_file() else _files_bytes(path)
     info = {"id": export_id, "owner": owner, "job": job_id, "to": to, "quant": quant, "bytes": size,

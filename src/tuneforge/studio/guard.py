@@ -54,8 +54,18 @@ def csrf_token(secret: bytes, owner: str) -> str:
 
 
 def _hostname(netloc: str) -> str:
-    """`host:port` or `[v6]:port` -> host, lower-case."""
-    return (urlsplit(f"//{netloc}").hostname or "").lower()
+    """`host:port` or `[v6]:port` -> host, lower-case ("" for a malformed one)."""
+    try:
+        return (urlsplit(f"//{netloc}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _netloc(origin: str) -> str:
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return ""
 
 
 def loopback_bound(bound_host: str) -> bool:
@@ -72,7 +82,7 @@ def check_request(method: str, headers: Mapping[str, str], bound_host: str, secr
     origin, site = headers.get("Origin"), headers.get("Sec-Fetch-Site")
     if origin is None and site is None:
         return  # not a browser
-    if origin is not None and (not host or urlsplit(origin).netloc.lower() != host.lower()):
+    if origin is not None and (not host or _netloc(origin) != host.lower()):
         raise ApiError(403, f"Origin {origin!r}: requests from another site's page are refused; use the studio's "
                        "own page", code="origin_not_allowed")
     if method not in STATE_CHANGING:

@@ -15,11 +15,13 @@ import threading
 from pathlib import Path
 
 from tuneforge.data.formats import Record, read_records
+from tuneforge.errors import TuneforgeError
 from tuneforge.models.decode import Sampling
 from tuneforge.serve.engine import Engine, Result
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio import jobs as j
 from tuneforge.studio.context import Studio
+from tuneforge.studio.data_api import room_for_a_file
 from tuneforge.studio.runs_api import job_row
 from tuneforge.studio.store import new_id
 
@@ -60,7 +62,10 @@ def held_out_prompt(studio: Studio, job: dict) -> list[dict]:
     path = studio.store.file_path(file_id)
     if not path.is_file():
         raise ApiError(400, f"the job's file {file_id} was deleted; no prompt to review", code="file_not_found")
-    prompts = [p for r in read_records(path) if isinstance(r, Record) and (p := _prompt(r))]
+    try:
+        prompts = [p for r in read_records(path) if isinstance(r, Record) and (p := _prompt(r))]
+    except TuneforgeError as err:
+        raise ApiError(400, str(err).replace(str(path), file_id), code="invalid_file") from None
     if not prompts:
         raise ApiError(400, f"{file_id}: holds no chat prompt to review", param="training_file")
     return random.choice(prompts[-CANDIDATES:])
@@ -102,6 +107,7 @@ def _reviews_file(studio: Studio, owner: str, tally: dict) -> dict:
     """The owner's reviews file (made at the first pair, made again if it was deleted)."""
     row = studio.store.file(owner, tally.get("file_id") or "")
     if row is None:
+        room_for_a_file(studio, owner)
         row = studio.store.add_file(owner, REVIEWS_FILE, "fine-tune", b"")
         tally.update(file_id=row["id"], pairs=0)
     return row

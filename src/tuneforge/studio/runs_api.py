@@ -5,6 +5,7 @@ request, so a closed tab or a restarted server never shows a stale run."""
 from __future__ import annotations
 
 from tuneforge.config import config_from_dict, config_to_dict
+from tuneforge.errors import TuneforgeError
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio.context import Studio
 from tuneforge.track.runs import EVAL_KEYS, NOISE_KEYS, RunFiles, differing, is_run, read_run
@@ -25,7 +26,10 @@ def job_row(studio: Studio, owner: str, job_id: str) -> dict:
 def run_files(studio: Studio, job_id: str) -> RunFiles:
     """What the job's run folder holds so far (nothing before its first step)."""
     folder = studio.store.run_dir(job_id)
-    return read_run(folder) if folder.is_dir() and is_run(folder) else RunFiles(folder)
+    try:
+        return read_run(folder) if folder.is_dir() and is_run(folder) else RunFiles(folder)
+    except TuneforgeError as err:  # a log damaged before its last line
+        raise ApiError(409, f"job {job_id}: {err}", code="damaged_run") from None
 
 
 def total_steps(studio: Studio, job: dict, run: RunFiles) -> int | None:

@@ -16,12 +16,12 @@ from email.parser import BytesParser
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tuneforge import __version__
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.resolve import locate_base_model
 from tuneforge.serve import protocol as p
 from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
-from tuneforge import __version__
 from tuneforge.studio import config_api, data_api, exports, guard, review, runs_api
 from tuneforge.studio import jobs as j
 from tuneforge.studio.keys import load_keys, owner_of
@@ -32,7 +32,7 @@ from tuneforge.studio.worker import Worker
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATIC = Path(__file__).parent / "static"
 ID = r"([A-Za-z0-9_-]{1,64})"
-ROUTES = [  # (pattern, {method: handler name})
+ROUTES = [  # (pattern, {method: handler method's name, or a function of (studio, owner, *ids, body, query)})
     (r"/v1/files", {"GET": "list_files", "POST": "upload"}),
     (rf"/v1/files/{ID}", {"GET": "get_file", "DELETE": "delete_file"}),
     (rf"/v1/files/{ID}/content", {"GET": "file_content"}),
@@ -162,16 +162,13 @@ class StudioHandler(Handler):
     # --- files ---------------------------------------------------------------------------------------
 
     def upload(self, owner: str, body: dict) -> None:
-        store, limits = self.server.store, self.server.limits
+        store = self.server.store
         if body.get("purpose") != "fine-tune":
             raise p.ApiError(400, f"purpose: must be \"fine-tune\", got {body.get('purpose')!r}", param="purpose")
         if "file" not in body:
             raise p.ApiError(400, "file: is required: the JSONL file as a multipart part named `file`", param="file")
         filename, content = body["file"]
-        if len(store.files(owner)) >= limits.max_files:
-            raise p.ApiError(400, f"file: you have {limits.max_files} files, the most this studio keeps per key "
-                             "(--max-files); delete some with DELETE /v1/files/{id}", param="file",
-                             code="too_many_files")
+        data_api.room_for_a_file(self.server, owner, "file")
         self._send_json(200, j.file_object(store.add_file(owner, filename, "fine-tune", content)))
 
     def _file(self, owner: str, file_id: str) -> dict:
