@@ -116,6 +116,7 @@ export async function newRunPage(root, _params, query) {
     (studio.method_types || ["sft"]).map((m) => h("option", { value: m }, m)));
   const form = h("form", { id: "config-form", onsubmit: (event) => event.preventDefault() });
   const errorList = h("ul", { id: "config-errors", class: "errors" });
+  const warningList = h("ul", { id: "config-warnings", class: "warnings" });
   const yamlBox = h("textarea", { id: "yaml", rows: 18, spellcheck: "false" });
   const planBox = h("section", { class: "card", id: "plan" }, h("h2", {}, "Plan"), h("p", { class: "muted" }, "…"));
   const start = h("button", { id: "start", class: "primary", disabled: true, onclick: async () => {
@@ -131,6 +132,7 @@ export async function newRunPage(root, _params, query) {
   // Each edit makes the last answer stale: Start then asks again first, so it never posts a job request from
   // before the latest edit (a field's change event fires as Start is clicked).
   let edits = 0;
+  let unstartable = false; // a preset a studio job cannot run yet (its note says why)
   const edited = () => { edits += 1; jobRequest = null; };
   const onChange = (key, value) => {
     if (JSON.stringify(getPath(config, key)) === JSON.stringify(value)) return;
@@ -150,7 +152,8 @@ export async function newRunPage(root, _params, query) {
   function choosePreset(name) {
     const preset = presets.data.find((p) => p.name === name);
     config = preset ? structuredClone(preset.config) : {};
-    presetNote.textContent = preset ? preset.description : "";
+    presetNote.textContent = preset ? [preset.description, preset.note].filter(Boolean).join(" ") : "";
+    unstartable = Boolean(preset && preset.startable === false);
     edited();
     renderForm();
     refresh();
@@ -195,8 +198,9 @@ export async function newRunPage(root, _params, query) {
     if (answer.config) syncForm(answer.config);
     showErrors(answer.errors || []);
     jobRequest = answer.ok ? answer.job_request : null;
-    start.disabled = !(answer.ok && fileSelect.value);
-    start.title = fileSelect.value ? "" : "choose a training file first";
+    start.disabled = !(answer.ok && fileSelect.value) || unstartable;
+    start.title = unstartable ? presetNote.textContent : fileSelect.value ? "" : "choose a training file first";
+    put(warningList, (answer.warnings || []).map((w) => h("li", {}, w)));
     return answer;
   }
 
@@ -215,7 +219,10 @@ export async function newRunPage(root, _params, query) {
       table(["GPU", "fits", "peak GB", "time", "cost (USD)"], (plan.rows || []).map((r) => [
         r.gpu, r.fits ? "yes" : "no", num(r.peak_memory_gb, 3), duration(r.hours),
         r.cost_usd === null || r.cost_usd === undefined ? "–" : r.cost_usd.toFixed(2)]), { id: "plan-rows" }),
-      (plan.warnings || []).length ? h("ul", { class: "warnings" }, plan.warnings.map((w) => h("li", {}, w))) : null);
+      plan.recommendation ? h("p", { id: "plan-recommendation" }, "Recommended: ", h("b", {}, String(plan.recommendation))) : null,
+      plan.data && plan.data.how ? h("p", { class: "muted" }, `Data: ${plan.data.how}`) : null,
+      (plan.warnings || []).length ? h("ul", { class: "warnings" }, plan.warnings.map((w) => h("li", {}, w))) : null,
+      (plan.notes || []).length ? h("ul", { class: "muted" }, plan.notes.map((n) => h("li", {}, n))) : null);
   }
 
   const copy = h("button", { id: "copy-yaml", type: "button", onclick: async () => {
@@ -243,7 +250,7 @@ export async function newRunPage(root, _params, query) {
       (studio.owned || []).includes("method") ? h("label", {}, "Method ", methodSelect) : null, start),
     presetNote,
     h("div", { class: "columns" },
-      h("section", { class: "card" }, h("h2", {}, "Settings"), errorList, form),
+      h("section", { class: "card" }, h("h2", {}, "Settings"), errorList, warningList, form),
       h("div", {}, planBox,
         h("section", { class: "card" }, h("h2", {}, "The YAML this runs"),
           h("p", { class: "muted" }, "Paste a config here and press Apply to fill the form."), yamlBox,
