@@ -110,6 +110,9 @@ export async function newRunPage(root, _params, query) {
   const fileSelect = h("select", { id: "training-file", onchange: () => { edited(); refresh(); } },
     h("option", { value: "" }, files.data.length ? "choose a training file" : "upload one on the Data tab first"),
     files.data.map((f) => h("option", { value: f.id, selected: f.id === query.get("file") }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
+  const validationSelect = h("select", { id: "validation-file", onchange: () => { edited(); refresh(); } },
+    h("option", { value: "" }, "none (no validation loss; reviews use the training file's last records)"),
+    files.data.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
   const modelInput = h("input", { id: "base-model", value: DEFAULT_MODEL, size: 30,
     onchange: () => { setPath(config, "base_model", modelInput.value); edited(); refresh(); } });
   const methodSelect = h("select", { id: "method", onchange: () => { setPath(config, "method", methodSelect.value); edited(); refresh(); } },
@@ -167,6 +170,7 @@ export async function newRunPage(root, _params, query) {
   function body(extra) {
     const out = { ...extra };
     if (fileSelect.value) out.training_file = fileSelect.value;
+    if (validationSelect.value) out.validation_file = validationSelect.value;
     return out;
   }
 
@@ -246,7 +250,8 @@ export async function newRunPage(root, _params, query) {
 
   put(root, h("h1", {}, "New run"),
     h("section", { class: "card row" }, h("label", {}, "Preset ", presetSelect),
-      h("label", {}, "Training file ", fileSelect), h("label", {}, "Base model ", modelInput),
+      h("label", {}, "Training file ", fileSelect), h("label", {}, "Validation file ", validationSelect),
+      h("label", {}, "Base model ", modelInput),
       (studio.owned || []).includes("method") ? h("label", {}, "Method ", methodSelect) : null, start),
     presetNote,
     h("div", { class: "columns" },

@@ -38,7 +38,7 @@ export async function runsPage(root) {
       h("a", { href: `#/runs/${job.id}` }, job.id), job.model,
       h("span", { class: `status ${job.status}` }, job.status), job.fine_tuned_model || "–", when(job.created_at)]),
     { id: "jobs" }) : h("p", { class: "muted" }, "No runs yet: start one on the New run tab."));
-  }, () => jobs.some((job) => MOVING.includes(job.status)) || !jobs.length);
+  }, () => jobs.some((job) => MOVING.includes(job.status)));
 }
 
 function progress(job, metrics) {
