@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
+from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
 from tuneforge.studio.keys import new_key
 
@@ -70,10 +72,11 @@ class Studio:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the training subprocesses share two cores with the browser
-    studio = Studio(tmp_path_factory.mktemp("home"))
-    yield studio
-    studio.stop()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses share two cores with the browser
+        studio = Studio(tmp_path_factory.mktemp("home"))
+        yield studio
+        studio.stop()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,7 @@ def test_a_record_holding_script_renders_as_text(page, studio):
     assert page.locator("#preview script, #preview img, #file-pick i").count() == 0
 
 
-def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
+def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     lines = QUICKSTART.read_text().splitlines()[:32]
     bad = list(lines)
     bad[2] = '{"messages": [{"role": "user", "content": "an answer is missing here"}]}'  # line 3: nothing to train on
@@ -228,9 +231,10 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio):
     page.click("#choose-A")
     expect(page.locator("#review-pairs")).to_have_text("1")
     shot(page, "playground")
-    reviews = page.text_content("#reviews-file")
-    [pair] = [json.loads(line) for line in studio.get(f"/v1/files/{reviews}/content").decode().splitlines()]
-    assert pair["chosen"] != pair["rejected"] and ("prompt" in pair or "messages" in pair)
+    content = studio.get(f"/v1/files/{page.text_content('#reviews-file')}/content")
+    assert content.count(b"\n") == 1
+    [pair] = read_records(write_jsonl(tmp_path / "reviews.jsonl", [json.loads(content)]))  # as `dpo` reads it
+    assert pair.kind == "preference" and pair.prompt and pair.chosen != pair.rejected
 
     # Export a GGUF: the size shows before writing; the download is a GGUF file.
     open_page(page, studio, f"#/export/{job_id}")
