@@ -7,6 +7,11 @@ import { histogram } from "./charts.js";
 
 export const DEFAULT_MODEL = "smollm2-135m-instruct";
 
+/** <option>s for a list of uploaded files, one of them selected. */
+export function fileOptions(files, selected) {
+  return files.map((f) => h("option", { value: f.id, selected: f.id === selected }, `${f.filename} (${f.id}, ${size(f.bytes)})`));
+}
+
 export async function dataPage(root, [fileId], query) {
   const model = query.get("model") || DEFAULT_MODEL;
   const method = query.get("method") || "sft";
@@ -25,7 +30,7 @@ export async function dataPage(root, [fileId], query) {
   const picker = h("select", { id: "file-pick", onchange: () => {
     location.hash = `#/data/${picker.value}?model=${encodeURIComponent(model)}&method=${method}`;
   } }, h("option", { value: "" }, files.length ? "choose an uploaded file" : "no files uploaded yet"),
-  files.map((f) => h("option", { value: f.id, selected: f.id === fileId }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
+  fileOptions(files, fileId));
   const modelInput = h("input", { id: "check-model", value: model, size: 28 });
   const methodSelect = h("select", { id: "check-method" },
     ["sft", "dpo"].map((m) => h("option", { value: m, selected: m === method }, m)));

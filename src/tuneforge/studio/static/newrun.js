@@ -2,9 +2,9 @@
 // without UI work), the YAML that will run, the plan (fits? memory, time and cost), and Start.
 
 import { get, post } from "./api.js";
-import { h, put, table, size, num, duration } from "./dom.js";
+import { h, put, table, num, duration } from "./dom.js";
 import { stackedBar } from "./charts.js";
-import { DEFAULT_MODEL } from "./data.js";
+import { DEFAULT_MODEL, fileOptions } from "./data.js";
 
 const GENERAL = "general";
 
@@ -47,8 +47,9 @@ function shown(value) {
   return value === null || value === undefined ? "none" : typeof value === "object" ? JSON.stringify(value) : String(value);
 }
 
-/** One field: its input (by type), description, default and range. onChange(key, value | undefined). */
-function field(schema, key, prop, value, onChange) {
+/** One field: its input (by type), description, default and range. onChange(key, value | undefined).
+ *  choices, when given, narrows an enum to what a studio job may use (x-studio's method_types, tasks). */
+function field(schema, key, prop, value, onChange, choices) {
   const { node, nullable } = resolve(schema, prop);
   const type = node.type;
   let input;
@@ -56,7 +57,7 @@ function field(schema, key, prop, value, onChange) {
   if (node.enum) {
     input = h("select", { ...attrs, onchange: () => onChange(key, input.value === "" ? undefined : input.value) },
       h("option", { value: "" }, `default (${shown(node.default)})`),
-      node.enum.map((option) => h("option", { value: option, selected: value === option }, String(option))));
+      (choices || node.enum).map((option) => h("option", { value: option, selected: value === option }, String(option))));
   } else if (type === "boolean") {
     input = h("input", { ...attrs, type: "checkbox", checked: Boolean(value ?? node.default),
       onchange: () => onChange(key, input.checked) });
@@ -98,7 +99,8 @@ function sections(schema, owned) {
 export async function newRunPage(root, _params, query) {
   const [schema, presets, files] = await Promise.all([
     get("/v1/tuneforge/schema"), get("/v1/tuneforge/presets"), get("/v1/files")]);
-  const studio = schema["x-studio"] || { owned: [], method_types: ["sft", "dpo"] };
+  const studio = schema["x-studio"] || {};
+  const choices = { method: studio.method_types, task: studio.tasks };
   let config = {};
   let jobRequest = null;
   let timer = null;
@@ -109,14 +111,12 @@ export async function newRunPage(root, _params, query) {
   const presetNote = h("p", { class: "muted", id: "preset-note" });
   const fileSelect = h("select", { id: "training-file", onchange: () => { edited(); refresh(); } },
     h("option", { value: "" }, files.data.length ? "choose a training file" : "upload one on the Data tab first"),
-    files.data.map((f) => h("option", { value: f.id, selected: f.id === query.get("file") }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
+    fileOptions(files.data, query.get("file")));
   const validationSelect = h("select", { id: "validation-file", onchange: () => { edited(); refresh(); } },
     h("option", { value: "" }, "none (no validation loss; reviews use the training file's last records)"),
-    files.data.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id}, ${size(f.bytes)})`)));
+    fileOptions(files.data));
   const modelInput = h("input", { id: "base-model", value: DEFAULT_MODEL, size: 30,
     onchange: () => { setPath(config, "base_model", modelInput.value); edited(); refresh(); } });
-  const methodSelect = h("select", { id: "method", onchange: () => { setPath(config, "method", methodSelect.value); edited(); refresh(); } },
-    (studio.method_types || ["sft"]).map((m) => h("option", { value: m }, m)));
   const form = h("form", { id: "config-form", onsubmit: (event) => event.preventDefault() });
   const errorList = h("ul", { id: "config-errors", class: "errors" });
   const warningList = h("ul", { id: "config-warnings", class: "warnings" });
@@ -147,9 +147,9 @@ export async function newRunPage(root, _params, query) {
   function renderForm() {
     put(form, [...sections(schema, studio.owned || [])].map(([name, fields]) => h("details",
       { class: "section", open: name === GENERAL || name === "lora", "data-section": name },
-      h("summary", {}, name), fields.map(([key, prop]) => field(schema, key, prop, getPath(config, key), onChange)))));
+      h("summary", {}, name), fields.map(([key, prop]) => field(schema, key, prop, getPath(config, key), onChange,
+        choices[key])))));
     modelInput.value = config.base_model || DEFAULT_MODEL;
-    methodSelect.value = config.method || "sft";
   }
 
   function choosePreset(name) {
@@ -252,7 +252,7 @@ export async function newRunPage(root, _params, query) {
     h("section", { class: "card row" }, h("label", {}, "Preset ", presetSelect),
       h("label", {}, "Training file ", fileSelect), h("label", {}, "Validation file ", validationSelect),
       h("label", {}, "Base model ", modelInput),
-      (studio.owned || []).includes("method") ? h("label", {}, "Method ", methodSelect) : null, start),
+      start),
     presetNote,
     h("div", { class: "columns" },
       h("section", { class: "card" }, h("h2", {}, "Settings"), errorList, warningList, form),
