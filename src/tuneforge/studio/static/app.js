@@ -38,7 +38,7 @@ async function route() {
     if (!(err instanceof ApiError)) showError(`This page failed to draw: ${err.message}`);
     put(root, h("p", { class: "muted", id: "page-failed" }, "This page could not be shown; the message above says why."));
   }
-  if (mine === shownRoute) root.dataset.ready = location.hash;
+  if (mine === shownRoute) root.dataset.ready = location.hash; // drawn: what the browser tests wait for
 }
 
 window.addEventListener("hashchange", route);

@@ -112,6 +112,8 @@ export async function runPage(root, [jobId]) {
       (metrics.diagnoses || []).length ? h("section", { class: "card" }, h("h2", {}, "Diagnoses"),
         table(["step", "level", "message"], metrics.diagnoses.map((d) => [d.step ?? "–", d.level, d.message]), { id: "diagnoses" })) : null,
       evaluationTable(evaluation),
+      metrics.config ? h("details", { class: "card", id: "run-config" }, h("summary", {}, "Settings this run trains with"),
+        h("pre", {}, JSON.stringify(metrics.config, null, 2))) : null,
       h("section", { class: "card" }, h("h2", {}, "Events"),
         table(["time", "level", "message"], messages.map((e) => [when(e.created_at), e.level, e.message]), { id: "events" })));
   };
