@@ -27,9 +27,12 @@ async function route() {
   leave = null;
   clearErrors();
   document.querySelectorAll("#tabs a").forEach((a) => a.classList.toggle("active", a.dataset.tab === tab));
-  const root = document.getElementById("page");
+  // Each route draws into a fresh element: a page still loading when the user moved on draws into a detached one.
+  const frame = document.getElementById("page");
+  const root = h("div", { class: "view" }, h("p", { class: "muted" }, "Loading…"));
   const mine = ++shownRoute;
-  put(root, h("p", { class: "muted" }, "Loading…"));
+  put(frame, root);
+  delete frame.dataset.ready;
   try {
     const stop = await page(root, params, new URLSearchParams(search || ""));
     if (mine === shownRoute) leave = stop; else if (typeof stop === "function") stop();
@@ -38,7 +41,7 @@ async function route() {
     if (!(err instanceof ApiError)) showError(`This page failed to draw: ${err.message}`);
     put(root, h("p", { class: "muted", id: "page-failed" }, "This page could not be shown; the message above says why."));
   }
-  if (mine === shownRoute) root.dataset.ready = location.hash; // drawn: what the browser tests wait for
+  if (mine === shownRoute) frame.dataset.ready = location.hash; // drawn: what the browser tests wait for
 }
 
 window.addEventListener("hashchange", route);
