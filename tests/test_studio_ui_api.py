@@ -191,6 +191,8 @@ def test_preview_marks_trained_tokens_and_stats_count_them(studio, data_file, ti
     assert stats["records"] == 24 and stats["left_out"] == 1 and stats["max_seq_len"] == 1024
     counts, edges = stats["histogram"]["counts"], stats["histogram"]["edges"]
     assert sum(counts) == 23 and len(edges) == len(counts) + 1 and stats["over_max_seq_len"] == 0
+    # the bins span the data's lengths, not 0..max_seq_len (short data would sit in one bar)
+    assert (edges[0], edges[-1]) == (stats["tokens"]["min"], stats["tokens"]["max"] + 1)
     assert stats["tokens"]["min"] <= stats["tokens"]["p50"] <= stats["tokens"]["max"] and stats["tokens_per_epoch"] > 0
     cut = call(studio, "GET", f"{stats_url}&max_seq_len=40")[2]
     assert cut["max_seq_len"] == 40 and cut["over_max_seq_len"] == 23 - sum(cut["histogram"]["counts"]) > 0

@@ -35,7 +35,8 @@ def describe(cfg: Config, tokenizer, png: Path | None = None, data: PreparedData
         "left_out": len(data.rejected),
         "per_file": data.summary.as_json(),
         "lengths": stats.length_summary(lengths),
-        "histogram": stats.histogram(lengths, bins=16, max_len=cfg.max_seq_len),
+        # bins over the data's own range; lengths over max_seq_len, if any, in a bin of their own
+        "histogram": stats.histogram(lengths, bins=16, max_len=min(cfg.max_seq_len, int(max(lengths, default=0)))),
         "trained_tokens": data.train.trained_tokens(),
         "turns_per_conversation": turns_per_conversation(data),
         "over_max_seq_len": {"count": over, "share": over / max(records, 1), "policy": cfg.truncation,
