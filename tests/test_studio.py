@@ -18,12 +18,17 @@ import pytest
 from conftest import memorise_records, write_jsonl
 from safetensors.torch import load_file
 
+from tuneforge.config import config_from_dict
 from tuneforge.data.formats import read_records
 from tuneforge.errors import ConfigError
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio import StudioLimits, make_studio
 from tuneforge.studio.jobs import job_config
 from tuneforge.studio.keys import new_key
+from tuneforge.studio.store import Store
+from tuneforge.studio.worker import Follower
+from tuneforge.track.console import Reporter
+from tuneforge.train.loop import train
 
 # Enough steps that a kill lands between the first checkpoint and the end; lr as tests/test_train.py's.
 SETTINGS = {"max_steps": 24, "save_every": 4, "device": "cpu", "precision": "fp32", "max_seq_len": 128,
@@ -259,3 +264,21 @@ def test_job_request_becomes_a_config():
         with pytest.raises(ApiError) as err:
             job_config(body, "/t.jsonl", None)
         assert err.value.status == 400 and err.value.param == param
+
+
+def test_every_checkpoint_is_listed_even_when_keep_last_pruned_it_before_the_worker_looked(tiny_models, train_file,
+                                                                                          tmp_path):
+    """The worker polls while a run saves; with keep_last 1 every checkpoint but the newest is gone by then."""
+    run = tmp_path / "run"
+    cfg = config_from_dict({"base_model": str(tiny_models["llama"]), "datasets": [{"path": str(train_file)}],
+                            "output_dir": str(run), "micro_batch_size": 4,
+                            **SETTINGS, "max_steps": 5, "save_every": 1, "keep_last": 1})
+    train(cfg, reporter=Reporter(quiet=True))
+    store = Store(tmp_path / "home")
+    try:
+        Follower(store, "ftjob-x", run).poll()  # one look, after the run: only step-5 is still on disk
+        listed = store.checkpoints("ftjob-x", None, 100)
+    finally:
+        store.close()
+    assert [c["step"] for c in listed] == [5, 4, 3, 2, 1]
+    assert all(c["metrics"]["step"] == c["step"] and c["metrics"]["train_loss"] > 0 for c in listed)

@@ -27,7 +27,7 @@ from tuneforge.models.load import load_tokenizer
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.studio.jobs import fine_tuned_name
 from tuneforge.studio.store import Store
-from tuneforge.train.checkpoints import list_checkpoints
+from tuneforge.train.checkpoints import list_checkpoints, written_steps
 
 STOP_WAIT_S = 60  # after SIGINT, how long a training process may take to exit before it is killed
 SHOWN_LINES = 5  # bad lines named in a failed job's error message
@@ -72,11 +72,12 @@ def file_errors(store: Store, job: dict) -> dict | None:
 
 
 class Follower:
-    """Reads a run's metrics.jsonl as it grows into events, and its new checkpoints into the database."""
+    """Reads a run's metrics.jsonl as it grows into events, and each checkpoint the run notes in
+    checkpoints/written.jsonl into the database (its folder may be pruned by keep_last before a poll)."""
 
     def __init__(self, store: Store, job_id: str, run_dir: Path):
         self.store, self.job_id, self.run_dir = store, job_id, run_dir
-        self.offset, self.steps = 0, {}
+        self.offset, self.steps, self.recorded = 0, {}, set()
 
     def poll(self) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -89,10 +90,10 @@ class Follower:
             done = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
             self.offset += done
             self._lines(chunk[:done])
-        for ckpt in list_checkpoints(self.run_dir):
-            step = int(ckpt.name.removeprefix("step-"))
-            if step in self.steps:
+        for step in written_steps(self.run_dir):  # its metrics line was written before it
+            if step in self.steps and step not in self.recorded:
                 self.store.add_checkpoint(self.job_id, step, self.steps[step])
+                self.recorded.add(step)
 
     def _lines(self, chunk: bytes) -> None:
         last = self.store.last_logged_step(self.job_id)
