@@ -23,7 +23,7 @@ from tuneforge.data.formats import read_records
 from tuneforge.errors import ConfigError
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio import StudioLimits, make_studio
-from tuneforge.studio.jobs import job_config
+from tuneforge.studio.jobs import job_config, job_object
 from tuneforge.studio.keys import new_key
 from tuneforge.studio.store import Store
 from tuneforge.studio.worker import Follower
@@ -110,6 +110,18 @@ def test_upload_train_poll_events_checkpoints_and_chat(studio, finished, train_f
     text = alice.completions.create(model=job.fine_tuned_model, prompt="Repeat", max_tokens=4, temperature=0)
     assert text.choices[0].text is not None
     assert [j.id for j in alice.fine_tuning.jobs.list(limit=1).data] == [job.id]
+
+
+def test_metrics_events_say_step_n_of_total_and_an_ended_job_shows_no_progress(studio, finished):
+    server, clients = studio
+    alice = clients["alice"]
+    _, job = finished
+    metrics = [e for e in alice.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert {e.data["total_steps"] for e in metrics} == {24}
+    assert metrics[0].message.startswith("Step 24/24: training loss=")
+    assert job.tuneforge == {"progress": None} and job.estimated_finish is None
+    running = {**server.store.job(job.id), "status": "running"}  # the same row, as it was while training
+    assert job_object(running)["tuneforge"]["progress"] == {"step": 24, "total_steps": 24}
 
 
 def test_a_planted_bad_line_fails_in_validation_naming_it(studio, tiny_models, train_file, tmp_path):

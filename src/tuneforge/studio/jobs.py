@@ -156,9 +156,18 @@ def job_object(row: dict) -> dict:
         "validation_file": request.get("validation_file"), "training_file": request["training_file"],
         "hyperparameters": method[method["type"]]["hyperparameters"], "method": method,
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": row["config"].get("seed", 42),
-        "estimated_finish": None, "integrations": [], "metadata": request.get("metadata"),
-        "user_provided_suffix": request.get("suffix"),
+        "estimated_finish": row["estimated_finish"] if row["status"] == "running" else None, "integrations": [],
+        "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
+        "tuneforge": {"progress": progress(row)},
     }
+
+
+def progress(row: dict) -> dict | None:
+    """{step, total_steps} of a running or paused job, for a progress bar; None before the first step and
+    once the job has ended, so a finished job never shows one still going."""
+    if row["status"] not in ("running", "paused") or not row["step"]:
+        return None
+    return {"step": row["step"], "total_steps": row["total_steps"]}
 
 
 def event_object(row: dict) -> dict:

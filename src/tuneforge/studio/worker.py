@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -78,6 +79,8 @@ class Follower:
     def __init__(self, store: Store, job_id: str, run_dir: Path):
         self.store, self.job_id, self.run_dir = store, job_id, run_dir
         self.offset, self.steps, self.recorded = 0, {}, set()
+        self.total_steps: int | None = None
+        self.step_s: list[float] = []  # the newest steps' seconds, for the estimated finish
 
     def poll(self) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -96,7 +99,8 @@ class Follower:
                 self.recorded.add(step)
 
     def _lines(self, chunk: bytes) -> None:
-        last = self.store.last_logged_step(self.job_id)
+        last = newest = self.store.last_logged_step(self.job_id)
+        total = self._total_steps()
         for raw in chunk.splitlines():
             try:
                 record = json.loads(raw)
@@ -109,8 +113,25 @@ class Follower:
                 metrics["valid_loss"] = record["val_loss"]
             self.steps[record["step"]] = metrics
             if record["step"] > last:
-                self.store.add_event(self.job_id, f"Step {record['step']}: training loss={record['loss']:.4f}",
-                                     kind="metrics", data=metrics, step=record["step"])
+                of = f"/{total}" if total else ""
+                self.store.add_event(self.job_id, f"Step {record['step']}{of}: training loss={record['loss']:.4f}",
+                                     kind="metrics", data={**metrics, "total_steps": total}, step=record["step"])
+                newest = record["step"]
+                if isinstance(record.get("step_s"), (int, float)):
+                    self.step_s = [*self.step_s[-9:], record["step_s"]]
+        if newest > last:
+            left = (total - newest) * statistics.median(self.step_s) if total and self.step_s else None
+            self.store.progress(self.job_id, newest, total, None if left is None else int(time.time() + left))
+
+    def _total_steps(self) -> int | None:
+        """The run's planned steps, from the run_started.json it writes before its first step."""
+        if self.total_steps is None:
+            try:
+                started = json.loads((self.run_dir / "run_started.json").read_text())
+                self.total_steps = int(started["plan"]["total_steps"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return self.total_steps
 
     def trained_tokens(self) -> int:
         path = self.run_dir / "metrics.jsonl"

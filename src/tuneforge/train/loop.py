@@ -211,7 +211,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     else:
         tracking = Trackers([], rep.warn)
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
-                                                     base_model=cfg.base_model, started=started))
+                                                     base_model=cfg.base_model, started=started,
+                                                     plan=counts.__dict__))  # total_steps, for a progress bar
     watch = Watch(cfg, counts.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
     batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": counts.micro_per_step,
                    "adapter_facts": adapter_facts(cfg)}
