@@ -103,13 +103,65 @@ def test_upload_train_poll_events_checkpoints_and_chat(studio, finished, train_f
     assert [c.step_number for c in checkpoints] == [24, 20, 16, 12, 8, 4]
     assert checkpoints[0].metrics.train_loss == next(e.data["train_loss"] for e in events if e.data and
                                                      e.data["step"] == 24)
-    assert [m.id for m in alice.models.list().data] == [job.fine_tuned_model]
+    assert [m.id for m in alice.models.list().data] == [job.fine_tuned_model, "llama"]  # and its base, adapter off
     reply = alice.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,
                                           messages=[{"role": "user", "content": "Repeat alpha bravo please"}])
     assert reply.model == job.fine_tuned_model and reply.choices[0].message.content
     text = alice.completions.create(model=job.fine_tuned_model, prompt="Repeat", max_tokens=4, temperature=0)
     assert text.choices[0].text is not None
     assert [j.id for j in alice.fine_tuning.jobs.list(limit=1).data] == [job.id]
+
+
+@pytest.fixture(scope="module")
+def resumed(studio, finished):
+    """A second job of `finished`'s base, data and seed, paused once it has logged a step (its save_every beyond
+    its end, so the pause alone writes a checkpoint before the last step) and resumed to the end; the engine that
+    serves `finished`'s model is live before this job succeeds."""
+    server, clients = studio
+    alice = clients["alice"]
+    uploaded, first = finished
+    engine = server.models.engine_for("alice", first.fine_tuned_model)
+    job = alice.fine_tuning.jobs.create(model=first.model, training_file=uploaded.id, method=METHOD, seed=7,
+                                        suffix="paused", extra_body={"tuneforge": {**SETTINGS, "save_every": 1000}})
+    wait_for(lambda: any(e.type == "metrics" for e in alice.fine_tuning.jobs.list_events(job.id).data), every=0.02)
+    alice.fine_tuning.jobs.pause(job.id)
+    paused = done(alice, job.id, ("paused", "succeeded", "failed"))
+    alice.fine_tuning.jobs.resume(job.id)
+    return {"paused": paused, "job": done(alice, job.id), "engine": engine}
+
+
+def test_pause_saves_the_step_in_progress_and_resume_ends_with_the_uninterrupted_weights(studio, finished, resumed):
+    server, clients = studio
+    alice = clients["alice"]
+    paused, job = resumed["paused"], resumed["job"]
+    assert paused.status == "paused", paused.error
+    progress = paused.tuneforge["progress"]
+    assert 0 < progress["step"] < 24 and progress["total_steps"] == 24
+    assert job.status == "succeeded", job.error
+    assert [c.step_number for c in alice.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, progress["step"]]
+    run = server.store.run_dir(job.id)
+    assert f"(step {progress['step']}, " in (run.parent / "train.log").read_text()  # resumed there: no step lost
+    events = alice.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, 25))
+    ours = load_file(run / "final" / "adapter_model.safetensors")
+    theirs = load_file(server.store.run_dir(finished[1].id) / "final" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_new_job_joins_the_live_engine_of_its_base_and_the_base_is_chattable(studio, finished, resumed):
+    server, clients = studio
+    alice = clients["alice"]
+    first, second = finished[1].fine_tuned_model, resumed["job"].fine_tuned_model
+    assert [m.id for m in alice.models.list().data] == [first, second, "llama"]
+    answers = {}
+    for model in (first, second, "llama"):
+        reply = alice.chat.completions.create(model=model, temperature=0, max_tokens=8,
+                                              messages=[{"role": "user", "content": "Repeat alpha bravo please"}])
+        assert reply.model == model
+        answers[model] = reply.choices[0].message.content
+    assert server.models.engine_for("alice", second) is resumed["engine"]  # not loaded again
+    assert answers[first] == answers[second] != answers["llama"]  # the same weights; the base has no adapter on
+    assert clients["bob"].models.list().data == []
 
 
 def test_metrics_events_say_step_n_of_total_and_an_ended_job_shows_no_progress(studio, finished):

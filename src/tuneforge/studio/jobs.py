@@ -19,6 +19,7 @@ the keys the studio owns (paths, the base model, remote code, trackers, stages, 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from tuneforge.config import config_from_dict
@@ -139,6 +140,11 @@ def parse_suffix(body: dict) -> str | None:
     if not isinstance(suffix, str) or not SUFFIX.match(suffix):
         raise _bad("suffix", "must be 1 to 64 letters, digits, '-' or '_'")
     return suffix
+
+
+def base_name(model: str) -> str:
+    """The id a job's base model is served and named under: a built-in's name, a local folder's own name."""
+    return Path(model).name if Path(model).is_dir() else model
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:

@@ -60,6 +60,7 @@ from tuneforge.train.resume import adapter_facts, check_resumable, check_same_da
 from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
 from tuneforge.train.steps import count_steps, next_step_batches
+from tuneforge.train.stop_signal import StopRequest
 from tuneforge.validate import check_data_files
 
 
@@ -228,6 +229,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if step == 0:
         objective.preflight(model)
     watchdog = Watchdog(cfg.distributed.watchdog_seconds if world.distributed else None, world.rank)
+    stop = StopRequest(listen=not world.distributed)  # SIGUSR1: save at the end of this step, then stop
     rep.start(counts.total_steps, step)
     try:
         while step < counts.total_steps and (stop_after is None or step < stop_after):
@@ -272,16 +274,18 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 watchdog.pet("evaluation")
             tracking.log(record)
             rep.step(record)
-            if step == counts.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
+            if (step == counts.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped
+                    or stop.asked):
                 loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **batch_state, **watch.state()}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last, world)
                 watchdog.pet("checkpoint")
-            if watch.early_stopped:
+            if watch.early_stopped or stop.asked:
                 break
     except BaseException:
         tracking.finish({"steps": step}, "FAILED")
         raise
     finally:
+        stop.close()
         watchdog.stop()
         rep.stop()
     if step < counts.total_steps and not watch.early_stopped:
