@@ -89,11 +89,11 @@ def generate(url: str, job_id: str, clients: int, every: float, uploads: int, sp
             with lock:
                 failures.append(f"upload: {type(err).__name__}: {err}"[:200])
 
-    start = time.monotonic()
+    start, parent = time.monotonic(), os.getppid()
     next_round, gap = start, spread / max(uploads, 1)
     next_upload, made_uploads, rounds = start + gap / 2, 0, 0
     with ThreadPoolExecutor(clients + uploads) as pool:
-        while not ended.is_set():
+        while not ended.is_set() and os.getppid() == parent:  # the benchmark (and its studio) still there
             now = time.monotonic()
             if now >= next_round:
                 for _ in range(clients):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -346,3 +347,21 @@ def test_every_checkpoint_is_listed_even_when_keep_last_pruned_it_before_the_wor
         store.close()
     assert [c["step"] for c in listed] == [5, 4, 3, 2, 1]
     assert all(c["metrics"]["step"] == c["step"] and c["metrics"]["train_loss"] > 0 for c in listed)
+
+
+def test_a_home_made_by_an_earlier_studio_opens_and_its_jobs_gain_progress(tmp_path):
+    db = sqlite3.connect(tmp_path / "studio.db")
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, "
+               "created_at INTEGER NOT NULL, status TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, "
+               "config TEXT NOT NULL, fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER, "
+               "requested TEXT)")
+    db.execute("INSERT INTO jobs (id, owner, created_at, status, model, request, config) VALUES "
+               "('ftjob-old', 'local', 0, 'running', 'm', '{}', '{}')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        store.progress("ftjob-old", 3, 10, None)
+        assert {k: store.job("ftjob-old")[k] for k in ("step", "total_steps")} == {"step": 3, "total_steps": 10}
+    finally:
+        store.close()
