@@ -6,8 +6,8 @@
 The studio runs in this process; the load comes from a second process (this file with --load), so the load
 generator's Python never holds the server's GIL. From the job's third step to its end, `--clients` clients poll
 the job's status together every `--poll-every` seconds (each round is that many concurrent requests), and
-`--uploads` uploads of the quickstart file are spread evenly over the idle job's training time, each deleted
-once it is made (the per-key file limit is not what is measured). Step time is metrics.jsonl's step_s, median
+`--uploads` uploads of the quickstart file are spread evenly over the job's remaining steps (the polls read
+its progress), each deleted once it is made (the per-key file limit is not what is measured). Step time is metrics.jsonl's step_s, median
 over the steps after the first two. Idle and loaded runs alternate `--repeats` times, each a fresh studio and
 home; prints one Markdown table row per run and the loaded/idle ratio of the medians.
 """
@@ -42,11 +42,11 @@ def _call(method: str, url: str, body: bytes | None = None, headers: dict | None
         return json.loads(resp.read())
 
 
-def poll(url: str, job_id: str) -> tuple[float, str]:
+def poll(url: str, job_id: str) -> tuple[float, dict]:
     start = time.perf_counter()
     job = _call("GET", f"{url}/fine_tuning/jobs/{job_id}")
     assert job["id"] == job_id, job
-    return time.perf_counter() - start, job["status"]
+    return time.perf_counter() - start, job
 
 
 def upload_and_delete(url: str, content: bytes) -> float:
@@ -62,19 +62,23 @@ def upload_and_delete(url: str, content: bytes) -> float:
     return seconds
 
 
-def generate(url: str, job_id: str, clients: int, every: float, uploads: int, spread: float) -> dict:
-    """Rounds of `clients` concurrent polls every `every` s and `uploads` uploads evenly over `spread` s,
-    until a poll sees the job ended; what was answered, what failed and how long it took."""
+def generate(url: str, job_id: str, clients: int, every: float, uploads: int) -> dict:
+    """Rounds of `clients` concurrent polls every `every` s, and `uploads` uploads spread evenly over the
+    job's remaining steps (the polls read its progress), until a poll sees the job ended; what was answered,
+    what failed and how long it took."""
     content = DATA.read_bytes()
     polls, sent_up, failures, ended = [], [], [], threading.Event()
     lock = threading.Lock()
+    progress = {"step": 0, "total_steps": 0}
 
     def one_poll() -> None:
         try:
-            seconds, status = poll(url, job_id)
+            seconds, job = poll(url, job_id)
             with lock:
                 polls.append(seconds)
-            if status in ENDED:
+                if job["tuneforge"]["progress"]:
+                    progress.update(job["tuneforge"]["progress"])
+            if job["status"] in ENDED:
                 ended.set()
         except Exception as err:  # counted, never raised: every request's fate is reported
             with lock:
@@ -90,8 +94,7 @@ def generate(url: str, job_id: str, clients: int, every: float, uploads: int, sp
                 failures.append(f"upload: {type(err).__name__}: {err}"[:200])
 
     start, parent = time.monotonic(), os.getppid()
-    next_round, gap = start, spread / max(uploads, 1)
-    next_upload, made_uploads, rounds = start + gap / 2, 0, 0
+    next_round, made_uploads, rounds, first = start, 0, 0, None
     with ThreadPoolExecutor(clients + uploads) as pool:
         while not ended.is_set() and os.getppid() == parent:  # the benchmark (and its studio) still there
             now = time.monotonic()
@@ -99,9 +102,13 @@ def generate(url: str, job_id: str, clients: int, every: float, uploads: int, sp
                 for _ in range(clients):
                     pool.submit(one_poll)
                 rounds, next_round = rounds + 1, next_round + every
-            if made_uploads < uploads and now >= next_upload:
+            with lock:
+                step, total = progress["step"], progress["total_steps"]
+            first = first or step or None  # the step the load began at
+            # upload i is due at step first + i * (total - first - 1) / uploads: the last one before the last step
+            if first and made_uploads < uploads and step >= first + made_uploads * (total - first - 1) / uploads:
                 pool.submit(one_upload)
-                made_uploads, next_upload = made_uploads + 1, next_upload + gap
+                made_uploads += 1
             ended.wait(0.02)
     polls.sort()
     return {"rounds": rounds, "polls": len(polls), "uploads": len(sent_up), "failed": len(failures),
@@ -145,8 +152,7 @@ def run(home: Path, model: str, steps: int, load: list[str] | None) -> dict:
             generator.kill()
         server.shutdown()
         server.server_close()
-    return {**out, "step_s": statistics.median(step_s), "train_s": sum(step_s),
-            "load_avg": f"{load_avg:.1f} / {os.getloadavg()[0]:.1f}"}
+    return {**out, "step_s": statistics.median(step_s), "load_avg": f"{load_avg:.1f} / {os.getloadavg()[0]:.1f}"}
 
 
 def main() -> None:
@@ -159,10 +165,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="idle and loaded runs, alternating")
     parser.add_argument("--home", default="/tmp/studio-bench")
     parser.add_argument("--load", nargs=2, metavar=("URL", "JOB"), help=argparse.SUPPRESS)  # the generator
-    parser.add_argument("--spread", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        print(json.dumps(generate(*args.load, args.clients, args.poll_every, args.uploads, args.spread)))
+        print(json.dumps(generate(*args.load, args.clients, args.poll_every, args.uploads)))
         return
     print("| server | median step (s) | polls answered (rounds) | uploads + deletes | failed | poll p50 / p99 (s) "
           "| upload p50 (s) | load average start / end |")
@@ -173,7 +178,7 @@ def main() -> None:
         idle.append(quiet["step_s"])
         print(f"| idle | {quiet['step_s']:.3f} | - | - | - | - | - | {quiet['load_avg']} |", flush=True)
         options = ["--clients", str(args.clients), "--poll-every", str(args.poll_every), "--uploads",
-                   str(args.uploads), "--spread", str(0.9 * quiet["train_s"])]
+                   str(args.uploads)]
         loaded = run(Path(args.home), args.model, args.steps, options)
         busy.append(loaded["step_s"])
         print(f"| {args.clients} polls every {args.poll_every:g} s + {args.uploads} uploads | {loaded['step_s']:.3f} "
