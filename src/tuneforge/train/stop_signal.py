@@ -3,7 +3,8 @@ continues with no step lost (the studio's pause sends it). Ctrl-C still stops at
 checkpoints already written.
 
 Only a single-process run listens: each process of a distributed run would see the signal at another
-step, so there the signal keeps its default action (the process ends, as with Ctrl-C).
+step, so there the signal keeps its default action (the process ends at once; `--resume` continues from the
+newest checkpoint written before).
 """
 
 from __future__ import annotations
