@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,12 +19,17 @@ import pytest
 from conftest import memorise_records, write_jsonl
 from safetensors.torch import load_file
 
+from tuneforge.config import config_from_dict
 from tuneforge.data.formats import read_records
 from tuneforge.errors import ConfigError
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio import StudioLimits, make_studio
-from tuneforge.studio.jobs import job_config
+from tuneforge.studio.jobs import job_config, job_object
 from tuneforge.studio.keys import new_key
+from tuneforge.studio.store import Store
+from tuneforge.studio.worker import Follower
+from tuneforge.track.console import Reporter
+from tuneforge.train.loop import train
 
 # Enough steps that a kill lands between the first checkpoint and the end; lr as tests/test_train.py's.
 SETTINGS = {"max_steps": 24, "save_every": 4, "device": "cpu", "precision": "fp32", "max_seq_len": 128,
@@ -99,13 +105,77 @@ def test_upload_train_poll_events_checkpoints_and_chat(studio, finished, train_f
     assert [c.step_number for c in checkpoints] == [24, 20, 16, 12, 8, 4]
     assert checkpoints[0].metrics.train_loss == next(e.data["train_loss"] for e in events if e.data and
                                                      e.data["step"] == 24)
-    assert [m.id for m in alice.models.list().data] == [job.fine_tuned_model]
+    assert [m.id for m in alice.models.list().data] == [job.fine_tuned_model, "llama"]  # and its base, adapter off
     reply = alice.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8,
                                           messages=[{"role": "user", "content": "Repeat alpha bravo please"}])
     assert reply.model == job.fine_tuned_model and reply.choices[0].message.content
     text = alice.completions.create(model=job.fine_tuned_model, prompt="Repeat", max_tokens=4, temperature=0)
     assert text.choices[0].text is not None
     assert [j.id for j in alice.fine_tuning.jobs.list(limit=1).data] == [job.id]
+
+
+@pytest.fixture(scope="module")
+def resumed(studio, finished):
+    """A second job of `finished`'s base, data and seed, paused once it has logged a step (its save_every beyond
+    its end, so the pause alone writes a checkpoint before the last step) and resumed to the end; the engine that
+    serves `finished`'s model is live before this job succeeds."""
+    server, clients = studio
+    alice = clients["alice"]
+    uploaded, first = finished
+    engine = server.models.engine_for("alice", first.fine_tuned_model)
+    job = alice.fine_tuning.jobs.create(model=first.model, training_file=uploaded.id, method=METHOD, seed=7,
+                                        suffix="paused", extra_body={"tuneforge": {**SETTINGS, "save_every": 1000}})
+    wait_for(lambda: any(e.type == "metrics" for e in alice.fine_tuning.jobs.list_events(job.id).data), every=0.02)
+    alice.fine_tuning.jobs.pause(job.id)
+    paused = done(alice, job.id, ("paused", "succeeded", "failed"))
+    alice.fine_tuning.jobs.resume(job.id)
+    return {"paused": paused, "job": done(alice, job.id), "engine": engine}
+
+
+def test_pause_saves_the_step_in_progress_and_resume_ends_with_the_uninterrupted_weights(studio, finished, resumed):
+    server, clients = studio
+    alice = clients["alice"]
+    paused, job = resumed["paused"], resumed["job"]
+    assert paused.status == "paused", paused.error
+    progress = paused.tuneforge["progress"]
+    assert 0 < progress["step"] < 24 and progress["total_steps"] == 24
+    assert job.status == "succeeded", job.error
+    assert [c.step_number for c in alice.fine_tuning.jobs.checkpoints.list(job.id).data] == [24, progress["step"]]
+    run = server.store.run_dir(job.id)
+    assert f"(step {progress['step']}, " in (run.parent / "train.log").read_text()  # resumed there: no step lost
+    events = alice.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert sorted(e.data["step"] for e in events if e.type == "metrics") == list(range(1, 25))
+    ours = load_file(run / "final" / "adapter_model.safetensors")
+    theirs = load_file(server.store.run_dir(finished[1].id) / "final" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_a_new_job_joins_the_live_engine_of_its_base_and_the_base_is_chattable(studio, finished, resumed):
+    server, clients = studio
+    alice = clients["alice"]
+    first, second = finished[1].fine_tuned_model, resumed["job"].fine_tuned_model
+    assert [m.id for m in alice.models.list().data] == [first, second, "llama"]
+    answers = {}
+    for model in (first, second, "llama"):
+        reply = alice.chat.completions.create(model=model, temperature=0, max_tokens=8,
+                                              messages=[{"role": "user", "content": "Repeat alpha bravo please"}])
+        assert reply.model == model
+        answers[model] = reply.choices[0].message.content
+    assert server.models.engine_for("alice", second) is resumed["engine"]  # not loaded again
+    assert answers[first] == answers[second] != answers["llama"]  # the same weights; the base has no adapter on
+    assert clients["bob"].models.list().data == []
+
+
+def test_metrics_events_say_step_n_of_total_and_an_ended_job_shows_no_progress(studio, finished):
+    server, clients = studio
+    alice = clients["alice"]
+    _, job = finished
+    metrics = [e for e in alice.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert {e.data["total_steps"] for e in metrics} == {24}
+    assert metrics[0].message.startswith("Step 24/24: training loss=")
+    assert job.tuneforge == {"progress": None} and job.estimated_finish is None
+    running = {**server.store.job(job.id), "status": "running"}  # the same row, as it was while training
+    assert job_object(running)["tuneforge"]["progress"] == {"step": 24, "total_steps": 24}
 
 
 def test_a_planted_bad_line_fails_in_validation_naming_it(studio, tiny_models, train_file, tmp_path):
@@ -251,7 +321,8 @@ def test_job_request_becomes_a_config():
     assert config["lora"] == {"r": 4, "alpha": 8} and config["validation"] == {"path": "/v.jsonl"}
     assert method["dpo"]["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0,
                                                 "beta": 0.5}
-    legacy, _ = job_config({"model": "m", "hyperparameters": {"n_epochs": 1, "batch_size": 2}}, "/t.jsonl", None, NOWHERE, False)
+    legacy, _ = job_config({"model": "m", "hyperparameters": {"n_epochs": 1, "batch_size": 2}}, "/t.jsonl", None,
+                           NOWHERE, False)
     assert (legacy["method"], legacy["epochs"], legacy["micro_batch_size"]) == ("sft", 1, 2)
     for body, param in (({"model": "m", "tuneforge": {"output_dir": "/etc"}}, "tuneforge.output_dir"),
                         ({"model": "m", "hyperparameters": {"beta": 1}}, "hyperparameters.beta"),
@@ -287,3 +358,39 @@ def test_with_keys_a_model_is_a_built_in_or_a_folder_under_home_models(tmp_path)
     assert err.value.param == "model" and "not read" in err.value.message
     # on 127.0.0.1 without keys the caller is this machine's user: a local folder is theirs to name
     assert job_config({"model": "/opt/m"}, "/t.jsonl", None, tmp_path, False)[0]["base_model"] == "/opt/m"
+
+
+def test_every_checkpoint_is_listed_even_when_keep_last_pruned_it_before_the_worker_looked(tiny_models, train_file,
+                                                                                          tmp_path):
+    """The worker polls while a run saves; with keep_last 1 every checkpoint but the newest is gone by then."""
+    run = tmp_path / "run"
+    cfg = config_from_dict({"base_model": str(tiny_models["llama"]), "datasets": [{"path": str(train_file)}],
+                            "output_dir": str(run), "micro_batch_size": 4,
+                            **SETTINGS, "max_steps": 5, "save_every": 1, "keep_last": 1})
+    train(cfg, reporter=Reporter(quiet=True))
+    store = Store(tmp_path / "home")
+    try:
+        Follower(store, "ftjob-x", run).poll()  # one look, after the run: only step-5 is still on disk
+        listed = store.checkpoints("ftjob-x", None, 100)
+    finally:
+        store.close()
+    assert [c["step"] for c in listed] == [5, 4, 3, 2, 1]
+    assert all(c["metrics"]["step"] == c["step"] and c["metrics"]["train_loss"] > 0 for c in listed)
+
+
+def test_a_home_made_by_an_earlier_studio_opens_and_its_jobs_gain_progress(tmp_path):
+    db = sqlite3.connect(tmp_path / "studio.db")
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, "
+               "created_at INTEGER NOT NULL, status TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, "
+               "config TEXT NOT NULL, fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER, "
+               "requested TEXT)")
+    db.execute("INSERT INTO jobs (id, owner, created_at, status, model, request, config) VALUES "
+               "('ftjob-old', 'local', 0, 'running', 'm', '{}', '{}')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        store.progress("ftjob-old", 3, 10, None)
+        assert {k: store.job("ftjob-old")[k] for k in ("step", "total_steps")} == {"step": 3, "total_steps": 10}
+    finally:
+        store.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -250,3 +252,25 @@ def test_a_zero_gradient_moves_no_weight():
     w.grad = torch.zeros(3)
     assert optimizer_step(opt, 0.1, 1.0) == 0.0
     assert torch.equal(w.detach(), after_signal)
+
+
+class SignalAtStep(Reporter):
+    """A quiet reporter that sends this process SIGUSR1 when the loop reports step `at` (as `kill -USR1` would)."""
+
+    def __init__(self, at: int):
+        super().__init__(quiet=True)
+        self.at = at
+
+    def step(self, m: dict) -> None:
+        if m["step"] == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_sigusr1_saves_the_step_it_lands_in_and_stops_then_resume_continues_there(tmp_path, tiny_models):
+    """The studio's pause: step 3 is saved although save_every is 4, and nothing else listens afterwards."""
+    cfg = make_cfg(tmp_path, tiny_models["llama"], save_every=4, max_steps=6, **{"evaluation.before_after": False})
+    assert train(cfg, reporter=SignalAtStep(3)) == {"stopped_at": 3}
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-3"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    train(cfg, resume=True, reporter=QUIET)
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))

@@ -77,7 +77,10 @@ def cmd_train(args) -> int:
         manifest = train(cfg, resume=args.resume, reporter=Reporter(console), benchmark=harness_before_after)
     finally:
         shutdown_world()
-    if env_world().main:
+    if env_world().main and "stopped_at" in manifest:  # SIGUSR1 (train/stop_signal.py)
+        console.print(f"\nStopped after step {manifest['stopped_at']}, saved as a checkpoint in {cfg.output_dir}; "
+                      f"`tuneforge train {args.config} --resume` continues it")
+    elif env_world().main:
         console.print(f"\nRun written to {cfg.output_dir} (adapter/weights in final/, facts in run.json)")
     return 0 if manifest else 1
 

@@ -4,6 +4,7 @@ token between the requests being answered."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -211,6 +212,20 @@ class Engine:
         with self.turns.turn():
             return [self.tokenizer.decode([i]) for i in ids]
 
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Serve one more LoRA adapter (a PEFT folder or a LoRA run) as `name` beside the others, without
+        loading the model again: it is loaded in a turn of its own, between two tokens of other requests."""
+        if name in self.model_ids():
+            raise ModelError(f"adapter {name}: already served here; choose another name")
+        folder = adapter_folder(name, Path(path))
+        taken = set(self.adapters.values())
+        internal = next(f"extra{i}" for i in itertools.count() if f"extra{i}" not in taken)
+        with self.turns.turn():
+            self.model = _load_adapter(self.model, name, folder, internal)
+        if self.base_id is None:
+            self.base_id = self.default_id  # as load_engine does: the model's own weights stay servable
+        self.adapters = {**self.adapters, name: internal}  # a new dict: readers never see one half-changed
+
     def _use(self, model_id: str):
         """Switch the PEFT model to this id's adapter, or off for the base id."""
         if model_id == self.base_id:
@@ -316,18 +331,22 @@ def _folder_stops(model, tokenizer, end_of_turn: str | None) -> list[int]:
 
 def _load_adapters(model, extra: dict[str, Path]):
     """Each extra adapter under an internal PEFT name (PEFT names cannot hold dots; served ids can)."""
-    if not extra:
-        return model
+    for i, (name, folder) in enumerate(extra.items()):
+        model = _load_adapter(model, name, folder, f"extra{i}")
+    return model
+
+
+def _load_adapter(model, name: str, folder: Path, internal: str):
+    """The model (wrapped by PEFT at the first adapter) with one more adapter, in eval mode."""
     from peft import PeftModel
 
-    for i, (name, folder) in enumerate(extra.items()):
-        try:
-            if isinstance(model, PeftModel):
-                model.load_adapter(str(folder), adapter_name=f"extra{i}")
-            else:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=f"extra{i}")
-        except Exception as err:
-            raise ModelError(f"--adapter {name}={folder}: could not load it onto the served model ({err}); "
-                             "was it trained on this base model?") from None
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=internal)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=internal)
+    except Exception as err:
+        raise ModelError(f"--adapter {name}={folder}: could not load it onto the served model ({err}); "
+                         "was it trained on this base model?") from None
     model.eval()
     return model

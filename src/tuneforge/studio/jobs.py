@@ -180,6 +180,11 @@ def parse_suffix(body: dict) -> str | None:
     return suffix
 
 
+def base_name(model: str) -> str:
+    """The id a job's base model is served and named under: a built-in's name, a local folder's own name."""
+    return Path(model).name if Path(model).is_dir() else model
+
+
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
     """ft:<base>:<suffix>:<job>, as the model is then named in /v1/models and chat requests."""
     return f"ft:{base}:{suffix or ''}:{job_id}"
@@ -195,9 +200,18 @@ def job_object(row: dict) -> dict:
         "validation_file": request.get("validation_file"), "training_file": request["training_file"],
         "hyperparameters": method[method["type"]]["hyperparameters"], "method": method,
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": row["config"].get("seed", 42),
-        "estimated_finish": None, "integrations": [], "metadata": request.get("metadata"),
-        "user_provided_suffix": request.get("suffix"),
+        "estimated_finish": row["estimated_finish"] if row["status"] == "running" else None, "integrations": [],
+        "metadata": request.get("metadata"), "user_provided_suffix": request.get("suffix"),
+        "tuneforge": {"progress": progress(row)},
     }
+
+
+def progress(row: dict) -> dict | None:
+    """{step, total_steps} of a running or paused job, for a progress bar; None before the first step and
+    once the job has ended, so a finished job never shows one still going."""
+    if row["status"] not in ("running", "paused") or not row["step"]:
+        return None
+    return {"step": row["step"], "total_steps": row["total_steps"]}
 
 
 def event_object(row: dict) -> dict:

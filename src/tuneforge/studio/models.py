@@ -1,6 +1,7 @@
-"""The fine-tuned models a studio serves: every succeeded LoRA job of one base shares one engine (the base
-loaded once, each job's adapter beside the others), loaded at the first request that names one of them and
-loaded again when a new job of that base has succeeded since. A full fine-tune gets an engine of its own."""
+"""The models a studio serves: every succeeded LoRA job of one base shares one engine (the base loaded once,
+each job's adapter beside the others, the base itself chattable with every adapter off), loaded at the first
+request that names one of them; a job of that base that succeeds later has its adapter added to the live
+engine. A full fine-tune gets an engine of its own."""
 
 from __future__ import annotations
 
@@ -9,51 +10,68 @@ import threading
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.serve.engine import Engine, Limits, load_engine
 from tuneforge.serve.protocol import ApiError
+from tuneforge.studio.jobs import base_name
 from tuneforge.studio.store import Store
 
 
 class Models:
     def __init__(self, store: Store, limits: Limits = Limits(), device: str = "auto"):
         self.store, self.limits, self.device = store, limits, device
-        self.engines: dict[str, tuple[tuple[str, ...], Engine]] = {}  # group -> (its job ids, engine)
+        self.engines: dict[str, Engine] = {}  # group -> its engine
         self.lock = threading.Lock()
 
     def ids(self, owner: str) -> list[str]:
-        return [job["fine_tuned_model"] for job in self.store.succeeded(owner)]
+        """The owner's fine-tuned models, then the base of each of their LoRA ones."""
+        return list(self._groups(owner))
+
+    def _groups(self, owner: str) -> dict[str, str]:
+        """Each model id this owner may call -> the group of the engine that serves it."""
+        mine = self.store.succeeded(owner)
+        groups = {job["fine_tuned_model"]: _group(job) for job in mine}
+        groups.update({base_name(job["model"]): _group(job) for job in mine if _lora(job)})
+        return groups
 
     def engine_for(self, owner: str, model_id: object) -> Engine:
-        """The engine serving `model_id`, which must be one of this owner's fine-tuned models (else 404)."""
-        mine = {job["fine_tuned_model"]: job for job in self.store.succeeded(owner)}
-        if model_id not in mine:
-            listed = ", ".join(mine) or "none yet"
-            raise ApiError(404, f"model: {model_id!r} is not one of your fine-tuned models ({listed}); "
+        """The engine serving `model_id`, which must be one of this owner's models (else 404); a job of its
+        group that succeeded since the engine was loaded has its adapter added first."""
+        groups = self._groups(owner)
+        if model_id not in groups:
+            listed = ", ".join(groups) or "none yet"
+            raise ApiError(404, f"model: {model_id!r} is not one of your models ({listed}); "
                            "GET /v1/models lists them", param="model", code="model_not_found")
-        group = _group(mine[model_id])
+        group = groups[model_id]
         members = [job for job in self.store.succeeded() if _group(job) == group]
-        ids = tuple(job["id"] for job in members)
         with self.lock:
-            held = self.engines.get(group)
-            if held is None or held[0] != ids:
-                self.engines[group] = (ids, self._load(members))
-            return self.engines[group][1]
+            engine = self.engines.get(group)
+            if engine is None:
+                engine = self.engines[group] = self._load(members)
+            for job in members:
+                if job["fine_tuned_model"] not in engine.model_ids():
+                    engine.add_adapter(job["fine_tuned_model"], self.store.run_dir(job["id"]))
+            return engine
 
     def _load(self, members: list[dict]) -> Engine:
         runs = {job["fine_tuned_model"]: self.store.run_dir(job["id"]) for job in members}
-        if members[0]["config"].get("adapter", "lora") == "full":
+        if not _lora(members[0]):
             [(name, run)] = runs.items()
             engine = load_engine(run, device=self.device, limits=self.limits)
             engine.default_id = name
             return engine
         folder, _ = resolve_base_model(members[0]["config"]["base_model"])
-        return load_engine(folder, adapters=runs, device=self.device, limits=self.limits)
+        engine = load_engine(folder, adapters=runs, device=self.device, limits=self.limits)
+        engine.default_id = engine.base_id = base_name(members[0]["model"])  # as the jobs named it
+        return engine
 
     def close(self) -> None:
         """Stop every generation at its next token (the server is closing)."""
         with self.lock:
-            for _, engine in self.engines.values():
+            for engine in self.engines.values():
                 engine.closing.set()
 
 
+def _lora(job: dict) -> bool:
+    return job["config"].get("adapter", "lora") != "full"
+
+
 def _group(job: dict) -> str:
-    config = job["config"]
-    return f"job:{job['id']}" if config.get("adapter", "lora") == "full" else f"base:{config['base_model']}"
+    return f"base:{job['config']['base_model']}" if _lora(job) else f"job:{job['id']}"

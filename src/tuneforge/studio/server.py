@@ -274,7 +274,7 @@ class StudioHandler(Handler):
         job = self._job(owner, job_id)
         limit = self._limit()
         rows = self.server.store.checkpoints(job_id, self._query().get("after"), limit + 1)
-        name = job["fine_tuned_model"] or j.fine_tuned_name(job["model"], job["request"].get("suffix"), job_id)
+        name = job["fine_tuned_model"] or j.fine_tuned_name(j.base_name(job["model"]), job["request"].get("suffix"), job_id)
         self._send_json(200, j.page([j.checkpoint_object(r, name) for r in rows], limit))
 
     # --- models --------------------------------------------------------------------------------------

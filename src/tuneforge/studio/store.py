@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, created_at INTEGER NOT NULL,
     status TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, config TEXT NOT NULL,
     fine_tuned_model TEXT, error TEXT, finished_at INTEGER, trained_tokens INTEGER,
-    requested TEXT);
+    requested TEXT, step INTEGER, total_steps INTEGER, estimated_finish INTEGER);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, created_at INTEGER NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT, step INTEGER);
@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 """
+# Columns later versions added to a table: a home made by an earlier studio gains them when opened.
+ADDED_COLUMNS = {"jobs": ("step INTEGER", "total_steps INTEGER", "estimated_finish INTEGER")}
 ACTIVE = ("validating_files", "queued", "running", "paused")  # statuses a job can still leave
 JSON_COLUMNS = ("request", "config", "error", "data", "metrics")
 
@@ -70,6 +72,11 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})").fetchall()}
+                for column in columns:
+                    if column.split()[0] not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     def close(self) -> None:
         with self.lock:
@@ -153,6 +160,11 @@ class Store:
         marks = ", ".join("?" * len(frm))
         return bool(self.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
                                  (to, *values, job_id, *frm)))
+
+    def progress(self, job_id: str, step: int, total_steps: int | None, estimated_finish: int | None) -> None:
+        """The running job's newest step, of how many, and when it should end (the job object shows them)."""
+        self.execute("UPDATE jobs SET step = ?, total_steps = ?, estimated_finish = ? WHERE id = ?",
+                     (step, total_steps, estimated_finish, job_id))
 
     def request(self, job_id: str, what: str | None) -> None:
         """Ask the worker to stop a running job's process (cancel or pause); None clears the request."""

@@ -3,8 +3,9 @@ the other runs queued jobs in the order they were created, one at a time, as `tu
 
 A training process dies with the server (PR_SET_PDEATHSIG), so a kill -9 of the server leaves nothing
 running; on the next start a job still marked running goes back to the front of the queue and continues
-from its newest checkpoint with `--resume`. Cancel and pause stop the process with SIGINT (the train
-command's Ctrl-C), which keeps every checkpoint already written.
+from its newest checkpoint with `--resume`. Cancel stops the process with SIGINT (the train command's
+Ctrl-C), which keeps every checkpoint already written; pause sends SIGUSR1 (train/stop_signal.py), so the
+run saves a checkpoint at the end of the step in progress and resume loses no step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,11 +27,13 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.methods.facts import method_facts
 from tuneforge.models.load import load_tokenizer
 from tuneforge.models.resolve import resolve_base_model
-from tuneforge.studio.jobs import fine_tuned_name
+from tuneforge.studio.jobs import base_name, fine_tuned_name
 from tuneforge.studio.store import Store
-from tuneforge.train.checkpoints import list_checkpoints
+from tuneforge.train.checkpoints import list_checkpoints, written_steps
+from tuneforge.train.stop_signal import SAVE_AND_STOP
 
 STOP_WAIT_S = 60  # after SIGINT, how long a training process may take to exit before it is killed
+STEP_WAIT_S = 900  # after SAVE_AND_STOP, how long it may take to end its step and save before it is interrupted
 SHOWN_LINES = 5  # bad lines named in a failed job's error message
 
 
@@ -74,11 +78,15 @@ def file_errors(store: Store, job: dict) -> dict | None:
 
 
 class Follower:
-    """Reads a run's metrics.jsonl as it grows into events, and its new checkpoints into the database."""
+    """Reads a run's metrics.jsonl as it grows into events, and each checkpoint the run notes in
+    checkpoints/written.jsonl into the database (its folder may be pruned by keep_last before a poll)."""
 
     def __init__(self, store: Store, job_id: str, run_dir: Path):
         self.store, self.job_id, self.run_dir = store, job_id, run_dir
-        self.offset, self.steps = 0, {}
+        self.offset, self.steps, self.recorded = 0, {}, set()
+        self.total_steps: int | None = None
+        self.step_s: list[float] = []  # the newest steps' seconds, for the estimated finish
+        self.trained, self.newest = False, 0  # a step was logged since this follower began; the last one
 
     def poll(self) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -91,13 +99,14 @@ class Follower:
             done = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
             self.offset += done
             self._lines(chunk[:done])
-        for ckpt in list_checkpoints(self.run_dir):
-            step = int(ckpt.name.removeprefix("step-"))
-            if step in self.steps:
+        for step in written_steps(self.run_dir):  # its metrics line was written before it
+            if step in self.steps and step not in self.recorded:
                 self.store.add_checkpoint(self.job_id, step, self.steps[step])
+                self.recorded.add(step)
 
     def _lines(self, chunk: bytes) -> None:
-        last = self.store.last_logged_step(self.job_id)
+        last = newest = self.store.last_logged_step(self.job_id)
+        total = self._total_steps()
         for raw in chunk.splitlines():
             try:
                 record = json.loads(raw)
@@ -110,8 +119,31 @@ class Follower:
                 metrics["valid_loss"] = record["val_loss"]
             self.steps[record["step"]] = metrics
             if record["step"] > last:
-                self.store.add_event(self.job_id, f"Step {record['step']}: training loss={record['loss']:.4f}",
-                                     kind="metrics", data=metrics, step=record["step"])
+                of = f"/{total}" if total else ""
+                self.store.add_event(self.job_id, f"Step {record['step']}{of}: training loss={record['loss']:.4f}",
+                                     kind="metrics", data={**metrics, "total_steps": total}, step=record["step"])
+                newest = record["step"]
+                if isinstance(record.get("step_s"), (int, float)):
+                    self.step_s = [*self.step_s[-9:], record["step_s"]]
+        if newest > last:
+            self.trained, self.newest = True, newest
+            left = (total - newest) * statistics.median(self.step_s) if total and self.step_s else None
+            self.store.progress(self.job_id, newest, total, None if left is None else int(time.time() + left))
+
+    def at_end(self) -> bool:
+        """The run has logged its last step (it is writing its final weights)."""
+        total = self._total_steps()
+        return total is not None and self.newest >= total
+
+    def _total_steps(self) -> int | None:
+        """The run's planned steps, from the run_started.json it writes before its first step."""
+        if self.total_steps is None:
+            try:
+                started = json.loads((self.run_dir / "run_started.json").read_text())
+                self.total_steps = int(started["plan"]["total_steps"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return self.total_steps
 
     def trained_tokens(self) -> int:
         path = self.run_dir / "metrics.jsonl"
@@ -203,14 +235,18 @@ class Worker:
             proc = subprocess.Popen([self.python, "-m", "tuneforge", "train", str(config), *(["--resume"] * resume)],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=run_dir.parent, preexec_fn=_die_with_parent, start_new_session=True)
-            asked = None
+            asked, sent = None, None
             while proc.poll() is None:
                 follower.poll()
-                asked = asked or store.job(job_id)["requested"] or ("shutdown" if self.stopping.is_set() else None)
-                if asked:
+                asked = store.job(job_id)["requested"] or ("shutdown" if self.stopping.is_set() else None)
+                how = _stop_signal(asked, follower)
+                if how == signal.SIGINT or (sent is not None and time.monotonic() - sent > STEP_WAIT_S):
                     _interrupt(proc)
                     break
-                self.wake.wait(self.poll_s)
+                if how is not None and sent is None:
+                    proc.send_signal(how)
+                    sent = time.monotonic()
+                self._sleep()
         follower.poll()
         self._finish(job, proc.returncode, asked, follower)
 
@@ -220,24 +256,32 @@ class Worker:
         if asked == "shutdown":
             store.move(job_id, "queued", ("running",))
             store.add_event(job_id, "The server is stopping; the job continues from its newest checkpoint on restart")
+        elif code == 0 and (run_dir / "run.json").is_file() and asked != "cancel":  # a late pause lets it end
+            name = fine_tuned_name(base_name(job["model"]), job["request"].get("suffix"), job_id)
+            store.move(job_id, "succeeded", ("running",), fine_tuned_model=name, finished_at=now, requested=None,
+                       trained_tokens=follower.trained_tokens())
+            store.add_event(job_id, f"The job has successfully completed; the model is {name}")
         elif asked in ("cancel", "pause"):
             status = "cancelled" if asked == "cancel" else "paused"
             store.move(job_id, status, ("running",), requested=None, finished_at=now if asked == "cancel" else None)
             kept = [c.name for c in list_checkpoints(run_dir)]
             store.add_event(job_id, f"The job is {status}" + (f"; its checkpoints are kept ({', '.join(kept)})"
                                                                 if kept else ""))
-        elif code == 0 and (run_dir / "run.json").is_file():
-            base = job["model"]
-            name = fine_tuned_name(Path(base).name if Path(base).is_dir() else base,
-                                   job["request"].get("suffix"), job_id)
-            store.move(job_id, "succeeded", ("running",), fine_tuned_model=name, finished_at=now,
-                       trained_tokens=follower.trained_tokens())
-            store.add_event(job_id, f"The job has successfully completed; the model is {name}")
         else:
             error = {"code": "training_failed", "param": None,
                      "message": f"tuneforge train exited with status {code}: {_last_error(run_dir.parent)}"}
             store.move(job_id, "failed", ("running",), error=error, finished_at=now)
             store.add_event(job_id, error["message"], level="error")
+
+
+def _stop_signal(asked: str | None, follower: Follower) -> int | None:
+    """How to stop the process for what was asked: cancel (and a server stopping) interrupt it at once;
+    pause lets the step in progress end and has it saved (SAVE_AND_STOP), once the training loop, which
+    listens for that signal, has logged a step; before that nothing was trained, and it is interrupted.
+    A pause after the last step lets the job finish."""
+    if asked is None or (asked == "pause" and follower.at_end()):
+        return None
+    return SAVE_AND_STOP if asked == "pause" and follower.trained and SAVE_AND_STOP else signal.SIGINT
 
 
 def _interrupt(proc: subprocess.Popen) -> None:

@@ -65,6 +65,7 @@ from tuneforge.track.console import Reporter
 from tuneforge.train.schedule import lr_at, warmup_steps
 from tuneforge.train.select_best import select_checkpoint
 from tuneforge.train.steps import count_steps, next_step_batches
+from tuneforge.train.stop_signal import StopRequest
 from tuneforge.validate import check_data_files
 
 
@@ -220,7 +221,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     else:
         tracking = Trackers([], rep.warn)
     tracking.start(config_to_dict(cfg), run_manifest(config_to_dict(cfg), data_sha256=data.file_hashes, seed=cfg.seed,
-                                                     base_model=cfg.base_model, started=started))
+                                                     base_model=cfg.base_model, started=started,
+                                                     plan=counts.__dict__))  # total_steps, for a progress bar
     watch = Watch(cfg, counts.total_steps, data, tokenizer, rep.warn, tracking.finding, model)
     mfu = mfu_meter(model.config.to_dict(), cfg, device, dtype)
     batch_state = {"micro_batch_size": cfg.micro_batch_size, "micro_per_step": counts.micro_per_step,
@@ -237,6 +239,7 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
     if step == 0:
         objective.preflight(model)
     watchdog = Watchdog(cfg.distributed.watchdog_seconds if world.distributed else None, world.rank)
+    stop = StopRequest(listen=not world.distributed)  # SIGUSR1: save at the end of this step, then stop
     rep.start(counts.total_steps, step)
     try:
         while step < counts.total_steps and (stop_after is None or step < stop_after):
@@ -282,16 +285,18 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                 watchdog.pet("evaluation")
             tracking.log(record)
             rep.step(record)
-            if step == counts.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped:
+            if (step == counts.total_steps or (cfg.save_every and step % cfg.save_every == 0) or watch.early_stopped
+                    or stop.asked):
                 loop_state = {"cursor": cursor, "data_sha256": data.file_hashes, **batch_state, **watch.state()}
                 save_checkpoint(run_dir, step, model, optimizer, loop_state, cfg.keep_last, world)
                 watchdog.pet("checkpoint")
-            if watch.early_stopped:
+            if watch.early_stopped or stop.asked:
                 break
     except BaseException as err:
         tracking.finish({"steps": step}, "KILLED" if isinstance(err, (RunStopped, KeyboardInterrupt)) else "FAILED")
         raise
     finally:
+        stop.close()
         watchdog.stop()
         rep.stop()
     if step < counts.total_steps and not watch.early_stopped:

@@ -11,14 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.parallel.world import World, env_world
-from tuneforge.train.checkpoints.folders import DiskFullError, list_checkpoints, newest_verified, read_state, set_aside
+from tuneforge.train.checkpoints.folders import (
+    DiskFullError,
+    list_checkpoints,
+    newest_verified,
+    read_state,
+    set_aside,
+    written_steps,
+)
 from tuneforge.train.checkpoints.manifest import damage
 from tuneforge.train.checkpoints.sharded import is_sharded, load_sharded, save_sharded
 from tuneforge.train.checkpoints.single import CheckpointMismatch, load_single, save_single
 from tuneforge.train.checkpoints.trainable import trainable_parameters
 
 __all__ = ["CheckpointMismatch", "DiskFullError", "damage", "list_checkpoints", "load_checkpoint",
-           "newest_verified", "read_state", "save_checkpoint", "set_aside", "trainable_parameters"]
+           "newest_verified", "read_state", "save_checkpoint", "set_aside", "trainable_parameters", "written_steps"]
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,

@@ -22,6 +22,7 @@ from tuneforge.train.checkpoints.manifest import COMPLETE, damage, write_manifes
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 DAMAGED_PREFIX = "damaged-"
+WRITTEN_LOG = "written.jsonl"  # checkpoints/written.jsonl: one line per checkpoint published, never pruned
 
 
 class DiskFullError(TuneforgeError):
@@ -83,14 +84,33 @@ def read_state(ckpt: Path) -> dict:
 
 
 def publish(tmp: Path, final: Path, run_dir: Path, keep_last: int) -> None:
-    """The end of every save: write the manifest, fsync, rename into place, prune to keep_last checkpoints."""
+    """The end of every save: write the manifest, fsync, rename into place, note it in written.jsonl,
+    prune to keep_last checkpoints."""
     write_manifest(tmp)
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    with open(final.parent / WRITTEN_LOG, "a") as log:
+        log.write(json.dumps({"step": int(final.name.removeprefix("step-"))}) + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def written_steps(run_dir: Path) -> list[int]:
+    """Every checkpoint step this run has published, in order, including those keep_last pruned since:
+    a reader that lists the folders instead can miss one pruned between two of its looks."""
+    try:
+        lines = (run_dir / "checkpoints" / WRITTEN_LOG).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in lines:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash mid-write
+            continue
+    return steps
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
