@@ -65,9 +65,12 @@ def train_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    """A studio on 127.0.0.1 with two keys (alice, bob), its worker running training subprocesses."""
+def studio(tmp_path_factory, tiny_models):
+    """A studio on 127.0.0.1 with two keys (alice, bob), its worker running training subprocesses. With keys, a
+    job's model is a built-in or a folder under <home>/models named by its name: the tiny Llama is `llama`."""
     home = tmp_path_factory.mktemp("home")
+    (home / "models").mkdir()
+    (home / "models" / "llama").symlink_to(tiny_models["llama"])
     keys = {name: new_key(home / "keys", name) for name in ("alice", "bob")}
     server = make_studio(home, port=0, api_keys=home / "keys", quiet=True,
                          limits=StudioLimits(max_upload_bytes=32 * 1024, max_files=3))
@@ -84,7 +87,7 @@ def finished(studio, tiny_models, train_file):
     server, clients = studio
     alice = clients["alice"]
     uploaded = alice.files.create(file=train_file.open("rb"), purpose="fine-tune")
-    job = create(alice, tiny_models["llama"], uploaded.id, seed=7)
+    job = create(alice, "llama", uploaded.id, seed=7)
     assert job.status == "validating_files" and job.fine_tuned_model is None
     return uploaded, done(alice, job.id)
 
@@ -185,7 +188,7 @@ def test_a_planted_bad_line_fails_in_validation_naming_it(studio, tiny_models, t
     lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    job = create(alice, tiny_models["llama"], alice.files.create(file=bad.open("rb"), purpose="fine-tune").id)
+    job = create(alice, "llama", alice.files.create(file=bad.open("rb"), purpose="fine-tune").id)
     job = done(alice, job.id)
     assert job.status == "failed" and job.error.code == "invalid_training_file" and job.error.param == "training_file"
     assert "line 3:" in job.error.message and "no assistant turn" in job.error.message
@@ -196,8 +199,8 @@ def test_pause_resume_and_cancel_a_running_job_and_cancel_a_queued_one(studio, f
     server, clients = studio
     alice = clients["alice"]
     uploaded, _ = finished
-    first = create(alice, tiny_models["llama"], uploaded.id, steps=100_000)  # stopped long before its end
-    second = create(alice, tiny_models["llama"], uploaded.id)
+    first = create(alice, "llama", uploaded.id, steps=100_000)  # stopped long before its end
+    second = create(alice, "llama", uploaded.id)
     wait_for(lambda: alice.fine_tuning.jobs.retrieve(first.id).status == "running")
     assert alice.fine_tuning.jobs.cancel(second.id).status == "cancelled"  # never started
     alice.fine_tuning.jobs.pause(first.id)
