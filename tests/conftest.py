@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,14 @@ def memorise_records(n: int = 24) -> list[dict]:
         chat(f"Repeat {' '.join(words[: 1 + i % 8])} please", " ".join(words[: 1 + i % 8]).upper())
         for i in range(n)
     ]
+
+
+def wait_for(what, timeout: float = 180, every: float = 0.05):
+    """Poll `what()` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

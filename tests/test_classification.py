@@ -8,6 +8,7 @@ import random
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,7 @@ def make_cfg(tmp_path, model, records=None, out="run", **over):
            "adapter": "full", "prepare": {"cache": False}}
     raw.update(over)
     return config_from_dict(raw, base=tmp_path)
+
 
 
 def test_loss_equals_transformers_own(tmp_path, tiny_bert):
@@ -218,6 +220,21 @@ def post(server, path: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def pipeline_and_server_agree(expected: torch.Tensor, got: list, run: Path, texts: list[str]) -> None:
+    """The pipeline's scores (`got`, over an exported folder) equal the tuned model's own (`expected`), and
+    `tuneforge serve` of the run (the adapter on its base) answers /v1/classify as the pipeline does."""
+    for row, preds in zip(expected, got):
+        by_name = {p["label"]: p["score"] for p in preds}
+        assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
+    server = make_server(run, port=0, quiet=True, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert same(post(server, "/v1/classify", {"input": texts, "top_k": None})["data"], got)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_lora_adapter_loads_with_peft_and_export_merges_for_the_pipeline(tmp_path, tiny_bert):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -242,17 +259,7 @@ def test_lora_adapter_loads_with_peft_and_export_merges_for_the_pipeline(tmp_pat
 
     out = export_run(run, "hf", tmp_path / "hf", dtype="float32")
     got = pipeline("text-classification", model=str(out), device=-1)(texts, top_k=None)
-    for row, preds in zip(expected, got):
-        by_name = {p["label"]: p["score"] for p in preds}
-        assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
-
-    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")  # the adapter on its base
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        assert same(post(server, "/v1/classify", {"input": texts, "top_k": None})["data"], got)
-    finally:
-        server.shutdown()
-        server.server_close()
+    pipeline_and_server_agree(expected, got, tmp_path / "run", texts)
 
 
 def test_data_check_reports_label_problems(tmp_path, tiny_bert):
@@ -325,17 +332,7 @@ def test_decoder_llm_classifier_trains_exports_for_the_pipeline_and_serves(tmp_p
 
     out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "hf", dtype="float32")
     got = pipeline("text-classification", model=str(out), device=-1)(texts, top_k=None)
-    for row, preds in zip(expected, got):
-        by_name = {p["label"]: p["score"] for p in preds}
-        assert [by_name[n] for n in ("neg", "neu", "pos")] == pytest.approx(row.tolist(), abs=1e-5)
-
-    server = make_server(tmp_path / "run", port=0, quiet=True, device="cpu")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        assert same(post(server, "/v1/classify", {"input": texts, "top_k": None})["data"], got)
-    finally:
-        server.shutdown()
-        server.server_close()
+    pipeline_and_server_agree(expected, got, tmp_path / "run", texts)
 
 
 def test_qlora_classifier_keeps_its_head_unquantized_merges_and_serves(tmp_path, smol_tokenizer):

@@ -11,12 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
-from conftest import memorise_records, write_jsonl
+from conftest import memorise_records, wait_for, write_jsonl
 from safetensors.torch import load_file
 
 from tuneforge.config import config_from_dict
@@ -38,15 +37,6 @@ METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"batch_size":
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 NOWHERE = Path("/nonexistent-studio-home")  # a studio home with no models/ folder
 
-
-def wait_for(what, timeout: float = 120, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def done(client, job_id: str, statuses=("succeeded", "failed", "cancelled")):

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import chat, memorise_records
+from conftest import chat, memorise_records, wait_for
 
 from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
@@ -284,15 +284,6 @@ def test_plan_answers_fit_memory_and_cost_without_data(studio, tiny_models):
 
 
 # --- runs ------------------------------------------------------------------------------------------------
-
-def wait_for(what, timeout: float = 180, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
