@@ -26,7 +26,7 @@ from tuneforge.studio import StudioLimits, make_studio
 from tuneforge.studio.jobs import job_config, job_object
 from tuneforge.studio.keys import new_key
 from tuneforge.studio.store import Store
-from tuneforge.studio.worker import Follower
+from tuneforge.studio.worker import Follower, Worker
 from tuneforge.track.console import Reporter
 from tuneforge.train.loop import train
 
@@ -387,3 +387,27 @@ def test_a_home_made_by_an_earlier_studio_opens_and_its_jobs_gain_progress(tmp_p
         assert {k: store.job("ftjob-old")[k] for k in ("step", "total_steps")} == {"step": 3, "total_steps": 10}
     finally:
         store.close()
+
+
+def test_with_gpus_each_runs_its_own_job_at_the_same_time(tmp_path):
+    """--gpus 0,1: two queued jobs train at once, each process seeing only its own GPU."""
+    fake = tmp_path / "python"  # stands in for `python -m tuneforge train`: says its GPU, trains for a while
+    fake.write_text("#!/bin/sh\necho \"gpu=$CUDA_VISIBLE_DEVICES start=$(date +%s.%N)\"\nsleep 1.5\n"
+                    "echo \"end=$(date +%s.%N)\"\nexit 3\n")
+    fake.chmod(0o755)
+    store = Store(tmp_path / "home")
+    worker = Worker(store, str(fake), poll_s=0.05, gpus=["0", "1"])
+    try:
+        ids = [store.add_job("local", "m", {"suffix": None}, {})["id"] for _ in range(2)]
+        for job_id in ids:
+            store.move(job_id, "queued", ("validating_files",))
+        worker.start()
+        wait_for(lambda: all(store.job(i)["status"] == "failed" for i in ids), timeout=60)
+    finally:
+        worker.stop()
+        store.close()
+    logs = [dict(w.split("=") for w in (tmp_path / "home" / "jobs" / i / "train.log").read_text().split())
+            for i in ids]
+    assert sorted(log["gpu"] for log in logs) == ["0", "1"]
+    first, second = sorted(logs, key=lambda log: float(log["start"]))
+    assert float(second["start"]) < float(first["end"])  # they overlapped: neither waited for the other

@@ -229,7 +229,8 @@ def cmd_studio(args) -> int:
         print(f"API key for {args.new_key} (shown once; {args.api_keys} keeps only its hash):\n{key}")
         return 0
     limits = StudioLimits(args.max_upload_mb * 1024 * 1024, args.max_files)
-    studio(args.home, args.host, args.port, args.api_keys, limits)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    studio(args.home, args.host, args.port, args.api_keys, limits, gpus=gpus)
     return 0
 
 
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-key", metavar="NAME", help="add a key for NAME to --api-keys, print it once, and exit")
     p.add_argument("--max-upload-mb", type=int, default=512, metavar="MB", help="largest file accepted (default 512)")
     p.add_argument("--max-files", type=int, default=1000, metavar="N", help="files kept per key (default 1000)")
+    p.add_argument("--gpus", metavar="0,1,...", help="train one job at a time on each of these GPUs (default: one "
+                   "job at a time on the devices this process sees)")
     p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("merge-models", help="merge fine-tuned models: linear, slerp, task arithmetic, TIES, DARE, Model Stock")

@@ -362,7 +362,7 @@ def read_multipart(content_type: str, raw: bytes) -> dict:
 def make_studio(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
                 api_keys: str | Path | None = None, limits: StudioLimits = StudioLimits(),
                 serve_limits: Limits = Limits(), device: str = "auto", python: str = sys.executable,
-                quiet: bool = False) -> StudioServer:
+                quiet: bool = False, gpus: list[str] | None = None) -> StudioServer:
     """Open the store, start the worker (resuming what a killed server left running) and bind the socket;
     call .serve_forever() and later .shutdown() and .server_close(). port=0 picks a free port."""
     keys = load_keys(api_keys) if api_keys else None
@@ -371,16 +371,17 @@ def make_studio(home: str | Path | None = None, host: str = "127.0.0.1", port: i
                           "--api-keys FILE (make keys with `tuneforge studio --api-keys FILE --new-key NAME`) or "
                           "keep --host 127.0.0.1")
     store = Store(home or default_home())
-    worker = Worker(store, python)
+    worker = Worker(store, python, gpus=gpus)
     server = StudioServer(store, worker, Models(store, serve_limits, device), host, port, keys, limits, quiet)
     worker.start()
     return server
 
 
 def studio(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-           api_keys: str | Path | None = None, limits: StudioLimits = StudioLimits(), quiet: bool = False) -> None:
+           api_keys: str | Path | None = None, limits: StudioLimits = StudioLimits(), quiet: bool = False,
+           gpus: list[str] | None = None) -> None:
     """`tuneforge studio`: answer until Ctrl-C; a job in training then continues at the next start."""
-    server = make_studio(home, host, port, api_keys, limits, quiet=quiet)
+    server = make_studio(home, host, port, api_keys, limits, quiet=quiet, gpus=gpus)
     print(f"tuneforge studio at {server.url} (home {server.store.home}; Ctrl-C to stop)", file=sys.stderr, flush=True)
     serve_until_stopped(server)
 

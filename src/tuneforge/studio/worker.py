@@ -1,5 +1,6 @@
 """The queue's two workers: one checks each new job's files (as `tuneforge data check` does) and queues it,
-the other runs queued jobs in the order they were created, one at a time, as `tuneforge train` processes.
+the others run queued jobs in the order they were created as `tuneforge train` processes: one at a time, or
+one per GPU given (`--gpus 0,1`: each of those threads runs its jobs with CUDA_VISIBLE_DEVICES set to its GPU).
 
 A training process dies with the server (PR_SET_PDEATHSIG), so a kill -9 of the server leaves nothing
 running; on the next start a job still marked running goes back to the front of the queue and continues
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -157,10 +159,13 @@ class Follower:
 
 
 class Worker:
-    """The two worker threads; start() after the store is open, stop() before it closes."""
+    """The worker threads (one validates, one trains per GPU); start() after the store is open, stop() before
+    it closes. `gpus` None: one training thread, the process's own devices."""
 
-    def __init__(self, store: Store, python: str = sys.executable, poll_s: float = 0.5):
+    def __init__(self, store: Store, python: str = sys.executable, poll_s: float = 0.5,
+                 gpus: list[str] | None = None):
         self.store, self.python, self.poll_s = store, python, poll_s
+        self.gpus: list[str | None] = list(gpus) if gpus else [None]
         self.stopping, self.wake = threading.Event(), threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -172,8 +177,10 @@ class Worker:
                             finished_at=int(time.time()) if after == "cancelled" else None)
             self.store.add_event(job["id"], "The server restarted during training; the job continues from its "
                                  "newest checkpoint" if after == "queued" else f"The job is {after}")
-        for target in (self._validate_loop, self._train_loop):
-            thread = threading.Thread(target=target, name=f"studio-{target.__name__[1:]}", daemon=True)
+        loops = [(self._validate_loop, (), "validate"),
+                 *((self._train_loop, (gpu,), f"train-{gpu or 'all'}") for gpu in self.gpus)]
+        for target, args, name in loops:
+            thread = threading.Thread(target=target, args=args, name=f"studio-{name}", daemon=True)
             thread.start()
             self.threads.append(thread)
 
@@ -206,7 +213,7 @@ class Worker:
                                  finished_at=int(time.time())):
                 self.store.add_event(job["id"], error["message"], level="error")
 
-    def _train_loop(self) -> None:
+    def _train_loop(self, gpu: str | None) -> None:
         while not self.stopping.is_set():
             job = self.store.next_job("queued")
             if job is None:
@@ -215,14 +222,14 @@ class Worker:
             if not self.store.move(job["id"], "running", ("queued",)):
                 continue
             try:
-                self._run(self.store.job(job["id"]))
+                self._run(self.store.job(job["id"]), gpu)
             except Exception as err:  # the job fails, the queue goes on
                 error = {"code": "training_failed", "param": None,
                          "message": f"the studio could not run the job: {type(err).__name__}: {err}"}
                 if self.store.move(job["id"], "failed", ("running",), error=error, finished_at=int(time.time())):
                     self.store.add_event(job["id"], error["message"], level="error")
 
-    def _run(self, job: dict) -> None:
+    def _run(self, job: dict, gpu: str | None) -> None:
         job_id, store = job["id"], self.store
         run_dir = store.run_dir(job_id)
         config = run_dir.parent / "config.yaml"
@@ -234,7 +241,8 @@ class Worker:
         with open(run_dir.parent / "train.log", "ab") as log:
             proc = subprocess.Popen([self.python, "-m", "tuneforge", "train", str(config), *(["--resume"] * resume)],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=run_dir.parent, preexec_fn=_die_with_parent, start_new_session=True)
+                                    cwd=run_dir.parent, preexec_fn=_die_with_parent, start_new_session=True,
+                                    env=None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
             asked, sent = None, None
             while proc.poll() is None:
                 follower.poll()
