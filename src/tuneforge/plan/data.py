@@ -19,6 +19,7 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.formats import Record
 from tuneforge.methods.facts import function_at, method_facts
+from tuneforge.plan.tokenizer import file_tokenizer
 
 PREPARE_DATA = "tuneforge.data.dataset:prepare_data"  # the chat/text preparation that the sampling below mirrors
 SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache, at most
@@ -256,10 +257,13 @@ def _remember_class(key: str, name: str) -> None:
 
 
 def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
-    """models.load.load_tokenizer, the second time much faster. AutoTokenizer picks the tokenizer
-    class from the model's configuration, which imports torch: 1.2 of plan's 2 seconds. The class
-    it picked for this folder is remembered (in the tuneforge cache, keyed by the tokenizer files
-    and the transformers version), and later loads name that class directly."""
+    """models.load.load_tokenizer, much faster. A folder with a tokenizer.json is read without
+    transformers (plan.tokenizer: its import is over a second of a cold plan). Otherwise AutoTokenizer
+    picks the tokenizer class from the model's configuration, which imports torch: the class it picked
+    for this folder is remembered (in the tuneforge cache, keyed by the tokenizer files and the
+    transformers version), and later loads name that class directly."""
+    if not trust_remote_code and (light := file_tokenizer(folder, chat_template)) is not None:
+        return light
     import transformers
 
     from tuneforge.data.template import resolve_chat_template
