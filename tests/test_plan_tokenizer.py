@@ -54,3 +54,19 @@ def test_plan_never_imports_transformers(builtin_folder):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "no transformers"
+
+
+def test_the_built_in_gguf_tokenizer_is_built_as_transformers_builds_it():
+    """On a fresh machine plan builds the stand-in tokenizer from the built-in GGUF without transformers."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    from tuneforge.models.resolve import builtin_gguf
+    from tuneforge.plan.gguf_tokenizer import byte_level_tokenizer
+
+    gguf = builtin_gguf("smollm2-135m-instruct")
+    tokenizer, config, template = byte_level_tokenizer(gguf)
+    architecture, tokenizer_dict, want_config = get_gguf_tokenizer(str(gguf))
+    want, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    assert tokenizer.to_str() == want.to_str()
+    assert config == {k: want_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    assert template == want_config["chat_template"]

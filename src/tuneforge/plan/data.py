@@ -8,9 +8,11 @@ minutes and plan answers in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
+from importlib import metadata
 from itertools import islice
 from pathlib import Path
 
@@ -19,9 +21,12 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.formats import Record
 from tuneforge.methods.facts import function_at, method_facts
+from tuneforge.models.resolve import cache_root
+from tuneforge.plan.gguf_tokenizer import byte_level_tokenizer
 from tuneforge.plan.tokenizer import file_tokenizer
 
 PREPARE_DATA = "tuneforge.data.dataset:prepare_data"  # the chat/text preparation that the sampling below mirrors
+GGUF_TOKENIZER_CLASS = "TokenizersBackend"  # what transformers names the tokenizer it builds from a byte-level GGUF
 SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache, at most
 # Encoding costs ~0.6 ms a record on a small CPU: a first MIN_SAMPLE records are encoded, the rest
 # only when the token count's stated error is still above TARGET_ERROR (the stand-in tokenizer of a
@@ -224,11 +229,17 @@ def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEs
     return from_cache(cfg, tokenizer) or from_sample(cfg, tokenizer, limit)
 
 
+def _transformers_version() -> str:
+    """Read from the package's metadata: importing transformers for it is a second of a cold plan."""
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 def _tokenizer_key(folder: Path) -> str:
     """The folder's tokenizer files as they are now, and the transformers version that reads them."""
-    import transformers
-
-    parts = [str(folder.resolve()), transformers.__version__]
+    parts = [str(folder.resolve()), _transformers_version()]
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
         path = folder / name
         if path.is_file():
@@ -238,8 +249,6 @@ def _tokenizer_key(folder: Path) -> str:
 
 
 def _classes_file() -> Path:
-    from tuneforge.models.resolve import cache_root
-
     return cache_root() / "plan" / "tokenizer_classes.json"
 
 
@@ -316,28 +325,38 @@ def _tokenizer_from_gguf(gguf: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def _write_tokenizer_folder(folder: Path, tokenizer, config: dict, chat_template: str | None) -> None:
+    """A tokenizer folder as transformers saves one (tokenizer.json, tokenizer_config.json, the template)."""
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"backend": "tokenizers", "tokenizer_class": GGUF_TOKENIZER_CLASS, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template)
+
+
 def gguf_tokenizer_folder(gguf: Path) -> Path:
-    """A folder holding the tokenizer of a .gguf file, written the first time (reading a GGUF's
-    vocabulary takes seconds: its 50k-150k strings are parsed one by one), then read like any other.
-    Keyed by the file's path, size and time and the transformers version that converted it."""
-    import hashlib
-
-    import transformers
-
-    from tuneforge.models.resolve import cache_root
-
+    """A folder holding the tokenizer of a .gguf file, written the first time (by plan.gguf_tokenizer for
+    a byte-level BPE like the built-in model's, in a fraction of a second; by transformers otherwise),
+    then read like any other. Keyed by the file's path, size and time and the transformers version."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_transformers_version()}".encode())
     folder = cache_root() / "plan" / "gguf-tokenizers" / key.hexdigest()[:24]
     if not (folder / "tokenizer.json").is_file():
-        tokenizer = _tokenizer_from_gguf(gguf)
         tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        tokenizer.save_pretrained(tmp)
+        built = byte_level_tokenizer(gguf)
+        if built is not None:
+            _write_tokenizer_folder(tmp, *built)
+            name = GGUF_TOKENIZER_CLASS
+        else:
+            tokenizer = _tokenizer_from_gguf(gguf)
+            tokenizer.save_pretrained(tmp)
+            name = type(tokenizer).__name__
         try:
             os.replace(tmp, folder)
         except OSError:  # written meanwhile by another process
             pass
         # The folder's tokenizer_config.json names this class, so AutoTokenizer would pick it: the
         # first load from the folder can skip AutoTokenizer's lookup (and its torch import) too.
-        _remember_class(_tokenizer_key(folder), type(tokenizer).__name__)
+        _remember_class(_tokenizer_key(folder), name)
     return folder
