@@ -70,3 +70,16 @@ def test_the_built_in_gguf_tokenizer_is_built_as_transformers_builds_it():
     assert tokenizer.to_str() == want.to_str()
     assert config == {k: want_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     assert template == want_config["chat_template"]
+
+
+def test_plan_remembers_a_files_hash_until_the_file_changes(tmp_path, monkeypatch):
+    """plan finds the prepared-data cache by the files' hashes: remembered, they must still change with the file."""
+    from tuneforge.data.dataset import file_hashes
+    from tuneforge.plan.data import _file_hashes
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", _chats())
+    cfg = config_from_dict({"datasets": [{"path": str(data)}], "validation": {"path": str(data)}})
+    assert _file_hashes(cfg) == _file_hashes(cfg) == file_hashes(cfg)
+    write_jsonl(data, _chats()[:1])
+    assert _file_hashes(cfg) == file_hashes(cfg)
