@@ -97,11 +97,13 @@ def image_estimate(cfg: Config, positions: int) -> DataEstimate:
                    classes=len(classes))
 
 
+def _data_paths(cfg: Config) -> list[str]:
+    """The training and validation files as the config names them (the prepared-data cache's keys)."""
+    return [ds.path for ds in cfg.datasets] + ([cfg.validation.path] if cfg.validation and cfg.validation.path else [])
+
+
 def _data_files(cfg: Config) -> list[Path]:
-    files = [Path(ds.path) for ds in cfg.datasets]
-    if cfg.validation and cfg.validation.path:
-        files.append(Path(cfg.validation.path))
-    return files
+    return [Path(name) for name in _data_paths(cfg)]
 
 
 def _size(path: Path) -> int:
@@ -121,7 +123,7 @@ def _file_hashes(cfg: Config) -> dict[str, str]:
     except (OSError, ValueError):
         known = {}
     hashes, new = {}, {}
-    for name in [ds.path for ds in cfg.datasets] + ([cfg.validation.path] if cfg.validation and cfg.validation.path else []):
+    for name in _data_paths(cfg):
         path = Path(name)
         if not path.exists():
             continue
@@ -330,12 +332,15 @@ def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remo
     return tokenizer
 
 
-def counting_tokenizer(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
-    """The tokenizer plan counts with: read from tokenizer.json without transformers where the folder
-    has one (importing transformers is over a second of a cold plan), else load_tokenizer_quickly."""
-    if not trust_remote_code and (tokenizer := file_tokenizer(folder, chat_template)) is not None:
-        return tokenizer
-    return load_tokenizer_quickly(folder, chat_template, trust_remote_code)
+def counting_tokenizer(folder: Path, cfg: Config):
+    """The tokenizer plan counts with. For chat and text records (data.dataset's preparation, sampled
+    above) it is read from tokenizer.json without transformers where the folder has one (importing
+    transformers is over a second of a cold plan); a task's own preparation gets load_tokenizer_quickly's."""
+    if method_facts(cfg).prepare == PREPARE_DATA and not cfg.trust_remote_code:
+        tokenizer = file_tokenizer(folder, cfg.chat_template)
+        if tokenizer is not None:
+            return tokenizer
+    return load_tokenizer_quickly(folder, cfg.chat_template, cfg.trust_remote_code)
 
 
 def _tokenizer_from_gguf(gguf: Path):

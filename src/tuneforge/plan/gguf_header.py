@@ -44,7 +44,7 @@ class _Cursor:
         try:
             (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error:
-            raise ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated") from None
+            raise self._truncated() from None
         self.pos += struct.calcsize("<" + fmt)
         return value
 
@@ -54,15 +54,20 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def strings(self, count: int) -> list[str]:
-        out, buf, pos = [], self.buf, self.pos
+    def _truncated(self) -> ModelError:
+        return ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated")
+
+    def strings(self, count: int, keep: bool = True) -> list[str]:
+        """`count` strings, decoded when kept (walked in one loop: the vocabulary has ~50k-150k)."""
+        out, buf, pos, unpack = [], self.buf, self.pos, struct.Struct("<Q").unpack_from
         try:
             for _ in range(count):
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+                (n,) = unpack(buf, pos)
+                if keep:
+                    out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
                 pos += 8 + n
         except struct.error:
-            raise ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated") from None
+            raise self._truncated() from None
         self.pos = pos
         return out
 
@@ -74,16 +79,13 @@ class _Cursor:
         try:
             out = list(struct.unpack_from(fmt, self.buf, self.pos))
         except struct.error:
-            raise ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated") from None
+            raise self._truncated() from None
         self.pos += struct.calcsize(fmt)
         return out
 
     def skip(self, vtype: int, count: int) -> None:
         if vtype == GGUFValueType.STRING:
-            buf, pos, unpack = self.buf, self.pos, struct.Struct("<Q").unpack_from
-            for _ in range(count):
-                pos += 8 + unpack(buf, pos)[0]
-            self.pos = pos
+            self.strings(count, keep=False)
         elif vtype == GGUFValueType.ARRAY:
             for _ in range(count):
                 self.skip(self.take("I"), self.take("Q"))

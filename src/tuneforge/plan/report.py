@@ -159,10 +159,10 @@ def _accumulation(cfg: Config) -> int:
 def _tokenizer(info: ModelInfo, cfg: Config):
     """(tokenizer, note): the model's own where it is on this machine, else the built-in model's as a stand-in."""
     if info.tokenizer_folder is not None:
-        return counting_tokenizer(info.tokenizer_folder, cfg.chat_template, cfg.trust_remote_code), ""
+        return counting_tokenizer(info.tokenizer_folder, cfg), ""
     if info.gguf is not None:
         folder = gguf_tokenizer_folder(info.gguf)
-        return counting_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code), ""
+        return counting_tokenizer(folder, cfg), ""
     from tuneforge.models.resolve import BUILTIN_MODELS
 
     builtin = next(iter(BUILTIN_MODELS))

@@ -63,16 +63,12 @@ class FileTokenizer:
         self.bos_token_id = backend.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token else None
         self.all_special_tokens = list(dict.fromkeys(self.special_tokens_map.values()))
-        self.is_fast = True
 
     def get_added_vocab(self) -> dict[str, int]:
         return {t.content: i for i, t in self.backend_tokenizer.get_added_tokens_decoder().items()}
 
     def __call__(self, text: str) -> SimpleNamespace:
         return SimpleNamespace(input_ids=self.backend_tokenizer.encode(text, add_special_tokens=True).ids)
-
-    def __len__(self) -> int:
-        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
                             add_generation_prompt: bool = False) -> str:
@@ -85,7 +81,7 @@ class FileTokenizer:
 
 def file_tokenizer(folder: Path, chat_template: str = "auto") -> FileTokenizer | None:
     """The folder's tokenizer without transformers, or None when it needs transformers' own classes
-    (no tokenizer.json, or a chat template stored in a form read here)."""
+    (no tokenizer.json, named chat templates, BOS/EOS that transformers adds beyond tokenizer.json's own)."""
     path = folder / "tokenizer.json"
     config_path = folder / "tokenizer_config.json"
     if not path.is_file() or not config_path.is_file():
@@ -102,6 +98,10 @@ def file_tokenizer(folder: Path, chat_template: str = "auto") -> FileTokenizer |
     if template is not None and not isinstance(template, str):  # named templates: transformers picks one
         return None
     tokenizer = FileTokenizer(backend, config, template)
+    ids = tokenizer("a").input_ids
+    if ((config.get("add_bos_token") and ids[:1] != [tokenizer.bos_token_id])
+            or (config.get("add_eos_token") and ids[-1:] != [tokenizer.eos_token_id])):
+        return None  # transformers adds these itself (its post-processor, rebuilt at load): let it
     if chat_template != "auto" or tokenizer.chat_template:
         tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # as models.load.load_tokenizer does
