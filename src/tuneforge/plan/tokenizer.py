@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from tuneforge.data.template import resolve_chat_template
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+REASONING = ("reasoning_content", "thinking", "reasoning")  # names a turn's reasoning goes by in templates
 
 
 def _text(token) -> str | None:
@@ -51,6 +52,15 @@ def _compiled(template: str):
     return env.from_string(template)
 
 
+def _with_reasoning_aliases(messages: list[dict]) -> list[dict]:
+    """A turn's reasoning under each name templates read it by, as transformers passes it."""
+    out = []
+    for message in messages:
+        reasoning = next((message[k] for k in REASONING if message.get(k) is not None), None)
+        out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
+    return out
+
+
 class FileTokenizer:
     """tokenizer.json plus the special tokens and chat template of tokenizer_config.json."""
 
@@ -74,9 +84,9 @@ class FileTokenizer:
                             add_generation_prompt: bool = False) -> str:
         """The rendered text (tokenize=False only: the callers here tokenize span by span)."""
         assert not tokenize, "FileTokenizer renders text; encode it with backend_tokenizer"
-        return _compiled(self.chat_template).render(messages=messages, tools=None, documents=None,
-                                                    add_generation_prompt=add_generation_prompt,
-                                                    **self.special_tokens_map)
+        template = _compiled(self.chat_template)
+        return template.render(messages=_with_reasoning_aliases(messages), tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
 
 
 def file_tokenizer(folder: Path, chat_template: str = "auto") -> FileTokenizer | None:
