@@ -616,16 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Our own progress and messages replace the libraries' per-tensor bars and deprecation notes."""
+    """Our own progress and messages replace the libraries' per-tensor bars and deprecation notes. Said
+    through the variables transformers and huggingface_hub read at import, so that a command that never
+    imports them (plan) does not pay a second for the import; set directly when already imported."""
     import warnings
 
     # bitsandbytes warns at import that an optional CPU kernel package is missing; its fallback is used.
     # Set before transformers is imported, since importing it can import bitsandbytes.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from huggingface_hub import constants as hf_constants
+
 from tuneforge.errors import ModelError
 
 # name -> (python package shipping the file, file name inside it, pip requirement)
@@ -113,6 +115,10 @@ def unpacked_folder(archive: Path, cache: Path | None = None) -> Path:
 
 
 def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The hub cache's copy of a model id. Importing snapshot_download costs half a second: plan asks
+    about ids that are not on the machine (a table shape), so an id with no cache folder stops here."""
+    if not (Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return None
     try:
         from huggingface_hub import snapshot_download
 

@@ -8,9 +8,11 @@ minutes and plan answers in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
+from importlib import metadata
 from itertools import islice
 from pathlib import Path
 
@@ -19,8 +21,12 @@ import numpy as np
 from tuneforge.config import Config
 from tuneforge.data.formats import Record
 from tuneforge.methods.facts import function_at, method_facts
+from tuneforge.models.resolve import cache_root
+from tuneforge.plan.gguf_tokenizer import byte_level_tokenizer
+from tuneforge.plan.tokenizer import file_tokenizer
 
 PREPARE_DATA = "tuneforge.data.dataset:prepare_data"  # the chat/text preparation that the sampling below mirrors
+GGUF_TOKENIZER_CLASS = "TokenizersBackend"  # what transformers names the tokenizer it builds from a byte-level GGUF
 SAMPLE_RECORDS = 1000  # records encoded per dataset when there is no cache, at most
 # Encoding costs ~0.6 ms a record on a small CPU: a first MIN_SAMPLE records are encoded, the rest
 # only when the token count's stated error is still above TARGET_ERROR (the stand-in tokenizer of a
@@ -91,11 +97,13 @@ def image_estimate(cfg: Config, positions: int) -> DataEstimate:
                    classes=len(classes))
 
 
+def _data_paths(cfg: Config) -> list[str]:
+    """The training and validation files as the config names them (the prepared-data cache's keys)."""
+    return [ds.path for ds in cfg.datasets] + ([cfg.validation.path] if cfg.validation and cfg.validation.path else [])
+
+
 def _data_files(cfg: Config) -> list[Path]:
-    files = [Path(ds.path) for ds in cfg.datasets]
-    if cfg.validation and cfg.validation.path:
-        files.append(Path(cfg.validation.path))
-    return files
+    return [Path(name) for name in _data_paths(cfg)]
 
 
 def _size(path: Path) -> int:
@@ -104,13 +112,39 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+def _file_hashes(cfg: Config) -> dict[str, str]:
+    """data.dataset.file_hashes, with a file's hash remembered by its path, size and modification time
+    (hashing a 130 MB file takes 0.2 s, a tenth of a cold plan); a saved folder is hashed each time."""
+    from tuneforge.data.dataset import sha256_file
+
+    table = cache_root() / "plan" / "file_hashes.json"
+    try:
+        known = json.loads(table.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hashes, new = {}, {}
+    for name in _data_paths(cfg):
+        path = Path(name)
+        if not path.exists():
+            continue
+        if path.is_dir():
+            hashes[name] = sha256_file(path)
+            continue
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        hashes[name] = known.get(key) or new.setdefault(key, sha256_file(path))
+    if new:
+        _remember(table, new)
+    return hashes
+
+
 def from_cache(cfg: Config, tokenizer) -> DataEstimate | None:
     """The prepared data of exactly these settings, if a run or `data prepare` cached it."""
-    from tuneforge.data.dataset import _cache_dir, _load_cache, cache_key, file_hashes
+    from tuneforge.data.dataset import _cache_dir, _load_cache, cache_key
 
     if not cfg.prepare.cache or sum(_size(p) for p in _data_files(cfg)) > HASH_LIMIT:
         return None
-    folder = _cache_dir(cache_key(cfg, tokenizer, file_hashes(cfg)))
+    folder = _cache_dir(cache_key(cfg, tokenizer, _file_hashes(cfg)))
     if not (folder / "meta.json").is_file():
         return None
     data = _load_cache(folder)
@@ -223,11 +257,17 @@ def data_estimate(cfg: Config, tokenizer, limit: int = SAMPLE_RECORDS) -> DataEs
     return from_cache(cfg, tokenizer) or from_sample(cfg, tokenizer, limit)
 
 
+def _transformers_version() -> str:
+    """Read from the package's metadata: importing transformers for it is a second of a cold plan."""
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 def _tokenizer_key(folder: Path) -> str:
     """The folder's tokenizer files as they are now, and the transformers version that reads them."""
-    import transformers
-
-    parts = [str(folder.resolve()), transformers.__version__]
+    parts = [str(folder.resolve()), _transformers_version()]
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
         path = folder / name
         if path.is_file():
@@ -237,22 +277,24 @@ def _tokenizer_key(folder: Path) -> str:
 
 
 def _classes_file() -> Path:
-    from tuneforge.models.resolve import cache_root
-
     return cache_root() / "plan" / "tokenizer_classes.json"
 
 
-def _remember_class(key: str, name: str) -> None:
-    path = _classes_file()
+def _remember(path: Path, entries: dict[str, str]) -> None:
+    """Add entries to a JSON table in the tuneforge cache (written whole, atomically)."""
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
-        known[key] = name
+        known.update(entries)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1))
         os.replace(tmp, path)
     except (OSError, ValueError):
         pass  # only speed is lost
+
+
+def _remember_class(key: str, name: str) -> None:
+    _remember(_classes_file(), {key: name})
 
 
 def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
@@ -290,6 +332,17 @@ def load_tokenizer_quickly(folder: Path, chat_template: str = "auto", trust_remo
     return tokenizer
 
 
+def counting_tokenizer(folder: Path, cfg: Config):
+    """The tokenizer plan counts with. For chat and text records (data.dataset's preparation, sampled
+    above) it is read from tokenizer.json without transformers where the folder has one (importing
+    transformers is over a second of a cold plan); a task's own preparation gets load_tokenizer_quickly's."""
+    if method_facts(cfg).prepare == PREPARE_DATA and not cfg.trust_remote_code:
+        tokenizer = file_tokenizer(folder, cfg.chat_template)
+        if tokenizer is not None:
+            return tokenizer
+    return load_tokenizer_quickly(folder, cfg.chat_template, cfg.trust_remote_code)
+
+
 def _tokenizer_from_gguf(gguf: Path):
     """The tokenizer AutoTokenizer builds from a .gguf, built from its tokenizer metadata alone: 3 s
     instead of 12 on a 2-core machine, because AutoTokenizer also reads every tensor's header and the
@@ -307,28 +360,38 @@ def _tokenizer_from_gguf(gguf: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def _write_tokenizer_folder(folder: Path, tokenizer, config: dict, chat_template: str | None) -> None:
+    """A tokenizer folder as transformers saves one (tokenizer.json, tokenizer_config.json, the template)."""
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"backend": "tokenizers", "tokenizer_class": GGUF_TOKENIZER_CLASS, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if chat_template is not None:
+        (folder / "chat_template.jinja").write_text(chat_template)
+
+
 def gguf_tokenizer_folder(gguf: Path) -> Path:
-    """A folder holding the tokenizer of a .gguf file, written the first time (reading a GGUF's
-    vocabulary takes seconds: its 50k-150k strings are parsed one by one), then read like any other.
-    Keyed by the file's path, size and time and the transformers version that converted it."""
-    import hashlib
-
-    import transformers
-
-    from tuneforge.models.resolve import cache_root
-
+    """A folder holding the tokenizer of a .gguf file, written the first time (by plan.gguf_tokenizer for
+    a byte-level BPE like the built-in model's, in a fraction of a second; by transformers otherwise),
+    then read like any other. Keyed by the file's path, size and time and the transformers version."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_transformers_version()}".encode())
     folder = cache_root() / "plan" / "gguf-tokenizers" / key.hexdigest()[:24]
     if not (folder / "tokenizer.json").is_file():
-        tokenizer = _tokenizer_from_gguf(gguf)
         tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        tokenizer.save_pretrained(tmp)
+        built = byte_level_tokenizer(gguf)
+        if built is not None:
+            _write_tokenizer_folder(tmp, *built)
+            name = GGUF_TOKENIZER_CLASS
+        else:
+            tokenizer = _tokenizer_from_gguf(gguf)
+            tokenizer.save_pretrained(tmp)
+            name = type(tokenizer).__name__
         try:
             os.replace(tmp, folder)
         except OSError:  # written meanwhile by another process
             pass
         # The folder's tokenizer_config.json names this class, so AutoTokenizer would pick it: the
         # first load from the folder can skip AutoTokenizer's lookup (and its torch import) too.
-        _remember_class(_tokenizer_key(folder), type(tokenizer).__name__)
+        _remember_class(_tokenizer_key(folder), name)
     return folder

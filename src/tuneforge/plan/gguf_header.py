@@ -4,7 +4,8 @@ gguf's GGUFReader builds a numpy view for every string of every array while it o
 for the built-in model's 49,152-token vocabulary and its merges that is 1.7 s on a 2-core
 machine, most of `plan`'s 2-second budget, for values plan never reads. This reader walks the
 same header with gguf's own type codes, keeps scalars and strings, and for arrays keeps only
-their length (the vocabulary size). Nothing past the header is touched.
+their length (the vocabulary size), except the arrays asked for by name (the tokenizer's, when plan
+builds it from the file). Nothing past the header is touched.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ _SCALARS = {
 
 @dataclass
 class GGUFHeader:
-    """Scalar and string metadata by key; arrays as their length; the names of the tensors."""
+    """Scalar and string metadata by key; arrays as their length (those asked for in full); the names of the tensors."""
 
     fields: dict[str, object] = field(default_factory=dict)
     array_lengths: dict[str, int] = field(default_factory=dict)
+    arrays: dict[str, list] = field(default_factory=dict)
     tensors: list[str] = field(default_factory=list)
 
 
@@ -42,7 +44,7 @@ class _Cursor:
         try:
             (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error:
-            raise ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated") from None
+            raise self._truncated() from None
         self.pos += struct.calcsize("<" + fmt)
         return value
 
@@ -52,11 +54,38 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def _truncated(self) -> ModelError:
+        return ModelError(f"base_model: {self.path} ends inside its GGUF header; the file is truncated")
+
+    def strings(self, count: int, keep: bool = True) -> list[str]:
+        """`count` strings, decoded when kept (walked in one loop: the vocabulary has ~50k-150k)."""
+        out, buf, pos, unpack = [], self.buf, self.pos, struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                if keep:
+                    out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+                pos += 8 + n
+        except struct.error:
+            raise self._truncated() from None
+        self.pos = pos
+        return out
+
+    def values(self, vtype: int, count: int) -> list:
+        """An array of strings or numbers, read in full."""
+        if vtype == GGUFValueType.STRING:
+            return self.strings(count)
+        fmt = f"<{count}{_SCALARS[GGUFValueType(vtype)]}"
+        try:
+            out = list(struct.unpack_from(fmt, self.buf, self.pos))
+        except struct.error:
+            raise self._truncated() from None
+        self.pos += struct.calcsize(fmt)
+        return out
+
     def skip(self, vtype: int, count: int) -> None:
         if vtype == GGUFValueType.STRING:
-            for _ in range(count):
-                n = self.take("Q")
-                self.pos += n
+            self.strings(count, keep=False)
         elif vtype == GGUFValueType.ARRAY:
             for _ in range(count):
                 self.skip(self.take("I"), self.take("Q"))
@@ -64,8 +93,8 @@ class _Cursor:
             self.pos += struct.calcsize("<" + _SCALARS[GGUFValueType(vtype)]) * count
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """The header of a GGUF file (version 2 or 3)."""
+def read_gguf_header(path: str | Path, arrays: tuple[str, ...] = ()) -> GGUFHeader:
+    """The header of a GGUF file (version 2 or 3), with the arrays named in `arrays` read in full."""
     path = Path(path)
     with open(path, "rb") as f:
         try:
@@ -88,7 +117,10 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             elif vtype == GGUFValueType.ARRAY:
                 item, count = cur.take("I"), cur.take("Q")
                 header.array_lengths[key] = count
-                cur.skip(item, count)
+                if key in arrays and item != GGUFValueType.ARRAY:
+                    header.arrays[key] = cur.values(item, count)
+                else:
+                    cur.skip(item, count)
             elif vtype in _SCALARS:
                 header.fields[key] = cur.take(_SCALARS[GGUFValueType(vtype)])
             else:

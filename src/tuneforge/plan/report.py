@@ -18,7 +18,7 @@ from tuneforge.methods.facts import method_facts
 from tuneforge.plan.advice import candidates, settings_warnings
 from tuneforge.plan.assumed import planned_model
 from tuneforge.plan.recompute import for_device, from_request, requested, with_level
-from tuneforge.plan.data import DataEstimate, data_estimate, gguf_tokenizer_folder, image_estimate, load_tokenizer_quickly
+from tuneforge.plan.data import DataEstimate, counting_tokenizer, data_estimate, gguf_tokenizer_folder, image_estimate
 from tuneforge.plan.hardware import GIB, Device, devices, load_prices
 from tuneforge.plan.memory import (OPTIMIZER_BYTES, Memory, Settings, compute_dtype, memory, offloaded_bytes,
                                    trainable_params)
@@ -159,10 +159,10 @@ def _accumulation(cfg: Config) -> int:
 def _tokenizer(info: ModelInfo, cfg: Config):
     """(tokenizer, note): the model's own where it is on this machine, else the built-in model's as a stand-in."""
     if info.tokenizer_folder is not None:
-        return load_tokenizer_quickly(info.tokenizer_folder, cfg.chat_template, cfg.trust_remote_code), ""
+        return counting_tokenizer(info.tokenizer_folder, cfg), ""
     if info.gguf is not None:
         folder = gguf_tokenizer_folder(info.gguf)
-        return load_tokenizer_quickly(folder, cfg.chat_template, cfg.trust_remote_code), ""
+        return counting_tokenizer(folder, cfg), ""
     from tuneforge.models.resolve import BUILTIN_MODELS
 
     builtin = next(iter(BUILTIN_MODELS))
