@@ -7,7 +7,8 @@ Both train the built-in model (SmolLM2-135M-Instruct) with LoRA r16 alpha 32 on 
 micro-batch 8, lr 2e-4, no evaluation, no checkpoints, each run in a fresh process. The order alternates
 (TRL, tuneforge, TRL, tuneforge, ...) so that a shared machine's slow spells fall on both. Each run reports
 its median step time over the steps after the first two (warm-up) and the median real (non-padding) tokens
-of those steps, so tokens/s compares the same examples' cost; the ratio is per round.
+of those steps, so tokens/s compares the same examples' cost; the ratio is per round. Each round first
+measures the machine's 2048 fp32 matmul rate (GFLOP/s), so that a table says how loaded the machine was.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def trl_run(data: Path, out: Path, steps: int, micro_batch: int, max_len: int) -
     return _summary(result["step_s"][2:], result["tokens"][2:])
 
 
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a size x size fp32 matmul on this machine now (the best of `repeats`), in a fresh
+    process with torch's default threads, as the runs have: how fast the machine was during a round."""
+    code = (f"import time, torch; a = torch.randn({size}, {size}); b = a @ a; best = 1e9\n"
+            f"for _ in range({repeats}):\n t = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t)\n"
+            f"print(2 * {size}**3 / best / 1e9)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def _summary(step_s: list[float], tokens: list[int]) -> dict:
     step, tok = statistics.median(step_s), statistics.median(tokens)
     return {"step_s": step, "tokens": tok, "tokens_per_s": tok / step}
@@ -107,16 +117,18 @@ def main() -> None:
             sets = {"quickstart": (EXAMPLES / "data" / "quickstart_train.jsonl", 256),
                     "variable-length": (variable_length_data(tmp / "variable.jsonl"), 512)}
             print(f"machine: {'busy (2-thread job beside)' if busy else 'as found'}; {time.strftime('%Y-%m-%d %H:%M')}")
-            print("| data | round | TRL tokens/s | tuneforge tokens/s | ratio | TRL step s | tuneforge step s |")
-            print("|---|---|---|---|---|---|---|")
+            print("| data | round | TRL tokens/s | tuneforge tokens/s | ratio | TRL step s | tuneforge step s | "
+                  "matmul GFLOP/s |")
+            print("|---|---|---|---|---|---|---|---|")
             for name in args.data:
                 data, max_len = sets[name]
                 for r in range(1, args.rounds + 1):
+                    rate = matmul_rate()
                     peer = trl_run(data, tmp / f"trl-{name}-{r}", args.steps, args.micro_batch, max_len)
                     ours = tuneforge_run(data, tmp / f"tf-{name}-{r}", args.steps, args.micro_batch, max_len)
                     print(f"| {name} | {r} | {peer['tokens_per_s']:.1f} | {ours['tokens_per_s']:.1f} | "
                           f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x | {peer['step_s']:.2f} | "
-                          f"{ours['step_s']:.2f} |", flush=True)
+                          f"{ours['step_s']:.2f} | {rate:.0f} |", flush=True)
     finally:
         if busy is not None:
             busy.kill()

@@ -106,12 +106,18 @@ def _attention_for(base: str):
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])  # noqa: E731  (B*T, heads, D)
-        out = varlen_attention(flat(query), flat(key), flat(value), lengths, scaling, dropout, window, softcap,
+        out = varlen_attention(*map(flat, (query, key, value)), lengths, scaling, dropout, window, softcap,
                                module.training)
         return out.view(batch, length, *out.shape[1:]), None
 
     return attention
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T, D) -> (B*T, heads, D); a padding-free row (B = 1) as a view, not a copy."""
+    if t.shape[0] == 1:
+        return t.squeeze(0).transpose(0, 1)
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])
 
 
 def _base_attention(base: str, module):
@@ -161,21 +167,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         kernel = _cuda_kernel(q, k, dropout, window, softcap)
         if kernel is not None:
             cu = torch.tensor([0, *lengths], device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            return kernel(q, k, v, cu, max(lengths), scaling, dropout, window, softcap)
-    outs = []
-    for a, n in zip(_starts(lengths), lengths):
-        # (1, heads, n, D) per example
-        qs, ks, vs = (t[a:a + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        outs.append(_one_example(qs, ks, vs, scaling, dropout, window, softcap)[0].transpose(0, 1))
-    return torch.cat(outs)
-
-
-def _starts(lengths: list[int]) -> list[int]:
-    starts, at = [], 0
-    for n in lengths:
-        starts.append(at)
-        at += n
-    return starts
+            return kernel(*(t.contiguous() for t in (q, k, v)), cu, max(lengths), scaling, dropout, window, softcap)
+    # Each example as a (1, heads, n, D) view. split, not slicing: the backward of a slice writes its
+    # gradient into zeros the size of the whole row, once per example, where split's concatenates once.
+    outs = [_one_example(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], scaling,
+                         dropout, window, softcap).squeeze(0)
+            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+    return torch.cat(outs, dim=1).transpose(0, 1)
 
 
 def _one_example(q, k, v, scaling, dropout, window, softcap):
