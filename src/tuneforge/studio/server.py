@@ -176,10 +176,7 @@ class StudioHandler(Handler):
         self._send_json(200, j.file_object(store.add_file(owner, filename, "fine-tune", content)))
 
     def _file(self, owner: str, file_id: str) -> dict:
-        row = self.server.store.file(owner, file_id)
-        if row is None:
-            raise p.ApiError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
-        return row
+        return data_api.file_row(self.server, owner, file_id)
 
     def list_files(self, owner: str, body=None) -> None:
         rows = self.server.store.files(owner)
@@ -200,11 +197,7 @@ class StudioHandler(Handler):
     # --- jobs ----------------------------------------------------------------------------------------
 
     def _job(self, owner: str, job_id: str) -> dict:
-        row = self.server.store.job(job_id, owner)
-        if row is None:
-            raise p.ApiError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id",
-                             code="job_not_found")
-        return row
+        return runs_api.job_row(self.server, owner, job_id)
 
     def create_job(self, owner: str, body: dict) -> None:
         paths = {}
