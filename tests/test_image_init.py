@@ -102,7 +102,9 @@ def test_plan_sizes_the_random_vit_and_data_check_needs_no_weights(tmp_path, ima
                                   "adapter": "full", "architecture": TINY, "datasets": [{"path": str(images)}],
                                   "output_dir": str(tmp_path / "run")}))
     assert main(["data", "check", str(config)]) == 0
-    capsys.readouterr()
+    assert main(["validate", str(config)]) == 0
+    assert main(["data", "stats", str(config)]) == 2
+    assert "trains on pixels, not tokens" in capsys.readouterr().err
     assert main(["plan", str(config), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     _, state = built(make_cfg(tmp_path, images))
