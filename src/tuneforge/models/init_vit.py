@@ -12,6 +12,7 @@ hidden_size, num_attention_heads and intermediate_size; image_size and patch_siz
 patch's side in pixels; init_std, when given, is initializer_range. The images are read with the
 preprocessor_config.json beside the config.json when there is one, else with ViTImageProcessor at image_size,
 mean and std 0.5 (pixels to [-1, 1], as google/vit-base-patch16-224), which final/ keeps for the pipeline.
+The initialisation is the model class's own `_init_weights` under the run's seed (docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ def vit_folder(cfg: Config) -> tuple[Path, str]:
     """The cache folder of an init: random image classifier (config.json, preprocessor_config.json, recipe)."""
     config, processor = vit_config(cfg)
     processor_json = processor.read_text() if processor else default_processor(config.image_size).to_json_string()
-    recipe = {"init": "transformers' _init_weights", "initializer_range": config.initializer_range, "seed": cfg.seed}
+    import transformers
+
+    # The model class's own initialisation, which may change between transformers versions: the version is kept.
+    recipe = {"init": "transformers' _init_weights", "transformers": transformers.__version__,
+              "initializer_range": config.initializer_range, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps([config.to_json_string(), recipe, processor_json],
                                     sort_keys=True).encode()).hexdigest()[:24]
 
