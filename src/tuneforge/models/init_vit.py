@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tuneforge.config import Config
 from tuneforge.errors import ConfigError
-from tuneforge.models.init import INIT_FILE, RandomInit, write_once, derived_sizes
+from tuneforge.models.init import INIT_FILE, RandomInit, derived_sizes, write_once
 from tuneforge.models.resolve import cache_root
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def vit_config(cfg: Config):
     sizes = _sizes(cfg, family)
     fields = {k: v for k, v in data.items() if k != "model_type"} | sizes
     config = AutoConfig.for_model(data["model_type"], **fields)
-    _check_shape(config, f"{where} at the sizes of architecture:" if sizes else where)
+    _check_shape(config, f"{where} with architecture's sizes" if sizes else where)
     return config, processor
 
 
@@ -134,10 +134,10 @@ def describe_vit(config) -> str:
 
 def vit_folder(cfg: Config) -> tuple[Path, str]:
     """The cache folder of an init: random image classifier (config.json, preprocessor_config.json, recipe)."""
-    config, processor = vit_config(cfg)
-    processor_json = processor.read_text() if processor else default_processor(config.image_size).to_json_string()
     import transformers
 
+    config, processor = vit_config(cfg)
+    processor_json = processor.read_text() if processor else default_processor(config.image_size).to_json_string()
     # The model class's own initialisation, which may change between transformers versions: the version is kept.
     recipe = {"init": "transformers' _init_weights", "transformers": transformers.__version__,
               "initializer_range": config.initializer_range, "seed": cfg.seed}
