@@ -65,6 +65,9 @@ def test_a_config_json_and_its_preprocessor_are_used(tmp_path, images):
     assert state["vit.embeddings.patch_embeddings.projection.weight"].shape == (48, 3, 16, 16)
     assert len({k.split(".")[2] for k in state if k.startswith("vit.layers.")}) == 2  # n_layer overrides the file
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(ConfigError, match=r"preprocessor_config\.json gives the model 32x32 images, but its "
+                                          "image_size is 64"):
+        locate_model(make_cfg(tmp_path, images, base_model=str(arch), architecture={"image_size": 64}))
 
 
 def test_a_random_vit_learns_the_colours_and_the_pipeline_reads_final(tmp_path, images, one_thread):

@@ -97,6 +97,26 @@ def _check_shape(config, where: str) -> None:
         raise ConfigError(f"{where}: num_channels {config.num_channels}; images are read as RGB, so set it to 3")
 
 
+def _check_processor(processor: Path, config) -> None:
+    """A preprocessor_config.json must hand the model images of its image_size: another size fails in the
+    first forward, after the data has been read."""
+    try:
+        data = json.loads(processor.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"base_model: {processor} is not a readable JSON file ({err})") from None
+    size = data.get("crop_size") if data.get("do_center_crop") else data.get("size")
+    if isinstance(size, dict) and {"height", "width"} <= size.keys():
+        given = [size["height"], size["width"]]
+    elif isinstance(size, int):
+        given = [size, size]
+    else:
+        return  # resized by its shortest edge: the side it ends at depends on the image
+    want = list(config.image_size) if isinstance(config.image_size, (list, tuple)) else [config.image_size] * 2
+    if given != want:
+        raise ConfigError(f"base_model: {processor} gives the model {given[0]}x{given[1]} images, but its image_size "
+                          f"is {config.image_size}; make them agree (its `size`, or architecture.image_size)")
+
+
 def vit_config(cfg: Config):
     """(transformers config of the model to build, its preprocessor_config.json or None), every check made."""
     from transformers import AutoConfig
@@ -112,6 +132,8 @@ def vit_config(cfg: Config):
     fields = {k: v for k, v in data.items() if k != "model_type"} | sizes
     config = AutoConfig.for_model(data["model_type"], **fields)
     _check_shape(config, f"{where} with architecture's sizes" if sizes else where)
+    if processor is not None:
+        _check_processor(processor, config)
     return config, processor
 
 
