@@ -81,12 +81,15 @@ def _sizes(cfg: Config, family: bool) -> dict:
     return {k: v for k, v in sizes.items() if v is not None}
 
 
+def _pair(size) -> list[int]:
+    """(height, width) of a config's image_size or patch_size: one side, or both."""
+    return list(size) if isinstance(size, (list, tuple)) else [size, size]
+
+
 def _check_shape(config, where: str) -> None:
     """What would only fail inside the model's forward: patches that do not tile the image, heads that do not
     split the width, images that are not RGB."""
-    sides = config.image_size if isinstance(config.image_size, (list, tuple)) else [config.image_size]
-    patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else [config.patch_size]
-    if any(side % p for side in sides for p in patch):
+    if any(side % patch for side, patch in zip(_pair(config.image_size), _pair(config.patch_size))):
         raise ConfigError(f"{where}: image_size {config.image_size} is not a multiple of patch_size "
                           f"{config.patch_size}, so the patches would not tile the image; e.g. image_size 224 with "
                           "patch_size 16, or 32 with 8")
@@ -111,8 +114,7 @@ def _check_processor(processor: Path, config) -> None:
         given = [size, size]
     else:
         return  # resized by its shortest edge: the side it ends at depends on the image
-    want = list(config.image_size) if isinstance(config.image_size, (list, tuple)) else [config.image_size] * 2
-    if given != want:
+    if given != _pair(config.image_size):
         raise ConfigError(f"base_model: {processor} gives the model {given[0]}x{given[1]} images, but its image_size "
                           f"is {config.image_size}; make them agree (its `size`, or architecture.image_size)")
 
@@ -137,14 +139,13 @@ def vit_config(cfg: Config):
     return config, processor
 
 
-def default_processor(image_size: int):
+def default_processor(image_size: int | list[int]):
     """ViT's image processor at the model's image size: resize, rescale to [0, 1], mean and std 0.5."""
     try:
         from transformers import ViTImageProcessorPil as Processor  # no torchvision needed
     except ImportError:
         from transformers import ViTImageProcessor as Processor
-    side = {"height": image_size, "width": image_size} if isinstance(image_size, int) else \
-        {"height": image_size[0], "width": image_size[1]}
+    side = dict(zip(("height", "width"), _pair(image_size)))
     return Processor(size=side, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
