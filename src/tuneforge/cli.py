@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tuneforge import __version__
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 
 console = Console()
 
@@ -321,11 +321,17 @@ def cmd_launch(args) -> int:
 
 
 def _data_config(target: str, overrides: list[str] | None):
+    """(config, model folder, tokenizer) of the token-level data commands (preview, stats, prepare)."""
     from tuneforge.data.check import load_check_target
+    from tuneforge.methods.facts import method_facts
     from tuneforge.models.init import model_folder
     from tuneforge.models.load import load_tokenizer
 
     cfg = load_check_target(target, overrides)
+    if method_facts(cfg).model_head == "image_classifier":
+        raise ConfigError(f"{target}: task: image_classification trains on pixels, not tokens, so there are none to "
+                          f"preview or count; `tuneforge data check {target}` opens every image and counts the images "
+                          "of each class and split")
     folder, _ = model_folder(cfg)
     return cfg, folder, load_tokenizer(folder, cfg.chat_template, cfg.trust_remote_code)
 

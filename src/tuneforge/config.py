@@ -515,7 +515,8 @@ class DistributedSpec(_Strict):
 
 
 class ArchitectureSpec(_Strict):
-    """The size of a model built with init: random (docs/pretrain.md). Give `depth` alone, or the sizes."""
+    """The size of a model built with init: random (docs/pretrain.md; an image classifier's: docs/tasks.md).
+    Give `depth` alone, or the sizes."""
 
     depth: int | None = Field(
         None, ge=1, le=256,
@@ -529,8 +530,13 @@ class ArchitectureSpec(_Strict):
     d_ff: int | None = Field(None, ge=8, le=1 << 18, description="Width of the gated MLP; default 4 x d_model.")
     init_std: float = Field(
         0.02, gt=0, le=1, description="Standard deviation of the normal initialisation; residual output projections "
-        "(o_proj, down_proj) use init_std / sqrt(2 x n_layer).",
+        "(o_proj, down_proj) use init_std / sqrt(2 x n_layer). An image classifier's initializer_range.",
     )
+    image_size: int | None = Field(
+        None, ge=1, le=1 << 14, description="task: image_classification only: the side of the square image, in "
+        "pixels, the ViT reads (images are resized to it); a multiple of patch_size.")
+    patch_size: int | None = Field(
+        None, ge=1, le=1 << 12, description="task: image_classification only: the side of one patch, in pixels.")
 
 
 class TokenizerTrainSpec(_Strict):
@@ -597,7 +603,9 @@ class Config(_Strict):
     init: Literal["pretrained", "random"] = Field(
         "pretrained",
         description="pretrained: start from base_model's weights; random: build base_model's architecture (llama, "
-        "qwen2, or a folder / config.json) at the size of `architecture`, with a seeded normal initialisation.",
+        "qwen2, or a folder / config.json) at the size of `architecture`, with a seeded normal initialisation; "
+        "for task: image_classification, vit or a ViT-family config.json, with transformers' own seeded "
+        "initialisation.",
     )
     architecture: ArchitectureSpec | None = Field(None, description="init: random only: the model's size.")
     tokenizer: TokenizerSpec | None = Field(
@@ -786,6 +794,10 @@ class Config(_Strict):
         if self.init == "pretrained" and (self.architecture is not None or self.tokenizer is not None):
             raise ValueError("architecture and tokenizer: only used with init: random (a pretrained model keeps its "
                              "own size and tokenizer); remove them, or set init: random")
+        arch = self.architecture
+        if arch is not None and self.task != "image_classification" and (arch.image_size or arch.patch_size):
+            raise ValueError(f"architecture.image_size and patch_size: only for task: image_classification (a ViT), "
+                             f"but task is {self.task}; remove them")
         if self.init == "random" and self.adapter != "full":
             raise ValueError(f"init: random trains every weight from scratch, but adapter is {self.adapter} (which "
                              "freezes the random base); set adapter: full")

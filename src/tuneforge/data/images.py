@@ -183,8 +183,12 @@ def label_names(records: list[ImageRecord], given: list[str] | None) -> list[str
     return sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else names
 
 
+def _listed(r: Rejected) -> str:
+    return f"{r.source}{f':{r.line}' if r.line else ''}: {r.reason}"
+
+
 def _raise_bad(bad: list[Rejected], total: int, hint: str) -> None:
-    shown = "\n".join(f"  {r.source}{f':{r.line}' if r.line else ''}: {r.reason}" for r in bad[:MAX_LISTED])
+    shown = "\n".join(f"  {_listed(r)}" for r in bad[:MAX_LISTED])
     more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     raise DataError(f"{len(bad)} of {total} image records cannot be used:\n{shown}{more}\n{hint}")
 
@@ -243,8 +247,9 @@ def prepare_images(cfg: Config, processor=None) -> ImageData:
     every = [r for group in train for r in group]
     names = label_names(every, cfg.image_classification.labels)
     if len(names) < 2:
+        first = f"; {len(bad)} records were left out, the first: {_listed(bad[0])}" if bad else ""
         raise DataError(f"datasets: only one class ({', '.join(names) or 'none'}) in the training images; a "
-                        "classifier needs two or more (one subfolder per class, or a `label` per JSONL line)")
+                        f"classifier needs two or more (one subfolder per class, or a `label` per JSONL line){first}")
     index = {name: i for i, name in enumerate(names)}
     train_sets = [_examples(group, index, summary, bad) for group in train]
     val = _examples([r for group in validation for r in group], index, summary, bad)

@@ -47,6 +47,9 @@ class MethodFacts:
     # "module:function" (run, export path, weights) -> report: how `tuneforge export` checks an export in a fresh
     # process against the tuned model (held-out perplexity; an embedding run's sentence vectors).
     verify: str = "tuneforge.export.verify:verify_export"
+    # "module:name" of the RandomInit (models/init.py) that builds its model for init: random: the checks
+    # `tuneforge validate` runs, and the cache folder (config.json, the inputs' processor, the recipe) loaded.
+    random_init: str = "tuneforge.models.init:CAUSAL_LM"
 
     @property
     def peft_task(self) -> str:
@@ -85,7 +88,8 @@ METHODS = {m.name: m for m in (
                 prepare="tuneforge.data.labels:prepare_labelled", checks="tuneforge.data.labels:check_labelled"),
     MethodFacts("image_classification", "tuneforge.methods.image_classification:ImageClassification", ("image",),
                 model_head="image_classifier", lr_family="classifier",
-                processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images"),
+                processor="tuneforge.data.images:load_image_processor", prepare="tuneforge.data.images:prepare_images",
+                random_init="tuneforge.models.init_vit:VIT"),
     # Raw text (data/shards.py): fixed-length blocks of token shards, every token trained.
     MethodFacts("pretrain", "tuneforge.methods.pretrain:Pretrain", ("raw",), lr_family="pretrain", chunked_loss=True,
                 prepare="tuneforge.data.dataset:prepare_raw", checks="tuneforge.data.raw_check:check_raw"),

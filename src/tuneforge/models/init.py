@@ -2,8 +2,10 @@
 
 `model_folder(cfg)` is the folder a run loads. For init: random it is a folder in the cache holding
 config.json, the tokenizer and `tuneforge_init.json` (the initialisation recipe) but no weights;
-load_model sees the recipe and calls `random_model`. Everything that reads a model folder (the plan,
-the micro-batch fit check, the fast path) therefore works unchanged.
+load_model sees the recipe and builds the model from it (`random_model` here). Everything that reads a
+model folder (the plan, the micro-batch fit check, the fast path) therefore works unchanged. Which
+RandomInit builds the folder is named by the task's row (methods/facts.py): CAUSAL_LM below for every
+method of task: causal_lm, models/init_vit.py's VIT for image classifiers.
 
 The size dial (as nanochat's depth): n_layer = depth, d_model = 64 x depth, heads of 128
 (n_head = max(1, d_model // 128)), d_ff = 4 x d_model. The initialisation (GPT-2's): every matrix
@@ -20,15 +22,17 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tuneforge.config import Config
 from tuneforge.data.bpe import CHAT_TEMPLATE, END_OF_TEXT, TURN_TOKENS, first_bytes, train_bpe
 from tuneforge.data.dataset import sha256_file
 from tuneforge.data.shards import iter_documents
 from tuneforge.errors import ConfigError
+from tuneforge.methods.facts import function_at, method_facts
 from tuneforge.models.resolve import cache_root, locate_base_model, resolve_base_model
 
 if TYPE_CHECKING:
@@ -71,12 +75,31 @@ def _base_config(name: str):
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+@dataclass(frozen=True)
+class RandomInit:
+    """How init: random builds a task's model: `check(cfg)` raises what `tuneforge validate` can find without
+    writing anything; `folder(cfg)` writes (once) and returns the cache folder load_model builds from, and a
+    description of it."""
+
+    check: Callable[[Config], None]
+    folder: Callable[[Config], "tuple[Path, str]"]
+
+
 def locate_model(cfg: Config) -> None:
     """What `tuneforge validate` can check of the model without loading one: base_model's weights
     (init: pretrained) or its architecture and size (init: random)."""
     if cfg.init == "pretrained":
         locate_base_model(cfg.base_model)
         return
+    function_at(method_facts(cfg).random_init).check(cfg)
+
+
+def _check_causal_lm(cfg: Config) -> None:
+    head = method_facts(cfg).model_head
+    if head != "causal_lm":
+        what = f"method: {cfg.method}" if cfg.task == "causal_lm" else f"task: {cfg.task}"
+        raise ConfigError(f"init: random builds language models and image classifiers; {what} needs a {head} "
+                          "model, which it cannot build from random weights yet; use init: pretrained")
     _base_config(cfg.base_model)
     if cfg.architecture is not None:
         derived_sizes(cfg.architecture)
@@ -88,7 +111,7 @@ def locate_model(cfg: Config) -> None:
 def sized_config(cfg: Config, vocab_size: int):
     """base_model's architecture at `architecture`'s size with this vocabulary: what plan sizes before a
     tokenizer is trained (the vocabulary asked for is an upper bound)."""
-    locate_model(cfg)
+    _check_causal_lm(cfg)
     config = _base_config(cfg.base_model)
     if cfg.architecture is not None:
         s = derived_sizes(cfg.architecture)
@@ -145,7 +168,7 @@ def _files_key(paths: list[str], settings: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _write_once(folder: Path, write) -> Path:
+def write_once(folder: Path, write) -> Path:
     """Fill `folder` by `write(tmp)` beside it and rename it into place, unless another run already did."""
     if folder.is_dir():
         return folder
@@ -185,7 +208,7 @@ def run_tokenizer(cfg: Config):
         docs = chain.from_iterable(iter_documents(p, lambda bad: None, cfg.pretrain.text_field) for p in paths)
         train_bpe(first_bytes(docs, spec.train.sample_bytes), spec.train.vocab_size).save_pretrained(str(tmp))
 
-    return AutoTokenizer.from_pretrained(str(_write_once(folder, write)))
+    return AutoTokenizer.from_pretrained(str(write_once(folder, write)))
 
 
 def describe_size(config) -> str:
@@ -195,9 +218,14 @@ def describe_size(config) -> str:
 
 
 def model_folder(cfg: Config) -> tuple[Path, str]:
-    """(folder to load, description of the source): base_model's for init: pretrained, else a random-init folder."""
+    """(folder to load, description of the source): base_model's for init: pretrained, else a random-init
+    folder written by the task's RandomInit."""
     if cfg.init == "pretrained":
         return resolve_base_model(cfg.base_model)
+    return function_at(method_facts(cfg).random_init).folder(cfg)
+
+
+def _causal_lm_folder(cfg: Config) -> tuple[Path, str]:
     tokenizer = run_tokenizer(cfg)
     config = architecture_config(cfg, tokenizer)
     std = cfg.architecture.init_std if cfg.architecture else 0.02
@@ -211,5 +239,8 @@ def model_folder(cfg: Config) -> tuple[Path, str]:
         tokenizer.save_pretrained(str(tmp))
         (tmp / INIT_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
 
-    folder = _write_once(cache_root() / "models" / f"random-{key}", write)
+    folder = write_once(cache_root() / "models" / f"random-{key}", write)
     return folder, f"random init {describe_size(config)}, normal std {std:g} (seed {cfg.seed})"
+
+
+CAUSAL_LM = RandomInit(_check_causal_lm, _causal_lm_folder)

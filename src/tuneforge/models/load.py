@@ -21,6 +21,7 @@ from tuneforge.models.adapters import (
     peft_init,
 )
 from tuneforge.models.init import INIT_FILE, random_model
+from tuneforge.models.init_vit import random_image_classifier
 
 
 def load_tokenizer(folder: Path, chat_template: str = "auto", trust_remote_code: bool = False):
@@ -132,6 +133,12 @@ LOADED_BY = {
     "image_classifier": "transformers.AutoModelForImageClassification.from_pretrained",
     "encoder": "sentence_transformers.SentenceTransformer",
 }
+# How an init: random folder (models/init.py) of each head is built, no weights read: (folder, dtype, the head
+# built from the data) -> model.
+FROM_RECIPE = {
+    "causal_lm": lambda folder, dtype, _: random_model(folder, dtype),
+    "image_classifier": random_image_classifier,
+}
 # The modules of a head that a quantized base (QLoRA) keeps unquantized: a new head trains whole.
 UNQUANTIZED = {"classifier": ["classifier", "score"], "score": ["classifier", "score"]}
 
@@ -149,7 +156,7 @@ def load_model(folder: Path, device: torch.device, trust_remote_code: bool = Fal
         build = partial(HEADS[head], folder, pad_token_id, head_config or {})
         return load_quantized(folder, device, quantization, dtype, trust_remote_code, build, UNQUANTIZED.get(head))
     if (folder / INIT_FILE).is_file():  # init: random: built from config.json by its recipe, no weights read
-        return random_model(folder, dtype).to(device)
+        return FROM_RECIPE[head](folder, dtype, head_config or {}).to(device)
     try:
         model = HEADS[head](folder, pad_token_id, head_config or {}, dtype=dtype, trust_remote_code=trust_remote_code,
                             use_safetensors=True)

@@ -78,17 +78,19 @@ def assumed_data(size: DataSize, max_seq_len: int) -> DataEstimate:
                         1.0 if seq_len > max_seq_len else 0.0, how, False)
 
 
-def planned_model(cfg: Config, read_data: bool) -> ModelInfo:
-    """The shape plan sizes: base_model's, or for init: random the architecture at its size
-    (models/init.py). The tokenizer is trained (and cached for the run) when plan reads the data; planned
-    from flags, a tokenizer still to train counts its `vocab_size`, an upper bound."""
+def planned_model(cfg: Config, read_data: bool, labels: int = 0) -> ModelInfo:
+    """The shape plan sizes, with the task's head of `labels` outputs (default: the config's): base_model's,
+    or for init: random the architecture at its size (models/init.py). The tokenizer is trained (and cached
+    for the run) when plan reads the data; planned from flags, a tokenizer still to train counts its
+    `vocab_size`, an upper bound."""
+    head = method_facts(cfg).model_head
     if cfg.init == "pretrained":
-        return model_info(cfg.base_model, method_facts(cfg).model_head)
+        return model_info(cfg.base_model, head, labels)
     train = cfg.tokenizer.train if cfg.tokenizer else None
     if train is not None and not read_data:
         shape, _ = shape_from_hf_config(sized_config(cfg, train.vocab_size).to_dict(), cfg.base_model)
         return ModelInfo(shape, f"init: random, {cfg.base_model} at the architecture: size, the vocabulary "
                                 f"tokenizer.train.vocab_size {train.vocab_size} (trained, it may stop short)")
     folder, source = model_folder(cfg)
-    info = model_info(str(folder))
-    return ModelInfo(replace(info.shape, name=cfg.base_model), source, info.tokenizer_folder)
+    info = model_info(str(folder), head, labels)
+    return ModelInfo(replace(info.shape, name=cfg.base_model), source, info.tokenizer_folder, folder=folder)

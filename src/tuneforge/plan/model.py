@@ -31,6 +31,7 @@ class ModelInfo:
     tokenizer_folder: Path | None = None
     gguf: Path | None = None
     note: str = ""
+    folder: Path | None = None  # the folder whose config.json gave the shape
 
 
 def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json", head: str = "",
@@ -124,7 +125,7 @@ def _from_folder(folder: Path, label: str, source: str, head: str = "", labels: 
         raise ModelError(f"base_model: {config} is not valid JSON ({err})") from None
     shape, note = shape_from_hf_config(raw, label, str(config), head, labels)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    return ModelInfo(shape, source, folder if has_tokenizer else None, note=note)
+    return ModelInfo(shape, source, folder if has_tokenizer else None, note=note, folder=folder)
 
 
 def model_info(name: str, head: str = "", labels: int = 0) -> ModelInfo:

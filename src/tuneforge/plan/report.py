@@ -257,15 +257,16 @@ def plan_config(cfg: Config, gpus: list[str] | None = None, prices: str | Path |
     """Everything `tuneforge plan` prints, for a loaded config; `data` given (plan.assumed) reads no data
     and loads no tokenizer."""
     table = devices(gpus, load_prices(prices))
-    info = planned_model(cfg, data is None)
+    read_data = data is None
+    info = planned_model(cfg, read_data)
     tokenizer_note = ""
     if data is None and method_facts(cfg).model_head == "image_classifier":  # no tokenizer: patches per image
-        data = image_estimate(cfg, image_positions(Path(cfg.base_model)))
+        data = image_estimate(cfg, image_positions(info.folder or Path(cfg.base_model)))
     if data is None:
         tokenizer, tokenizer_note = _tokenizer(info, cfg)
         data = data_estimate(cfg, tokenizer)
     if data.classes:  # the head the data builds: one output per class
-        info = model_info(cfg.base_model, method_facts(cfg).model_head, data.classes)
+        info = planned_model(cfg, read_data, data.classes)
     lengths = np.asarray(data.lengths)
     s, notes = settings_from_config(cfg, _longest(cfg, data), bool(lengths.size and lengths.min() != lengths.max()))
     work = Workload(data.examples_per_epoch, cfg.epochs, cfg.max_steps, lengths, cfg.seed)
