@@ -22,3 +22,16 @@ def test_speed_harness_compares_stacks_with_equal_losses():
     assert all(r[-1].strip() == "0.00%" for r in rows)  # the same losses as the reference, step by step
     if importlib.util.find_spec("unsloth") is None:  # a peer that is absent is named, not silently left out
         assert "skipped unsloth: unsloth is not installed" in done.stdout
+
+
+def test_every_command_in_the_results_names_a_script_and_flags_it_takes():
+    """bench/RESULTS.md's commands can be rerun: each names a script in bench/ that declares each flag given."""
+    import re
+
+    commands = re.findall(r"`(?:python|bash) (bench/[\w.]+)([^`]*)`", (ROOT / "bench" / "RESULTS.md").read_text())
+    assert len(commands) > 10
+    for script, rest in commands:
+        assert (ROOT / script).is_file(), script
+        source = (ROOT / script).read_text()
+        for flag in re.findall(r"--[a-z][a-z-]*", rest):
+            assert f'"{flag}"' in source, (script, flag)

@@ -282,6 +282,14 @@ def test_learning_rate_far_outside_the_usual_range(lr, method, adapter, flagged)
     assert (check_learning_rate(lr, method, adapter) is not None) == flagged
 
 
+def test_learning_rate_range_follows_init_and_continued_pre_training():
+    assert check_learning_rate(1e-2, "pretrain", "full", "random") is None  # a tiny model from scratch
+    finding = check_learning_rate(1e-2, "pretrain", "full")  # continued pre-training of a trained model
+    assert finding is not None and "continued pre-training of the full weights on raw text (1e-05 to 0.0003)" in finding.message
+    below = check_learning_rate(1e-6, "pretrain", "full", "random")
+    assert below is not None and "far below the usual range for training from random weights" in below.message
+
+
 def test_divergence_rules():
     steady = [2.0, 1.9, 1.8, 1.7, 1.6]
     assert divergence({"loss": 1.5, "grad_norm": 1.0}, steady, 3.0, 2.0) is None

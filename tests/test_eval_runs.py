@@ -123,6 +123,33 @@ def test_select_best_makes_the_best_checkpoint_final(tmp_path, tiny_models):
     assert f"step {chosen['step']} (final/)" in page
 
 
+def test_select_best_scores_the_winner_once_and_its_numbers_are_the_after_numbers(tmp_path, tiny_models, monkeypatch):
+    """A full fine-tune: the after-evaluation would repeat the winner's held-out evaluation exactly, so it is reused
+    (one held-out evaluation fewer); eval_after equals `tuneforge eval`'s fresh evaluation of final/."""
+    from tuneforge.eval.run_eval import evaluate_target
+    from tuneforge.methods.sft import SFT
+
+    finals = []
+    held_out = SFT.held_out
+
+    def counted(self, model, data, final=False, reference=None):
+        finals.append(final)
+        return held_out(self, model, data, final, reference)
+
+    monkeypatch.setattr(SFT, "held_out", counted)
+    cfg = make_cfg(tmp_path, tiny_models["llama"], adapter="full", max_steps=3, save_every=1, keep_last=3,
+                   learning_rate=1e-3, **{"evaluation.select_best": {"metric": "val_loss", "mode": "max"},
+                                          "evaluation.max_examples": 2, "evaluation.max_new_tokens": 4})
+    manifest = train(cfg, reporter=QUIET)
+    assert manifest["select_best"]["step"] != 3  # the winner was loaded back after the last step's evaluation
+    assert finals.count(True) == 1 + 3  # before training, then each kept checkpoint; the after-evaluation reused
+    after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
+    assert after["val_loss"] == manifest["select_best"]["values"][str(manifest["select_best"]["step"])]
+    monkeypatch.setattr(SFT, "held_out", held_out)
+    _, fresh = evaluate_target(tmp_path / "run")
+    assert after == json.loads(json.dumps(fresh))
+
+
 def test_select_best_names_a_metric_the_evaluation_has(tmp_path):
     from tuneforge.config import config_from_dict
     from tuneforge.errors import ConfigError

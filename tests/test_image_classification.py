@@ -248,11 +248,8 @@ def test_serve_classifies_images_sent_as_base64_as_the_pipeline_does(tmp_path, v
         server.server_close()
 
 
-def test_multi_label_images_train_with_a_sigmoid_per_class(tmp_path, vit, one_thread):
-    """List labels make multi-label data: ViT's own multi-label loss, per-class metrics and the threshold before
-    and after, final/ read by the image pipeline with sigmoid scores, and data check counting every class."""
-    from transformers import pipeline
-
+def multi_label_images(tmp_path):
+    """12 images as JSONL: a red square, a blue one, or both, in turn (8 show red, 8 show blue)."""
     lines = []
     for i in range(12):
         kind = ("red", "blue", "both")[i % 3]
@@ -265,7 +262,28 @@ def test_multi_label_images_train_with_a_sigmoid_per_class(tmp_path, vit, one_th
         lines.append({"image": f"{i}.png", "label": ["red", "blue"] if kind == "both" else [kind]})
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    cfg = make_cfg(tmp_path, vit, path, image_classification={"augment": False, "threshold": 0.4})
+    return path
+
+
+def test_the_console_counts_every_class_of_a_multi_label_image(tmp_path, vit):
+    from io import StringIO
+
+    from rich.console import Console
+
+    cfg = make_cfg(tmp_path, vit, multi_label_images(tmp_path))
+    processor = load_image_processor(vit)
+    out = StringIO()
+    Reporter(Console(file=out, width=200)).data_summary(prepare_images(cfg, processor), cfg, tmp_path, processor)
+    assert "12 train examples: blue 8, red 8" in out.getvalue()
+    assert "12 validation examples: blue 8, red 8" in out.getvalue()
+
+
+def test_multi_label_images_train_with_a_sigmoid_per_class(tmp_path, vit, one_thread):
+    """List labels make multi-label data: ViT's own multi-label loss, per-class metrics and the threshold before
+    and after, final/ read by the image pipeline with sigmoid scores, and data check counting every class."""
+    from transformers import pipeline
+
+    cfg = make_cfg(tmp_path, vit, multi_label_images(tmp_path), image_classification={"augment": False, "threshold": 0.4})
     processor = load_image_processor(vit)
     data = prepare_images(cfg, processor)
     assert data.multi_label and data.labels == ["blue", "red"] and data.train[2].targets == {0, 1}

@@ -387,6 +387,53 @@ def test_warnings_trigger_on_settings_known_to_fail_and_not_on_sane_ones():
     assert "20% of the examples are longer than max_seq_len 512 and are dropped" in cut[0]
 
 
+def test_learning_rate_advice_follows_the_kind_of_training():
+    args = dict(over_share=0.0, max_seq_len=2048, truncation="drop")
+    scratch, continued = Settings(adapter="full", init="random", family="pretrain"), Settings(adapter="full", family="pretrain")
+    assert settings_warnings(scratch, 3e-3, 5000, 5e6, **args) == []  # a tiny model from random weights: usual
+    [high] = settings_warnings(continued, 3e-3, 5000, 5e6, **args)
+    assert "far above the usual range for continued pre-training" in high and "1e-05 to 0.0003" in high
+    [low] = settings_warnings(scratch, 1e-5, 5000, 5e6, **args)
+    assert "far below the usual range for training from random weights (0.0001 to 0.003)" in low
+    assert "far above" in settings_warnings(Settings(family="preference"), 1e-3, 5000, 5e6, **args)[0]
+
+
+def test_plan_warns_of_every_learning_rate_the_runs_diagnosis_flags():
+    """One table: plan (before the run) warns nearer the usual range than the diagnosis (during it), never farther."""
+    from tuneforge.methods.learning_rates import USUAL_LR
+    from tuneforge.track.diagnose import check_learning_rate
+
+    method = {"sft": "sft", "preference": "dpo", "grpo": "grpo", "classifier": "classification", "pretrain": "pretrain"}
+    args = dict(over_share=0.0, max_seq_len=2048, truncation="drop")
+    for family, kind in USUAL_LR:
+        adapter, init = ("lora", "pretrained") if kind == "lora" else ("full", "random" if kind == "scratch" else "pretrained")
+        s = Settings(adapter=adapter, init=init, family=family)
+        for lr in (10.0 ** (e / 4) for e in range(-40, 1)):
+            if check_learning_rate(lr, method[family], adapter, init) is not None:
+                assert any("learning_rate" in w for w in settings_warnings(s, lr, 5000, 5e6, **args)), (family, kind, lr)
+
+
+def test_plan_of_a_model_from_random_weights_names_it_and_counts_it_in_thousands(tmp_path, capsys):
+    from tuneforge.cli import main
+    from tuneforge.plan.render import parameters
+
+    raw = {"base_model": "llama", "init": "random", "adapter": "full", "method": "pretrain",
+           "architecture": {"depth": 2}, "tokenizer": {"train": {"vocab_size": 611}}, "max_seq_len": 128,
+           "micro_batch_size": 16, "max_steps": 150, "learning_rate": 3e-3, "precision": "fp32"}
+    config = tmp_path / "pretrain.yaml"
+    config.write_text(json.dumps(raw))
+    flags = ["plan", str(config), "--tokens", "100000", "--gpu", "h100", "cpu"]
+    assert main([*flags, "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["model"]["params"]
+    assert main(flags) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert 1e5 < params < 1e6 and f"{params / 1e3:,.0f}K parameters, {params / 1e3:,.0f}K trained" in out
+    assert "Settings training from random weights, adamw" in out
+    assert "full fine-tuning" not in out and "learning_rate" not in out
+    assert [parameters(n, 2) for n in (603_136, 4_881_408, 999)] == ["603K", "4.88M", "999"]
+    assert parameters(134_515_008) == "135M"  # larger counts as before
+
+
 # --- the command -----------------------------------------------------------------------------
 
 def test_plan_command_end_to_end_on_the_quickstart(capsys):

@@ -24,7 +24,7 @@ class MethodFacts:
     # classifier (one logit per class of the data's labels) | image_classifier (the same for images) |
     # encoder (the bare encoder; methods/embedding.py pools its token vectors).
     model_head: str = "causal_lm"
-    lr_family: str = "preference"  # which usual learning-rate range applies (track/diagnose.py)
+    lr_family: str = "preference"  # which usual learning-rate range applies (methods/learning_rates.py)
     chunked_loss: bool = False  # its loss can read the output layer in chunks (fast/chunked_loss.py)
     padding_free: bool = False  # its batches may be padding-free rows (fast/padding_free.py)
     example_rows: bool = False  # a batch is its examples, one row each: their lengths are the batch's

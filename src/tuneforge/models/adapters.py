@@ -203,14 +203,19 @@ def check_layers(model, layers: list[int] | None) -> None:
                           f"so {missing} do not exist")
 
 
+def folds_adapter(model) -> bool:
+    """Whether adapter_merged changes this model's weights (in their last bits): a LoRA on an unquantized base."""
+    quantized = any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    return hasattr(model, "merge_adapter") and not quantized
+
+
 @contextmanager
 def adapter_merged(model):
     """LoRA folded into the base weights while the block runs, then taken out again: generating through
     merged weights skips each adapted layer's two extra matmuls (evaluation at the base model's speed).
     A quantized base is left as it is, since folding into 4- or 8-bit weights rounds them; PEFT itself
     unmerges if the block turns the adapter off (a preference method's reference)."""
-    quantized = any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
-    if not hasattr(model, "merge_adapter") or quantized:
+    if not folds_adapter(model):
         yield model
         return
     model.merge_adapter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tuneforge.methods.learning_rates import far_outside, range_words, training_kind
 from tuneforge.plan.recompute import LEVELS, level, with_level
 from tuneforge.plan.memory import Settings
 
@@ -18,9 +19,9 @@ MIN_EXAMPLES = 500
 # LoRA's capacity grows with its rank; past a few million trained tokens per unit of rank the
 # adapter, not the data, limits what is learnt (Biderman et al. 2024, "LoRA Learns Less and Forgets Less").
 TOKENS_PER_RANK = 5_000_000
-# Learning rates outside these are far from what trains well: full fine-tuning is usually run at
-# 1e-5 to 5e-5, LoRA at 1e-4 to 3e-4 (up to 1e-3 on small models).
-LR_RANGE = {"full": (1e-6, 1e-4), "lora": (1e-5, 3e-3)}
+# A learning rate more than this many times beyond the usual range (methods/learning_rates.py) is warned of
+# before the run: nearer than the diagnosis's (track/diagnose.py), which speaks once the run has started.
+LR_FACTOR = 3.0
 OVER_LENGTH_SHARE = 0.05
 
 
@@ -80,14 +81,12 @@ def settings_warnings(s: Settings, learning_rate: float, train_examples: float, 
     if s.adapter != "full" and trained_tokens > s.lora_r * TOKENS_PER_RANK:
         out.append(f"lora.r={s.lora_r} is low for {trained_tokens / 1e6:,.0f}M trained tokens per epoch: the "
                    f"adapter limits what is learnt; try lora.r={_suggested_rank(trained_tokens)} (or adapter: full)")
-    low, high = LR_RANGE["full" if s.adapter == "full" else "lora"]
-    kind = "full fine-tuning" if s.adapter == "full" else "LoRA"
-    if learning_rate > high:
-        out.append(f"learning_rate {learning_rate:g} is far above the usual range for {kind} "
-                   f"(up to {high:g}); expect a diverging loss or a damaged model")
-    elif learning_rate < low:
-        out.append(f"learning_rate {learning_rate:g} is far below the usual range for {kind} "
-                   f"(from {low:g}); the run will barely move the weights")
+    kind = training_kind(s.adapter, s.init)
+    side = far_outside(learning_rate, s.family, kind, LR_FACTOR)
+    if side is not None:
+        effect = "expect a diverging loss or a damaged model" if side == "above" else "the run will barely move the weights"
+        out.append(f"learning_rate {learning_rate:g} is far {side} the usual range for "
+                   f"{range_words(s.family, kind)}; {effect}")
     if over_share > OVER_LENGTH_SHARE and truncation != "error":
         action = "dropped" if truncation == "drop" else "cut"
         out.append(f"{over_share:.0%} of the examples are longer than max_seq_len {max_seq_len} and are {action}; "

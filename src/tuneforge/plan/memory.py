@@ -30,7 +30,7 @@ FIT_SHARE = 0.9
 
 @dataclass(frozen=True)
 class Settings:
-    """The choices of a run that change its memory and speed."""
+    """The choices of a run that change its memory and speed, and what kind of training it is."""
 
     adapter: str = "lora"  # lora | qlora | full
     bits: int = 4  # qlora: 4 (NF4) or 8 (LLM.int8)
@@ -55,6 +55,10 @@ class Settings:
     # performance.kernels: the fused RMSNorm and gated MLP keep less for the backward (fast/kernels);
     # None: the default, on for a GPU (Triton compiles them there), off for a CPU (plan.recompute.for_device).
     kernels: bool | None = False
+    # What plan's words and learning-rate advice need beyond memory and speed (methods/learning_rates.py):
+    # init: random builds the model from random weights; family is the method's lr_family (methods/facts.py).
+    init: str = "pretrained"
+    family: str = "sft"
 
 
 @dataclass(frozen=True)

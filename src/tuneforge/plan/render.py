@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tuneforge.methods.learning_rates import kind_words, training_kind
 from tuneforge.plan.hardware import GIB
 from tuneforge.plan.recompute import describe as describe_level
 from tuneforge.plan.memory import Settings
@@ -36,6 +37,13 @@ def money(value: float | None) -> str:
     return f"${value:,.2f}" if value < 100 else f"${value:,.0f}"
 
 
+def parameters(n: float, decimals: int = 0) -> str:
+    """A parameter count in millions; under a million in thousands, so that 603,136 reads 603K, not 1M."""
+    if n >= 1e6:
+        return f"{n / 1e6:,.{decimals}f}M"
+    return f"{n / 1e3:,.0f}K" if n >= 1e3 else f"{n:,.0f}"
+
+
 def gib(n: float) -> str:
     x = n / GIB
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 0.05 else f"{x:.2f}"
@@ -55,7 +63,8 @@ def checkpointing_words(s: Settings, shape: ModelShape) -> str:
 
 
 def settings_line(s: Settings, shape: ModelShape) -> str:
-    method = {"full": "full fine-tuning", "lora": f"LoRA r={s.lora_r}",
+    full = kind_words(training_kind(s.adapter, s.init), s.family)
+    method = {"full": full, "lora": f"LoRA r={s.lora_r}",
               "qlora": f"QLoRA r={s.lora_r} ({'NF4' if s.bits == 4 else 'int8'} base"
                        f"{', double quant' if s.bits == 4 and s.double_quant else ''})"}[s.adapter]
     return (f"{method}, {s.optimizer}, micro_batch_size {s.micro_batch} x grad_accum {s.grad_accum}, "
@@ -97,8 +106,8 @@ def speed_table(report: PlanReport) -> Table:
 def print_plan(report: PlanReport, console: Console) -> None:
     """Model and data facts, the device table, what to rent, warnings and the assumptions behind it."""
     m, d, s = report.model, report.data, report.settings
-    console.print(f"[bold]Model[/bold] {m.shape.name or '?'} from {m.source}: {report.params / 1e6:,.0f}M parameters, "
-                  f"{report.trainable / 1e6:,.2f}M trained")
+    console.print(f"[bold]Model[/bold] {m.shape.name or '?'} from {m.source}: {parameters(report.params)} parameters, "
+                  f"{parameters(report.trainable, 2)} trained")
     console.print(f"[bold]Data[/bold] {d.train_examples:,.0f} training examples, {d.examples_per_epoch:,.0f} per "
                   f"epoch, {d.tokens_per_epoch:,.0f} tokens per epoch ({d.trained_tokens_per_epoch:,.0f} trained), "
                   f"longest micro-batch {s.seq_len} tokens; counted from {d.how}")

@@ -146,6 +146,7 @@ def settings_from_config(cfg: Config, seq_len: int, padded: bool) -> tuple[Setti
         lora_dropout=cfg.lora.dropout, micro_batch=cfg.micro_batch_size, rows=facts.rows, grad_accum=_accumulation(cfg), seq_len=seq_len,
         precision=cfg.precision, padded=padded, kernels=kernels_requested(cfg.performance),
         chunked_loss=chunked_loss_requested(cfg),  # as the run will (plan assumes one process, so no FSDP)
+        init=getattr(cfg, "init", "pretrained"), family=facts.lr_family,
     )
     return from_request(s, *requested(cfg)), notes
 

@@ -44,10 +44,11 @@ class Reporter:
         self.console.print(table)
         if data.labels is None or isinstance(data.train, TokenizedSet):
             self._token_summary(data, cfg, tokenizer)
-        else:  # images: how many of each class
+        else:  # images: how many show each class (a multi-label image counts in each of its classes)
             for split in ("train", "validation"):
-                counts = Counter(data.labels[e.label] for e in getattr(data, split))
-                self.console.print(f"{sum(counts.values())} {split} examples: "
+                examples = getattr(data, split)
+                counts = Counter(data.labels[c] for e in examples for c in e.targets)
+                self.console.print(f"{len(examples)} {split} examples: "
                                    + ", ".join(f"{name} {counts[name]}" for name in data.labels), markup=False)
         if data.rejected:
             self.console.print(f"[yellow]{len(data.rejected)} records left out; each is listed with its reason in "

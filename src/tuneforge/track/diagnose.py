@@ -18,17 +18,11 @@ from typing import Callable
 
 from tuneforge.data.preview import preview_plain
 from tuneforge.methods.facts import METHODS, method_facts
+from tuneforge.methods.learning_rates import far_outside, range_words, training_kind
 from tuneforge.track.gradients import LayerNorms
 
-# The usual learning rates (lowest, highest) by objective family and adapter; "far outside" is
-# more than LR_FACTOR beyond them. From the methods' papers and common recipes.
-USUAL_LR = {
-    ("sft", "lora"): (1e-5, 5e-4), ("sft", "full"): (5e-6, 5e-5),
-    ("preference", "lora"): (5e-7, 1e-4), ("preference", "full"): (1e-7, 1e-5),
-    ("grpo", "lora"): (1e-6, 1e-4), ("grpo", "full"): (1e-7, 5e-6),
-    ("classifier", "lora"): (1e-5, 5e-3), ("classifier", "full"): (5e-6, 1e-4),
-    ("pretrain", "lora"): (1e-5, 5e-4), ("pretrain", "full"): (1e-5, 3e-3),  # continued pre-training .. from scratch
-}
+# A learning rate more than this many times beyond the usual range (methods/learning_rates.py) is flagged
+# before step 1: farther than plan's warning, since a started run is flagged only where it is likely to fail.
 LR_FACTOR = 10.0
 CHECKLIST = (
     "Checklist: (1) the chat template is the base model's own (chat_template: auto); (2) only answers are "
@@ -82,16 +76,15 @@ def check_end_of_turn(chat: list, eot_id: int, eot: str, truncation: str, max_se
         f"answering. Likely cause: {cause}."))
 
 
-def check_learning_rate(lr: float, method: str, adapter: str) -> Finding | None:
-    family, kind = METHODS[method].lr_family, "full" if adapter == "full" else "lora"
-    low, high = USUAL_LR[(family, kind)]
-    if low / LR_FACTOR <= lr <= high * LR_FACTOR:
+def check_learning_rate(lr: float, method: str, adapter: str, init: str = "pretrained") -> Finding | None:
+    family, kind = METHODS[method].lr_family, training_kind(adapter, init)
+    side = far_outside(lr, family, kind, LR_FACTOR)
+    if side is None:
         return None
-    side = "above" if lr > high else "below"
     effect = ("the loss is likely to explode or turn NaN" if side == "above" else "the loss will barely move")
     return Finding("learning_rate", (
-        f"learning_rate {lr:g} is far {side} the usual range for {method} with a {kind} adapter "
-        f"({low:g} to {high:g}): {effect}. Set learning_rate inside that range unless you know why not."))
+        f"learning_rate {lr:g} is far {side} the usual range for {range_words(family, kind)}: {effect}. "
+        "Set learning_rate inside that range unless you know why not."))
 
 
 def rendered_examples(examples: list, tokenizer, n: int = 5) -> str:
@@ -194,7 +187,7 @@ class Watch:
             return
         eot = self.data.end_of_turn
         facts = method_facts(self.cfg)
-        checks = [check_learning_rate(self.cfg.learning_rate, facts.name, self.cfg.adapter)]
+        checks = [check_learning_rate(self.cfg.learning_rate, facts.name, self.cfg.adapter, self.cfg.init)]
         if facts.label_checks and eot:  # chat data: the template's end-of-turn token was found
             eot_id = self.tokenizer.convert_tokens_to_ids(eot)
             chat = [e for e in self.data.train[:200] if eot_id in e.input_ids]  # rendered by the template

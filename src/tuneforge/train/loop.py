@@ -304,8 +304,8 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         return {"stopped_at": step}
 
     best = load_best(run_dir, model) if watch.early_stopped else None
-    chosen = select_checkpoint(cfg.evaluation.select_best, run_dir, model, optimizer,
-                               lambda: objective.held_out(model, data, final=True), rep.note)
+    chosen, winner = select_checkpoint(cfg.evaluation.select_best, run_dir, model, optimizer,
+                                       lambda: objective.held_out(model, data, final=True), rep.note)
     # final/ always holds whole tensors: gathered from the shards under FSDP (every process takes part),
     # then written by rank 0, which alone goes on to evaluate and write run.json.
     gathered = gather_for_save(model, adapter=cfg.adapter != "full")
@@ -316,11 +316,14 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
                        write=function_at(facts.final))
     after = None
     if data.validation and cfg.evaluation.before_after:
-        rep.note("Evaluating the tuned model on the validation set...")
-        # A sharded model cannot run in one process: rank 0 evaluates final/ as export and serve will load it.
-        tuned = model if gathered is None else load_tuned(Run(run_dir, cfg, {}), device, dtype)[0]
-        with adapter_merged(tuned):  # final/ is saved: the weights may change in their last bits
-            after = objective.held_out(tuned, data, final=True)
+        # select_best has evaluated final/'s weights in this very model just so (None where it has not).
+        after = winner if gathered is None else None
+        if after is None:
+            rep.note("Evaluating the tuned model on the validation set...")
+            # A sharded model cannot run in one process: rank 0 evaluates final/ as export and serve will load it.
+            tuned = model if gathered is None else load_tuned(Run(run_dir, cfg, {}), device, dtype)[0]
+            with adapter_merged(tuned):  # final/ is saved: the weights may change in their last bits
+                after = objective.held_out(tuned, data, final=True)
         write_json(run_dir / "eval_after.json", after)
     comparison = compare(before, after, cfg.evaluation)
     manifest = run_manifest(
