@@ -18,7 +18,7 @@ from typing import Callable
 
 from tuneforge.data.preview import preview_plain
 from tuneforge.methods.facts import METHODS, method_facts
-from tuneforge.methods.learning_rates import far_outside, range_words, training_kind
+from tuneforge.methods.learning_rates import USUAL_LR, far_outside, range_words, training_kind
 from tuneforge.track.gradients import LayerNorms
 
 # A learning rate more than this many times beyond the usual range (methods/learning_rates.py) is flagged
@@ -27,8 +27,9 @@ LR_FACTOR = 10.0
 CHECKLIST = (
     "Checklist: (1) the chat template is the base model's own (chat_template: auto); (2) only answers are "
     "trained (train_on_inputs: false; see `tuneforge data preview CONFIG`); (3) the learning rate suits the "
-    "method and adapter (LoRA SFT: 1e-4 to 5e-4; full: 1e-5 to 5e-5); (4) the examples below look as intended "
+    "method and adapter (LoRA SFT: {:g} to {:g}; full: {:g} to {:g}); (4) the examples below look as intended "
     "(trained text inside [[ ]])."
+).format(*USUAL_LR[("sft", "lora")], *USUAL_LR[("sft", "full")]
 )
 
 
