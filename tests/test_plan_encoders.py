@@ -155,3 +155,15 @@ def test_activation_bytes_per_block_equal_what_autograd_keeps(kind, tolerance):
     shape, _ = shape_from_hf_config(json.loads(config.to_json_string()), head="classifier")
     predicted = encoder_layer_token_bytes(shape, Settings(adapter="full"), "fp32")
     assert predicted == pytest.approx(per_token, rel=tolerance), (predicted, per_token)
+
+
+@pytest.mark.parametrize("head,labels,outputs", [("score", 0, 1), ("classifier", 3, 3), ("causal_lm", 0, 0)])
+def test_a_decoder_from_a_gguf_or_the_table_has_the_runs_head(builtin_folder, head, labels, outputs):
+    """A reward model's score head (or a classifier's) replaces the language-model head whatever plan reads the
+    shape from: the built-in GGUF's header sizes it as its converted config.json does, with no vocabulary logits."""
+    gguf = model_info("smollm2-135m-instruct", head, labels).shape
+    folder, _ = shape_from_hf_config(json.loads((builtin_folder / "config.json").read_text()), head=head, labels=labels)
+    assert gguf.score_outputs == folder.score_outputs == outputs
+    assert gguf.params() == folder.params() and gguf.lora_params(8, "all-linear") == folder.lora_params(8, "all-linear")
+    assert gguf.logit_count(2, 8) == 2 * 8 * (outputs or 49152)
+    assert model_info("smollm2-135m", head, labels).shape.logit_count(2, 8) == 2 * 8 * (outputs or 49152)  # the table's

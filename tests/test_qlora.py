@@ -1,5 +1,6 @@
 """QLoRA on CPU with bitsandbytes: a tiny Llama trains on a 4-bit (and 8-bit) base, resumes exactly,
-and merges onto the dequantized base so the merged model answers as the adapter did (R-MRG-1/2/3)."""
+and merges onto the dequantized base so the merged model answers as the adapter did (R-MRG-1/2/3);
+a reward model trains its score head whole on a 4-bit base."""
 
 from __future__ import annotations
 
@@ -11,19 +12,24 @@ import bitsandbytes as bnb  # in the test extra: CI runs these tests, never skip
 import torch
 from conftest import make_tiny_model, memorise_records, write_jsonl
 from safetensors.torch import load_file
+from test_preference import preference_records
 from test_train import QUIET, make_cfg
+from transformers import AutoModelForSequenceClassification
 
 from tuneforge.cli import main
+from tuneforge.data.dataset import prepare_data
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.export.merge import merge_run
 from tuneforge.export.merge_report import KL_EPSILON, MIN_IDENTICAL, merge_report
 from tuneforge.export.run_export import export_run, verify_run_export
+from tuneforge.methods.build import build_objective
+from tuneforge.methods.run import split_metrics
 from tuneforge.models.load import attach_adapter, load_model
 from tuneforge.models.quantize import dequantized_model
-from tuneforge.models.run import open_run
+from tuneforge.models.run import load_tuned, open_run
 from tuneforge.track.metrics import read_metrics
 from tuneforge.train.checkpoints import list_checkpoints, load_checkpoint
-from tuneforge.train.loop import train
+from tuneforge.train.loop import seed_everything, train
 from tuneforge.train.optim import build_optimizer
 
 CPU = torch.device("cpu")
@@ -233,3 +239,71 @@ def test_missing_bitsandbytes_names_the_key_and_the_extra(tmp_path, tiny_models,
     with pytest.raises(ConfigError) as err:
         train(cfg, reporter=QUIET)
     assert key in str(err.value) and "tuneforge[qlora]" in str(err.value)
+
+
+def by_hand_scores(model, rows: list[list[int]]) -> torch.Tensor:
+    """Each row alone, unpadded: the score head on the decoder's last hidden state."""
+    seqcls = model.get_base_model()
+    with torch.no_grad():
+        return torch.stack([seqcls.score(seqcls.model(input_ids=torch.tensor([r])).last_hidden_state)[0, -1, 0]
+                            for r in rows])
+
+
+def bradley_terry_by_hand(model, data, indices: list[int]) -> tuple[float, torch.Tensor]:
+    """(mean -log sigmoid(chosen - rejected), chosen scores) of these training pairs."""
+    chosen = by_hand_scores(model, [data.train[i].input_ids for i in indices])
+    rejected = by_hand_scores(model, [data.train_rejected[i].input_ids for i in indices])
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean().item(), chosen
+
+
+def test_a_reward_model_trains_on_a_4bit_base_and_reloads_its_head(tmp_path, tiny_models, tokenizers):
+    """method: reward with QLoRA: a 4-bit base and a full-precision score head that trains whole beside the
+    adapter. The first step's loss is Bradley-Terry on scores computed by hand; final/ reloaded on the 4-bit base
+    (as serve loads it) scores the held-out pairs as the trained model did, and so does the merged export."""
+    llama, tok = tiny_models["llama"], tokenizers["smol"]
+    data_file = write_jsonl(tmp_path / "pref.jsonl", preference_records(16))
+    cfg = make_cfg(tmp_path, llama, method="reward", adapter="qlora", datasets=[{"path": str(data_file)}],
+                   max_steps=3, learning_rate=1e-3, **{"lora.dropout": 0.0})
+    seed_everything(cfg.seed)  # the model the loop starts from: same seeds, so the same new head
+    model = load_model(llama, CPU, quantization=cfg.quantization, head="score", pad_token_id=tok.pad_token_id)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert type(model.score) is torch.nn.Linear and model.score.out_features == 1
+    seed_everything(cfg.seed)
+    model, _ = attach_adapter(model, cfg, save_initial=False)
+    manifest = train(cfg, reporter=QUIET)
+
+    data = prepare_data(cfg, tok)
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    step_one, chosen = bradley_terry_by_hand(model, data, first["examples"])
+    assert first["loss"] == pytest.approx(step_one, rel=1e-4)
+    assert first["rewards/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert manifest["eval_after"]["val_loss"] < manifest["eval_before"]["val_loss"]
+    saved = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert [k for k in saved if "score" in k] == ["base_model.model.score.weight"]  # PEFT's name for the head
+    assert saved["base_model.model.score.weight"].dtype == torch.float32
+
+    tuned, _ = load_tuned(open_run(tmp_path / "run"), CPU)
+    assert isinstance(tuned.get_base_model().model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    objective = build_objective(cfg, data, tok.pad_token_id)
+    trained = json.loads((tmp_path / "run" / "eval_after.json").read_text())  # the in-memory model's
+    reloaded = split_metrics(objective, tuned, data, 4, CPU, torch.float32, final=True)
+    assert bradley_terry_by_hand(tuned, data, first["examples"])[0] < step_one  # the same batch, after 3 steps
+    out = export_run(open_run(tmp_path / "run"), "hf", tmp_path / "hf", dtype="float32")  # onto the dequantized base
+    merged = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    exported = split_metrics(objective, merged, data, 4, CPU, torch.float32, final=True)
+    for key in ("val_loss", "val_rewards/chosen", "val_rewards/rejected"):
+        assert reloaded[key] == pytest.approx(trained[key], abs=1e-5), key
+        assert exported[key] == pytest.approx(trained[key], abs=1e-4), key
+
+
+def test_a_new_head_trains_in_fp32_on_a_bf16_base(tmp_path, tiny_models, tokenizers):
+    """PEFT copies the score head it trains whole in the base's dtype; under bf16 it is held in fp32 like the
+    adapter, so AdamW's small updates are not rounded away."""
+    cfg = make_cfg(tmp_path, tiny_models["llama"], method="reward", adapter="qlora", precision="bf16")
+    model = load_model(tiny_models["llama"], CPU, dtype=torch.bfloat16, quantization=cfg.quantization, head="score",
+                       pad_token_id=tokenizers["smol"].pad_token_id)
+    assert model.score.weight.dtype == torch.bfloat16
+    model, _ = attach_adapter(model, cfg, save_initial=False)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.score.modules_to_save.default.weight" in trained
+    assert set(trained.values()) == {torch.float32}

@@ -731,9 +731,6 @@ class Config(_Strict):
         if self.method == "kto" and self.micro_batch_size < 2:
             raise ValueError("method: kto estimates its KL term from mismatched pairs inside each micro-batch; "
                              "set micro_batch_size: 2 or more")
-        if self.method == "reward" and self.adapter == "qlora":
-            raise ValueError("method: reward trains a score head, which is not supported on a quantized base yet; "
-                             "use adapter: lora")
         return self
 
     @model_validator(mode="after")

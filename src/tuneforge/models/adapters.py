@@ -180,6 +180,15 @@ def apply_freeze(model, patterns: list[str]) -> None:
         raise ConfigError("freeze: every weight of the model is frozen, so nothing would train; freeze fewer")
 
 
+def train_in_fp32(model) -> None:
+    """Hold every weight that trains in fp32. PEFT makes its LoRA matrices fp32 itself, but copies a head it
+    trains whole (modules_to_save: a reward model's or classifier's score head) in the base's dtype, bf16 under
+    LoRA/QLoRA on a GPU, where AdamW's small updates would round away; autocast still runs its matmul in bf16."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def initial_adapter_dir(cfg: Config) -> Path | None:
     """Where a PiSSA/OLoRA run keeps its initial adapter, so the final adapter can be saved as plain LoRA."""
     if cfg.adapter == "full" or not cfg.lora.changes_base:

