@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from tuneforge.config import ArchitectureSpec, config_from_dict
 from tuneforge.data.dataset import prepare_data
-from tuneforge.data.shards import build_shards
+from tuneforge.data.progress import SHOWN_FROM, byte_progress
+from tuneforge.data.shards import build_shards, write_shards
 from tuneforge.errors import DataError
 from tuneforge.models.init import derived_sizes, model_folder, random_model, run_tokenizer
 from tuneforge.track.console import Reporter
@@ -157,6 +158,25 @@ def test_token_bytes_add_up_to_the_text_so_bits_per_byte_compare(tmp_path, corpu
     for tokenizer in (smol_tokenizer, run_tokenizer(make_cfg(tmp_path))):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert token_byte_lengths(tokenizer)[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_tokenizing_reports_every_byte_of_the_files_once(tmp_path, corpus, smol_tokenizer):
+    """The progress of tokenizing a corpus ends at exactly its files' size (the bar reaches 100%, never beyond),
+    and a log shows a line every tenth of the way."""
+    sources = [(str(tmp_path / "a.txt"), False), (str(tmp_path / "b.jsonl"), True)]
+    heard = []
+    (tmp_path / "s").mkdir()
+    write_shards(tmp_path / "s", sources, smol_tokenizer, None, 0, "text", 1024, lambda bad: None,
+                 advance=heard.append)
+    assert min(heard) >= 0 and sum(heard) == sum((tmp_path / n).stat().st_size for n in ("a.txt", "b.jsonl"))
+
+    log = io.StringIO()
+    with byte_progress("Tokenizing", 100 * SHOWN_FROM, Console(file=log, width=100)) as advance:
+        for _ in range(400):
+            advance(SHOWN_FROM // 4)
+    lines = log.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == [f"{10 * k}%" for k in range(1, 11)]
+    assert lines[-1] == "Tokenizing: 100% (6.25 GB of 6.25 GB)"
 
 
 @pytest.mark.parametrize("over, message", [

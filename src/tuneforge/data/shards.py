@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tuneforge.data.formats import Record
+from tuneforge.data.progress import byte_progress
 from tuneforge.data.tokenized import Example
 from tuneforge.errors import DataError
 
@@ -194,9 +195,11 @@ def stream_name(stream: int) -> str:
 
 
 def write_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, split: float | None, seed: int,
-                 field: str, shard_tokens: int, on_bad: OnBad, streams: list[int] | None = None) -> dict:
+                 field: str, shard_tokens: int, on_bad: OnBad, streams: list[int] | None = None,
+                 advance: Callable[[int], None] = lambda n: None) -> dict:
     """Tokenize every document of `sources` ((path, is validation file)) into train / validation shards;
     `streams` (one per source, default all 0) puts a training file's documents into a stream of its own.
+    `advance(n)` hears of each n bytes of the files done (text bytes as they go, the rest at each file's end).
 
     With `split`, each training document goes to validation with that probability, drawn from a
     generator seeded by `seed`, so the split is a pure function of the corpus and the seed."""
@@ -212,14 +215,19 @@ def write_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, split
     for (path, held), stream in zip(sources, streams):
         docs = iter_documents(path, on_bad, field)
         count = files.setdefault(path, {"documents": 0, "tokens": 0})
+        size, done = Path(path).stat().st_size, 0
         while batch := [d for _, d in zip(range(ENCODE_BATCH), docs)]:
             encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
             for text, ids in zip(batch, encoded):
                 to_validation = held or (split is not None and rng.random() < split)
-                writers["validation" if to_validation else stream_name(stream)].add(ids + [eos],
-                                                                                  len(text.encode("utf-8")))
+                n_bytes = len(text.encode("utf-8"))
+                writers["validation" if to_validation else stream_name(stream)].add(ids + [eos], n_bytes)
                 count["documents"] += 1
                 count["tokens"] += len(ids) + 1
+                step = min(n_bytes, size - done)
+                done += step
+                advance(step)
+        advance(size - done)
     parts = {name: w.close() for name, w in writers.items()}  # "train" is the first of "streams"
     return {"version": SHARDS_VERSION, "dtype": dtype.name, "eos": eos, "files": files, "train": parts["train"],
             "validation": parts["validation"], "streams": [parts[name] for name in names[1:]]}
@@ -247,9 +255,12 @@ def build_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, file_
     bad: list[BadDocument] = []
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    total = sum(Path(path).stat().st_size for path, _ in sources if Path(path).is_file())
     try:
-        manifest = write_shards(tmp, sources, tokenizer, settings.get("split"), settings["seed"],
-                                settings["field"], settings["shard_tokens"], bad.append, settings.get("streams"))
+        with byte_progress(f"Tokenizing {len(sources)} file(s) into shards", total) as advance:
+            manifest = write_shards(tmp, sources, tokenizer, settings.get("split"), settings["seed"],
+                                    settings["field"], settings["shard_tokens"], bad.append, settings.get("streams"),
+                                    advance)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
