@@ -242,11 +242,18 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     page.select_option("#export-quant", "q8_0")
     expect(page.locator("#export-size")).to_contain_text("about")
     page.click("#export-go")
+    # Written in the background: the page shows its status (Delete refused meanwhile), then the link.
+    expect(page.locator("#export-status")).to_have_attribute("data-status", re.compile("^(queued|running)$"))
+    expect(page.locator("#exports button.delete")).to_be_disabled()
     expect(page.locator("#export-download")).to_be_visible(timeout=180_000)
     with page.expect_download() as download:
         page.click("#export-download")
     assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
+    expect(page.locator("#exports tbody tr td").nth(2)).to_have_text("succeeded")
     shot(page, "export")
+    page.click("#exports button.delete")
+    expect(page.locator("#export-list")).to_contain_text("No exports of this run yet")
+    assert studio.json("/v1/tuneforge/exports")["data"] == [] and not any((studio.home / "exports").iterdir())
 
     # Compare: a second job (refused in validation: the bad file) beside the first, picked in the list.
     other = post(studio, "/v1/fine_tuning/jobs", {"model": "smollm2-135m-instruct", "training_file": bad_id,

@@ -1,5 +1,5 @@
 """What the studio keeps under its home folder: uploaded files, and one SQLite database of files, jobs,
-events and checkpoints (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
+events, checkpoints and exports (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
 
 Files are stored under their id (`files/file-...`), never under the name a client sent; a job's run lives in
 `jobs/<job id>/`. Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
@@ -30,6 +30,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
     metrics TEXT NOT NULL, UNIQUE(job_id, step));
+CREATE TABLE IF NOT EXISTS exports (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL, status TEXT NOT NULL, target TEXT NOT NULL, quant TEXT, estimated_bytes INTEGER,
+    bytes INTEGER, path TEXT, error TEXT, finished_at INTEGER);
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 """
@@ -155,11 +159,14 @@ class Store:
 
     def move(self, job_id: str, to: str, frm: tuple[str, ...], **fields) -> bool:
         """Change a job's status only if it is in one of `frm`; False when another thread moved it first."""
+        return self._move("jobs", job_id, to, frm, fields)
+
+    def _move(self, table: str, row_id: str, to: str, frm: tuple[str, ...], fields: dict) -> bool:
         sets = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
         values = [json.dumps(v) if k == "error" and v is not None else v for k, v in fields.items()]
         marks = ", ".join("?" * len(frm))
-        return bool(self.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
-                                 (to, *values, job_id, *frm)))
+        return bool(self.execute(f"UPDATE {table} SET {sets} WHERE id = ? AND status IN ({marks})",
+                                 (to, *values, row_id, *frm)))
 
     def progress(self, job_id: str, step: int, total_steps: int | None, estimated_finish: int | None) -> None:
         """The running job's newest step, of how many, and when it should end (the job object shows them)."""
@@ -209,3 +216,34 @@ class Store:
 
     def run_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "run"
+
+    # --- exports (studio/exports.py) ----------------------------------------------------------------------
+
+    def add_export(self, owner: str, job_id: str, target: str, quant: str | None, estimated_bytes: int) -> dict:
+        export_id = new_id("export")
+        self.execute("INSERT INTO exports (id, owner, job_id, created_at, status, target, quant, estimated_bytes) "
+                     "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                     (export_id, owner, job_id, int(time.time()), target, quant, estimated_bytes))
+        return self.export(export_id)
+
+    def export(self, export_id: str, owner: str | None = None) -> dict | None:
+        rows = self.query("SELECT * FROM exports WHERE id = ?", (export_id,))
+        if not rows or (owner is not None and rows[0]["owner"] != owner):
+            return None
+        return rows[0]
+
+    def exports(self, owner: str, job_id: str | None = None) -> list[dict]:
+        """Newest first; one job's when `job_id` is given."""
+        if job_id is None:
+            return self.query("SELECT * FROM exports WHERE owner = ? ORDER BY seq DESC", (owner,))
+        return self.query("SELECT * FROM exports WHERE owner = ? AND job_id = ? ORDER BY seq DESC", (owner, job_id))
+
+    def move_export(self, export_id: str, to: str, frm: tuple[str, ...], **fields) -> bool:
+        """Change an export's status only if it is in one of `frm` (False: deleted or moved by another thread)."""
+        return self._move("exports", export_id, to, frm, fields)
+
+    def delete_export(self, export_id: str, unless: tuple[str, ...]) -> bool:
+        """Remove an export's record unless its status is one of `unless` (False: it was, or it is gone)."""
+        marks = ", ".join("?" * len(unless))
+        return bool(self.execute(f"DELETE FROM exports WHERE id = ? AND status NOT IN ({marks})",
+                                 (export_id, *unless)))
