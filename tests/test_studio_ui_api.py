@@ -10,11 +10,13 @@ import json
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import chat, memorise_records, wait_for
 
+from tuneforge.data.dataset import sha256_file
 from tuneforge.data.formats import read_records
 from tuneforge.errors import TuneforgeError
 from tuneforge.studio import exports as exports_module
@@ -371,6 +373,26 @@ def test_a_blind_review_writes_one_preference_pair_to_the_reviews_file(studio, t
     after = call(studio, "POST", f"/v1/tuneforge/reviews/{tie['review_id']}", {"choice": "tie"})[2]
     assert after["saved"] is False and after["pairs"] == 1 and after["ties"] == 1
     assert after["file"]["bytes"] == saved["file"]["bytes"]
+
+
+def test_a_job_on_the_reviews_file_trains_on_a_snapshot_that_later_choices_leave_alone(studio, trained, monkeypatch):
+    """A choice appended while a DPO job waits for (or trains on) the reviews file changes neither the data the
+    job reads nor its hash (a resume checks it); the reviews file itself keeps growing."""
+    monkeypatch.setattr(review_module, "MAX_TOKENS", 6)
+
+    def choose(choice: str) -> dict:
+        review = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})[2]
+        return call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": choice})[2]["file"]
+    reviews = choose("A")
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", {"model": trained["model"], "training_file": reviews["id"],
+                                                        "method": {"type": "dpo"}, "tuneforge": {"device": "cpu"}})[2]
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})  # its config is what matters here
+    data = Path(studio.store.job(job["id"])["config"]["datasets"][0]["path"])
+    before, records = sha256_file(data), list(read_records(data))
+    grown = choose("B")
+    assert grown["id"] == reviews["id"] and grown["bytes"] > reviews["bytes"]  # the file keeps growing
+    assert sha256_file(data) == before and list(read_records(data)) == records
+    assert len(list(read_records(studio.store.file_path(reviews["id"])))) == len(records) + 1
 
 
 def finished_export(server, made: dict) -> dict:

@@ -213,7 +213,7 @@ class StudioHandler(Handler):
             if not isinstance(file_id, str) or self.server.store.file(owner, file_id) is None:
                 raise p.ApiError(400, f"{param}: {file_id!r} is not one of your files; upload it with POST /v1/files "
                                  "(purpose fine-tune)", param=param, code="invalid_file")
-            paths[param] = str(self.server.store.file_path(file_id))
+            paths[param] = str(self.server.store.job_data_path(file_id))  # frozen if the file still grows
         if body.get("integrations"):
             raise p.ApiError(400, "integrations: not supported by tuneforge studio; leave it out (metrics are in "
                              "the job's events and checkpoints)", param="integrations")

@@ -2,11 +2,12 @@
 events, checkpoints and exports (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
 
 Files are stored under their id (`files/file-...`), never under the name a client sent; a job's run lives in
-`jobs/<job id>/`. Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
+`jobs/<job id>/`; a job made from a file that grows (the reviews file) reads a snapshot of it (`snapshots/`). Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -38,7 +39,8 @@ CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 """
 # Columns later versions added to a table: a home made by an earlier studio gains them when opened.
-ADDED_COLUMNS = {"jobs": ("step INTEGER", "total_steps INTEGER", "estimated_finish INTEGER")}
+ADDED_COLUMNS = {"jobs": ("step INTEGER", "total_steps INTEGER", "estimated_finish INTEGER"),
+                 "files": ("grows INTEGER NOT NULL DEFAULT 0",)}  # 1: appended to (the reviews file)
 ACTIVE = ("validating_files", "queued", "running", "paused")  # statuses a job can still leave
 JSON_COLUMNS = ("request", "config", "error", "data", "metrics")
 
@@ -97,13 +99,15 @@ class Store:
 
     # --- files -----------------------------------------------------------------------------------------
 
-    def add_file(self, owner: str, filename: str, purpose: str, content: bytes) -> dict:
+    def add_file(self, owner: str, filename: str, purpose: str, content: bytes, grows: bool = False) -> dict:
+        """`grows`: the file will be appended to (append_file), so a job trains on a snapshot of it."""
         file_id = new_id("file")
         tmp = self.files_dir / f".{file_id}.tmp"
         tmp.write_bytes(content)
         os.replace(tmp, self.files_dir / file_id)
-        self.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                     (file_id, owner, filename, purpose, len(content), int(time.time())))
+        self.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, grows) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (file_id, owner, filename, purpose, len(content), int(time.time()), int(grows)))
         return self.file(owner, file_id)
 
     def append_file(self, file_id: str, content: bytes) -> None:
@@ -111,7 +115,23 @@ class Store:
         with self.lock:
             with open(self.file_path(file_id), "ab") as f:
                 f.write(content)
-            self.db.execute("UPDATE files SET bytes = bytes + ? WHERE id = ?", (len(content), file_id))
+            self.db.execute("UPDATE files SET bytes = bytes + ?, grows = 1 WHERE id = ?", (len(content), file_id))
+
+    def job_data_path(self, file_id: str) -> Path:
+        """Where a job reads a file: the file itself, or, for one that can still grow, a frozen copy named by the
+        SHA-256 of its content (<home>/snapshots/), so nothing appended later changes the job's data or its hash."""
+        rows = self.query("SELECT grows FROM files WHERE id = ?", (file_id,))
+        if not rows or not rows[0]["grows"]:
+            return self.file_path(file_id)
+        with self.lock:  # append_file writes under it: the copy never holds half an append
+            content = self.file_path(file_id).read_bytes()
+        path = self.home / "snapshots" / f"{hashlib.sha256(content).hexdigest()}.jsonl"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+        return path
 
     def file(self, owner: str, file_id: str) -> dict | None:
         rows = self.query("SELECT * FROM files WHERE id = ? AND owner = ? AND deleted = 0", (file_id, owner))
