@@ -90,9 +90,9 @@ class StudioServer(Server):
                  keys: dict[str, str] | None, limits: StudioLimits = StudioLimits(), quiet: bool = False):
         self.store, self.worker, self.models, self.keys, self.limits = store, worker, models, keys, limits
         self.secret, self.bound_host = guard.load_secret(store.home), host
-        self.background = Background()
         super().__init__(None, host, port, None, MAX_BODY_BYTES, quiet)
         self.RequestHandlerClass = StudioHandler
+        self.background = Background()  # after the bind: a port in use leaves no thread behind
 
     def server_close(self) -> None:
         """Stop exports, generation and the worker (a job in training is queued again), then the connections."""

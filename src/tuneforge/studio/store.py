@@ -1,8 +1,10 @@
 """What the studio keeps under its home folder: uploaded files, and one SQLite database of files, jobs,
-events, checkpoints and exports (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
+events, checkpoints and exports (the standard library's sqlite3, WAL mode, so status polls never wait on the
+worker).
 
 Files are stored under their id (`files/file-...`), never under the name a client sent; a job's run lives in
-`jobs/<job id>/`; a job made from a file that grows (the reviews file) reads a snapshot of it (`snapshots/`). Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
+`jobs/<job id>/`; a job made from a file that grows (the reviews file) reads a snapshot of it (`snapshots/`).
+Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
 """
 
 from __future__ import annotations
