@@ -395,10 +395,11 @@ def test_a_job_on_the_reviews_file_trains_on_a_snapshot_that_later_choices_leave
     assert len(list(read_records(studio.store.file_path(reviews["id"])))) == len(records) + 1
 
 
-def finished_export(server, made: dict) -> dict:
+def finished_export(server, made: dict, headers: dict | None = None) -> dict:
     """Poll an export, as the page does, until it has finished."""
-    return wait_for(lambda: (e := call(server, "GET", f"/v1/tuneforge/exports/{made['id']}")[2])["status"]
-                    in ("succeeded", "failed") and e)
+    path = f"/v1/tuneforge/exports/{made['id']}"
+    return wait_for(lambda: (e := call(server, "GET", path, headers=headers)[2])["status"] in ("succeeded", "failed")
+                    and e)
 
 
 def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studio, trained):
@@ -472,6 +473,7 @@ def test_exports_are_scoped_to_their_key_and_a_restart_fails_the_one_it_cut_off(
     server = start(home, api_keys=home / "keys")
     running = server.store.add_export("alice", "ftjob-x", "gguf", "q8_0", 1000)
     server.store.move_export(running["id"], "running", ("queued",))
+    queued = server.store.add_export("alice", "ftjob-gone", "hf", None, 1000)  # its run has been deleted since
     as_ = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
     path = f"/v1/tuneforge/exports/{running['id']}"
     for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/download")):
@@ -485,6 +487,8 @@ def test_exports_are_scoped_to_their_key_and_a_restart_fails_the_one_it_cut_off(
     try:
         after = call(server, "GET", path, headers=as_["alice"])[2]
         assert after["status"] == "failed" and "interrupted by a restart" in after["error"], after
+        retried = finished_export(server, {"id": queued["id"]}, as_["alice"])  # queued again, and written (or not)
+        assert retried["status"] == "failed" and "ftjob-gone" in retried["error"], retried
     finally:
         stop(server)
 
