@@ -488,7 +488,8 @@ def test_exports_are_scoped_to_their_key_and_a_restart_fails_the_one_it_cut_off(
         after = call(server, "GET", path, headers=as_["alice"])[2]
         assert after["status"] == "failed" and "interrupted by a restart" in after["error"], after
         retried = finished_export(server, {"id": queued["id"]}, as_["alice"])  # queued again, and written (or not)
-        assert retried["status"] == "failed" and "ftjob-gone" in retried["error"], retried
+        assert retried["status"] == "failed" and "job ftjob-gone's run" in retried["error"], retried
+        assert str(home) not in retried["error"]  # no server path in what a key is told
     finally:
         stop(server)
 

@@ -186,7 +186,8 @@ def _write(studio: Studio, export_id: str) -> None:
         path = export_run(run, row["target"], folder / "out", row["quant"] or "q8_0")
     except Exception as err:  # noqa: BLE001 - whatever failed, the export's record says so
         shutil.rmtree(folder, ignore_errors=True)
-        shown = str(err).replace(str(folder / "out"), "the export")
+        shown = str(err).replace(str(folder / "out"), "the export").replace(str(store.run_dir(row["job_id"])),
+                                                                          f"job {row['job_id']}'s run")
         message = shown if isinstance(err, TuneforgeError) else f"{type(err).__name__}: {shown} (please report it)"
         store.move_export(export_id, "failed", ("running",), error=message, finished_at=int(time.time()))
         return
