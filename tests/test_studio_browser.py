@@ -1,6 +1,7 @@
 """The studio's web UI in headless Chromium (Playwright driving Debian's `chromium`): one journey on the built-in
-model, from a planted bad line to a downloaded GGUF, through a pause, a resume and a server restart mid-run; and a
-record holding `<script>` shown as text. With TUNEFORGE_SCREENSHOTS=DIR each page is saved there at 1280x800
+model, from a planted bad line to a downloaded GGUF (written in the background, then deleted), through a pause, a
+resume and a server restart mid-run, an A/B choice and a tie; the YAML's Copy button; and a record holding
+`<script>` shown as text. With TUNEFORGE_SCREENSHOTS=DIR each page is saved there at 1280x800
 (`make screenshots` writes docs/screenshots/)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from conftest import write_jsonl
 
 from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
+from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
 
 try:
@@ -235,6 +237,16 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     assert content.count(b"\n") == 1
     [pair] = read_records(write_jsonl(tmp_path / "reviews.jsonl", [json.loads(content)]))  # as `dpo` reads it
     assert pair.kind == "preference" and pair.prompt and pair.chosen != pair.rejected
+    # A tie is counted and saves nothing (docs/studio.md); short answers keep this second review quick.
+    with pytest.MonkeyPatch.context() as short:
+        short.setattr(review_module, "MAX_TOKENS", 8)
+        page.click("#review-saved button.link")  # Next prompt
+        expect(page.locator("#review-saved")).to_have_count(0)
+        expect(page.locator("#review-A")).not_to_be_empty(timeout=120_000)
+        page.click("#choose-tie")
+        expect(page.locator("#review-saved")).to_contain_text("A tie: nothing saved")
+    expect(page.locator("#review-pairs")).to_have_text("1")
+    assert studio.get(f"/v1/files/{page.text_content('#reviews-file')}/content") == content
 
     # Export a GGUF: the size shows before writing; the download is a GGUF file.
     open_page(page, studio, f"#/export/{job_id}")
@@ -242,11 +254,18 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     page.select_option("#export-quant", "q8_0")
     expect(page.locator("#export-size")).to_contain_text("about")
     page.click("#export-go")
+    # Written in the background: the page shows its status (Delete refused meanwhile), then the link.
+    expect(page.locator("#export-status")).to_have_attribute("data-status", re.compile("^(queued|running)$"))
+    expect(page.locator("#exports button.delete")).to_be_disabled()
     expect(page.locator("#export-download")).to_be_visible(timeout=180_000)
     with page.expect_download() as download:
         page.click("#export-download")
     assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
+    expect(page.locator("#exports tbody tr td").nth(2)).to_have_text("succeeded")
     shot(page, "export")
+    page.click("#exports button.delete")
+    expect(page.locator("#export-list")).to_contain_text("No exports of this run yet")
+    assert studio.json("/v1/tuneforge/exports")["data"] == [] and not any((studio.home / "exports").iterdir())
 
     # Compare: a second job (refused in validation: the bad file) beside the first, picked in the list.
     other = post(studio, "/v1/fine_tuning/jobs", {"model": "smollm2-135m-instruct", "training_file": bad_id,
@@ -303,6 +322,10 @@ def test_a_preset_fills_the_form_and_pasted_yaml_is_applied(page, studio):
     page.select_option("#preset", "dpo")
     expect(page.locator('[data-key="method"]')).to_have_value("dpo")
     expect(page.locator("#yaml")).to_have_value(re.compile(r"^method: dpo$", re.M))
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=studio.url)
+    page.click("#copy-yaml")  # the YAML that will run, on the clipboard
+    expect(page.locator("#copy-yaml")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == page.input_value("#yaml")
     page.fill("#yaml", "method: sft\nlora:\n  r: 7\nmax_steps: 3\n")
     page.click("#apply-yaml")
     expect(page.locator('[data-key="lora.r"]')).to_have_value("7")

@@ -10,12 +10,16 @@ import json
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import chat, memorise_records, wait_for
 
+from tuneforge.data.dataset import sha256_file
 from tuneforge.data.formats import read_records
+from tuneforge.errors import TuneforgeError
+from tuneforge.studio import exports as exports_module
 from tuneforge.studio import make_studio
 from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
@@ -371,18 +375,47 @@ def test_a_blind_review_writes_one_preference_pair_to_the_reviews_file(studio, t
     assert after["file"]["bytes"] == saved["file"]["bytes"]
 
 
+def test_a_job_on_the_reviews_file_trains_on_a_snapshot_that_later_choices_leave_alone(studio, trained, monkeypatch):
+    """A choice appended while a DPO job waits for (or trains on) the reviews file changes neither the data the
+    job reads nor its hash (a resume checks it); the reviews file itself keeps growing."""
+    monkeypatch.setattr(review_module, "MAX_TOKENS", 6)
+
+    def choose(choice: str) -> dict:
+        review = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/review", {})[2]
+        return call(studio, "POST", f"/v1/tuneforge/reviews/{review['review_id']}", {"choice": choice})[2]["file"]
+    reviews = choose("A")
+    job = call(studio, "POST", "/v1/fine_tuning/jobs", {"model": trained["model"], "training_file": reviews["id"],
+                                                        "method": {"type": "dpo"}, "tuneforge": {"device": "cpu"}})[2]
+    call(studio, "POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel", {})  # its config is what matters here
+    data = Path(studio.store.job(job["id"])["config"]["datasets"][0]["path"])
+    before, records = sha256_file(data), list(read_records(data))
+    grown = choose("B")
+    assert grown["id"] == reviews["id"] and grown["bytes"] > reviews["bytes"]  # the file keeps growing
+    assert sha256_file(data) == before and list(read_records(data)) == records
+    assert len(list(read_records(studio.store.file_path(reviews["id"])))) == len(records) + 1
+
+
+def finished_export(server, made: dict, headers: dict | None = None) -> dict:
+    """Poll an export, as the page does, until it has finished."""
+    path = f"/v1/tuneforge/exports/{made['id']}"
+    return wait_for(lambda: (e := call(server, "GET", path, headers=headers)[2])["status"] in ("succeeded", "failed")
+                    and e)
+
+
 def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studio, trained):
     base = f"/v1/tuneforge/jobs/{trained['id']}"
     status, _, guess = call(studio, "GET", f"{base}/export/estimate?to=gguf&quant=q8_0")
     assert status == 200, guess
     status, _, made = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "q8_0"})
     assert status == 200, made
+    made = finished_export(studio, made)
+    assert made["status"] == "succeeded", made
     assert abs(made["bytes"] - guess["bytes"]) < 0.2 * made["bytes"], (made["bytes"], guess["bytes"])
     status, response, data = call(studio, "GET", made["download"])
     assert status == 200 and len(data) == made["bytes"] and data[:4] == b"GGUF"
     assert response.getheader("Content-Disposition").startswith("attachment; filename=")
     guess = call(studio, "GET", f"{base}/export/estimate?to=adapter")[2]
-    made = call(studio, "POST", f"{base}/exports", {"to": "adapter"})[2]
+    made = finished_export(studio, call(studio, "POST", f"{base}/exports", {"to": "adapter"})[2])
     assert abs(made["bytes"] - guess["bytes"]) < 0.1 * made["bytes"]
     status, response, data = call(studio, "GET", made["download"])
     assert status == 200 and response.getheader("Content-Type") == "application/zip"
@@ -390,6 +423,75 @@ def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studi
         assert "adapter_model.safetensors" in z.namelist() and "README.md" in z.namelist()
     assert call(studio, "GET", f"{base}/export/estimate?to=tflite")[0] == 400
     assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404
+
+
+def test_an_export_is_written_in_the_background_once_and_deleted_only_when_finished(studio, trained, monkeypatch):
+    """POST answers at once (queued); the same export asked again while it runs is the same export; DELETE is
+    refused while it runs (409) and then removes its record and files; a failure says why."""
+    started, release = threading.Event(), threading.Event()
+    real = exports_module.export_run
+
+    def slow(*args, **kwargs):
+        started.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(exports_module, "export_run", slow)
+    base = f"/v1/tuneforge/jobs/{trained['id']}"
+    status, _, made = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "f16"})
+    assert status == 200 and made["status"] == "queued" and made["download"] is None, made
+    assert started.wait(60)
+    again = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "f16"})[2]
+    assert again["id"] == made["id"] and again["status"] == "running"
+    other = call(studio, "POST", f"{base}/exports", {"to": "gguf", "quant": "q8_0"})[2]
+    assert other["id"] != made["id"] and other["status"] == "queued"  # waits for the running one
+    status, _, refused = call(studio, "DELETE", f"/v1/tuneforge/exports/{made['id']}")
+    assert status == 409 and "running" in refused["error"]["message"], refused
+    assert call(studio, "GET", f"/v1/tuneforge/exports/{made['id']}/download")[0] == 409
+    assert call(studio, "DELETE", f"/v1/tuneforge/exports/{other['id']}")[0] == 200  # a queued one may go
+    release.set()
+    done = finished_export(studio, made)
+    assert done["status"] == "succeeded" and done["progress"] == 1.0 and done["error"] is None
+    listed = [e["id"] for e in call(studio, "GET", f"{base}/exports")[2]["data"]]
+    assert made["id"] in listed and other["id"] not in listed
+    assert made["id"] in [e["id"] for e in call(studio, "GET", "/v1/tuneforge/exports")[2]["data"]]
+    folder = studio.store.home / "exports" / made["id"]
+    assert folder.is_dir() and not (studio.store.home / "exports" / other["id"]).exists()
+    status, _, gone = call(studio, "DELETE", f"/v1/tuneforge/exports/{made['id']}")
+    assert status == 200 and gone["deleted"] is True and not folder.exists()
+    assert call(studio, "GET", f"/v1/tuneforge/exports/{made['id']}")[0] == 404
+
+    def broken(run, to, out, quant):
+        raise TuneforgeError(f"{out}: the disk is full")
+    monkeypatch.setattr(exports_module, "export_run", broken)
+    failed = finished_export(studio, call(studio, "POST", f"{base}/exports", {"to": "hf"})[2])
+    assert failed["status"] == "failed" and failed["error"] == "the export: the disk is full", failed
+
+
+def test_exports_are_scoped_to_their_key_and_a_restart_fails_the_one_it_cut_off(tmp_path):
+    home = tmp_path / "home"
+    keys = {name: new_key(home / "keys", name) for name in ("alice", "bob")}
+    server = start(home, api_keys=home / "keys")
+    running = server.store.add_export("alice", "ftjob-x", "gguf", "q8_0", 1000)
+    server.store.move_export(running["id"], "running", ("queued",))
+    queued = server.store.add_export("alice", "ftjob-gone", "hf", None, 1000)  # its run has been deleted since
+    as_ = {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+    path = f"/v1/tuneforge/exports/{running['id']}"
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/download")):
+        assert call(server, method, path + suffix, headers=as_["bob"])[0] == 404
+    assert call(server, "GET", "/v1/tuneforge/exports", headers=as_["bob"])[2]["data"] == []
+    token = call(server, "GET", "/v1/tuneforge/session", headers=as_["alice"])[2]["csrf_token"]
+    assert call(server, "DELETE", path, headers={**as_["alice"], **browser(server)})[0] == 403  # no CSRF token
+    assert call(server, "DELETE", path, headers={**as_["alice"], **browser(server, token)})[0] == 409
+    stop(server)
+    server = start(home, api_keys=home / "keys")
+    try:
+        after = call(server, "GET", path, headers=as_["alice"])[2]
+        assert after["status"] == "failed" and "interrupted by a restart" in after["error"], after
+        retried = finished_export(server, {"id": queued["id"]}, as_["alice"])  # queued again, and written (or not)
+        assert retried["status"] == "failed" and "job ftjob-gone's run" in retried["error"], retried
+        assert str(home) not in retried["error"]  # no server path in what a key is told
+    finally:
+        stop(server)
 
 
 def test_a_classification_preset_job_passes_validation_as_its_row_reads_the_file(studio):

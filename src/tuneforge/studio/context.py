@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from tuneforge.studio.background import Background
 from tuneforge.studio.models import Models
 from tuneforge.studio.store import Store
 
 
 class Studio(Protocol):
     store: Store
+    background: Background  # runs exports after their request has answered
     models: Models
     keys: dict[str, str] | None
     secret: bytes

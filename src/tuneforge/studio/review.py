@@ -108,7 +108,7 @@ def _reviews_file(studio: Studio, owner: str, tally: dict) -> dict:
     row = studio.store.file(owner, tally.get("file_id") or "")
     if row is None:
         room_for_a_file(studio, owner)
-        row = studio.store.add_file(owner, REVIEWS_FILE, "fine-tune", b"")
+        row = studio.store.add_file(owner, REVIEWS_FILE, "fine-tune", b"", grows=True)
         tally.update(file_id=row["id"], pairs=0)
     return row
 

@@ -28,6 +28,7 @@ from tuneforge.serve.engine import Limits
 from tuneforge.serve.server import MAX_BODY_BYTES, Handler, Server, serve_until_stopped
 from tuneforge.studio import config_api, data_api, exports, guard, review, runs_api
 from tuneforge.studio import jobs as j
+from tuneforge.studio.background import Background
 from tuneforge.studio.keys import load_keys, owner_of
 from tuneforge.studio.models import Models
 from tuneforge.studio.store import Store, default_home
@@ -68,7 +69,9 @@ ROUTES = [  # (pattern, {method: handler method's name, or a function of (studio
     (rf"/v1/tuneforge/jobs/{ID}/review", {"POST": review.start_review}),
     (rf"/v1/tuneforge/reviews/{ID}", {"POST": review.decide}),
     (rf"/v1/tuneforge/jobs/{ID}/export/estimate", {"GET": exports.estimate}),
-    (rf"/v1/tuneforge/jobs/{ID}/exports", {"POST": exports.create}),
+    (rf"/v1/tuneforge/jobs/{ID}/exports", {"GET": exports.list_job, "POST": exports.create}),
+    (r"/v1/tuneforge/exports", {"GET": exports.list_all}),
+    (rf"/v1/tuneforge/exports/{ID}", {"GET": exports.get, "DELETE": exports.delete}),
     (rf"/v1/tuneforge/exports/{ID}/download", {"GET": exports.download}),
 ]
 PUBLIC = ("health", "index", "static")  # answered without a key: the page must load to show its login box
@@ -89,9 +92,11 @@ class StudioServer(Server):
         self.secret, self.bound_host = guard.load_secret(store.home), host
         super().__init__(None, host, port, None, MAX_BODY_BYTES, quiet)
         self.RequestHandlerClass = StudioHandler
+        self.background = Background()  # after the bind: a port in use leaves no thread behind
 
     def server_close(self) -> None:
-        """Stop generation and the worker (a job in training is queued again), then the connections."""
+        """Stop exports, generation and the worker (a job in training is queued again), then the connections."""
+        self.background.stop()
         self.models.close()
         self.worker.stop()
         super().server_close()
@@ -208,7 +213,7 @@ class StudioHandler(Handler):
             if not isinstance(file_id, str) or self.server.store.file(owner, file_id) is None:
                 raise p.ApiError(400, f"{param}: {file_id!r} is not one of your files; upload it with POST /v1/files "
                                  "(purpose fine-tune)", param=param, code="invalid_file")
-            paths[param] = str(self.server.store.file_path(file_id))
+            paths[param] = str(self.server.store.job_data_path(file_id))  # frozen if the file still grows
         if body.get("integrations"):
             raise p.ApiError(400, "integrations: not supported by tuneforge studio; leave it out (metrics are in "
                              "the job's events and checkpoints)", param="integrations")
@@ -367,6 +372,7 @@ def make_studio(home: str | Path | None = None, host: str = "127.0.0.1", port: i
     worker = Worker(store, python, gpus=gpus)
     server = StudioServer(store, worker, Models(store, serve_limits, device), host, port, keys, limits, quiet)
     worker.start()
+    exports.resume(server)
     return server
 
 

@@ -1,12 +1,15 @@
 """What the studio keeps under its home folder: uploaded files, and one SQLite database of files, jobs,
-events and checkpoints (the standard library's sqlite3, WAL mode, so status polls never wait on the worker).
+events, checkpoints and exports (the standard library's sqlite3, WAL mode, so status polls never wait on the
+worker).
 
 Files are stored under their id (`files/file-...`), never under the name a client sent; a job's run lives in
-`jobs/<job id>/`. Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
+`jobs/<job id>/`; a job made from a file that grows (the reviews file) reads a snapshot of it (`snapshots/`).
+Every write is one short transaction, so a kill -9 at any moment leaves a consistent database.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -30,11 +33,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
     metrics TEXT NOT NULL, UNIQUE(job_id, step));
+CREATE TABLE IF NOT EXISTS exports (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL, status TEXT NOT NULL, target TEXT NOT NULL, quant TEXT, estimated_bytes INTEGER,
+    bytes INTEGER, path TEXT, error TEXT, finished_at INTEGER);
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 """
 # Columns later versions added to a table: a home made by an earlier studio gains them when opened.
-ADDED_COLUMNS = {"jobs": ("step INTEGER", "total_steps INTEGER", "estimated_finish INTEGER")}
+ADDED_COLUMNS = {"jobs": ("step INTEGER", "total_steps INTEGER", "estimated_finish INTEGER"),
+                 "files": ("grows INTEGER NOT NULL DEFAULT 0",)}  # 1: appended to (the reviews file)
 ACTIVE = ("validating_files", "queued", "running", "paused")  # statuses a job can still leave
 JSON_COLUMNS = ("request", "config", "error", "data", "metrics")
 
@@ -93,13 +101,15 @@ class Store:
 
     # --- files -----------------------------------------------------------------------------------------
 
-    def add_file(self, owner: str, filename: str, purpose: str, content: bytes) -> dict:
+    def add_file(self, owner: str, filename: str, purpose: str, content: bytes, grows: bool = False) -> dict:
+        """`grows`: the file will be appended to (append_file), so a job trains on a snapshot of it."""
         file_id = new_id("file")
         tmp = self.files_dir / f".{file_id}.tmp"
         tmp.write_bytes(content)
         os.replace(tmp, self.files_dir / file_id)
-        self.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                     (file_id, owner, filename, purpose, len(content), int(time.time())))
+        self.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, grows) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (file_id, owner, filename, purpose, len(content), int(time.time()), int(grows)))
         return self.file(owner, file_id)
 
     def append_file(self, file_id: str, content: bytes) -> None:
@@ -107,7 +117,23 @@ class Store:
         with self.lock:
             with open(self.file_path(file_id), "ab") as f:
                 f.write(content)
-            self.db.execute("UPDATE files SET bytes = bytes + ? WHERE id = ?", (len(content), file_id))
+            self.db.execute("UPDATE files SET bytes = bytes + ?, grows = 1 WHERE id = ?", (len(content), file_id))
+
+    def job_data_path(self, file_id: str) -> Path:
+        """Where a job reads a file: the file itself, or, for one that can still grow, a frozen copy named by the
+        SHA-256 of its content (<home>/snapshots/), so nothing appended later changes the job's data or its hash."""
+        rows = self.query("SELECT grows FROM files WHERE id = ?", (file_id,))
+        if not rows or not rows[0]["grows"]:
+            return self.file_path(file_id)
+        with self.lock:  # append_file writes under it: the copy never holds half an append
+            content = self.file_path(file_id).read_bytes()
+        path = self.home / "snapshots" / f"{hashlib.sha256(content).hexdigest()}.jsonl"
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+        return path
 
     def file(self, owner: str, file_id: str) -> dict | None:
         rows = self.query("SELECT * FROM files WHERE id = ? AND owner = ? AND deleted = 0", (file_id, owner))
@@ -155,11 +181,14 @@ class Store:
 
     def move(self, job_id: str, to: str, frm: tuple[str, ...], **fields) -> bool:
         """Change a job's status only if it is in one of `frm`; False when another thread moved it first."""
+        return self._move("jobs", job_id, to, frm, fields)
+
+    def _move(self, table: str, row_id: str, to: str, frm: tuple[str, ...], fields: dict) -> bool:
         sets = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
         values = [json.dumps(v) if k == "error" and v is not None else v for k, v in fields.items()]
         marks = ", ".join("?" * len(frm))
-        return bool(self.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
-                                 (to, *values, job_id, *frm)))
+        return bool(self.execute(f"UPDATE {table} SET {sets} WHERE id = ? AND status IN ({marks})",
+                                 (to, *values, row_id, *frm)))
 
     def progress(self, job_id: str, step: int, total_steps: int | None, estimated_finish: int | None) -> None:
         """The running job's newest step, of how many, and when it should end (the job object shows them)."""
@@ -209,3 +238,34 @@ class Store:
 
     def run_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "run"
+
+    # --- exports (studio/exports.py) ----------------------------------------------------------------------
+
+    def add_export(self, owner: str, job_id: str, target: str, quant: str | None, estimated_bytes: int) -> dict:
+        export_id = new_id("export")
+        self.execute("INSERT INTO exports (id, owner, job_id, created_at, status, target, quant, estimated_bytes) "
+                     "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                     (export_id, owner, job_id, int(time.time()), target, quant, estimated_bytes))
+        return self.export(export_id)
+
+    def export(self, export_id: str, owner: str | None = None) -> dict | None:
+        rows = self.query("SELECT * FROM exports WHERE id = ?", (export_id,))
+        if not rows or (owner is not None and rows[0]["owner"] != owner):
+            return None
+        return rows[0]
+
+    def exports(self, owner: str, job_id: str | None = None) -> list[dict]:
+        """Newest first; one job's when `job_id` is given."""
+        if job_id is None:
+            return self.query("SELECT * FROM exports WHERE owner = ? ORDER BY seq DESC", (owner,))
+        return self.query("SELECT * FROM exports WHERE owner = ? AND job_id = ? ORDER BY seq DESC", (owner, job_id))
+
+    def move_export(self, export_id: str, to: str, frm: tuple[str, ...], **fields) -> bool:
+        """Change an export's status only if it is in one of `frm` (False: deleted or moved by another thread)."""
+        return self._move("exports", export_id, to, frm, fields)
+
+    def delete_export(self, export_id: str, unless: tuple[str, ...]) -> bool:
+        """Remove an export's record unless its status is one of `unless` (False: it was, or it is gone)."""
+        marks = ", ".join("?" * len(unless))
+        return bool(self.execute(f"DELETE FROM exports WHERE id = ? AND status NOT IN ({marks})",
+                                 (export_id, *unless)))

@@ -47,14 +47,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def file_errors(store: Store, job: dict) -> dict | None:
+def file_errors(job: dict) -> dict | None:
     """The job's files checked before any training: None, or OpenAI's error {code, message, param}
     naming each file's first bad lines."""
     cfg = config_from_dict(job["config"], "the job's settings")
     request = job["request"]
-    names = {str(store.file_path(request["training_file"])): ("training_file", request["training_file"])}
+    # The paths the job reads (a file's own, or its snapshot: Store.job_data_path), named by the request's ids.
+    names = {cfg.datasets[0].path: ("training_file", request["training_file"])}
     if request.get("validation_file"):
-        names[str(store.file_path(request["validation_file"]))] = ("validation_file", request["validation_file"])
+        names[cfg.validation.path] = ("validation_file", request["validation_file"])
     facts = method_facts(cfg)
     wanted = facts.records
     # A task that reads its own kind of records (labelled text) checks them in check_data below.
@@ -202,7 +203,7 @@ class Worker:
                 self._sleep()
                 continue
             try:
-                error = file_errors(self.store, job)
+                error = file_errors(job)
             except (TuneforgeError, OSError) as err:
                 error = {"code": "invalid_training_file", "param": "training_file", "message": str(err)}
             if error is None:

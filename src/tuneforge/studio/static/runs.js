@@ -10,7 +10,7 @@ const MOVING = ["validating_files", "queued", "running"];
 const POLL_MS = 1500;
 
 /** Call `tick` now and every POLL_MS while `more()` says so; returns the function that stops it. */
-function poll(tick, more) {
+export function poll(tick, more) {
   let stopped = false, timer = null;
   const loop = async () => {
     try { await tick(); } catch { /* the banner shows it; the next poll tries again */ }
