@@ -40,7 +40,7 @@ pytestmark = [
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 SHOTS = os.environ.get("TUNEFORGE_SCREENSHOTS")
-STEPS = 4  # a tiny run: long enough to pause, resume and restart the server in the middle of it
+STEPS = 8  # a tiny run, long enough that the pause clicked once it runs lands before its last step
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -4,6 +4,7 @@ export endpoints on tiny models and files."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import json
@@ -425,6 +426,23 @@ def test_export_estimates_writes_and_downloads_a_gguf_and_a_zipped_adapter(studi
     assert call(studio, "GET", "/v1/tuneforge/exports/export-nope/download")[0] == 404
 
 
+def test_a_format_the_run_cannot_be_written_in_is_refused_when_asked(studio, trained, monkeypatch):
+    """GGUF of a reward model (a score head, which llama.cpp does not run) is a 400 at once, naming the job and
+    what to use instead, not a queued export that fails later."""
+    real = exports_module._run
+
+    def as_reward(*args):
+        run = real(*args)
+        return dataclasses.replace(run, config=run.config.model_copy(update={"method": "reward"}))
+    monkeypatch.setattr(exports_module, "_run", as_reward)
+    listed = call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/exports")[2]["data"]
+    status, _, body = call(studio, "POST", f"/v1/tuneforge/jobs/{trained['id']}/exports", {"to": "gguf"})
+    message = body["error"]["message"]
+    assert status == 400 and "method: reward run (a score head)" in message and "use --to hf" in message, body
+    assert f"job {trained['id']}'s run" in message and str(studio.store.home) not in message
+    assert call(studio, "GET", f"/v1/tuneforge/jobs/{trained['id']}/exports")[2]["data"] == listed
+
+
 def test_an_export_is_written_in_the_background_once_and_deleted_only_when_finished(studio, trained, monkeypatch):
     """POST answers at once (queued); the same export asked again while it runs is the same export; DELETE is
     refused while it runs (409) and then removes its record and files; a failure says why."""
@@ -450,7 +468,7 @@ def test_an_export_is_written_in_the_background_once_and_deleted_only_when_finis
     assert call(studio, "DELETE", f"/v1/tuneforge/exports/{other['id']}")[0] == 200  # a queued one may go
     release.set()
     done = finished_export(studio, made)
-    assert done["status"] == "succeeded" and done["progress"] == 1.0 and done["error"] is None
+    assert done["status"] == "succeeded" and done["progress"] == 1.0 and done["error"] is None, done["error"]
     listed = [e["id"] for e in call(studio, "GET", f"{base}/exports")[2]["data"]]
     assert made["id"] in listed and other["id"] not in listed
     assert made["id"] in [e["id"] for e in call(studio, "GET", "/v1/tuneforge/exports")[2]["data"]]

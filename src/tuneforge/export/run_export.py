@@ -100,16 +100,24 @@ def export_ollama(run: Run, out: Path, quant: str = "q8_0", system: str | None =
     return out
 
 
+def check_format(run: Run, to: str) -> None:
+    """Refuse, before any work, a format the run cannot be written in: llama.cpp and Ollama run language models
+    only, not a classifier's, reward model's or encoder's head."""
+    if to not in TARGETS:
+        raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    facts = method_facts(run.config)
+    if to in ("gguf", "ollama") and facts.model_head != "causal_lm":
+        kind = f"task: {run.config.task}" if run.config.task != "causal_lm" else f"method: {run.config.method}"
+        raise TuneforgeError(f"--to {to}: {run.dir} is a {kind} run (a {facts.model_head} head), which llama.cpp "
+                             "and Ollama do not run as trained; use --to hf (or adapter)")
+
+
 def export_run(run: Run, to: str, out: Path, quant: str = "q8_0", dtype: str = "bfloat16",
                system: str | None = None, merge_target: str | None = None, overwrite: bool = False) -> Path:
     """`merge_target` (hf, gguf, ollama): dequantized or original base; default dequantized for QLoRA runs.
 
     `out` must be new or empty; `overwrite` replaces an earlier export there (never another folder)."""
-    if to not in TARGETS:
-        raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
-    if to in ("gguf", "ollama") and method_facts(run.config).model_head != "causal_lm":
-        raise TuneforgeError(f"--to {to}: {run.dir} is a task: {run.config.task} run, which llama.cpp and Ollama "
-                             "do not run as trained; use --to hf (or adapter)")
+    check_format(run, to)
     with output_folder(out, "export", overwrite) as tmp:
         if to == "hf":
             path = export_hf(run, tmp, dtype, merge_target)

@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.gguf import QUANTS
-from tuneforge.export.run_export import DTYPES, TARGETS, export_run
+from tuneforge.export.run_export import DTYPES, TARGETS, check_format, export_run
 from tuneforge.models.run import Run, base_folder, open_run
 from tuneforge.serve.protocol import ApiError
 from tuneforge.studio.context import Studio
@@ -165,6 +165,10 @@ def create(studio: Studio, owner: str, job_id: str, body: dict, query=None) -> d
     to, quant = _options(body)
     quant = quant if to in QUANTISED else None
     run = _run(studio, owner, job_id)
+    try:
+        check_format(run, to)
+    except TuneforgeError as err:
+        raise ApiError(400, str(err).replace(str(run.dir), f"job {job_id}'s run"), param="to") from None
     with LOCK:
         same = [r for r in studio.store.exports(owner, job_id)
                 if r["status"] in ACTIVE and r["target"] == to and r["quant"] == quant]
