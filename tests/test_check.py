@@ -102,6 +102,40 @@ def test_every_planted_problem_is_found_at_its_line_and_nothing_else(tmp_path, p
     assert "tokens lost" in too_long.message
 
 
+def test_empty_turns_non_string_contents_broken_turn_order_and_duplicates_are_named_by_line(tmp_path, smol_tokenizer):
+    """R-DATA-5: the faults found in widely used SFT mixes are each reported by `data check` at their line, with
+    what is wrong: in a chat file and in an instruction (alpaca) file."""
+    good = clean_records(20)
+    chats = {
+        21: ("empty content", {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": " \t"}]}),
+        22: ("content must be a string", {"messages": [{"role": "user", "content": "Who?"},
+                                                       {"role": "assistant", "content": {"name": "Ines"}}]}),
+        23: ("two user turns in a row", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                                      {"role": "assistant", "content": "c"}]}),
+        24: ("duplicate", good[5]),
+    }
+    alpaca = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe")]
+    instructions = {
+        4: ("must be a string", {"instruction": "Describe Ines.", "output": {"name": "Ines", "age": 41}}),
+        5: ("is empty", {"instruction": "   ", "output": "an answer"}),
+    }
+    files = {}
+    for name, rows, planted in (("chat.jsonl", good, chats), ("alpaca.jsonl", alpaca, instructions)):
+        files[name] = tmp_path / name
+        lines = [json.dumps(r) for r in rows] + [json.dumps(record) for _, record in planted.values()]
+        files[name].write_text("\n".join(lines) + "\n")
+    cfg = config_from_dict({"datasets": [{"path": str(p)} for p in files.values()], "max_seq_len": 256},
+                           base=tmp_path)
+    report = check_data(cfg, smol_tokenizer)
+    for name, planted in (("chat.jsonl", chats), ("alpaca.jsonl", instructions)):
+        codes = {line: {"duplicate" if words == "duplicate" else "bad-record"} for line, (words, _) in planted.items()}
+        faults = {line: c - {"length-outlier"} for line, c in found(report, files[name]).items()}  # short answers
+        assert {line: c for line, c in faults.items() if c} == codes
+        reasons = {f.line: f.message for f in report.findings if f.source == str(files[name])}
+        for line, (words, _) in planted.items():
+            assert words in reasons[line], (name, line, reasons[line])
+
+
 def test_a_template_that_cannot_render_system_turns_is_reported_with_a_count(tmp_path, smol_tokenizer):
     from test_dataset import GEMMA_STYLE
 

@@ -123,7 +123,7 @@ def _check_tool_calls(i: int, role: str, calls: object) -> None:
 
 
 def check_turns(messages: list[dict], need_answer: bool = True) -> None:
-    """Roles known, contents non-empty strings, tool calls well formed, turns in a trainable order.
+    """Roles known, contents non-empty strings, tool calls well formed, turns in a trainable order (R-DATA-5).
 
     `need_answer`: there must be an assistant turn to train on (not so for a prompt the model answers).
     """
