@@ -17,6 +17,7 @@ from test_preference import preference_records
 from test_train import QUIET, make_cfg
 
 from tuneforge.data.dataset import prepare_data
+from tuneforge.errors import ModelError
 from tuneforge.export.run_export import export_run
 from tuneforge.models.run import open_run
 from tuneforge.serve import make_server
@@ -130,6 +131,8 @@ def test_chat_routes_are_refused_with_the_route_to_use_and_bad_inputs_named(rewa
     # The base alone has no trained score head, so only the run is served, as its routes say.
     assert [m["id"] for m in call(server, "/v1/models")[1]["data"]] == ["run"]
     assert call(server, "/v1/models/llama")[0] == 404
+    with pytest.raises(ModelError, match="reward model .* served alone"):
+        make_server(reward_run.run, port=0, adapters={"other": reward_run.run}, device="cpu")
     status, answer = call(server, "/v1/classify", {"input": [{"messages": [{"role": "user", "content": "hi"}]}]})
     assert status == 400 and answer["error"]["message"].startswith("input[0].messages: end with the assistant turn")
     status, answer = call(server, "/v1/classify", {"input": ["fine", {"prompt": "hi", "answer": "x"}]})

@@ -18,7 +18,7 @@ from tuneforge.methods.facts import method_facts
 from tuneforge.models.encoder import Pooling, embed, read_pooling, tokenize
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
-from tuneforge.serve.heads import HEADS
+from tuneforge.serve.heads import SERVED
 from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.turns import Turns
 
@@ -33,7 +33,7 @@ class EmbeddingEngine:
     device: torch.device
     default_id: str
     head: ClassVar[str] = "encoder"
-    routes: ClassVar[dict[str, str]] = HEADS["encoder"].routes
+    routes: ClassVar[dict[str, str]] = SERVED["encoder"].routes
     turns: Turns = field(default_factory=Turns)  # one model call at a time, in arrival order
     closing: threading.Event = field(default_factory=threading.Event)
 

@@ -20,7 +20,7 @@ from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.classify import INPUTS
-from tuneforge.serve.heads import GENERATION_ROUTES, HEADS
+from tuneforge.serve.heads import GENERATION_ROUTES, SERVED
 from tuneforge.serve.protocol import ApiError
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 from tuneforge.serve.turns import Turns
@@ -88,7 +88,7 @@ class Engine:
 
     @property
     def routes(self) -> dict[str, str]:
-        return HEADS[self.head].routes
+        return SERVED[self.head].routes
 
     def classify(self, model_id: str, inputs: list) -> tuple[torch.Tensor, list[dict] | None]:
         """Class probabilities of each input (a classifier's or reward model's /v1/classify) and the fields its head
@@ -280,13 +280,13 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     if (target / "run.json").is_file():
         run = open_run(target, trust_remote_code)
         head = method_facts(run.config).model_head
+        if extra and not SERVED[head].base_servable:
+            raise ModelError(f"--adapter: {target} is {SERVED[head].kind} with a head the run trained; it is served "
+                             "alone (start one server per run)")
         model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
         default_id = _served_name(target)
-        base_id = _base_name(run) if run.is_adapter and HEADS[head].base_servable else None
-        if extra and not HEADS[head].base_servable:
-            raise ModelError(f"--adapter: {target} is {HEADS[head].kind} whose head the run trained; it is served "
-                             "alone (start one server per run)")
+        base_id = _base_name(run) if run.is_adapter and SERVED[head].base_servable else None
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
         tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
@@ -298,7 +298,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     else:
         raise ModelError(f"{target}: neither a run folder (run.json + final/) nor a model folder (config.json); "
                          "give the folder `tuneforge train` wrote, or an exported model folder")
-    if not stops and HEADS[head].routes == GENERATION_ROUTES:
+    if not stops and SERVED[head].routes == GENERATION_ROUTES:
         raise ModelError(f"{target}: no end-of-turn or EOS token is known, so answers could never end")
     ids = [i for i in (base_id, default_id) if i]
     for name in extra:

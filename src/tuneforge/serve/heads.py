@@ -20,7 +20,7 @@ class Head:
     base_servable: bool = False
 
 
-HEADS = {
+SERVED = {
     "causal_lm": Head("a text generator", GENERATION_ROUTES, base_servable=True),
     "classifier": Head("a text classifier", CLASSIFY),
     "image_classifier": Head("an image classifier", CLASSIFY),
@@ -32,7 +32,7 @@ HEADS = {
 def wrong_route(head: str, path: str, model_id: str) -> ApiError | None:
     """400 for a generation route on a model that does not generate, naming what it is and where to go (an
     OpenAI client or chat UI sends chat requests to whatever it is pointed at); None for any other path."""
-    served = HEADS[head]
+    served = SERVED[head]
     if path not in GENERATION_ROUTES or path in served.routes:
         return None
     use = " or ".join(f"POST {route}" for route in served.routes)
