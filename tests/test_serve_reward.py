@@ -1,10 +1,12 @@
-"""`tuneforge serve` of a reward run (`method: reward`): /v1/classify answers as transformers' text-classification
-pipeline does on the exported folder, plus the raw reward, which for a prompt and answer equals the reward training
-computed; the chat routes, which a score head cannot answer, are refused with a 400 that says where to go."""
+"""`tuneforge serve` of a reward run (`method: reward`) or its export: /v1/classify answers as transformers'
+text-classification pipeline does on the exported folder, plus the raw reward, which for a prompt and answer equals
+the reward training computed; the chat routes, which a score head cannot answer, are refused with a 400 that says
+where to go."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -120,6 +122,18 @@ def test_a_prompt_and_answer_scores_as_training_scored_it(reward_run):
                    for x in chosen]
     assert rewards(reward_run.server, as_messages) == pytest.approx(c.tolist(), abs=1e-6)
 
+    # The merged export, served as a folder, is a reward model too and scores the same (merged weights: 1e-4)
+    folder = make_server(reward_run.exported, port=0, quiet=True, device="cpu")
+    thread = threading.Thread(target=folder.serve_forever)
+    thread.start()
+    try:
+        assert rewards(folder, chosen + ["Item 3 is blue."]) == pytest.approx(
+            c.tolist() + rewards(reward_run.server, ["Item 3 is blue."]), abs=1e-4)
+    finally:
+        folder.shutdown()
+        folder.server_close()
+        thread.join()
+
 
 def test_chat_routes_are_refused_with_the_route_to_use_and_bad_inputs_named(reward_run):
     server = reward_run.server
@@ -137,3 +151,20 @@ def test_chat_routes_are_refused_with_the_route_to_use_and_bad_inputs_named(rewa
     assert status == 400 and answer["error"]["message"].startswith("input[0].messages: end with the assistant turn")
     status, answer = call(server, "/v1/classify", {"input": ["fine", {"prompt": "hi", "answer": "x"}]})
     assert status == 400 and answer["error"]["message"].startswith("input[1]: give")
+
+
+def test_a_merged_export_is_served_as_the_model_folder_it_is(tmp_path, tiny_models):
+    """A merged export carries its run's run.json beside config.json (R-MRG-2); serve reads it as a model folder,
+    not as a run without final/."""
+    folder = shutil.copytree(tiny_models["llama"], tmp_path / "merged")
+    (folder / "run.json").write_text(json.dumps({"merged_from": "runs/x/final"}))
+    server = make_server(folder, port=0, quiet=True, device="cpu")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        status, answer = call(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
+        assert status == 200 and answer["model"] == "merged", answer
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

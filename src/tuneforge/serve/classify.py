@@ -131,7 +131,7 @@ class Inputs:
     scores: Callable = class_scores
 
 
-# The heads /v1/classify serves (models/load.py HEADS), and what each takes.
+# The heads /v1/classify serves (models/load.py HEADS; serve/heads.py SERVED), and what each takes.
 INPUTS = {"classifier": Inputs(text_inputs, text_batch, True), "image_classifier": Inputs(image_inputs, image_batch, False),
           "score": Inputs(reward_inputs, reward_batch, True, reward_scores)}
 

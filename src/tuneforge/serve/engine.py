@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.classify import INPUTS
-from tuneforge.serve.heads import GENERATION_ROUTES, SERVED
+from tuneforge.serve.heads import GENERATION_ROUTES, SERVED, folder_head
 from tuneforge.serve.protocol import ApiError
+from tuneforge.serve.targets import is_run_folder
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 from tuneforge.serve.turns import Turns
 
@@ -277,7 +279,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     extra = {name: adapter_folder(name, path) for name, path in parse_adapters(adapters).items()}
     dev = pick_device(device)
     head = "causal_lm"
-    if (target / "run.json").is_file():
+    if is_run_folder(target):
         run = open_run(target, trust_remote_code)
         head = method_facts(run.config).model_head
         if extra and not SERVED[head].base_servable:
@@ -290,7 +292,8 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
         tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
-        model = load_model(target, dev, trust_remote_code, inference_dtype(dev))
+        head = folder_head(json.loads((target / "config.json").read_text()))
+        model = load_model(target, dev, trust_remote_code, inference_dtype(dev), head=head)
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
         stops = _folder_stops(model, tokenizer, end_of_turn)
@@ -323,7 +326,7 @@ def _end_of_turn(tokenizer) -> str | None:
 def _folder_stops(model, tokenizer, end_of_turn: str | None) -> list[int]:
     """The template's end-of-turn and EOS, plus every EOS id the folder's generation_config.json names."""
     stops = stop_token_ids(tokenizer, end_of_turn)
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # none: a classifier's
     for idx in eos if isinstance(eos, list) else [eos]:
         if idx is not None and idx not in stops:
             stops.append(idx)

@@ -29,12 +29,21 @@ SERVED = {
 }
 
 
-def wrong_route(head: str, path: str, model_id: str) -> ApiError | None:
+def folder_head(config: dict) -> str:
+    """The head of a model folder, from its config.json: an exported classifier or reward model (one output, as
+    `export --to hf` writes a reward run) is served as such, not loaded as a language model without its head."""
+    if not any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
+        return "causal_lm"
+    return "score" if len(config.get("id2label") or {}) == 1 else "classifier"
+
+
+def wrong_route(head: str, path: str) -> ApiError | None:
     """400 for a generation route on a model that does not generate, naming what it is and where to go (an
-    OpenAI client or chat UI sends chat requests to whatever it is pointed at); None for any other path."""
+    OpenAI client or chat UI sends chat requests to whatever it is pointed at); None for any other path.
+    Asked before the API key is checked, as a 404 is, so it names no model id."""
     served = SERVED[head]
     if path not in GENERATION_ROUTES or path in served.routes:
         return None
     use = " or ".join(f"POST {route}" for route in served.routes)
-    return ApiError(400, f"{path}: {model_id} is {served.kind}; it does not generate text, so it has no chat or "
-                    f"completion routes; use {use}", code="unsupported_route")
+    return ApiError(400, f"{path}: this server's model is {served.kind}; it does not generate text, so it has no "
+                    f"chat or completion routes; use {use}", code="unsupported_route")

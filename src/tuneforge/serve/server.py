@@ -133,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         routes = {**ROUTES, **engine.routes}
         if path not in routes and not is_model:
-            refused = wrong_route(engine.head, path, engine.default_id)
+            refused = wrong_route(engine.head, path)
             if refused is not None:
                 raise refused
             listed = ", ".join(f"{m} {r}" for r, m in routes.items() if r != "/health")
