@@ -5,6 +5,7 @@ where to go."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -18,10 +19,13 @@ from conftest import make_tiny_model, write_jsonl
 from test_preference import preference_records
 from test_train import QUIET, make_cfg
 
+from tuneforge.data.batching import collate
 from tuneforge.data.dataset import prepare_data
+from tuneforge.data.formats import as_messages
 from tuneforge.errors import ModelError
 from tuneforge.export.run_export import export_run
-from tuneforge.models.run import open_run
+from tuneforge.methods.reward import sequence_scores
+from tuneforge.models.run import load_tuned, open_run
 from tuneforge.serve import make_server
 from tuneforge.serve.rewards import reward_batch
 from tuneforge.train.loop import train
@@ -46,11 +50,17 @@ def reward_run(tmp_path_factory, tokenizers):
                    validation={"path": str(write_jsonl(tmp / "held_out.jsonl", HELD_OUT))}, **{"lora.dropout": 0.0})
     train(cfg, reporter=QUIET)
     exported = export_run(open_run(tmp / "run"), "hf", tmp / "hf", dtype="float32")
-    server = make_server(tmp / "run", port=0, quiet=True, device="cpu")
+    with serving(tmp / "run") as server:
+        yield SimpleNamespace(cfg=cfg, run=tmp / "run", exported=exported, server=server, tokenizer=tokenizers["smol"])
+
+
+@contextlib.contextmanager
+def serving(target):
+    server = make_server(target, port=0, quiet=True, device="cpu")
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        yield SimpleNamespace(cfg=cfg, run=tmp / "run", exported=exported, server=server, tokenizer=tokenizers["smol"])
+        yield server
     finally:
         server.shutdown()
         server.server_close()
@@ -98,8 +108,9 @@ def test_classify_answers_as_the_pipeline_on_the_export_plus_the_raw_reward(rewa
 
 
 def test_a_prompt_and_answer_scores_as_training_scored_it(reward_run):
-    """Served rewards of the held-out pairs average to eval_after.json's (the trained model's own scoring), and
-    each side is the same token ids as the prepared data; a conversation and a prompt + response agree."""
+    """Served rewards of the held-out pairs average to eval_after.json's (the trained model's own scoring); each
+    side is the prepared data's token ids, scored as training scores them; a conversation and a prompt + response
+    agree, and so does the merged export served as a model folder."""
     chosen = [{"prompt": r["prompt"], "response": r["chosen"]} for r in HELD_OUT]
     rejected = [{"prompt": r["prompt"], "response": r["rejected"]} for r in HELD_OUT]
     c, r = torch.tensor(rewards(reward_run.server, chosen)), torch.tensor(rewards(reward_run.server, rejected))
@@ -114,25 +125,21 @@ def test_a_prompt_and_answer_scores_as_training_scored_it(reward_run):
     end_of_turn = json.loads((reward_run.run / "run.json").read_text())["end_of_turn"]
     pairs = [(x["prompt"], x["response"]) for x in chosen + rejected]
     batch = reward_batch(tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), pairs, end_of_turn)
-    served = {tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])}
-    assert served == prepared and len(prepared) == 6
+    served = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert set(served) == prepared and len(prepared) == 6
+    tuned, _ = load_tuned(open_run(reward_run.run), torch.device("cpu"))
+    with torch.no_grad():  # each prepared side alone, through the training code's scoring
+        trained = [sequence_scores(tuned, collate([row], tok.pad_token_id)).item() for row in (*data.validation,
+                   *data.validation_rejected)]
+    by_ids = dict(zip([tuple(int(i) for i in row.input_ids) for row in (*data.validation, *data.validation_rejected)],
+                      trained))
+    assert torch.cat([c, r]).tolist() == pytest.approx([by_ids[ids] for ids in served], abs=1e-5)
 
-    as_messages = [{"messages": (x["prompt"] if isinstance(x["prompt"], list) else [{"role": "user", "content": x["prompt"]}])
-                    + (x["response"] if isinstance(x["response"], list) else [{"role": "assistant", "content": x["response"]}])}
-                   for x in chosen]
-    assert rewards(reward_run.server, as_messages) == pytest.approx(c.tolist(), abs=1e-6)
-
-    # The merged export, served as a folder, is a reward model too and scores the same (merged weights: 1e-4)
-    folder = make_server(reward_run.exported, port=0, quiet=True, device="cpu")
-    thread = threading.Thread(target=folder.serve_forever)
-    thread.start()
-    try:
-        assert rewards(folder, chosen + ["Item 3 is blue."]) == pytest.approx(
-            c.tolist() + rewards(reward_run.server, ["Item 3 is blue."]), abs=1e-4)
-    finally:
-        folder.shutdown()
-        folder.server_close()
-        thread.join()
+    conversations = [{"messages": as_messages(x["prompt"], "user") + as_messages(x["response"], "assistant")}
+                     for x in chosen]
+    assert rewards(reward_run.server, conversations) == pytest.approx(c.tolist(), abs=1e-6)
+    with serving(reward_run.exported) as folder:  # merged weights: within 1e-4
+        assert rewards(folder, chosen) == pytest.approx(c.tolist(), abs=1e-4)
 
 
 def test_chat_routes_are_refused_with_the_route_to_use_and_bad_inputs_named(reward_run):
@@ -158,13 +165,6 @@ def test_a_merged_export_is_served_as_the_model_folder_it_is(tmp_path, tiny_mode
     not as a run without final/."""
     folder = shutil.copytree(tiny_models["llama"], tmp_path / "merged")
     (folder / "run.json").write_text(json.dumps({"merged_from": "runs/x/final"}))
-    server = make_server(folder, port=0, quiet=True, device="cpu")
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
+    with serving(folder) as server:
         status, answer = call(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
         assert status == 200 and answer["model"] == "merged", answer
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
