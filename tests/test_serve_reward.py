@@ -121,19 +121,18 @@ def test_a_prompt_and_answer_scores_as_training_scored_it(reward_run):
 
     tok = reward_run.tokenizer
     data = prepare_data(reward_run.cfg, tok)
-    prepared = {tuple(int(i) for i in row.input_ids) for part in (data.validation, data.validation_rejected) for row in part}
+    sides = [*data.validation, *data.validation_rejected]
+    prepared = [tuple(int(i) for i in row.input_ids) for row in sides]
     end_of_turn = json.loads((reward_run.run / "run.json").read_text())["end_of_turn"]
     pairs = [(x["prompt"], x["response"]) for x in chosen + rejected]
     batch = reward_batch(tok, SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), pairs, end_of_turn)
     served = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    assert set(served) == prepared and len(prepared) == 6
+    assert set(served) == set(prepared) and len(set(prepared)) == 6
     tuned, _ = load_tuned(open_run(reward_run.run), torch.device("cpu"))
     with torch.no_grad():  # each prepared side alone, through the training code's scoring
-        trained = [sequence_scores(tuned, collate([row], tok.pad_token_id)).item() for row in (*data.validation,
-                   *data.validation_rejected)]
-    by_ids = dict(zip([tuple(int(i) for i in row.input_ids) for row in (*data.validation, *data.validation_rejected)],
-                      trained))
-    assert torch.cat([c, r]).tolist() == pytest.approx([by_ids[ids] for ids in served], abs=1e-5)
+        trained = dict(zip(prepared, [sequence_scores(tuned, collate([side], tok.pad_token_id)).item()
+                                      for side in sides]))
+    assert torch.cat([c, r]).tolist() == pytest.approx([trained[ids] for ids in served], abs=1e-5)
 
     conversations = [{"messages": as_messages(x["prompt"], "user") + as_messages(x["response"], "assistant")}
                      for x in chosen]

@@ -132,8 +132,9 @@ class Inputs:
 
 
 # The heads /v1/classify serves (models/load.py HEADS; serve/heads.py SERVED), and what each takes.
-INPUTS = {"classifier": Inputs(text_inputs, text_batch, True), "image_classifier": Inputs(image_inputs, image_batch, False),
-          "score": Inputs(reward_inputs, reward_batch, True, reward_scores)}
+INPUTS = {"classifier": Inputs(text_inputs, text_batch, True),
+          "image_classifier": Inputs(image_inputs, image_batch, False),
+          "score": Inputs(reward_inputs, reward_batch, True, reward_scores)}  # serve/rewards.py
 
 
 def pipeline_shape(probs: torch.Tensor, id2label: dict, single: bool, top_k: int | None,
