@@ -293,7 +293,8 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     elif (target / "config.json").is_file():
         tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
         head = folder_head(json.loads((target / "config.json").read_text()))
-        model = load_model(target, dev, trust_remote_code, inference_dtype(dev), head=head)
+        model = load_model(target, dev, trust_remote_code, inference_dtype(dev), head=head,
+                           pad_token_id=tokenizer.pad_token_id)  # a sequence head finds the last token by it
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
         stops = _folder_stops(model, tokenizer, end_of_turn)
