@@ -200,7 +200,7 @@ def test_pipeline_loads_final_and_predicts_label_names(tmp_path, tiny_bert):
         assert same(post(server, "/v1/classify", {"input": "good table"})["data"], classify("good table"))
         with pytest.raises(urllib.error.HTTPError) as err:
             post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-        assert err.value.code == 404
+        assert err.value.code == 400 and "POST /v1/classify" in json.loads(err.value.read())["error"]["message"]
     finally:
         server.shutdown()
         server.server_close()

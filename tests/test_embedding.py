@@ -234,7 +234,7 @@ def test_serve_answers_openai_embeddings_with_the_tuned_vectors(full_run):
             assert torch.allclose(torch.tensor(one.data[0].embedding), expected[0], atol=1e-5)
             with pytest.raises(openai.BadRequestError, match="input"):
                 client.embeddings.create(model="run", input=[])
-            with pytest.raises(openai.NotFoundError):
+            with pytest.raises(openai.BadRequestError, match="embedding model.*POST /v1/embeddings"):
                 client.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}])
     finally:
         server.shutdown()

@@ -6,6 +6,10 @@ The answer's "data" is what `pipeline("text-classification")(input, top_k=...)` 
 top_k 1 a list of one {"label", "score"}; for a list of texts, one entry per text (a dict with top_k 1, else a
 list of dicts). Scores are softmax probabilities, or per-class sigmoids for a multi-label model.
 
+A reward run (`method: reward`, one output) answers in the same shape, as the pipeline does for one label: its
+one label ("LABEL_0") with the sigmoid of the score as "score", plus "reward": the score head's raw output, the
+number a reward model is used for (ranking answers, RL). It also takes conversations: serve/rewards.py.
+
 An image classifier takes images as their bytes in base64, raw or as a data URL
 ("data:image/png;base64,..."), at most MAX_IMAGE_BYTES each, and answers what
 `pipeline("image-classification")(images, top_k=...)` returns: a list of {"label", "score"} per image. A path
@@ -25,6 +29,7 @@ import torch
 
 from tuneforge.data.images import as_rgb, pil
 from tuneforge.serve.protocol import ApiError
+from tuneforge.serve.rewards import reward_batch, reward_inputs, reward_scores
 
 MAX_TEXTS = 256  # texts in one request: a bigger batch is a client that should page
 MAX_IMAGES = 32  # images in one request
@@ -80,7 +85,7 @@ def parse_classify(body: dict, read: Callable[[list], list] = text_inputs) -> tu
     """(model, inputs, one input given, top_k) of a request body, the inputs checked by `read` (text_inputs or
     image_inputs); ApiError 400 naming the field otherwise."""
     given = body.get("input")
-    single = isinstance(given, str)
+    single = isinstance(given, (str, dict))
     given = [given] if single else given
     if not isinstance(given, list) or not given:
         raise ApiError(400, "input: give a non-empty string or a list of non-empty strings", param="input")
@@ -94,24 +99,24 @@ def parse_classify(body: dict, read: Callable[[list], list] = text_inputs) -> tu
     return model, inputs, single, top_k
 
 
-def text_batch(tokenizer, model, texts: list[str]) -> dict:
+def text_batch(tokenizer, model, texts: list[str], end_of_turn: str | None = None) -> dict:
     """Token ids of the texts, truncated to what the model reads."""
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     return tokenizer(texts, padding=True, truncation=True, max_length=min(limit, tokenizer.model_max_length),
                      return_tensors="pt")
 
 
-def image_batch(processor, model, images: list) -> dict:
+def image_batch(processor, model, images: list, end_of_turn: str | None = None) -> dict:
     """pixel_values of the images through the model's own processor, as the pipeline computes them."""
     return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
 
 
 @torch.no_grad()
-def class_scores(model, batch: dict, device) -> torch.Tensor:
-    """Probabilities of every class for each input (fp32, on the CPU)."""
+def class_scores(model, batch: dict, device) -> tuple[torch.Tensor, None]:
+    """Probabilities of every class for each input (fp32, on the CPU), and no fields beside them."""
     logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
     multi = model.config.problem_type == "multi_label_classification"
-    return torch.sigmoid(logits) if multi else torch.softmax(logits, -1)
+    return (torch.sigmoid(logits) if multi else torch.softmax(logits, -1)), None
 
 
 @dataclass(frozen=True)
@@ -119,22 +124,29 @@ class Inputs:
     """What a classifier head reads from a request, how it becomes a batch, and how its pipeline shapes an answer."""
 
     read: Callable[[list], list]  # request inputs -> checked inputs (400 otherwise)
-    batch: Callable  # (tokenizer or image processor, model, inputs) -> the model's keyword arguments
+    # (tokenizer or image processor, model, inputs, the run's end-of-turn) -> the model's keyword arguments
+    batch: Callable
     one_per_input: bool  # top_k 1 answers a dict per input (text pipeline), not a list of one (image pipeline)
+    # (model, batch, device) -> (probabilities [inputs, classes], fields added to each input's entries, or None)
+    scores: Callable = class_scores
 
 
-# The heads /v1/classify serves (models/load.py HEADS), and what each takes.
-INPUTS = {"classifier": Inputs(text_inputs, text_batch, True), "image_classifier": Inputs(image_inputs, image_batch, False)}
+# The heads /v1/classify serves (models/load.py HEADS; serve/heads.py SERVED), and what each takes.
+INPUTS = {"classifier": Inputs(text_inputs, text_batch, True),
+          "image_classifier": Inputs(image_inputs, image_batch, False),
+          "score": Inputs(reward_inputs, reward_batch, True, reward_scores)}  # serve/rewards.py
 
 
 def pipeline_shape(probs: torch.Tensor, id2label: dict, single: bool, top_k: int | None,
-                   one_per_input: bool = True) -> list:
-    """Labels with scores, best first, shaped as transformers' classification pipelines return them."""
+                   one_per_input: bool = True, fields: list[dict] | None = None) -> list:
+    """Labels with scores, best first, shaped as transformers' classification pipelines return them; `fields`
+    (one dict per input) are added to that input's entries."""
     k = probs.size(-1) if top_k is None else min(top_k, probs.size(-1))
     rows = []
-    for row in probs:
+    for n, row in enumerate(probs):
         scores, idx = row.topk(k)
-        rows.append([{"label": id2label[int(i)], "score": float(s)} for s, i in zip(scores, idx)])
+        extra = fields[n] if fields else {}
+        rows.append([{"label": id2label[int(i)], "score": float(s), **extra} for s, i in zip(scores, idx)])
     if single:
         return rows[0]
     return [r[0] for r in rows] if top_k == 1 and one_per_input else rows

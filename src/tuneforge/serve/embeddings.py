@@ -18,7 +18,9 @@ from tuneforge.methods.facts import method_facts
 from tuneforge.models.encoder import Pooling, embed, read_pooling, tokenize
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
+from tuneforge.serve.heads import SERVED
 from tuneforge.serve.protocol import ApiError
+from tuneforge.serve.targets import is_run_folder
 from tuneforge.serve.turns import Turns
 
 BATCH = 64  # texts encoded together: bounds the memory one request takes
@@ -31,7 +33,8 @@ class EmbeddingEngine:
     pooling: Pooling
     device: torch.device
     default_id: str
-    routes: ClassVar[dict[str, str]] = {"/v1/embeddings": "POST"}
+    head: ClassVar[str] = "encoder"
+    routes: ClassVar[dict[str, str]] = SERVED["encoder"].routes
     turns: Turns = field(default_factory=Turns)  # one model call at a time, in arrival order
     closing: threading.Event = field(default_factory=threading.Event)
 
@@ -59,7 +62,7 @@ class EmbeddingEngine:
 def serves_embeddings(target: Path) -> bool:
     """A run of task: embedding, or a sentence-transformers folder (modules.json)."""
     target = Path(target)
-    if (target / "run.json").is_file():
+    if is_run_folder(target):
         return method_facts(open_run(target).config).model_head == "encoder"
     return (target / "modules.json").is_file()
 
@@ -71,7 +74,7 @@ def load_embedding_engine(target: Path, device: str = "auto", trust_remote_code:
         raise ModelError(f"--adapter: {target} is an embedding model; it is served alone (export a merged folder "
                          "per adapter instead)")
     dev = pick_device(device)
-    if (target / "run.json").is_file():
+    if is_run_folder(target):
         run = open_run(target, trust_remote_code)
         model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         pooling = read_pooling(run.final)

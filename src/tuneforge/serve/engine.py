@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
-from tuneforge.serve.classify import INPUTS, class_scores
+from tuneforge.serve.classify import INPUTS
+from tuneforge.serve.heads import GENERATION_ROUTES, SERVED, folder_head
 from tuneforge.serve.protocol import ApiError
+from tuneforge.serve.targets import is_run_folder
 from tuneforge.serve.text import IncrementalDecoder, cut_at_stops
 from tuneforge.serve.turns import Turns
 
@@ -47,11 +50,6 @@ class Limits:
                 raise TuneforgeError(f"--{key.replace('_', '-')} {getattr(self, key)}: must be at least 1")
 
 
-GENERATION_ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST"}
-# The routes a model answers, by its head; a head not listed generates text (serve/embeddings.py has its own engine).
-HEAD_ROUTES = {head: {"/v1/classify": "POST"} for head in INPUTS}
-
-
 @dataclass
 class Result:
     """What one generation produced; filled in while its text streams."""
@@ -74,7 +72,7 @@ class Engine:
     limits: Limits = field(default_factory=Limits)
     turns: Turns = field(default_factory=Turns)  # one model call (or tokenizer call) at a time, in arrival order
     closing: threading.Event = field(default_factory=threading.Event)  # set: generation stops at the next token
-    head: str = "causal_lm"  # the model's head (its run's row): which POST routes it answers (HEAD_ROUTES)
+    head: str = "causal_lm"  # the model's head (its run's row): which POST routes it answers (serve/heads.py)
 
     def __post_init__(self):
         self.slots = threading.BoundedSemaphore(self.limits.max_concurrent)
@@ -92,13 +90,15 @@ class Engine:
 
     @property
     def routes(self) -> dict[str, str]:
-        return HEAD_ROUTES.get(self.head, GENERATION_ROUTES)
+        return SERVED[self.head].routes
 
-    def classify(self, model_id: str, inputs: list) -> torch.Tensor:
-        """Class probabilities of each text or image (a classifier's /v1/classify), one model call in the engine's turn."""
+    def classify(self, model_id: str, inputs: list) -> tuple[torch.Tensor, list[dict] | None]:
+        """Class probabilities of each input (a classifier's or reward model's /v1/classify) and the fields its head
+        adds beside them (a reward), one model call in the engine's turn."""
+        served = INPUTS[self.head]
         with self.turns.turn(), self._use(model_id):
-            batch = INPUTS[self.head].batch(self.tokenizer, self.model, inputs)
-            return class_scores(self.model, batch, self.device)
+            batch = served.batch(self.tokenizer, self.model, inputs, self.end_of_turn)
+            return served.scores(self.model, batch, self.device)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -279,17 +279,22 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     extra = {name: adapter_folder(name, path) for name, path in parse_adapters(adapters).items()}
     dev = pick_device(device)
     head = "causal_lm"
-    if (target / "run.json").is_file():
+    if is_run_folder(target):
         run = open_run(target, trust_remote_code)
         head = method_facts(run.config).model_head
+        if extra and not SERVED[head].base_servable:
+            raise ModelError(f"--adapter: {target} is {SERVED[head].kind} with a head the run trained; it is served "
+                             "alone (start one server per run)")
         model, tokenizer = load_tuned(run, dev, inference_dtype(dev))
         end_of_turn, stops = run.manifest.get("end_of_turn"), run.stop_ids
         default_id = _served_name(target)
-        base_id = _base_name(run) if run.is_adapter else None
+        base_id = _base_name(run) if run.is_adapter and SERVED[head].base_servable else None
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
         tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
-        model = load_model(target, dev, trust_remote_code, inference_dtype(dev))
+        head = folder_head(json.loads((target / "config.json").read_text()))
+        model = load_model(target, dev, trust_remote_code, inference_dtype(dev), head=head,
+                           pad_token_id=tokenizer.pad_token_id)  # a sequence head finds the last token by it
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
         stops = _folder_stops(model, tokenizer, end_of_turn)
@@ -297,7 +302,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
     else:
         raise ModelError(f"{target}: neither a run folder (run.json + final/) nor a model folder (config.json); "
                          "give the folder `tuneforge train` wrote, or an exported model folder")
-    if not stops and head not in HEAD_ROUTES:
+    if not stops and SERVED[head].routes == GENERATION_ROUTES:
         raise ModelError(f"{target}: no end-of-turn or EOS token is known, so answers could never end")
     ids = [i for i in (base_id, default_id) if i]
     for name in extra:
@@ -322,7 +327,7 @@ def _end_of_turn(tokenizer) -> str | None:
 def _folder_stops(model, tokenizer, end_of_turn: str | None) -> list[int]:
     """The template's end-of-turn and EOS, plus every EOS id the folder's generation_config.json names."""
     stops = stop_token_ids(tokenizer, end_of_turn)
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # none: a classifier's
     for idx in eos if isinstance(eos, list) else [eos]:
         if idx is not None and idx not in stops:
             stops.append(idx)

@@ -27,6 +27,7 @@ from tuneforge.serve import protocol as p
 from tuneforge.serve.classify import INPUTS, parse_classify, pipeline_shape
 from tuneforge.serve.embeddings import load_embedding_engine, serves_embeddings
 from tuneforge.serve.engine import ClientGone, Engine, Limits, Result, ShuttingDown, load_engine
+from tuneforge.serve.heads import wrong_route
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # past this a too-large body is not read to the end; the connection is dropped
@@ -132,6 +133,9 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         routes = {**ROUTES, **engine.routes}
         if path not in routes and not is_model:
+            refused = wrong_route(engine.head, path)
+            if refused is not None:
+                raise refused
             listed = ", ".join(f"{m} {r}" for r, m in routes.items() if r != "/health")
             raise p.ApiError(404, f"{path}: no such route; this server has {listed}", code="not_found")
         allowed = routes.get(path, "GET")
@@ -186,8 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         kind = INPUTS[engine.head]
         model, inputs, single, top_k = parse_classify(body, kind.read)
         model_id = engine.resolve(model)
-        probs = engine.classify(model_id, inputs)
-        data = pipeline_shape(probs, engine.model.config.id2label, single, top_k, kind.one_per_input)
+        probs, fields = engine.classify(model_id, inputs)
+        data = pipeline_shape(probs, engine.model.config.id2label, single, top_k, kind.one_per_input, fields)
         return self._send_json(200, {"object": "list", "model": model_id, "data": data})
 
     def _answer(self, chat: bool, body: dict, engine: Engine | None = None) -> None:
