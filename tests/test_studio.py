@@ -411,3 +411,34 @@ def test_with_gpus_each_runs_its_own_job_at_the_same_time(tmp_path):
     assert sorted(log["gpu"] for log in logs) == ["0", "1"]
     first, second = sorted(logs, key=lambda log: float(log["start"]))
     assert float(second["start"]) < float(first["end"])  # they overlapped: neither waited for the other
+
+
+def test_only_language_model_adapters_share_their_base_engine(monkeypatch):
+    """A LoRA classifier trained a head of its own: its base (with a random head) is not offered as a model, and
+    it is served by an engine of its own (its run), never as an adapter on the base's language-model engine."""
+    from tuneforge.studio import models as models_module
+
+    def job(n: int, **config) -> dict:
+        return {"id": f"ftjob-{n}", "model": "minilm-l6", "fine_tuned_model": f"ft:minilm-l6:{n}",
+                "config": {"base_model": "minilm-l6", "method": "sft", **config}}
+    jobs = [job(1, adapter="lora"), job(2, adapter="lora", task="classification"), job(3, adapter="full")]
+
+    class Store:
+        def succeeded(self, owner=None):
+            return jobs
+
+        def run_dir(self, job_id):
+            return Path("runs") / job_id
+    loaded = []
+
+    class Engine:
+        base_id = default_id = None
+
+        def model_ids(self):
+            return [self.default_id]
+
+    monkeypatch.setattr(models_module, "load_engine", lambda folder, **kw: loaded.append((folder, kw)) or Engine())
+    models = models_module.Models(Store())
+    assert models.ids("alice") == ["ft:minilm-l6:1", "ft:minilm-l6:2", "ft:minilm-l6:3", "minilm-l6"]
+    models.engine_for("alice", "ft:minilm-l6:2")
+    assert loaded == [(Path("runs/ftjob-2"), {"device": "auto", "limits": models.limits})]

@@ -1,12 +1,14 @@
-"""The models a studio serves: every succeeded LoRA job of one base shares one engine (the base loaded once,
-each job's adapter beside the others, the base itself chattable with every adapter off), loaded at the first
-request that names one of them; a job of that base that succeeds later has its adapter added to the live
-engine. A full fine-tune gets an engine of its own."""
+"""The models a studio serves: every succeeded LoRA job of one language model shares one engine (the base loaded
+once, each job's adapter beside the others, the base itself chattable with every adapter off), loaded at the
+first request that names one of them; a job of that base that succeeds later has its adapter added to the live
+engine. A full fine-tune, and a job that trained a new head with its adapter (a classifier), gets an engine of
+its own: its head is not the base's."""
 
 from __future__ import annotations
 
 import threading
 
+from tuneforge.methods.facts import METHODS
 from tuneforge.models.resolve import resolve_base_model
 from tuneforge.serve.engine import Engine, Limits, load_engine
 from tuneforge.serve.protocol import ApiError
@@ -28,7 +30,7 @@ class Models:
         """Each model id this owner may call -> the group of the engine that serves it."""
         mine = self.store.succeeded(owner)
         groups = {job["fine_tuned_model"]: _group(job) for job in mine}
-        groups.update({base_name(job["model"]): _group(job) for job in mine if _lora(job)})
+        groups.update({base_name(job["model"]): _group(job) for job in mine if _shares_base(job)})
         return groups
 
     def engine_for(self, owner: str, model_id: object) -> Engine:
@@ -52,7 +54,7 @@ class Models:
 
     def _load(self, members: list[dict]) -> Engine:
         runs = {job["fine_tuned_model"]: self.store.run_dir(job["id"]) for job in members}
-        if not _lora(members[0]):
+        if not _shares_base(members[0]):
             [(name, run)] = runs.items()
             engine = load_engine(run, device=self.device, limits=self.limits)
             engine.default_id = name
@@ -69,9 +71,13 @@ class Models:
                 engine.closing.set()
 
 
-def _lora(job: dict) -> bool:
-    return job["config"].get("adapter", "lora") != "full"
+def _shares_base(job: dict) -> bool:
+    """A LoRA adapter on a language model, which an engine of its base can serve beside others."""
+    config = job["config"]
+    task = config.get("task", "causal_lm")
+    row = config.get("method", "sft") if task == "causal_lm" else task
+    return config.get("adapter", "lora") != "full" and METHODS[row].model_head == "causal_lm"
 
 
 def _group(job: dict) -> str:
-    return f"base:{job['config']['base_model']}" if _lora(job) else f"job:{job['id']}"
+    return f"base:{job['config']['base_model']}" if _shares_base(job) else f"job:{job['id']}"
