@@ -246,6 +246,13 @@ def test_serve_classifies_images_sent_as_base64_as_the_pipeline_does(tmp_path, v
     finally:
         server.shutdown()
         server.server_close()
+    server = make_server(tmp_path / "run" / "final", port=0, quiet=True, device="cpu")  # the model folder alone
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert same(post({"input": raw, "top_k": None}), classify([str(f) for f in files], top_k=2))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def multi_label_images(tmp_path):

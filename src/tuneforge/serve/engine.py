@@ -15,7 +15,7 @@ import torch
 
 from tuneforge.data.template import encode_segment_lists, find_end_of_turn, generation_prompt
 from tuneforge.errors import ModelError, TuneforgeError
-from tuneforge.methods.facts import method_facts
+from tuneforge.methods.facts import METHODS, function_at, method_facts
 from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
 from tuneforge.models.load import load_model, load_tokenizer, pick_device
@@ -291,13 +291,15 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
         base_id = _base_name(run) if run.is_adapter and SERVED[head].base_servable else None
         own = {default_id: "default"} if run.is_adapter else {}
     elif (target / "config.json").is_file():
-        tokenizer = load_tokenizer(target, trust_remote_code=trust_remote_code)
         head = folder_head(json.loads((target / "config.json").read_text()))
+        # The inputs' processor of the head's rows: a tokenizer, or an image classifier's image processor.
+        processor = next(m.processor for m in METHODS.values() if m.model_head == head)
+        tokenizer = function_at(processor)(target, trust_remote_code=trust_remote_code)
         model = load_model(target, dev, trust_remote_code, inference_dtype(dev), head=head,
-                           pad_token_id=tokenizer.pad_token_id)  # a sequence head finds the last token by it
+                           pad_token_id=getattr(tokenizer, "pad_token_id", None))  # a sequence head's last token
         model.eval()
         end_of_turn = _end_of_turn(tokenizer)
-        stops = _folder_stops(model, tokenizer, end_of_turn)
+        stops = _folder_stops(model, tokenizer, end_of_turn) if SERVED[head].routes == GENERATION_ROUTES else []
         default_id, base_id, own = _served_name(target), None, {}
     else:
         raise ModelError(f"{target}: neither a run folder (run.json + final/) nor a model folder (config.json); "
@@ -316,7 +318,7 @@ def load_engine(target: str | Path, adapters: Mapping[str, str | Path] | Sequenc
 
 
 def _end_of_turn(tokenizer) -> str | None:
-    if not tokenizer.chat_template:
+    if not getattr(tokenizer, "chat_template", None):  # an image processor has none
         return None
     try:
         return find_end_of_turn(tokenizer)

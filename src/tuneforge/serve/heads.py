@@ -30,9 +30,12 @@ SERVED = {
 
 
 def folder_head(config: dict) -> str:
-    """The head of a model folder, from its config.json: an exported classifier or reward model (one output, as
-    `export --to hf` writes a reward run) is served as such, not loaded as a language model without its head."""
-    if not any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
+    """The head of a model folder, from its config.json: an exported classifier, image classifier or reward model
+    (one output, as `export --to hf` writes a reward run) is served as such, not loaded as a language model."""
+    architectures = config.get("architectures") or []
+    if any(name.endswith("ForImageClassification") for name in architectures):
+        return "image_classifier"
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
         return "causal_lm"
     return "score" if len(config.get("id2label") or {}) == 1 else "classifier"
 
