@@ -1,6 +1,6 @@
 """Training on 2 CPU processes (gloo) through torchrun: DDP and FSDP give the single-process run's
-losses and weights (SFT, the preference methods, GRPO), checkpoints reshard, final/ is whole
-(R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
+losses and weights (SFT, the preference methods, GRPO), checkpoints reshard, final/ is whole, and
+evaluation.select_best chooses as one process does (R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
 
 Starting processes costs most of the time, so one torchrun launch runs every scenario
 (tests/dist_scenarios.py) and the tests below check what it left on disk.
@@ -386,7 +386,8 @@ def test_select_best_on_two_fsdp_processes_chooses_as_one_and_final_is_the_winne
     assert chosen["step"] == want["step"] != 3 and chosen["values"].keys() == want["values"].keys() == {"1", "2", "3"}
     for step, value in want["values"].items():
         assert chosen["values"][step] == pytest.approx(value, abs=TOL), step
-    after, ref_after = (json.loads((root / name / "eval_after.json").read_text()) for name in ("fsdp_select", "ref_select"))
+    after, ref_after = (json.loads((root / name / "eval_after.json").read_text())
+                        for name in ("fsdp_select", "ref_select"))
     numbers = {k for k, v in ref_after.items() if isinstance(v, float)}
     assert {"val_loss", "exact_match"} <= numbers
     for k in numbers:  # relative for perplexity (about 1e5 for this barely trained model)
