@@ -1,6 +1,6 @@
 """Training on 2 CPU processes (gloo) through torchrun: DDP and FSDP give the single-process run's
-losses and weights (SFT, the preference methods, GRPO), checkpoints reshard, final/ is whole
-(R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
+losses and weights (SFT, the preference methods, GRPO), checkpoints reshard, final/ is whole, and
+evaluation.select_best chooses as one process does (R-DIST-1..4, R-FEAT-1, R-RES-3 on 2 ranks).
 
 Starting processes costs most of the time, so one torchrun launch runs every scenario
 (tests/dist_scenarios.py) and the tests below check what it left on disk.
@@ -76,6 +76,11 @@ GRPO_RUNS = {
 }
 GRPO_STATS = ("reward", "reward_std", "frac_zero_std", "completion_length", "kl", "rewards/")
 PRETRAIN = {"ddp_pretrain": "ddp", "fsdp_pretrain": "fsdp"}  # method: pretrain from random init, full weights
+# evaluation.select_best under FSDP with LoRA: every kept checkpoint is loaded (collectively) and scored by both
+# processes, greedy answers included; the highest val_loss wins, so that the winner is not simply the last step.
+SELECT = {"save_every": 1, "keep_last": 3, "validation": {"path": "VAL"},
+          "evaluation": {"before_after": True, "select_best": {"metric": "val_loss", "mode": "max"},
+                         "max_examples": 2, "max_new_tokens": 3}}
 MAX_COMPLETION = 6
 
 
@@ -94,6 +99,11 @@ def raw_config(root: Path, model: Path, out: str, strategy: str = "none", adapte
         # into whole steps.
         "performance": PLAIN_ARITHMETIC, **extra,
     }
+
+
+def select_config(root: Path, model: Path, strategy: str = "none") -> dict:
+    extra = {**SELECT, "validation": {"path": str(root / "val.jsonl")}}
+    return raw_config(root, model, "fsdp_select" if strategy != "none" else "ref_select", strategy, steps=3, **extra)
 
 
 def pretrain_config(root: Path, out: str, strategy: str = "none", **extra) -> dict:
@@ -189,6 +199,7 @@ def runs(tmp_path_factory, tiny_models):
     """Every 2-process scenario in one launch, and the single-process runs they must equal."""
     root = tmp_path_factory.mktemp("dist")
     write_jsonl(root / "train.jsonl", memorise_records(22))
+    write_jsonl(root / "val.jsonl", memorise_records(27)[22:])
     write_preference_data(root)
     model = tiny_models["llama"]
     write_grpo_data(root, model)
@@ -209,7 +220,7 @@ def runs(tmp_path_factory, tiny_models):
         ] + [{"config": preference_config(root, model, name, strategy)} for name, (strategy, _, _) in PREFERENCE.items()]
           + [{"config": grpo_config(root, name, strategy)} for name, (strategy, _, _) in GRPO_RUNS.items()]
           + [{"config": pretrain_config(root, name, strategy)} for name, strategy in PRETRAIN.items()]
-          + [{"config": pretrain_cut, "stop_after": 2}],
+          + [{"config": pretrain_cut, "stop_after": 2}, {"config": select_config(root, model, "fsdp")}],
         "gather": {"config": raw_config(root, model, "gather", "fsdp"), "out": str(root)},
         "reload": {"config": raw_config(root, model, "reload", "fsdp"),
                    "checkpoint": str(root / "cut" / "checkpoints" / "step-2"), "out": str(root / "reload.safetensors")},
@@ -233,6 +244,7 @@ def runs(tmp_path_factory, tiny_models):
     for name in GRPO_RUNS:
         train(config_from_dict(grpo_config(root, name)), reporter=QUIET)
     train(config_from_dict(pissa_config(root, model, "ref_pissa")), reporter=QUIET)
+    train(config_from_dict(select_config(root, model)), reporter=QUIET)
     train(config_from_dict(pretrain_config(root, "ref_pretrain")), reporter=QUIET)
     shutil.copytree(root / "pretrain_cut", root / "pretrain_cut_one")  # FSDP on 2 processes, resumed on 1
     train(config_from_dict({**pretrain_cut, "output_dir": str(root / "pretrain_cut_one")}), resume=True, reporter=QUIET)
@@ -361,6 +373,33 @@ def test_pissa_on_two_ddp_processes_equals_one(runs):
     assert_same_run(root / "ddp_pissa", root / "ref_pissa", "lora")
     assert json.loads((root / "ddp_pissa" / "final" / "adapter_config.json").read_text())["r"] == 16
     assert (root / "ddp_pissa" / "adapter_init" / "adapter_model.safetensors").is_file()
+
+
+def test_select_best_on_two_fsdp_processes_chooses_as_one_and_final_is_the_winner(runs):
+    """evaluation.select_best under FSDP: every checkpoint's value, the winner and the after-evaluation equal the
+    one-process run's within 1e-5, and final/ holds exactly the winning checkpoint's (sharded) weights."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root = runs["root"]
+    run, ref = (json.loads((root / name / "run.json").read_text()) for name in ("fsdp_select", "ref_select"))
+    chosen, want = run["select_best"], ref["select_best"]
+    assert chosen["step"] == want["step"] != 3 and chosen["values"].keys() == want["values"].keys() == {"1", "2", "3"}
+    for step, value in want["values"].items():
+        assert chosen["values"][step] == pytest.approx(value, abs=TOL), step
+    after, ref_after = (json.loads((root / name / "eval_after.json").read_text())
+                        for name in ("fsdp_select", "ref_select"))
+    numbers = {k for k, v in ref_after.items() if isinstance(v, float)}
+    assert {"val_loss", "exact_match"} <= numbers
+    for k in numbers:  # relative for perplexity (about 1e5 for this barely trained model)
+        assert after[k] == pytest.approx(ref_after[k], rel=TOL, abs=TOL), k
+    assert run["eval_after"] == pytest.approx(ref["eval_after"], rel=TOL, abs=TOL)
+    final = final_weights(root / "fsdp_select", "lora")
+    for step in chosen["values"]:
+        dcp_to_torch_save(root / "fsdp_select" / "checkpoints" / f"step-{step}" / "dcp", root / f"select-{step}.pt")
+        kept = {k.replace(".default", ""): v
+                for k, v in torch.load(root / f"select-{step}.pt", weights_only=True)["model"].items()}
+        same = kept.keys() == final.keys() and all(kept[k].equal(final[k]) for k in final)
+        assert same == (int(step) == chosen["step"]), step
 
 
 def test_ddp_runs_the_chunked_loss_and_equals_one_process(runs):

@@ -820,9 +820,6 @@ def check_distributable(cfg: Config, why: str, strategy: str = "auto") -> None:
         raise ValueError(f"task: embedding trains in one process for now ({why}): its prepared pairs are not cached "
                          "for other processes to read, and in-batch negatives would stay within each process; "
                          "run it without torchrun / distributed settings")
-    if cfg.evaluation.select_best is not None:
-        raise ValueError(f"evaluation.select_best runs in one process for now ({why}); remove it, or train in one "
-                         "process")
     if strategy == "fsdp" and frozen_reference(cfg):
         if cfg.method == "dpo":
             fix = "set dpo.precompute_reference: true (the reference log-probs are computed once before training), "

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.parallel.apply import forward_is_collective
+
 
 @dataclass
 class Sampling:
@@ -152,10 +154,15 @@ def decode(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, ma
 
 def greedy_generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
                     device, batch_size: int = 16) -> list[tuple[list[int], bool]]:
-    """Greedy continuations in batches of `batch_size`; each is (new token ids, stopped), the stop token dropped."""
+    """Greedy continuations in batches of `batch_size`; each is (new token ids, stopped), the stop token dropped.
+
+    A sharded model (FSDP) decodes in step with the other processes, which answer the same prompts: were one
+    process's answer to end a token earlier (last-bit differences), the others would wait on its forward."""
     out = []
+    synced = forward_is_collective(model)
     for i in range(0, len(prompts), batch_size):
-        for ids, stopped in decode(model, prompts[i : i + batch_size], stop_ids, pad_id, max_new_tokens, device):
+        for ids, stopped in decode(model, prompts[i : i + batch_size], stop_ids, pad_id, max_new_tokens, device,
+                                   synced=synced):
             out.append((ids[:-1] if stopped else ids, stopped))
     return out
 

@@ -304,8 +304,10 @@ def train(cfg: Config, resume: bool = False, reporter: Reporter | None = None, s
         return {"stopped_at": step}
 
     best = load_best(run_dir, model) if watch.early_stopped else None
+    # Every process loads and scores each kept checkpoint (FSDP: loading and each forward need them all); rank 0's
+    # numbers are broadcast, so all of them load the same winner before final/ is gathered from it.
     chosen, winner = select_checkpoint(cfg.evaluation.select_best, run_dir, model, optimizer,
-                                       lambda: objective.held_out(model, data, final=True), rep.note)
+                                       lambda: world.broadcast(objective.held_out(model, data, final=True)), rep.note)
     # final/ always holds whole tensors: gathered from the shards under FSDP (every process takes part),
     # then written by rank 0, which alone goes on to evaluate and write run.json.
     gathered = gather_for_save(model, adapter=cfg.adapter != "full")

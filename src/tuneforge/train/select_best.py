@@ -1,6 +1,12 @@
 """evaluation.select_best: after training, every kept checkpoint is evaluated on the validation split and the
 best one by the named metric becomes final/ (the last step is not always the best model). The winner's numbers
-then serve as the after-evaluation too, where that would compute them again the same way."""
+then serve as the after-evaluation too, where that would compute them again the same way.
+
+On several processes every one of them loads and scores each checkpoint in the model it trained, and the
+caller's `evaluate` broadcasts rank 0's numbers, so all take one decision and hold the winner's weights
+before final/ is gathered. Rank 0 scoring alone in a model of its own would need a whole copy of a model
+that FSDP shards because it does not fit one device, a second way to load a sharded checkpoint, and the
+others waiting on it; this way the loop and this function are the same for any number of processes."""
 
 from __future__ import annotations
 
