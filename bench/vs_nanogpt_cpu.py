@@ -92,8 +92,9 @@ def parse_nanogpt_log(text: str) -> dict:
 
 def step_seconds(iters: list[tuple[int, float, float]], eval_interval: int) -> float:
     """Median seconds of a training iteration: an iteration at an eval_interval multiple also timed its
-    evaluation (and a checkpoint), so those are left out."""
-    return statistics.median(ms / 1000 for i, _, ms in iters if i % eval_interval) if iters else float("nan")
+    evaluation (and a checkpoint), so those are left out (unless there are no others)."""
+    plain = [ms / 1000 for i, _, ms in iters if i % eval_interval]
+    return statistics.median(plain or [ms / 1000 for _, _, ms in iters])
 
 
 def nanogpt_parameters(vocab: int, n_layer: int = N_LAYER, n_embd: int = N_EMBD, block: int = BLOCK) -> int:
@@ -155,7 +156,8 @@ def shared_text(config: Path, data_dir: Path) -> dict:
 
     def documents(blocks) -> list[str]:  # each document's tokens end with EOS
         ids = blocks.tokens_between(0, blocks.tokens)
-        return [tokenizer.decode(doc[:-1].tolist()) for doc in np.split(ids, np.flatnonzero(ids == eos) + 1) if len(doc)]
+        docs = np.split(ids, np.flatnonzero(ids == eos) + 1)
+        return [tokenizer.decode(doc[:-1].tolist()) for doc in docs if len(doc)]
 
     train_docs, held_docs = documents(data.train), documents(data.validation)
     corpus = [d for ds in cfg.datasets for d in iter_documents(ds.path, lambda bad: None)]
@@ -169,12 +171,12 @@ def shared_text(config: Path, data_dir: Path) -> dict:
         np.array([stoi[c] for c in text], dtype=np.uint16).tofile(data_dir / f"{name}.bin")
     with open(data_dir / "meta.pkl", "wb") as f:  # nanoGPT's train.py reads vocab_size from it
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
-    model = random_model(model_folder(cfg)[0])
+    params = sum(p.numel() for p in random_model(model_folder(cfg)[0]).parameters())
     return {"train_docs": len(train_docs), "held_docs": len(held_docs), "vocab_chars": len(chars),
             "held_chars": len(held), "held_bytes": len(held.encode("utf-8")),
             "train_bytes_per_char": len(train.encode("utf-8")) / len(train),
             "tf_bytes_per_token": data.train.text_bytes / data.train.tokens,
-            "tf_params": sum(p.numel() for p in model.parameters()),
+            "tf_params": params,
             "char_unigram_bpb": char_unigram_bpb(train, held)}
 
 
@@ -194,13 +196,13 @@ def run_tuneforge(config: Path, env: dict, text: dict) -> dict:
     if done.returncode:
         raise SystemExit(f"tuneforge failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [s for s in steps if "step_s" in s][2:] or steps  # the first two are warm-up
-    tokens = statistics.median(s["trained_tokens"] for s in steps)
+    timed = steps[2:] or steps  # the first two are warm-up
+    tokens_per_s = statistics.median(s["trained_tokens"] for s in timed) / statistics.median(s["step_s"] for s in timed)
     before = json.loads((out / "eval_before.json").read_text())
     after = json.loads((out / "eval_after.json").read_text())
-    tokens_per_s = tokens / statistics.median(s["step_s"] for s in steps)
-    return {"wall": wall, "load": load, "steps": len(steps) + 2, "tokens_per_s": tokens_per_s,
+    return {"wall": wall, "load": load, "steps": steps[-1]["step"], "tokens_per_s": tokens_per_s,
             "bytes_per_s": tokens_per_s * text["tf_bytes_per_token"], "params": text["tf_params"],
+            "text_mb": sum(s["trained_tokens"] for s in steps) * text["tf_bytes_per_token"] / 1e6,
             "bpb_before": before["val_bpb"], "bpb_after": after["val_bpb"], "unigram": after["unigram_bpb"],
             "log": done.stdout}
 
@@ -240,13 +242,15 @@ def run_nanogpt(checkout: Path, data_dir: Path, tmp: Path, budget: float, env: d
     to_bpb = lambda nats: bits_per_byte(nats, text["held_chars"], text["held_bytes"])  # noqa: E731
     return {"wall": wall, "load": load, "steps": max_iters + 1, "tokens_per_s": tokens_per_s,
             "bytes_per_s": tokens_per_s * text["train_bytes_per_char"], "params": counted,
+            "text_mb": (max_iters + 1) * BLOCK * BATCH * text["train_bytes_per_char"] / 1e6,
             "bpb_before": to_bpb(first[2]), "bpb_after": to_bpb(last_val), "unigram": text["char_unigram_bpb"],
             "log": out, "plan": f"calibrated {iter_s * 1000:.0f} ms/iter, {eval_s:.1f} s/eval, {fixed_s:.1f} s start-up: "
                     f"max_iters {max_iters}, eval_interval {interval}, budget {budget:.0f} s"}
 
 
 def row(r: int, name: str, m: dict) -> str:
-    return (f"| {r} | {name} | {m['wall']:.1f} | {m['steps']} | {m['tokens_per_s']:,.0f} | {m['bytes_per_s']:,.0f} | "
+    return (f"| {r} | {name} | {m['wall']:.1f} | {m['steps']} | {m['text_mb']:.2f} | {m['tokens_per_s']:,.0f} | "
+            f"{m['bytes_per_s']:,.0f} | "
             f"{m['params']:,} | {m['bpb_before']:.3f} | **{m['bpb_after']:.3f}** | {m['unigram']:.3f} | {m['load']} |")
 
 
@@ -272,8 +276,8 @@ def main() -> None:
         print(f"text: {text['train_docs']} training and {text['held_docs']} held-out documents (tuneforge's "
               f"split); held-out {text['held_chars']:,} characters, {text['held_bytes']:,} bytes; tuneforge "
               f"{text['tf_bytes_per_token']:.2f} bytes/token, nanoGPT {text['vocab_chars']} characters")
-        header = ("| round | tool | wall s | steps | tokens/s | bytes/s | parameters | val bpb before | val bpb after "
-                  "| unigram bpb | load avg before |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        header = ("| round | tool | wall s | steps | text trained (MB) | tokens/s | bytes/s | parameters | val bpb before "
+                  "| val bpb after | unigram bpb | load avg before |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
         budget, ratios, notes = args.budget, [], []
         print(header, flush=True)
         for r in range(1, args.rounds + 1):
@@ -289,7 +293,7 @@ def main() -> None:
                     theirs = run_nanogpt(args.nanogpt, tmp / "nanogpt-data", tmp / f"nanogpt-{r}", budget, env, text,
                                          args.nanogpt_args)
                     print(row(r, "nanoGPT", theirs), flush=True)
-                    notes.append(f"round {r} nanoGPT: {theirs['plan']}")
+                    notes.append(f"round {r} nanoGPT: {theirs['plan']}, ran {theirs['wall']:.0f} s")
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"round{r}-{tool}.log").write_text((ours if tool == "tuneforge" else theirs)["log"])
