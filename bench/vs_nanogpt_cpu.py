@@ -90,11 +90,11 @@ def parse_nanogpt_log(text: str) -> dict:
             "params_m": float(params.group(1)) if params else None}
 
 
-def step_seconds(iters: list[tuple[int, float, float]], eval_interval: int) -> float:
-    """Median seconds of a training iteration: an iteration at an eval_interval multiple also timed its
-    evaluation (and a checkpoint), so those are left out (unless there are no others)."""
+def step_seconds(iters: list[tuple[int, float, float]], eval_interval: int) -> list[float]:
+    """Seconds of each training iteration: one at an eval_interval multiple also timed its evaluation (and
+    a checkpoint), so those are left out (unless there are no others)."""
     plain = [ms / 1000 for i, _, ms in iters if i % eval_interval]
-    return statistics.median(plain or [ms / 1000 for _, _, ms in iters])
+    return plain or [ms / 1000 for _, _, ms in iters]
 
 
 def nanogpt_parameters(vocab: int, n_layer: int = N_LAYER, n_embd: int = N_EMBD, block: int = BLOCK) -> int:
@@ -225,7 +225,7 @@ def run_nanogpt(checkout: Path, data_dir: Path, tmp: Path, budget: float, env: d
     wall, out = nanogpt_process(checkout, data_dir, tmp / "calibration", CALIBRATION_ITERS, CALIBRATION_ITERS,
                                 env, extra)
     log = parse_nanogpt_log(out)
-    iter_s = step_seconds(log["iters"], CALIBRATION_ITERS)
+    iter_s = statistics.mean(step_seconds(log["iters"], CALIBRATION_ITERS))  # the mean: wall time is a sum
     eval_s = max(0.0, log["iters"][-1][2] / 1000 - iter_s)  # the last iteration also timed an evaluation
     fixed_s = wall - sum(ms for _, _, ms in log["iters"]) / 1000
     max_iters, interval = iteration_plan(budget, fixed_s, eval_s, iter_s)
@@ -235,7 +235,7 @@ def run_nanogpt(checkout: Path, data_dir: Path, tmp: Path, budget: float, env: d
     (first, *_), (last_step, _, last_val) = log["evals"], log["evals"][-1]
     if last_step != max_iters:
         raise SystemExit(f"nanoGPT's last evaluation is at step {last_step}, not at max_iters {max_iters}")
-    tokens_per_s = BLOCK * BATCH / step_seconds(log["iters"], interval)  # one predicted character a position
+    tokens_per_s = BLOCK * BATCH / statistics.median(step_seconds(log["iters"], interval))  # a character a position
     counted = nanogpt_parameters(text["vocab_chars"])
     if log["params_m"] is not None and abs((counted - BLOCK * N_EMBD) / 1e6 - log["params_m"]) > 0.006:
         print(f"note: nanoGPT printed {log['params_m']}M parameters, the formula gives {counted}", file=sys.stderr)
@@ -294,6 +294,9 @@ def main() -> None:
                                          args.nanogpt_args)
                     print(row(r, "nanoGPT", theirs), flush=True)
                     notes.append(f"round {r} nanoGPT: {theirs['plan']}, ran {theirs['wall']:.0f} s")
+                    if theirs["wall"] > 1.1 * budget:
+                        notes.append(f"round {r}: nanoGPT ran {theirs['wall'] / budget - 1:.0%} past its budget: "
+                                     "the machine slowed down after the calibration; rerun on a quiet machine")
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"round{r}-{tool}.log").write_text((ours if tool == "tuneforge" else theirs)["log"])
