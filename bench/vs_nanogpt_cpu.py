@@ -244,8 +244,14 @@ def run_nanogpt(checkout: Path, data_dir: Path, tmp: Path, budget: float, env: d
             "bytes_per_s": tokens_per_s * text["train_bytes_per_char"], "params": counted,
             "text_mb": (max_iters + 1) * BLOCK * BATCH * text["train_bytes_per_char"] / 1e6,
             "bpb_before": to_bpb(first[2]), "bpb_after": to_bpb(last_val), "unigram": text["char_unigram_bpb"],
-            "log": out, "plan": f"calibrated {iter_s * 1000:.0f} ms/iter, {eval_s:.1f} s/eval, {fixed_s:.1f} s start-up: "
+            "log": out,
+            "plan": f"calibrated {iter_s * 1000:.0f} ms/iter, {eval_s:.1f} s/eval, {fixed_s:.1f} s start-up: "
                     f"max_iters {max_iters}, eval_interval {interval}, budget {budget:.0f} s"}
+
+
+def nanogpt_commit(checkout: Path) -> str:
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "(not a git checkout)"
 
 
 def row(r: int, name: str, m: dict) -> str:
@@ -276,8 +282,8 @@ def main() -> None:
         print(f"text: {text['train_docs']} training and {text['held_docs']} held-out documents (tuneforge's "
               f"split); held-out {text['held_chars']:,} characters, {text['held_bytes']:,} bytes; tuneforge "
               f"{text['tf_bytes_per_token']:.2f} bytes/token, nanoGPT {text['vocab_chars']} characters")
-        header = ("| round | tool | wall s | steps | text trained (MB) | tokens/s | bytes/s | parameters | val bpb before "
-                  "| val bpb after | unigram bpb | load avg before |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+        header = ("| round | tool | wall s | steps | text trained (MB) | tokens/s | bytes/s | parameters "
+                  "| val bpb before | val bpb after | unigram bpb | load avg before |\n" + "|---" * 12 + "|")
         budget, ratios, notes = args.budget, [], []
         print(header, flush=True)
         for r in range(1, args.rounds + 1):
@@ -300,17 +306,11 @@ def main() -> None:
                 if args.logs:
                     args.logs.mkdir(parents=True, exist_ok=True)
                     (args.logs / f"round{r}-{tool}.log").write_text((ours if tool == "tuneforge" else theirs)["log"])
-            ratios.append((r, ours["bytes_per_s"] / theirs["bytes_per_s"], ours["tokens_per_s"] / theirs["tokens_per_s"],
-                           ours["bpb_after"] / theirs["bpb_after"], ours["wall"] / theirs["wall"]))
+            ratios.append((r, *(ours[k] / theirs[k] for k in ("bytes_per_s", "tokens_per_s", "bpb_after", "wall"))))
         print("\n| round | bytes/s tuneforge / nanoGPT | tokens/s | final val bpb | wall |\n|---|---|---|---|---|")
         for r, b, t, q, w in ratios:
             print(f"| {r} | {b:.2f}x | {t:.2f}x | {q:.2f}x | {w:.2f}x |")
         print("\n" + "\n".join(notes))
-
-
-def nanogpt_commit(checkout: Path) -> str:
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "(not a git checkout)"
 
 
 if __name__ == "__main__":
