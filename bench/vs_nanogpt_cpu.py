@@ -1,7 +1,7 @@
 """tuneforge's from-scratch example against nanoGPT's CPU recipe: the same text, the same wall-time budget.
 
     git clone -q /work/.mirror/karpathy+nanoGPT/repo /work/nanogpt        # nanoGPT's own repository
-    OMP_NUM_THREADS=2 python bench/vs_nanogpt_cpu.py --nanogpt /work/nanogpt --rounds 2
+    python bench/vs_nanogpt_cpu.py --nanogpt /work/nanogpt --rounds 2 --logs /tmp/vs-nanogpt-logs   # both at 2 threads
     python bench/vs_nanogpt_cpu.py --nanogpt /work/nanogpt --budget 30 --max-steps 20 --rounds 1   # a quick try
 
 tuneforge runs stage 1 of examples/pretrain.yaml (its from-scratch pre-training stage: the file's keys without
