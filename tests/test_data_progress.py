@@ -33,7 +33,7 @@ def run_files(tmp_path, monkeypatch):
         out.writerows([json.dumps(r["messages"])] for r in chats(20, 100))
     cfg = config_from_dict({"datasets": [{"path": str(train)}], "validation": {"path": str(val)},
                             "max_seq_len": 128}, base=tmp_path)
-    return cfg, train.stat().st_size + val.stat().st_size
+    return cfg, train.stat().st_size, val.stat().st_size
 
 
 def record_progress(monkeypatch) -> list[tuple[str, int, list[int]]]:
@@ -51,21 +51,23 @@ def record_progress(monkeypatch) -> list[tuple[str, int, list[int]]]:
 
 
 def test_preparing_tells_each_byte_of_the_files_once_as_they_are_read(run_files, smol_tokenizer, monkeypatch):
-    cfg, size = run_files
+    cfg, train_size, val_size = run_files
     shown = record_progress(monkeypatch)
     data = prepare_data(cfg, smol_tokenizer)
     assert len(data.train) == 60 and len(data.validation) == 20
     [(label, total, advances)] = shown
-    assert (label, total) == ("Preparing 2 file(s)", size)
-    assert min(advances) >= 0 and sum(advances) == size
-    assert len(advances) > 10  # told line by line (in steps), not once per file
+    assert (label, total) == ("Preparing 2 file(s)", train_size + val_size)
+    assert min(advances) >= 0 and sum(advances) == total
+    # Told line by line (in steps of STEP), not once per file: within the JSONL, and within the CSV.
+    within_train = [a for k, a in enumerate(advances) if sum(advances[: k + 1]) <= train_size]
+    assert sum(within_train) == train_size and len(within_train) > 5 and len(advances) - len(within_train) > 3
 
     shown.clear()
     assert prepare_data(cfg, smol_tokenizer).from_cache and shown == []  # a cached prepare reads no file
 
 
 def test_a_log_gets_a_line_every_tenth_and_nothing_below_the_threshold(run_files, smol_tokenizer, monkeypatch, capsys):
-    cfg, size = run_files
+    cfg = run_files[0]
     prepare_data(cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"cache": False})}), smol_tokenizer)
     assert capsys.readouterr().err == ""  # a few kB: seconds of work, nothing shown
 
