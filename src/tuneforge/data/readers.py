@@ -257,7 +257,7 @@ def _drop_nulls(value):
 
 
 def _batches_as_rows(batches, told: Callable[[int], None] = lambda rows: None) -> Iterator[tuple[int, dict]]:
-    """Rows numbered from 1; `told(rows)` hears how many are done before each batch after the first."""
+    """Rows numbered from 1; `told(rows)` hears how many rows are done as each batch starts."""
     n = 0
     for batch in batches:
         told(n)
