@@ -114,3 +114,20 @@ def test_data_check_json_stays_clean_on_stdout_with_progress_on_stderr(tmp_path,
     out = capsys.readouterr()
     assert json.loads(out.out)["records"] == {str(train): 30}
     assert out.err.splitlines()[-1].startswith("Checking 1 file(s): 100% ")
+
+
+def test_checking_raw_text_tells_each_byte_of_its_files_once(tmp_path, monkeypatch):
+    from tuneforge.data.check import CheckReport
+    from tuneforge.data.raw_check import check_raw
+
+    (tmp_path / "a.txt").write_text("\n\n".join(f"Story {i}: caf\u00e9 and tea, " * 20 for i in range(40)) + "\n")
+    write_jsonl(tmp_path / "b.jsonl", [{"text": f"A held-out \"story\" {i}.\n" * 10} for i in range(40)])
+    cfg = config_from_dict({"method": "pretrain", "datasets": [{"path": "a.txt"}], "validation": {"path": "b.jsonl"}},
+                           base=tmp_path)
+    shown = record_progress(monkeypatch)
+    monkeypatch.setattr("tuneforge.data.raw_check.CHUNK", 4)
+    check_raw(cfg, report := CheckReport())
+    assert report.records == {str(tmp_path / "a.txt"): 40, str(tmp_path / "b.jsonl"): 40}
+    [(label, total, advances)] = shown
+    assert label == "Checking 2 file(s)" and total == sum((tmp_path / n).stat().st_size for n in ("a.txt", "b.jsonl"))
+    assert min(advances) >= 0 and sum(advances) == total and len(advances) > 10
