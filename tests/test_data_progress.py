@@ -36,6 +36,13 @@ def run_files(tmp_path, monkeypatch):
     return cfg, train.stat().st_size, val.stat().st_size
 
 
+@pytest.fixture
+def plain_stderr(monkeypatch):
+    """stderr as a log sees it: rich would draw its live bar if these asked it to, whatever the file is."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def record_progress(monkeypatch) -> list[tuple[str, int, list[int]]]:
     """Every progress shown from now on, as (label, total, advances), however small the files."""
     shown = []
@@ -66,7 +73,8 @@ def test_preparing_tells_each_byte_of_the_files_once_as_they_are_read(run_files,
     assert prepare_data(cfg, smol_tokenizer).from_cache and shown == []  # a cached prepare reads no file
 
 
-def test_a_log_gets_a_line_every_tenth_and_nothing_below_the_threshold(run_files, smol_tokenizer, monkeypatch, capsys):
+def test_a_log_gets_a_line_every_tenth_and_nothing_below_the_threshold(run_files, smol_tokenizer, monkeypatch, capsys,
+                                                                      plain_stderr):
     cfg = run_files[0]
     prepare_data(cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"cache": False})}), smol_tokenizer)
     assert capsys.readouterr().err == ""  # a few kB: seconds of work, nothing shown
@@ -107,7 +115,7 @@ def test_arrow_files_are_told_by_rows_and_end_at_their_size(tmp_path, monkeypatc
     assert min(heard) >= 0 and sum(heard) == size and len(heard) > 1
 
 
-def test_data_check_json_stays_clean_on_stdout_with_progress_on_stderr(tmp_path, monkeypatch, capsys):
+def test_data_check_json_stays_clean_on_stdout_with_progress_on_stderr(tmp_path, monkeypatch, capsys, plain_stderr):
     train = write_jsonl(tmp_path / "train.jsonl", chats(30))
     monkeypatch.setattr(progress, "SHOWN_FROM", 1)
     assert main(["data", "check", str(train), "--json"]) == 0
