@@ -4,7 +4,7 @@
 
 Generates N single-turn chats of about 300 tokens (seeded), then, each in a fresh process:
 prepare with the cache off (cold), prepare filling the cache, and a cached start.
-Prints wall time and peak RSS per phase.
+Prints wall time and peak RSS per phase, and how many lines of progress each phase wrote to stderr.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--phase", str(data), str(cache), use],
                                  capture_output=True, text=True, check=True)
             print(f"{name:>24}: {out.stdout.strip()}")
+            shown = out.stderr.splitlines()  # a pipe, as the studio's training log: the line form of progress
+            if shown:
+                print(f"{'':>24}  stderr: {len(shown)} lines, the last: {shown[-1]}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import numpy as np
 from jinja2 import TemplateError
 
 from tuneforge.config import Config
-from tuneforge.data.dataset import chunks, good_records, record_segments, record_text
+from tuneforge.data.dataset import chunks, data_paths, good_records, record_segments, record_text
 from tuneforge.data.formats import Record, apply_mapping
 from tuneforge.data.pairs_text import pair_record
+from tuneforge.data.progress import files_progress
 from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.data.template import IGNORE_INDEX, encode_segment_lists, find_end_of_turn
 from tuneforge.errors import ConfigError, DataError
@@ -203,19 +204,21 @@ def check_data(cfg: Config, tokenizer, near_threshold: float = 0.85, model_folde
     files = [(ds, False) for ds in cfg.datasets]
     if cfg.validation and cfg.validation.path:
         files.append((cfg.validation, True))
-    for spec, held_out in files:
-        seen, lsh = (train_seen, train_lsh) if not held_out else ({}, LSHIndex(near_threshold))
-        def on_bad(source: str, line: int, _raw, reason: str) -> None:
-            report.records[source] += 1
-            report.add(ERROR, "bad-record", source, line, reason)
+    def on_bad(source: str, line: int, _raw, reason: str) -> None:
+        report.records[source] += 1
+        report.add(ERROR, "bad-record", source, line, reason)
 
-        for records in chunks(good_records(spec, on_bad), chunk):
-            report.records[spec.path] += len(records)
-            texts = [record_text(rec) for rec in records]
-            leak = (train_seen, train_lsh) if held_out else None
-            for rec, text, sig in zip(records, texts, hasher.signatures(texts)):
-                _near_duplicates(report, seen, lsh, rec, exact_key(text), sig, leak)
-            template.check_chunk(records)
+    # One pass: each chunk is hashed for (near) duplicates and rendered through the template together.
+    with files_progress("Checking", data_paths(cfg)) as advance:
+        for spec, held_out in files:
+            seen, lsh = (train_seen, train_lsh) if not held_out else ({}, LSHIndex(near_threshold))
+            for records in chunks(good_records(spec, on_bad, advance), chunk):
+                report.records[spec.path] += len(records)
+                texts = [record_text(rec) for rec in records]
+                leak = (train_seen, train_lsh) if held_out else None
+                for rec, text, sig in zip(records, texts, hasher.signatures(texts)):
+                    _near_duplicates(report, seen, lsh, rec, exact_key(text), sig, leak)
+                template.check_chunk(records)
 
     for part, column in (("prompt", 0), ("response", 1)):
         lengths = [max(1, pair[column]) for pair in template.lengths]
@@ -254,20 +257,22 @@ def check_pairs(cfg: Config, report: CheckReport) -> None:
         files.append((cfg.validation, True))
     train_queries: dict[bytes, str] = {}
     first_of_kind: dict[str, Record] = {}
-    for spec, held_out in files:
-        pairs: dict[bytes, str] = {}
-        for line, obj in iter_rows(spec.path):
-            report.records[spec.path] += 1
-            try:
-                rec = pair_record(apply_mapping(obj, spec.columns, {}), str(spec.path), line)
-            except BadRecord as err:
-                report.add(ERROR, "bad-record", str(spec.path), line, str(err))
-                continue
-            if first_of_kind.setdefault(rec.kind, rec) is rec and len(first_of_kind) == 2:  # the other kind's first
-                other = next(iter(first_of_kind.values()))
-                report.add(ERROR, "mixed-kinds", rec.source, line, f"a {rec.kind} record, but {other.where} is a "
-                           f"{other.kind} record; train contrastive (query, positive[, negative]) or scored pairs, not both")
-            _pair_findings(report, rec, pairs, train_queries, held_out)
+    with files_progress("Checking", data_paths(cfg)) as advance:
+        for spec, held_out in files:
+            pairs: dict[bytes, str] = {}
+            for line, obj in iter_rows(spec.path, advance):
+                report.records[spec.path] += 1
+                try:
+                    rec = pair_record(apply_mapping(obj, spec.columns, {}), str(spec.path), line)
+                except BadRecord as err:
+                    report.add(ERROR, "bad-record", str(spec.path), line, str(err))
+                    continue
+                if first_of_kind.setdefault(rec.kind, rec) is rec and len(first_of_kind) == 2:  # the other's first
+                    other = next(iter(first_of_kind.values()))
+                    report.add(ERROR, "mixed-kinds", rec.source, line, f"a {rec.kind} record, but {other.where} is a "
+                               f"{other.kind} record; train contrastive (query, positive[, negative]) or scored pairs, "
+                               "not both")
+                _pair_findings(report, rec, pairs, train_queries, held_out)
 
 
 def _pair_findings(report: CheckReport, rec: Record, pairs: dict, train_queries: dict, held_out: bool) -> None:

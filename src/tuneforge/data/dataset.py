@@ -19,12 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from jinja2 import TemplateError
 
 from tuneforge.config import Config, DatasetSpec
 from tuneforge.data.formats import Record, read_records
+from tuneforge.data.progress import files_progress
 from tuneforge.data.shards import BlockSet, MixedBlocks, build_shards, shards_key
 from tuneforge.data.template import (
     IGNORE_INDEX,
@@ -300,14 +301,14 @@ def _split_chunk(records: list[Record], share: float, seed: int, dataset: int, c
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def read_spec(spec):
+def read_spec(spec, advance: Callable[[int], None] = lambda n: None):
     """The records of a dataset (or validation) entry of the config, with its column and role mappings."""
-    return read_records(spec.path, spec.format, spec.columns, spec.roles)
+    return read_records(spec.path, spec.format, spec.columns, spec.roles, advance)
 
 
-def good_records(spec, on_bad=None) -> Iterator[Record]:
+def good_records(spec, on_bad=None, advance: Callable[[int], None] = lambda n: None) -> Iterator[Record]:
     """The usable records of a dataset entry; each unusable one goes to on_bad(file, line, raw, reason)."""
-    for item in read_spec(spec):
+    for item in read_spec(spec, advance):
         if isinstance(item, Record):
             yield item
         elif on_bad is not None:
@@ -315,14 +316,15 @@ def good_records(spec, on_bad=None) -> Iterator[Record]:
             on_bad(source, line, raw, str(reason))
 
 
-def _read_chunks(spec, bad: list[Rejected], summary: DataSummary) -> Iterator[list[Record]]:
+def _read_chunks(spec, bad: list[Rejected], summary: DataSummary, advance: Callable[[int], None]
+                 ) -> Iterator[list[Record]]:
     """Good records of a file in chunks; bad ones are filed as they are met."""
     def on_bad(source: str, line: int, raw, reason: str) -> None:
         bad.append(Rejected(source, line, reason, raw))
         summary.count(source, "records")
         summary.count(source, "bad_record")
 
-    for chunk in chunks(good_records(spec, on_bad), CHUNK):
+    for chunk in chunks(good_records(spec, on_bad, advance), CHUNK):
         summary.count(spec.path, "records", len(chunk))
         yield chunk
 
@@ -407,6 +409,11 @@ def _load_cache(folder: Path) -> PreparedData:
                         meta["end_of_turn"], meta["file_hashes"], from_cache=True,
                         train_rejected=rejected_sides[0] if rejected_sides else None,
                         validation_rejected=rejected_sides[1] if rejected_sides else None)
+
+
+def data_paths(cfg: Config) -> list[str]:
+    """The training files of a config, then its validation file: what preparing or checking it reads."""
+    return [ds.path for ds in cfg.datasets] + ([cfg.validation.path] if cfg.validation and cfg.validation.path else [])
 
 
 def file_hashes(cfg: Config) -> dict[str, str]:
@@ -509,17 +516,18 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     train = [TokenizedBuilder(keep_records=facts.online) for _ in range(facts.parts)]
     validation = [TokenizedBuilder(keep_records=True) for _ in range(facts.parts)]
     sizes = []
-    for k, ds in enumerate(cfg.datasets):
-        before = len(train[0])
-        for c, chunk in enumerate(_read_chunks(ds, bad, summary)):
-            if split:
-                chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
-                encoder.encode(held, validation)
-            encoder.encode(chunk, train)
-        sizes.append(len(train[0]) - before)
-    if cfg.validation and cfg.validation.path:
-        for chunk in _read_chunks(cfg.validation, bad, summary):
-            encoder.encode(chunk, validation)
+    with files_progress("Preparing", data_paths(cfg)) as advance:
+        for k, ds in enumerate(cfg.datasets):
+            before = len(train[0])
+            for c, chunk in enumerate(_read_chunks(ds, bad, summary, advance)):
+                if split:
+                    chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
+                    encoder.encode(held, validation)
+                encoder.encode(chunk, train)
+            sizes.append(len(train[0]) - before)
+        if cfg.validation and cfg.validation.path:
+            for chunk in _read_chunks(cfg.validation, bad, summary, advance):
+                encoder.encode(chunk, validation)
 
     total = sum(c["records"] for c in summary.per_file.values())
     _check_bad(bad + encoder.unrenderable, total, cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.errors import DataError
@@ -354,16 +354,18 @@ def apply_mapping(obj: object, columns: dict[str, str], roles: dict[str, str]) -
 
 
 def read_records(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
-                 roles: dict[str, str] | None = None) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
+                 roles: dict[str, str] | None = None, advance: Callable[[int], None] = lambda n: None,
+                 ) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
     """Every record of a file: a Record, or (file, line, raw, BadRecord) for one that cannot be used.
 
     `columns` maps our field names to the file's ({"messages": "dialog"}); a mapped column that the
     first record lacks is an error naming both. `roles` maps the file's role names to ours.
+    `advance(n)` hears of the file's bytes as they are read (see iter_rows).
     """
     source = str(path)
     columns, roles = columns or {}, roles or {}
     checked = not columns
-    for line, obj in iter_rows(path):
+    for line, obj in iter_rows(path, advance):
         if not checked and isinstance(obj, dict):
             absent = [f"{theirs} (for {ours})" for ours, theirs in columns.items() if theirs not in obj]
             if absent:

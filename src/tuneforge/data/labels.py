@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,10 +26,12 @@ from tuneforge.data.dataset import (
     _raise_bad,
     _split_chunk,
     chunks,
+    data_paths,
     effective_weights,
     file_hashes,
 )
 from tuneforge.data.formats import Record, apply_mapping, detect_format
+from tuneforge.data.progress import files_progress
 from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.data.tokenized import TokenizedBuilder
 from tuneforge.errors import DataError
@@ -115,10 +117,11 @@ def _refuse_other_data(obj: dict, source: str, line: int, columns: dict[str, str
                             f"{'sentiment' if key == 'label' else 'sentence'}}}")
 
 
-def read_labelled(spec) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
+def read_labelled(spec, advance: Callable[[int], None] = lambda n: None
+                  ) -> Iterator[Record | tuple[str, int, object, BadRecord]]:
     """Records of a dataset (or validation) entry: a Record, or (file, line, raw, BadRecord)."""
     source, first = str(spec.path), True
-    for line, obj in iter_rows(spec.path):
+    for line, obj in iter_rows(spec.path, advance):
         obj = apply_mapping(obj, spec.columns, {})
         if first and isinstance(obj, dict):
             _refuse_other_data(obj, source, line, spec.columns)
@@ -178,8 +181,8 @@ def label_findings(train: list[Record], validation: list[Record], names: list[st
     return notes
 
 
-def _read(spec, bad: list[Rejected], summary: DataSummary):
-    for chunk in chunks(read_labelled(spec), CHUNK):
+def _read(spec, bad: list[Rejected], summary: DataSummary, advance: Callable[[int], None]):
+    for chunk in chunks(read_labelled(spec, advance), CHUNK):
         good = []
         for item in chunk:
             if isinstance(item, Record):
@@ -246,21 +249,23 @@ def _targets(records: list[Record], index: dict[str, int]) -> np.ndarray:
     return rows
 
 
-def _read_split(cfg: Config) -> tuple[list[Record], list[Record], list[Rejected], DataSummary]:
-    """(training records, held-out records, bad records, counts): the seeded split, or the validation file."""
+def _read_split(cfg: Config, verb: str) -> tuple[list[Record], list[Record], list[Rejected], DataSummary]:
+    """(training records, held-out records, bad records, counts): the seeded split, or the validation file.
+    `verb` names the work in the progress shown for large files ("Preparing", "Checking")."""
     bad: list[Rejected] = []
     summary = DataSummary()
     split = cfg.validation.split if cfg.validation else None
     train, held = [], []
-    for k, ds in enumerate(cfg.datasets):
-        for c, chunk in enumerate(_read(ds, bad, summary)):
-            if split:
-                chunk, out = _split_chunk(chunk, split, cfg.seed, k, c)
-                held += out
-            train += chunk
-    if cfg.validation and cfg.validation.path:
-        for chunk in _read(cfg.validation, bad, summary):
-            held += chunk
+    with files_progress(verb, data_paths(cfg)) as advance:
+        for k, ds in enumerate(cfg.datasets):
+            for c, chunk in enumerate(_read(ds, bad, summary, advance)):
+                if split:
+                    chunk, out = _split_chunk(chunk, split, cfg.seed, k, c)
+                    held += out
+                train += chunk
+        if cfg.validation and cfg.validation.path:
+            for chunk in _read(cfg.validation, bad, summary, advance):
+                held += chunk
     return train, held, bad, summary
 
 
@@ -295,7 +300,7 @@ def prepare_labelled(cfg: Config, tokenizer) -> LabelledData:
     hashes = file_hashes(cfg)
     left_out: list[Rejected] = []
     too_long: list[Rejected] = []
-    train, held, bad, summary = _read_split(cfg)
+    train, held, bad, summary = _read_split(cfg, "Preparing")
     if not train:
         _check_bad(bad, sum(c["records"] for c in summary.per_file.values()), cfg)
         raise DataError("no training record is left after the checks; see <output_dir>/rejected.jsonl")
@@ -342,7 +347,7 @@ def check_labelled(cfg: Config, report: CheckReport) -> None:
     unknown validation labels (errors, with file:line), rare classes, imbalance, conflicts, leakage (warnings)."""
     from_file = str(cfg.datasets[0].path)
     try:
-        train, held, bad, summary = _read_split(cfg)
+        train, held, bad, summary = _read_split(cfg, "Checking")
         report.records.update({source: c["records"] for source, c in summary.per_file.items()})
         names = _classes(cfg, train) if train else []
     except DataError as err:

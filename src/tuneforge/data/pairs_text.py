@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tuneforge.config import Config
 from tuneforge.data.dataset import (
@@ -24,11 +25,13 @@ from tuneforge.data.dataset import (
     _check_bad,
     _split_chunk,
     chunks,
+    data_paths,
     effective_weights,
     file_hashes,
     sha256_file,
 )
 from tuneforge.data.formats import Record, apply_mapping
+from tuneforge.data.progress import files_progress
 from tuneforge.data.readers import BadRecord, iter_rows
 from tuneforge.data.tokenized import TokenizedBuilder
 from tuneforge.errors import DataError
@@ -132,10 +135,11 @@ def pair_record(obj: object, source: str, line: int) -> Record:
     return rec
 
 
-def read_pairs(path: str, columns: dict[str, str], bad: list[Rejected], summary: DataSummary):
+def read_pairs(path: str, columns: dict[str, str], bad: list[Rejected], summary: DataSummary,
+               advance: Callable[[int], None] = lambda n: None):
     """Good records of a file in chunks; each bad one is filed with its line and reason."""
     def records():
-        for line, obj in iter_rows(path):
+        for line, obj in iter_rows(path, advance):
             try:
                 yield pair_record(apply_mapping(obj, columns, {}), str(path), line)
             except BadRecord as err:
@@ -186,17 +190,18 @@ def prepare_pairs(cfg: Config, tokenizer) -> PairData:
             summary.lengths.append(len(row))
 
     sizes = []
-    for k, ds in enumerate(cfg.datasets):
-        before = len(train)
-        for c, chunk in enumerate(read_pairs(ds.path, ds.columns, bad, summary)):
-            if split:
-                chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
-                add(held, validation)
-            add(chunk, train)
-        sizes.append(len(train) - before)
-    if cfg.validation and cfg.validation.path:
-        for chunk in read_pairs(cfg.validation.path, cfg.validation.columns, bad, summary):
-            add(chunk, validation)
+    with files_progress("Preparing", data_paths(cfg)) as advance:
+        for k, ds in enumerate(cfg.datasets):
+            before = len(train)
+            for c, chunk in enumerate(read_pairs(ds.path, ds.columns, bad, summary, advance)):
+                if split:
+                    chunk, held = _split_chunk(chunk, split, cfg.seed, k, c)
+                    add(held, validation)
+                add(chunk, train)
+            sizes.append(len(train) - before)
+        if cfg.validation and cfg.validation.path:
+            for chunk in read_pairs(cfg.validation.path, cfg.validation.columns, bad, summary, advance):
+                add(chunk, validation)
     total = sum(c["records"] for c in summary.per_file.values())
     _check_bad(bad, total, cfg)
     if not len(train):

@@ -16,6 +16,7 @@ from tuneforge.config import Config
 from tuneforge.data.check import ERROR, WARNING, CheckReport, _near_duplicates, control_characters
 from tuneforge.data.dedupe import LSHIndex, MinHasher, exact_key
 from tuneforge.data.formats import Record
+from tuneforge.data.progress import by_position, files_progress, size_of
 from tuneforge.data.shards import BadDocument, located_documents
 
 CHUNK = 1024  # documents hashed together
@@ -50,13 +51,19 @@ def check_raw(cfg: Config, report: CheckReport) -> None:
     files = [(ds.path, False) for ds in cfg.datasets]
     if cfg.validation and cfg.validation.path:
         files.append((cfg.validation.path, True))
-    for path, held_out in files:
-        seen, lsh = ({}, LSHIndex(threshold)) if held_out else (train_seen, train_lsh)
-        docs = located_documents(path, _bad(report), cfg.pretrain.text_field)
-        while chunk := [Record(str(path), line, "raw", text=text) for line, text in islice(docs, CHUNK)]:
-            report.records[str(path)] += len(chunk)
-            texts = [rec.text for rec in chunk]
-            for rec, sig in zip(chunk, hasher.signatures(texts)):
-                _near_duplicates(report, seen, lsh, rec, exact_key(rec.text), sig,
-                                 (train_seen, train_lsh) if held_out else None)
-                _text_findings(report, rec)
+    with files_progress("Checking", [path for path, _ in files]) as advance:
+        for path, held_out in files:
+            seen, lsh = ({}, LSHIndex(threshold)) if held_out else (train_seen, train_lsh)
+            docs = located_documents(path, _bad(report), cfg.pretrain.text_field)
+            # A document's text bytes stand for its place in the file; JSON syntax and escapes are told at the end.
+            at, done = by_position(advance, size_of(path)), 0
+            while chunk := [Record(str(path), line, "raw", text=text) for line, text in islice(docs, CHUNK)]:
+                report.records[str(path)] += len(chunk)
+                texts = [rec.text for rec in chunk]
+                done += sum(len(text.encode("utf-8")) for text in texts)
+                at(done)
+                for rec, sig in zip(chunk, hasher.signatures(texts)):
+                    _near_duplicates(report, seen, lsh, rec, exact_key(rec.text), sig,
+                                     (train_seen, train_lsh) if held_out else None)
+                    _text_findings(report, rec)
+            at(None)

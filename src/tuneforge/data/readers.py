@@ -4,7 +4,7 @@ JSONL, CSV, Parquet and Arrow are read a line or a batch at a time, so a large f
 memory; a .json document is parsed whole, as JSON cannot be split without a streaming parser.
 Every object keeps the number a user can find it by: the line in a text file, the record or row
 (from 1) otherwise. A row that cannot be parsed is a BadRecord in its place, so the rows after it
-keep their numbers.
+keep their numbers. A reader tells how far into the file it is, for the progress of long runs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from tuneforge.data.progress import by_position, size_of
 from tuneforge.errors import DataError, read_utf8
 
 KINDS = (".jsonl (one JSON object a line; also any extension not listed here), .json, .csv, .tsv, .parquet, "
@@ -35,33 +36,38 @@ class BadRecord(ValueError):
     """A record that cannot be trained on; the message is the reason."""
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[int, object | BadRecord]]:
+def iter_rows(path: str | Path, advance: Callable[[int], None] = lambda n: None
+              ) -> Iterator[tuple[int, object | BadRecord]]:
     """(line or row number, parsed object) for every record of a data file or dataset folder.
 
     A file or folder with no record at all is a DataError once it has been read: an empty training
-    file is a mistake, not a run on nothing.
+    file is a mistake, not a run on nothing. `advance(n)` hears of the file's bytes as they are
+    consumed (a line, a CSV row, a batch of rows), all of them once the last row is read.
     """
     path = Path(path)
+    at = by_position(advance, size_of(path))
     if path.is_dir():
-        return _checked(path, _hf_folder(path))
+        return _checked(path, _hf_folder(path, at), at)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (supported: {KINDS})")
     suffix = path.suffix.lower()
     if suffix in NOT_JSONL:
         raise DataError(f"{path}: cannot read {suffix} files; supported: {KINDS}")
     if suffix == ".json":
-        rows = _json(path)
+        rows = _json(path)  # parsed whole: its bytes are told at its end
     elif suffix in (".csv", ".tsv"):
-        rows = _csv(path, "\t" if suffix == ".tsv" else ",")
+        rows = _csv(path, "\t" if suffix == ".tsv" else ",", at)
     elif suffix == ".parquet":
-        rows = _parquet(path)
+        rows = _parquet(path, at)
     else:
-        rows = _jsonl(path)
-    return _checked(path, rows)
+        rows = _jsonl(path, at)
+    return _checked(path, rows, at)
 
 
-def _checked(path: Path, rows: Iterator[tuple[int, object]]) -> Iterator[tuple[int, object | BadRecord]]:
-    """The rows, with a string that is not text (a lone surrogate) made a BadRecord; none at all is an error."""
+def _checked(path: Path, rows: Iterator[tuple[int, object]], at: Callable[[int | None], None]
+             ) -> Iterator[tuple[int, object | BadRecord]]:
+    """The rows, with a string that is not text (a lone surrogate) made a BadRecord; none at all is an error.
+    At the end every byte of the file is told as read (`at(None)`)."""
     empty = True
     for n, obj in rows:
         empty = False
@@ -70,6 +76,7 @@ def _checked(path: Path, rows: Iterator[tuple[int, object]]) -> Iterator[tuple[i
             obj = BadRecord(f"{where or 'the record'} holds a lone UTF-16 surrogate (an escape such as \\ud800 "
                             "without its pair), which is not text; remove it, or fix the program that wrote the file")
         yield n, obj
+    at(None)
     if empty:
         raise DataError(f"{path}: no records (the file is empty or holds only blank lines); "
                         "point the config at the file with the data")
@@ -94,12 +101,15 @@ def lone_surrogate(value: object, where: str = "") -> str | None:
     return next((found for place, v in items if (found := lone_surrogate(v, place)) is not None), None)
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, object | BadRecord]]:
+def _jsonl(path: Path, at: Callable[[int], None]) -> Iterator[tuple[int, object | BadRecord]]:
     # Binary lines split on b"\n" only: str.splitlines() also breaks at U+2028, U+0085 and others,
     # which JSON writers leave raw inside strings. Each line is decoded alone, so one bad byte
     # costs one record, not the file.
+    done = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            done += len(raw)
+            at(done)
             raw = raw.removesuffix(b"\n").removesuffix(b"\r")
             if lineno == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM, as some Windows editors write
@@ -137,9 +147,12 @@ def _json(path: Path) -> Iterator[tuple[int, object]]:
     yield from enumerate(data, 1)
 
 
-def _decoded_lines(f: Iterable[bytes], bad_lines: dict[int, int]) -> Iterator[str]:
+def _decoded_lines(f: Iterable[bytes], bad_lines: dict[int, int], at: Callable[[int], None]) -> Iterator[str]:
     """Lines for the csv module, split on b"\\n" only; undecodable ones are noted by line and byte."""
+    done = 0
     for lineno, raw in enumerate(f, 1):
+        done += len(raw)
+        at(done)
         if lineno == 1:
             raw = raw.removeprefix(b"\xef\xbb\xbf")
         try:
@@ -149,13 +162,13 @@ def _decoded_lines(f: Iterable[bytes], bad_lines: dict[int, int]) -> Iterator[st
             yield raw.decode("utf-8", errors="replace")
 
 
-def _csv(path: Path, delimiter: str) -> Iterator[tuple[int, object | BadRecord]]:
+def _csv(path: Path, delimiter: str, at: Callable[[int], None]) -> Iterator[tuple[int, object | BadRecord]]:
     # csv.reader, not DictReader: DictReader skips blank lines out of sight, and the number reported
     # is the physical line where a row starts (header = line 1), which a quoted multi-line cell
     # would otherwise shift.
     bad_lines: dict[int, int] = {}
     with open(path, "rb") as f:
-        reader = csv.reader(_decoded_lines(f, bad_lines), delimiter=delimiter, strict=True)
+        reader = csv.reader(_decoded_lines(f, bad_lines, at), delimiter=delimiter, strict=True)
         header = None
         while True:
             start = reader.line_num + 1
@@ -243,24 +256,28 @@ def _drop_nulls(value):
     return value
 
 
-def _batches_as_rows(batches) -> Iterator[tuple[int, dict]]:
+def _batches_as_rows(batches, told: Callable[[int], None] = lambda rows: None) -> Iterator[tuple[int, dict]]:
+    """Rows numbered from 1; `told(rows)` hears how many rows are done as each batch starts."""
     n = 0
     for batch in batches:
+        told(n)
         for row in batch.to_pylist():
             n += 1
             yield n, _drop_nulls(row)
 
 
-def _parquet(path: Path) -> Iterator[tuple[int, dict]]:
+def _parquet(path: Path, at: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
     pa = _pyarrow(path)
     try:
         pf = pa.parquet.ParquetFile(path)
     except pa.ArrowException as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from None
-    yield from _batches_as_rows(pf.iter_batches(batch_size=BATCH_ROWS))
+    # Compressed columns have no byte offset per row: the share of rows read stands for the share of bytes.
+    size, rows = path.stat().st_size, max(1, pf.metadata.num_rows)
+    yield from _batches_as_rows(pf.iter_batches(batch_size=BATCH_ROWS), lambda n: at(size * n // rows))
 
 
-def _hf_folder(path: Path) -> Iterator[tuple[int, dict]]:
+def _hf_folder(path: Path, at: Callable[[int], None]) -> Iterator[tuple[int, dict]]:
     """A folder from `datasets`' save_to_disk: *.arrow files (IPC stream), in the order state.json lists them."""
     if (path / "dataset_dict.json").is_file():
         try:
@@ -286,10 +303,12 @@ def _hf_folder(path: Path) -> Iterator[tuple[int, dict]]:
     if missing or not files:
         raise DataError(f"{path}: the dataset's data files are missing: {', '.join(missing) or '*.arrow'}")
     pa = _pyarrow(path)
-    yield from _batches_as_rows(_stream_batches(pa, files))
+    yield from _batches_as_rows(_stream_batches(pa, files, at))
 
 
-def _stream_batches(pa, files: list[Path]):
+def _stream_batches(pa, files: list[Path], at: Callable[[int], None]):
+    """The record batches of each file in turn; `at` hears of a file's bytes once it is read."""
+    done = 0
     for file in files:
         with pa.memory_map(str(file)) as source:
             try:
@@ -297,3 +316,5 @@ def _stream_batches(pa, files: list[Path]):
             except pa.ArrowInvalid as err:
                 raise DataError(f"{file}: not an Arrow stream file as save_to_disk writes: {err}") from None
             yield from reader
+        done += file.stat().st_size
+        at(done)
