@@ -18,7 +18,7 @@ from tuneforge.errors import ModelError, TuneforgeError
 from tuneforge.methods.facts import METHODS, function_at, method_facts
 from tuneforge.models.adapter_files import adapter_weights
 from tuneforge.models.decode import Sampling, generate_ids, stop_token_ids
-from tuneforge.models.load import load_model, load_tokenizer, pick_device
+from tuneforge.models.load import load_model, pick_device
 from tuneforge.models.run import inference_dtype, load_tuned, open_run
 from tuneforge.serve.classify import INPUTS
 from tuneforge.serve.heads import GENERATION_ROUTES, SERVED, folder_head

@@ -162,11 +162,13 @@ class Store:
                      (job_id, owner, int(time.time()), model, json.dumps(request), json.dumps(config)))
         return self.job(job_id)
 
+    def _row(self, table: str, row_id: str, owner: str | None) -> dict | None:
+        """Row `row_id` of `table` (jobs, exports); None if absent or, with `owner`, another key's."""
+        rows = self.query(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+        return rows[0] if rows and owner in (None, rows[0]["owner"]) else None
+
     def job(self, job_id: str, owner: str | None = None) -> dict | None:
-        rows = self.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        if not rows or (owner is not None and rows[0]["owner"] != owner):
-            return None
-        return rows[0]
+        return self._row("jobs", job_id, owner)
 
     def jobs(self, owner: str, after: str | None, limit: int) -> list[dict]:
         """Newest first, starting after the job `after` (OpenAI's cursor)."""
@@ -249,10 +251,7 @@ class Store:
         return self.export(export_id)
 
     def export(self, export_id: str, owner: str | None = None) -> dict | None:
-        rows = self.query("SELECT * FROM exports WHERE id = ?", (export_id,))
-        if not rows or (owner is not None and rows[0]["owner"] != owner):
-            return None
-        return rows[0]
+        return self._row("exports", export_id, owner)
 
     def exports(self, owner: str, job_id: str | None = None) -> list[dict]:
         """Newest first; one job's when `job_id` is given."""
