@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tuneforge.data.formats import Record
-from tuneforge.data.progress import byte_progress
+from tuneforge.data.progress import files_progress
 from tuneforge.data.tokenized import Example
 from tuneforge.errors import DataError
 
@@ -255,9 +255,8 @@ def build_shards(folder: Path, sources: list[tuple[str, bool]], tokenizer, file_
     bad: list[BadDocument] = []
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    total = sum(Path(path).stat().st_size for path, _ in sources if Path(path).is_file())
     try:
-        with byte_progress(f"Tokenizing {len(sources)} file(s) into shards", total) as advance:
+        with files_progress("Tokenizing", [path for path, _ in sources]) as advance:
             manifest = write_shards(tmp, sources, tokenizer, settings.get("split"), settings["seed"],
                                     settings["field"], settings["shard_tokens"], bad.append, settings.get("streams"),
                                     advance)
