@@ -637,3 +637,10 @@ def test_plan_without_datasets_or_flags_says_which_flags_to_pass(tmp_path, capsy
     assert main(["plan", config, "--examples", "500"]) == 2
     assert "--examples 500 needs --seq-len" in capsys.readouterr().err
     assert main(["validate", config]) == 2  # only plan may go without data
+
+
+def test_parameter_counts_read_to_three_significant_figures():
+    from tuneforge.plan.render import parameters
+
+    assert [parameters(n) for n in (603_136, 3_412_000, 22_713_216, 134_515_008, 8_030_261_248)] == \
+        ["603K", "3.41M", "22.7M", "135M", "8.03B"]

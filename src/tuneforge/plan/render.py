@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -37,11 +39,12 @@ def money(value: float | None) -> str:
     return f"${value:,.2f}" if value < 100 else f"${value:,.0f}"
 
 
-def parameters(n: float, decimals: int = 0) -> str:
-    """A parameter count in millions; under a million in thousands, so that 603,136 reads 603K, not 1M."""
-    if n >= 1e6:
-        return f"{n / 1e6:,.{decimals}f}M"
-    return f"{n / 1e3:,.0f}K" if n >= 1e3 else f"{n:,.0f}"
+def parameters(n: float) -> str:
+    """A parameter count to three significant figures: 603K (not 1M), 3.41M (not 3M), 135M, 8.03B."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:,.{max(0, 2 - int(math.log10(n / size)))}f}{unit}"
+    return f"{n:,.0f}"
 
 
 def gib(n: float) -> str:
@@ -107,7 +110,7 @@ def print_plan(report: PlanReport, console: Console) -> None:
     """Model and data facts, the device table, what to rent, warnings and the assumptions behind it."""
     m, d, s = report.model, report.data, report.settings
     console.print(f"[bold]Model[/bold] {m.shape.name or '?'} from {m.source}: {parameters(report.params)} parameters, "
-                  f"{parameters(report.trainable, 2)} trained")
+                  f"{parameters(report.trainable)} trained")
     console.print(f"[bold]Data[/bold] {d.train_examples:,.0f} training examples, {d.examples_per_epoch:,.0f} per "
                   f"epoch, {d.tokens_per_epoch:,.0f} tokens per epoch ({d.trained_tokens_per_epoch:,.0f} trained), "
                   f"longest micro-batch {s.seq_len} tokens; counted from {d.how}")
