@@ -188,6 +188,12 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
 
     # Stop (pause) and resume it, then restart the server mid-run: the page shows what the server says.
     expect(page.locator("#status")).to_have_text("running", timeout=120_000)
+    # A poll redraws the page but keeps the buttons while the status holds, so a click is never lost in a redraw.
+    page.evaluate("() => { window.pauseButton = document.querySelector('#pause'); "
+                  "window.eventsTable = document.querySelector('#events'); }")
+    page.wait_for_function("() => document.querySelector('#events') !== window.eventsTable", timeout=30_000)
+    if page.locator("#status").inner_text() == "running":
+        assert page.evaluate("() => document.querySelector('#pause') === window.pauseButton")
     page.click("#pause")
     expect(page.locator("#status")).to_have_text("paused", timeout=60_000)
     expect(page.locator("#progress-text")).to_contain_text("Paused")

@@ -14,7 +14,7 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.export.merge import check_target, merge_facts, merge_run
-from tuneforge.methods.facts import function_at, method_facts
+from tuneforge.methods.facts import function_at, method_facts, row_key
 from tuneforge.output_folders import output_folder
 from tuneforge.models.run import Run
 from tuneforge.track.card import model_card as card_text
@@ -107,8 +107,7 @@ def check_format(run: Run, to: str) -> None:
         raise TuneforgeError(f"--to {to}: expected one of {', '.join(TARGETS)}")
     facts = method_facts(run.config)
     if to in ("gguf", "ollama") and facts.model_head != "causal_lm":
-        kind = f"task: {run.config.task}" if run.config.task != "causal_lm" else f"method: {run.config.method}"
-        raise TuneforgeError(f"--to {to}: {run.dir} is a {kind} run (a {facts.model_head} head), which llama.cpp "
+        raise TuneforgeError(f"--to {to}: {run.dir} is a {row_key(run.config)} run (a {facts.model_head} head), which llama.cpp "
                              "and Ollama do not run as trained; use --to hf (or adapter)")
 
 

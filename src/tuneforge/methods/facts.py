@@ -110,6 +110,11 @@ def row_name(cfg) -> str:
     return cfg.method if cfg.task == "causal_lm" else cfg.task
 
 
+def row_key(cfg) -> str:
+    """The config's row as a message quotes it: `method: dpo`, or `task: classification`."""
+    return f"method: {cfg.method}" if cfg.task == "causal_lm" else f"task: {cfg.task}"
+
+
 def method_facts(cfg) -> MethodFacts:
     """The row of `cfg.method` (or of `cfg.task`), with what its config section changes."""
     name = row_name(cfg)

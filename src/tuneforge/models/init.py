@@ -32,7 +32,7 @@ from tuneforge.data.bpe import CHAT_TEMPLATE, END_OF_TEXT, TURN_TOKENS, first_by
 from tuneforge.data.dataset import sha256_file
 from tuneforge.data.shards import iter_documents
 from tuneforge.errors import ConfigError
-from tuneforge.methods.facts import function_at, method_facts
+from tuneforge.methods.facts import function_at, method_facts, row_key
 from tuneforge.models.resolve import cache_root, locate_base_model, resolve_base_model
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ def locate_model(cfg: Config) -> None:
 def _check_causal_lm(cfg: Config) -> None:
     head = method_facts(cfg).model_head
     if head != "causal_lm":
-        what = f"method: {cfg.method}" if cfg.task == "causal_lm" else f"task: {cfg.task}"
-        raise ConfigError(f"init: random builds language models and image classifiers; {what} needs a {head} "
+        raise ConfigError(f"init: random builds language models and image classifiers; {row_key(cfg)} needs a {head} "
                           "model, which it cannot build from random weights yet; use init: pretrained")
     _base_config(cfg.base_model)
     if cfg.architecture is not None:

@@ -90,7 +90,8 @@ function evaluationTable(evaluation) {
 
 export async function runPage(root, [jobId]) {
   let job = null;
-  const body = h("div", { id: "run" });
+  let shown = { status: null, controls: null }; // the buttons, rebuilt only when the status changes: a click
+  const body = h("div", { id: "run" });         // that lands while a poll redraws the page is never lost
   put(root, h("h1", {}, "Run ", h("code", {}, jobId)), body);
   const refresh = async () => {
     const [fresh, metrics, events] = await Promise.all([
@@ -102,17 +103,19 @@ export async function runPage(root, [jobId]) {
     const evaluation = job.status === "succeeded"
       ? await get(`/v1/tuneforge/jobs/${jobId}/evaluation`, { source: "run-evaluation" }).catch(() => null) : null;
     const messages = events.data.filter((e) => e.type !== "metrics");
+    if (job.status !== shown.status) shown = { status: job.status, controls: controls(job, restart) };
+    const configOpen = body.querySelector("#run-config")?.open; // a section the user opened stays open
     put(body,
       h("section", { class: "card" },
         h("p", {}, h("span", { id: "status", class: `status ${job.status}` }, job.status), " ",
           job.model, job.fine_tuned_model ? [" → ", h("code", { id: "fine-tuned-model" }, job.fine_tuned_model)] : null),
-        progress(job, metrics), controls(job, restart),
+        progress(job, metrics), shown.controls,
         job.error && job.error.message ? h("p", { class: "bad", id: "job-error" }, job.error.message) : null),
       charts(metrics),
       (metrics.diagnoses || []).length ? h("section", { class: "card" }, h("h2", {}, "Diagnoses"),
         table(["step", "level", "message"], metrics.diagnoses.map((d) => [d.step ?? "–", d.level, d.message]), { id: "diagnoses" })) : null,
       evaluationTable(evaluation),
-      metrics.config ? h("details", { class: "card", id: "run-config" }, h("summary", {}, "Settings this run trains with"),
+      metrics.config ? h("details", { class: "card", id: "run-config", open: configOpen }, h("summary", {}, "Settings this run trains with"),
         h("pre", {}, JSON.stringify(metrics.config, null, 2))) : null,
       h("section", { class: "card" }, h("h2", {}, "Events"),
         table(["time", "level", "message"], messages.map((e) => [when(e.created_at), e.level, e.message]), { id: "events" })));
