@@ -430,8 +430,9 @@ def test_plan_of_a_model_from_random_weights_names_it_and_counts_it_in_thousands
     assert 1e5 < params < 1e6 and f"{params / 1e3:,.0f}K parameters, {params / 1e3:,.0f}K trained" in out
     assert "Settings training from random weights, adamw" in out
     assert "full fine-tuning" not in out and "learning_rate" not in out
-    assert [parameters(n, 2) for n in (603_136, 4_881_408, 999)] == ["603K", "4.88M", "999"]
-    assert parameters(134_515_008) == "135M"  # larger counts as before
+    assert [parameters(n) for n in (603_136, 4_881_408, 999)] == ["603K", "4.88M", "999"]
+    assert [parameters(n) for n in (3_412_000, 22_713_216, 134_515_008, 8_030_261_248)] == \
+        ["3.41M", "22.7M", "135M", "8.03B"]  # three significant figures throughout
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -638,9 +639,3 @@ def test_plan_without_datasets_or_flags_says_which_flags_to_pass(tmp_path, capsy
     assert "--examples 500 needs --seq-len" in capsys.readouterr().err
     assert main(["validate", config]) == 2  # only plan may go without data
 
-
-def test_parameter_counts_read_to_three_significant_figures():
-    from tuneforge.plan.render import parameters
-
-    assert [parameters(n) for n in (603_136, 3_412_000, 22_713_216, 134_515_008, 8_030_261_248)] == \
-        ["603K", "3.41M", "22.7M", "135M", "8.03B"]
