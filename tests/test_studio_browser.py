@@ -40,7 +40,7 @@ pytestmark = [
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "data" / "quickstart_train.jsonl"
 SHOTS = os.environ.get("TUNEFORGE_SCREENSHOTS")
-STEPS = 8  # a tiny run, long enough that the pause clicked once it runs lands before its last step
+STEPS = 30  # a tiny run, long enough under a loaded CI machine that Stop and the restart land mid-run
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -170,7 +170,7 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     # New run: the form generated from the schema sets a tiny run; the plan answers; Start goes to the run's page.
     page.click("#use-file")
     expect(page.locator("#page")).to_have_attribute("data-ready", f"#/new?file={clean}")
-    for key, value in {"max_steps": STEPS, "save_every": 2, "max_seq_len": 128, "micro_batch_size": 1,
+    for key, value in {"max_steps": STEPS, "save_every": 5, "max_seq_len": 128, "micro_batch_size": 1,
                        "lora.r": 4, "evaluation.before_after": None}.items():
         field = page.locator(f'[data-key="{key}"]')
         if value is None:
