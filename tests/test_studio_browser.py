@@ -10,17 +10,20 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import wait_for, write_jsonl
 
 from tuneforge.data.formats import read_records
 from tuneforge.studio import make_studio
-from tuneforge.studio import review as review_module
 from tuneforge.studio.keys import new_key
 
 try:
@@ -45,20 +48,32 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Studio:
-    """A studio on a fixed port and home, which the test can stop and start again (a server restart)."""
+    """`tuneforge studio` in its own process on a fixed port and home, as a user runs it, which the test can stop
+    (Ctrl-C: the job in training is queued again) and start again: a server restart. Its own process keeps it
+    clear of what earlier tests left in this one (threads, thread pools, handlers)."""
 
     def __init__(self, home: Path):
-        self.home, self.port, self.server = home, 0, None
+        self.home, self.proc = home, None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
         self.start()
 
     def start(self) -> None:
-        self.server = make_studio(self.home, port=self.port, quiet=True)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "studio", "--home", str(self.home),
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # two cores, shared with the browser
+        def answers() -> bool:
+            assert self.proc.poll() is None, "tuneforge studio exited"
+            try:
+                return self.json("/health") is not None
+            except OSError:
+                return False
+        wait_for(answers, 120)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(120)
 
     @property
     def url(self) -> str:
@@ -74,11 +89,9 @@ class Studio:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses share two cores with the browser
-        studio = Studio(tmp_path_factory.mktemp("home"))
-        yield studio
-        studio.stop()
+    studio = Studio(tmp_path_factory.mktemp("home"))
+    yield studio
+    studio.stop()
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +256,12 @@ def test_journey_data_to_run_to_chat_review_and_gguf(page, studio, tmp_path):
     assert content.count(b"\n") == 1
     [pair] = read_records(write_jsonl(tmp_path / "reviews.jsonl", [json.loads(content)]))  # as `dpo` reads it
     assert pair.kind == "preference" and pair.prompt and pair.chosen != pair.rejected
-    # A tie is counted and saves nothing (docs/studio.md); short answers keep this second review quick.
-    with pytest.MonkeyPatch.context() as short:
-        short.setattr(review_module, "MAX_TOKENS", 8)
-        page.click("#review-saved button.link")  # Next prompt
-        expect(page.locator("#review-saved")).to_have_count(0)
-        expect(page.locator("#review-A")).not_to_be_empty(timeout=120_000)
-        page.click("#choose-tie")
-        expect(page.locator("#review-saved")).to_contain_text("A tie: nothing saved")
+    # A tie is counted and saves nothing (docs/studio.md).
+    page.click("#review-saved button.link")  # Next prompt
+    expect(page.locator("#review-saved")).to_have_count(0)
+    expect(page.locator("#review-A")).not_to_be_empty(timeout=120_000)
+    page.click("#choose-tie")
+    expect(page.locator("#review-saved")).to_contain_text("A tie: nothing saved")
     expect(page.locator("#review-pairs")).to_have_text("1")
     assert studio.get(f"/v1/files/{page.text_content('#reviews-file')}/content") == content
 
